@@ -1,0 +1,1 @@
+"""GPT with graph-attention token mixers from PyTorch Geometric, plus its baselines."""

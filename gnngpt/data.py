@@ -1,0 +1,129 @@
+"""Tinyshakespeare download, character tokenizer, train/val split and random batches."""
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import UsageError
+
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = "input.txt"
+
+
+def download(url, dest, sha256, timeout=30.0):
+    """Download url to dest atomically (temporary file, checksum, rename); no partial file on failure."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        if digest.hexdigest() != sha256:
+            raise UsageError(
+                f"checksum mismatch for {url} (got sha256 {digest.hexdigest()}); "
+                f"download the file yourself and pass --data PATH"
+            )
+        os.replace(tmp, dest)
+    except (OSError, http.client.HTTPException) as e:
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise UsageError(
+            f"could not download {url} ({reason}); check the connection or pass --data PATH to a local copy"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def load_text(path=None):
+    """Read the training text; the default file is downloaded when it is missing."""
+    if path is None:
+        path = Path(DEFAULT_DATA)
+        if not path.exists():
+            download(DATA_URL, path, DATA_SHA256)
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file {path} does not exist; pass --data PATH to a UTF-8 text file")
+    raw = path.read_bytes()
+    if not raw:
+        raise UsageError(f"data file {path} is empty; pass --data PATH to a non-empty UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"data file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 or pass another --data"
+        ) from None
+
+
+class CharTokenizer:
+    """Maps each distinct character of a text to an integer, in sorted order."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def unknown(self, text):
+        """The characters of text that are not in the vocabulary, in order of first appearance."""
+        return list(dict.fromkeys(ch for ch in text if ch not in self.stoi))
+
+    def encode(self, text):
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def split(data, train_fraction=0.9):
+    """The first train_fraction of the tokens train, the rest validate."""
+    n = int(train_fraction * len(data))
+    return data[:n], data[n:]
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens from each split, drawn from its own generator."""
+
+    def __init__(self, train_data, val_data, block_size, batch_size, device, seed):
+        for name, data in (("training", train_data), ("validation", val_data)):
+            if len(data) <= block_size:
+                raise UsageError(
+                    f"block_size {block_size} is longer than the {name} split ({len(data) - 1} tokens "
+                    f"after the first); use a smaller --block_size or a longer --data text"
+                )
+        self.data = {"train": train_data, "val": val_data}
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size + 1)
+
+    def get(self, split):
+        """A batch (x, y) of shape (batch_size, block_size) where y is x shifted by one."""
+        data = self.data[split]
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
+        windows = data[ix[:, None] + self.offsets]  # (B, T+1)
+        if self.device.type == "cuda":
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]

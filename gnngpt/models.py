@@ -1,0 +1,157 @@
+"""The graph-attention GPT, the transformer it is compared with, and the bigram baseline."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .graph import causal_edge_index
+from .layers import build_conv
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64
+    n_embd: int = 128
+    n_head: int = 4
+    n_layer: int = 4
+    dropout: float = 0.0
+    mixer: str = "attention"  # "attention" (the transformer) or the name of a PyG convolution
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention as in the lecture model, computed with scaled_dot_product_attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # scale hs^-0.5
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class GraphMixer(nn.Module):
+    """A PyG convolution run on the batched causal graph of the tokens, then dropout."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.conv = build_conv(cfg.mixer, cfg.n_embd, cfg.n_head, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        edge_index = causal_edge_index(B, T, x.device)
+        y = self.conv(x.reshape(B * T, C), edge_index)  # (B*T, C)
+        return self.dropout(y.view(B, T, C))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: token mixing (attention or graph layer), then the feed-forward net."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.mixer = CausalSelfAttention(cfg) if cfg.mixer == "attention" else GraphMixer(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.ffwd = FeedForward(cfg)
+
+    def forward(self, x):
+        x = x + self.mixer(self.ln1(x))
+        x = x + self.ffwd(self.ln2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """Character-level GPT whose token mixer is self-attention or a PyG graph layer."""
+
+    arch = "gpt"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.context_size = cfg.block_size
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.position_embedding = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # PyG layers keep their own initialisation: their linear maps are not nn.Linear.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        x = self.ln_f(self.blocks(x))
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return logits, lm_loss(logits, targets)
+
+
+@dataclass
+class BigramConfig:
+    vocab_size: int = 65
+
+
+class BigramLanguageModel(nn.Module):
+    """Each token reads the logits of the next one from a vocab x vocab table."""
+
+    arch = "bigram"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.context_size = 1
+        self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
+        return logits, lm_loss(logits, targets)
+
+
+def lm_loss(logits, targets):
+    """Mean next-token cross-entropy, or None without targets."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+ARCHITECTURES = {"bigram": (BigramLanguageModel, BigramConfig), "gpt": (GPT, GPTConfig)}
+
+
+def build_model(arch, config):
+    """A model of architecture `arch` ("bigram" or "gpt") from a dict of its config fields."""
+    model_cls, config_cls = ARCHITECTURES[arch]
+    return model_cls(config_cls(**config))

@@ -1,0 +1,10 @@
+"""Train a character-level GPT whose self-attention is a PyTorch Geometric graph layer.
+
+    python pyg-gpt.py --gat_version GATv2Conv
+"""
+import sys
+
+from gnngpt.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("graph"))

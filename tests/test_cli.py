@@ -1,0 +1,127 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gnngpt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2", "--batch_size", "4",
+        "--block_size", "16", "--device", "cpu", "--learning_rate", "1e-2"]
+TINY_GPT = TINY + ["--n_embd", "16", "--n_head", "2", "--n_layer", "1"]
+SCRIPTS = {
+    "GATConv": ["pyg-gpt.py", "--gat_version", "GATConv", *TINY_GPT],
+    "GATv2Conv": ["pyg-gpt.py", "--gat_version", "GATv2Conv", *TINY_GPT],
+    "gpt": ["gpt.py", *TINY_GPT],
+    "bigram": ["bigram.py", *TINY],
+}
+
+
+def run_script(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp_path):
+    result = run_script([*SCRIPTS[name], "--data", str(tiny_text_file), "--out_dir", "out"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{name}: preset cpu, device cpu" in result.stdout
+    assert "parameters" in result.stdout
+    for step in (0, 3, 6):
+        assert f"step {step}: train loss" in result.stdout
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["name"] == name and config["device"] == "cpu" and config["preset"] == "cpu"
+    assert config["settings"]["max_iters"] == 6 and config["settings"]["batch_size"] == 4
+    assert {"torch", "torch_geometric", "python"} <= set(config["versions"])
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s"]
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]
+    assert float(rows[-1]["tokens_per_s"]) > 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["name"] == name
+    assert {"model", "optimizer", "config", "vocab", "model_config"} <= set(ckpt)
+    sample = (tmp_path / "model_outputs" / f"{name}.txt").read_text()
+    assert len(sample) == 501 and sample in result.stdout
+    assert set(sample) <= set(ckpt["vocab"])
+
+
+def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main("gpt", ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
+    config = json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())
+    assert config["preset"] == "paper"
+    assert config["settings"]["dropout"] == 0.2  # from the preset
+    assert config["settings"]["n_embd"] == 16  # from the flag
+
+
+BAD_INPUTS = [
+    (["--gat_version", "GATv3Conv"], "unknown --gat_version 'GATv3Conv'"),
+    (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
+    (["--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
+    (["--block_size", "-3"], "--block_size must be a positive integer, got -3"),
+    (["--max_iters", "0"], "--max_iters must be a positive integer"),
+    (["--eval_interval", "0"], "--eval_interval must be a positive integer"),
+    (["--eval_iters", "0"], "--eval_iters must be a positive integer"),
+    (["--n_layer", "0"], "--n_layer must be a positive integer"),
+    (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--block_size", "5000"], "block_size 5000 is longer than the validation split"),
+    (["--data", "missing.txt"], "data file missing.txt does not exist"),
+    (["--data", "empty.txt"], "data file empty.txt is empty"),
+    (["--data", "latin1.txt"], "data file latin1.txt is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_text_file, tmp_path,
+                                                           monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("àéî".encode("latin-1"))
+    before = set(tmp_path.iterdir())
+    argv = ["--data", str(tiny_text_file), *TINY_GPT, *args]
+    assert main("graph", argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused(tiny_text_file, capsys):
+    assert main("gpt", ["--device", "cuda", "--data", str(tiny_text_file)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pyg-gpt.py", "--gat_version", "GATv3Conv"], "error: unknown --gat_version"),
+    (["gpt.py", "--n_embd", "many"], "error: argument --n_embd: invalid int value: 'many' (see --help)"),
+    (["bigram.py", "--n_embd", "64"], "error: unrecognized arguments: --n_embd 64 (see --help)"),
+])
+def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
+    result = run_script(args, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["pyg-gpt.py", "gpt.py", "bigram.py"])
+def test_help_documents_every_flag(script, tmp_path):
+    result = run_script([script, "--help"], tmp_path)
+    assert result.returncode == 0
+    flags = ["--batch_size", "--block_size", "--max_iters", "--eval_interval", "--eval_iters",
+             "--learning_rate", "--seed", "--device", "--data", "--out_dir", "--preset"]
+    if script != "bigram.py":
+        flags += ["--n_embd", "--n_head", "--n_layer", "--dropout"]
+    if script == "pyg-gpt.py":
+        flags += ["--gat_version"]
+    for flag in flags:
+        assert flag in result.stdout

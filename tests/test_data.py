@@ -1,0 +1,119 @@
+import hashlib
+import http.server
+import socket
+import threading
+
+import pytest
+import torch
+
+from gnngpt.data import BatchSampler, CharTokenizer, download, load_text, split
+from gnngpt.errors import UsageError
+
+PAYLOAD = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200).encode()
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server on 127.0.0.1 that serves PAYLOAD at /input.txt."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/input.txt":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_writes_verified_file(server, tmp_path):
+    dest = tmp_path / "input.txt"
+    download(f"{server}/input.txt", dest, hashlib.sha256(PAYLOAD).hexdigest())
+    assert dest.read_bytes() == PAYLOAD
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
+    dest = tmp_path / "input.txt"
+    url = f"{server}/input.txt"
+    with pytest.raises(UsageError, match="checksum mismatch") as e:
+        download(url, dest, "0" * 64)
+    assert url in str(e.value) and "--data" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_server_down_leaves_nothing(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / "input.txt"
+    url = f"http://127.0.0.1:{port}/input.txt"
+    with pytest.raises(UsageError, match="could not download") as e:
+        download(url, dest, "0" * 64, timeout=5)
+    assert url in str(e.value) and "--data" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_missing_file_on_server_leaves_nothing(server, tmp_path):
+    with pytest.raises(UsageError, match="404"):
+        download(f"{server}/nope.txt", tmp_path / "input.txt", "0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"caf\xe9 au lait", "is not UTF-8"),
+])
+def test_load_text_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        load_text(path)
+
+
+def test_tokenizer_round_trip_and_split():
+    text = "hello world\n"
+    tok = CharTokenizer.from_text(text)
+    assert tok.chars == sorted(set(text))
+    assert tok.decode(tok.encode(text)) == text
+    train, val = split(torch.arange(100))
+    assert len(train) == 90 and torch.equal(val, torch.arange(90, 100))
+
+
+def test_batches_are_shifted_windows_and_seeded():
+    data = torch.arange(1000)
+    a = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device="cpu", seed=1)
+    b = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device="cpu", seed=1)
+    x, y = a.get("train")
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(y, x + 1)
+    assert torch.equal(x, b.get("train")[0])
+    xv, _ = a.get("val")
+    assert xv.min() >= 900
+
+
+def test_block_size_longer_than_validation_split_is_refused():
+    data = torch.arange(100)
+    with pytest.raises(UsageError, match="longer than the validation split"):
+        BatchSampler(data[:90], data[90:], block_size=10, batch_size=2, device="cpu", seed=1)
+
+
+def test_missing_default_file_is_downloaded(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gnngpt.data.DATA_URL", f"{server}/input.txt")
+    monkeypatch.setattr("gnngpt.data.DATA_SHA256", hashlib.sha256(PAYLOAD).hexdigest())
+    assert load_text() == PAYLOAD.decode()
+    assert (tmp_path / "input.txt").read_bytes() == PAYLOAD
