@@ -3,7 +3,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import pickle
+import zipfile
+
 import torch
+
+from .errors import UsageError
 
 
 def atomic_write(path, write):
@@ -24,3 +29,18 @@ def atomic_write(path, write):
 
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path):
+    """A checkpoint dict read with weights_only=True (no code runs), onto the CPU; UsageError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; train a model first or point --out_dir at a finished run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path} is not a readable checkpoint of this project ({reason[:120]})") from None
+    if not isinstance(checkpoint, dict) or not {"arch", "model_config", "model", "vocab"} <= set(checkpoint):
+        raise UsageError(f"{path} is not a checkpoint of this project; train one with pyg-gpt.py, gpt.py or bigram.py")
+    return checkpoint

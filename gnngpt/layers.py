@@ -17,6 +17,8 @@ def check_layer_name(name):
         raise UsageError(f"unknown --gat_version {name!r}; choose one of {', '.join(GAT_LAYERS)}")
 
 
-def build_conv(name, n_embd, n_head, dropout):
-    """The PyG layer `name` with n_head heads of n_embd // n_head channels, concatenated."""
-    return getattr(pyg_nn, name)(n_embd, n_embd // n_head, heads=n_head, dropout=dropout)
+def build_conv(cfg):
+    """The PyG layer cfg.mixer with cfg.n_head heads of n_embd // n_head channels, concatenated."""
+    return getattr(pyg_nn, cfg.mixer)(
+        cfg.n_embd, cfg.n_embd // cfg.n_head, heads=cfg.n_head, dropout=cfg.dropout, **cfg.mixer_kwargs
+    )

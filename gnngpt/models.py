@@ -1,5 +1,5 @@
 """The graph-attention GPT, the transformer it is compared with, and the bigram baseline."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ class GPTConfig:
     n_layer: int = 4
     dropout: float = 0.0
     mixer: str = "attention"  # "attention" (the transformer) or the name of a PyG convolution
+    mixer_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the PyG layer
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,7 +48,7 @@ class GraphMixer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.conv = build_conv(cfg.mixer, cfg.n_embd, cfg.n_head, cfg.dropout)
+        self.conv = build_conv(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -155,3 +156,10 @@ def build_model(arch, config):
     """A model of architecture `arch` ("bigram" or "gpt") from a dict of its config fields."""
     model_cls, config_cls = ARCHITECTURES[arch]
     return model_cls(config_cls(**config))
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """The model stored in a checkpoint dict (see gnngpt.checkpoint.load_checkpoint), in eval mode."""
+    model = build_model(checkpoint["arch"], checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
