@@ -1,5 +1,6 @@
 """The training loop shared by the three scripts: AdamW, periodic evaluation, metrics and checkpoints."""
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def synchronize(device):
     """Wait for queued CUDA work so that wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def read_metrics(out_dir):
+    """The rows of a run's metrics.csv as dicts of numbers ([] when there is none)."""
+    path = Path(out_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def is_finished(out_dir):
+    """Whether the run in out_dir evaluated after its last step (its metrics reach settings max_iters)."""
+    config_path = Path(out_dir) / "config.json"
+    rows = read_metrics(out_dir)
+    if not rows or not config_path.is_file():
+        return False
+    return rows[-1]["step"] == json.loads(config_path.read_text())["settings"]["max_iters"]
