@@ -1,18 +1,21 @@
 """Checkpoints written atomically and read back without unpickling code."""
 import os
-import tempfile
-from pathlib import Path
-
 import pickle
+import tempfile
 import zipfile
+from pathlib import Path
 
 import torch
 
 from .errors import UsageError
+from .models import ARCHITECTURES
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, fsync it, then rename it over path."""
+    """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
+
+    A crash at any point leaves either the old file or the new one at path, never a mix.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,25 +25,66 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def fsync_dir(path):
+    """Make a rename in directory path durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    """Write a checkpoint dict atomically; UsageError (the previous checkpoint kept) when the disk refuses."""
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:
+        raise UsageError(
+            f"could not write {path} ({e.strerror or e}); the previous checkpoint is unchanged; "
+            f"free disk space or choose another --out_dir, then --resume"
+        ) from None
 
 
 def load_checkpoint(path):
-    """A checkpoint dict read with weights_only=True (no code runs), onto the CPU; UsageError if unreadable."""
+    """A checkpoint dict read with weights_only=True (no code runs), onto the CPU; UsageError if unreadable.
+
+    The zip archive's CRC-32 checksums are verified first, so a truncated or corrupted file is refused
+    before any of it is unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}; train a model first or point --out_dir at a finished run")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged}); use another checkpoint or retrain")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{path} is not a readable checkpoint of this project ({reason[:120]})") from None
-    if not isinstance(checkpoint, dict) or not {"arch", "model_config", "model", "vocab"} <= set(checkpoint):
+    if not is_project_checkpoint(checkpoint):
         raise UsageError(f"{path} is not a checkpoint of this project; train one with pyg-gpt.py, gpt.py or bigram.py")
     return checkpoint
+
+
+def is_project_checkpoint(checkpoint):
+    """Whether a loaded object has the fields of this project's checkpoints, with consistent types."""
+    if not isinstance(checkpoint, dict) or not {"arch", "model_config", "model", "vocab"} <= set(checkpoint):
+        return False
+    model, config, vocab = checkpoint["model"], checkpoint["model_config"], checkpoint["vocab"]
+    return (
+        checkpoint["arch"] in ARCHITECTURES
+        and isinstance(config, dict)
+        and isinstance(model, dict)
+        and all(isinstance(t, torch.Tensor) for t in model.values())
+        and isinstance(vocab, list)
+        and all(isinstance(ch, str) for ch in vocab)
+        and config.get("vocab_size") == len(vocab)
+    )

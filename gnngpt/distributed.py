@@ -1,0 +1,108 @@
+"""Several processes under torchrun: DistributedDataParallel, rank 0 alone printing, and agreement between ranks.
+
+Without torchrun (or with one process) every function here is the single-process identity.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+_control_group = None  # a gloo group for small CPU exchanges that must not wait on the GPU stream
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def launched_by_torchrun():
+    """Whether torchrun started this process (it forwards a Ctrl-C to its workers, who then see it twice)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup(device):
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) when it started several processes.
+
+    Returns the device this process trains on: cuda:LOCAL_RANK on CUDA. Other ranks than 0 print nothing.
+    """
+    global _control_group
+    if world_size() == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        _control_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def teardown():
+    global _control_group
+    if is_distributed():
+        dist.destroy_process_group()
+    _control_group = None
+
+
+def wrap(model):
+    """The model in DistributedDataParallel (gradients averaged over ranks) in a process group, else itself."""
+    if not is_distributed():
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def max_over_ranks(value):
+    """The largest of every rank's integer value."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def min_over_ranks(value):
+    """The smallest of every rank's integer value."""
+    return _all_reduce(value, dist.ReduceOp.MIN)
+
+
+def _all_reduce(value, op):
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=op, group=_control_group)
+    return int(t)
+
+
+def gather(obj):
+    """The list of every rank's obj, in rank order."""
+    if not is_distributed():
+        return [obj]
+    objs = [None] * world_size()
+    dist.all_gather_object(objs, obj, group=_control_group)
+    return objs
+
+
+def from_main(compute):
+    """compute() run on rank 0 alone, its result handed to every rank."""
+    result = [compute() if is_main_process() else None]
+    if is_distributed():
+        dist.broadcast_object_list(result, src=0, group=_control_group)
+    return result[0]
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier(group=_control_group)

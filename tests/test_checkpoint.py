@@ -1,0 +1,146 @@
+import builtins
+import errno
+import os
+import pickle
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from gnngpt import checkpoint as ckpt_module
+from gnngpt.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from gnngpt.cli import main
+from gnngpt.errors import UsageError
+from gnngpt.models import build_model
+
+
+def bigram_checkpoint(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("bigram", {"vocab_size": 3})
+    return {"name": "bigram", "arch": "bigram", "model_config": {"vocab_size": 3}, "vocab": ["a", "b", "c"],
+            "model": model.state_dict(), "step": seed}
+
+
+def assert_same_checkpoint(loaded, expected):
+    assert loaded["step"] == expected["step"]
+    assert torch.equal(loaded["model"]["token_embedding_table.weight"], expected["model"]["token_embedding_table.weight"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    good = bigram_checkpoint()
+    save_checkpoint(tmp_path / "ckpt.pt", good)
+    assert_same_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"), good)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    good = bigram_checkpoint()
+    save_checkpoint(path, good)
+
+    def half_written_then_disk_full(obj, f):
+        f.write(b"PK\x03\x04 half of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", half_written_then_disk_full)
+    with pytest.raises(UsageError, match="could not write .*No space left on device.*previous checkpoint is unchanged"):
+        save_checkpoint(path, bigram_checkpoint(seed=1))
+    assert_same_checkpoint(load_checkpoint(path), good)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the temporary file is gone
+
+
+def test_process_killed_during_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good = bigram_checkpoint()
+    save_checkpoint(path, good)
+    save_checkpoint(tmp_path / "newer.pt", bigram_checkpoint(seed=1))
+    newer = (tmp_path / "newer.pt").read_bytes()
+
+    def write_half_then_die(f):
+        f.write(newer[: len(newer) // 2])
+        f.flush()
+        os._exit(9)  # the process dies in the middle of the write: no cleanup, no exception handlers
+
+    pid = os.fork()
+    if pid == 0:  # the child
+        atomic_write(path, write_half_then_die)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.pt.")]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size == len(newer) // 2  # cut off midway
+    assert_same_checkpoint(load_checkpoint(path), good)
+
+
+class Payload:
+    """Unpickling this object would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def malicious_zip(path, marker):
+    torch.save({**bigram_checkpoint(), "extra": Payload(marker)}, path)
+
+
+def malicious_pickle(path, marker):
+    path.write_bytes(pickle.dumps({"arch": "bigram", "payload": Payload(marker)}))
+
+
+@pytest.mark.parametrize("write", [malicious_zip, malicious_pickle])
+def test_malicious_checkpoint_does_not_run_its_payload(write, tiny_text_file, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    write(out / "ckpt.pt", marker)
+    with pytest.raises(UsageError, match="is not a readable checkpoint of this project"):
+        load_checkpoint(out / "ckpt.pt")
+    assert not marker.exists()
+
+    assert main("bigram", ["--data", str(tiny_text_file), "--out_dir", str(out), "--resume", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out / 'ckpt.pt'} is not a readable checkpoint")
+    assert not marker.exists()
+
+    with open(out / "ckpt.pt", "rb") as f:  # the payload is live: an unrestricted unpickler runs it
+        torch.load(f, weights_only=False) if write is malicious_zip else pickle.load(f)
+    assert marker.exists()
+
+
+def flip_byte_in_tensor_data(path):
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + 5] ^= 0xFF  # a byte of the tensor, past the local header
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BROKEN = [
+    (flip_byte_in_tensor_data, "is corrupt (checksum mismatch in"),
+    (truncate, "is not a readable checkpoint of this project (File is not a zip file)"),
+    (lambda p: p.write_bytes(b""), "is not a readable checkpoint of this project"),
+    (lambda p: p.write_text("hello"), "is not a readable checkpoint of this project"),
+    (lambda p: torch.save([1, 2, 3], p), "is not a checkpoint of this project"),
+    (lambda p: torch.save({**bigram_checkpoint(), "vocab": ["a", "b"]}, p), "is not a checkpoint of this project"),
+    (lambda p: torch.save({**bigram_checkpoint(), "arch": "lstm"}, p), "is not a checkpoint of this project"),
+    (lambda p: p.unlink(), "no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize("damage,message", BROKEN, ids=[m for _, m in BROKEN])
+def test_broken_checkpoint_gives_one_line_error(damage, message, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, bigram_checkpoint())
+    damage(path)
+    with pytest.raises(UsageError) as e:
+        load_checkpoint(path)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,56 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from gnngpt.checkpoint import load_checkpoint
+from gnngpt.data import BatchSampler, CharTokenizer, split
+from gnngpt.models import build_model
+from gnngpt.train import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+BETA1 = 0.9  # AdamW's default: after one step its first moment is (1 - beta1) * gradient
+
+
+def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
+    args = ["--data", str(tiny_text_file), "--out_dir", "out", "--device", "cpu", "--max_iters", "1",
+            "--eval_interval", "1", "--eval_iters", "2", "--batch_size", "3", "--block_size", "8",
+            "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--dropout", "0", "--learning_rate", "1e-2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--log-dir", "logs", "--redirects", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([*torchrun, str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # rank 0 alone prints, evaluates and writes the run files
+    stdout = {rank: next(tmp_path.glob(f"logs/*/attempt_0/{rank}/stdout.log")).read_text() for rank in (0, 1)}
+    assert stdout[1] == ""
+    assert stdout[0].count("step 0: train loss") == 1 and stdout[0].count("step 1: train loss") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckpt.pt", "config.json", "metrics.csv"]
+    with open(tmp_path / "out" / "metrics.csv", newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["0", "1"]
+    assert [p.name for p in (tmp_path / "model_outputs").iterdir()] == ["gpt.txt"]
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["config"]["processes"] == 2 and len(ckpt["rng"]) == 2
+
+    # the same step in one process: rank 0's model, rank 0's batch (drawn after its step-0 evaluation)
+    # and rank 1's batch (its own seed) together
+    seed = ckpt["config"]["seed"]
+    text = tiny_text_file.read_text()
+    tokenizer = CharTokenizer.from_text(text)
+    train_data, val_data = split(torch.tensor(tokenizer.encode(text), dtype=torch.long))
+    samplers = [BatchSampler(train_data, val_data, 8, 3, "cpu", seed + rank) for rank in (0, 1)]
+    torch.manual_seed(seed)
+    model = build_model("gpt", ckpt["model_config"])
+    evaluate(model, samplers[0], eval_iters=2)
+    x, y = (torch.cat(t) for t in zip(*(s.get("train") for s in samplers)))  # (2B, T) each
+    _, loss = model(x, y)
+    loss.backward()
+
+    moments = ckpt["optimizer"]["state"]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(moments[i]["exp_avg"] / (1 - BETA1), p.grad, rtol=0, atol=1e-5, msg=name)

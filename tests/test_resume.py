@@ -1,0 +1,249 @@
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gnngpt.checkpoint import load_checkpoint, save_checkpoint
+from gnngpt.cli import main
+from gnngpt.models import GPT, BigramLanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--max_iters", "12", "--eval_interval", "3", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
+        "--device", "cpu", "--learning_rate", "1e-2", "--n_embd", "16", "--n_head", "2", "--n_layer", "1",
+        "--dropout", "0.2"]  # dropout: the resumed run must also restore the global RNG
+
+
+@pytest.fixture(autouse=True)
+def one_thread_in_tmp_path(tmp_path, monkeypatch):
+    """Tiny models run fastest on one thread (and equal runs need equal thread counts); samples go to tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def at_forward(n, action, training=True):
+    """Call action(output) at the n-th forward pass (1-based) of a whole model in training (or eval) mode."""
+    calls = 0
+
+    def hook(module, args, output):
+        nonlocal calls
+        if isinstance(module, (GPT, BigramLanguageModel)) and module.training == training:
+            calls += 1
+            if calls == n:
+                return action(output)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def send(signum):
+    return lambda output: os.kill(os.getpid(), signum)
+
+
+def nan_loss(output):
+    logits, loss = output
+    return logits, loss * float("nan")
+
+
+def run(out, data, *args, kind="gpt"):
+    return main(kind, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
+
+
+def losses(out):
+    """(step, train_loss, val_loss) of each row of metrics.csv."""
+    with open(Path(out) / "metrics.csv", newline="") as f:
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def assert_same_state(out_a, out_b):
+    a, b = load_checkpoint(Path(out_a) / "ckpt.pt"), load_checkpoint(Path(out_b) / "ckpt.pt")
+    assert a["step"] == b["step"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for i, state in a["optimizer"]["state"].items():
+        for key in state:
+            assert torch.equal(state[key], b["optimizer"]["state"][i][key]), (i, key)
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir()}
+
+
+@pytest.fixture
+def reference(tiny_text_file, tmp_path):
+    """A tiny transformer run of TINY, never stopped."""
+    out = tmp_path / "reference"
+    assert run(out, tiny_text_file) == 0
+    return out
+
+
+@pytest.fixture
+def stopped(tiny_text_file, tmp_path):
+    """The same run stopped by SIGINT after step 5."""
+    out = tmp_path / "stopped"
+    with at_forward(5, send(signal.SIGINT)):
+        assert run(out, tiny_text_file) == 130
+    return out
+
+
+@pytest.mark.parametrize("stop_step", [1, 6, 7, 11])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_at_any_step_then_resume_equals_the_run_never_stopped(stop_step, signum, reference, tiny_text_file,
+                                                                   tmp_path, capsys):
+    out = tmp_path / "run"
+    with at_forward(stop_step, send(signum)):  # during training step stop_step - 1
+        assert run(out, tiny_text_file) == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"stopped by {signal.Signals(signum).name} after step {stop_step}; "
+                          f"checkpoint written to {out / 'ckpt.pt'}; resume with: python gpt.py ")
+    assert err.endswith(f"--out_dir {out} {' '.join(TINY)} --resume")
+    assert load_checkpoint(out / "ckpt.pt")["step"] == stop_step
+    assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step + 1, 3))
+
+    assert run(out, tiny_text_file, "--resume") == 0
+    assert losses(out) == losses(reference)
+    assert_same_state(out, reference)
+
+
+def test_two_stops_and_resumes_equal_the_run_never_stopped(reference, stopped, tiny_text_file):
+    with at_forward(3, send(signal.SIGTERM)):
+        assert run(stopped, tiny_text_file, "--resume") == 143
+    assert load_checkpoint(stopped / "ckpt.pt")["step"] == 8
+    assert run(stopped, tiny_text_file, "--resume") == 0
+    assert losses(stopped) == losses(reference)
+    assert_same_state(stopped, reference)
+
+
+def test_resume_with_more_iterations_equals_a_longer_run(tiny_text_file, tmp_path):
+    longer, extended = tmp_path / "longer", tmp_path / "extended"
+    assert run(longer, tiny_text_file, "--max_iters", "18") == 0
+    assert run(extended, tiny_text_file) == 0
+    assert run(extended, tiny_text_file, "--resume", "--max_iters", "18") == 0
+    assert losses(extended) == losses(longer)
+    assert_same_state(extended, longer)
+
+
+@pytest.mark.parametrize("nan_at,training,message", [
+    (8, True, "the training loss is not finite at step 7; training stopped and {ckpt} keeps the last good state "
+              "(step 6); try a lower --learning_rate"),
+    (5, False, "the evaluation loss is not finite at step 3"),  # the first forward pass of the step 3 evaluation
+])
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(nan_at, training, message,
+                                                                           tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    with at_forward(nan_at, nan_loss, training=training):
+        assert run(out, tiny_text_file) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: ") and message.format(ckpt=out / "ckpt.pt") in err
+    last_good = 6 if training else 0
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == last_good
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert int(losses(out)[-1][0]) == last_good
+
+
+REFUSED = [
+    ([], "holds an unfinished run of this configuration; pass --resume to continue it"),
+    (["--n_embd", "32"], "holds a run of another configuration (n_embd was 16, now 32); pass --overwrite"),
+    (["--resume", "--n_embd", "32"], "cannot resume {ckpt}: n_embd was 16, now 32; pass the flags of the original run"),
+    (["--resume", "--learning_rate", "0.1"], "cannot resume {ckpt}: learning_rate was 0.01, now 0.1"),
+    (["--resume", "--seed", "7"], "cannot resume {ckpt}: seed was 1337, now 7"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--resume", "--max_iters", "5"], "the run in {out} finished at step 5; pass a --max_iters above 5"),
+]
+
+
+@pytest.mark.parametrize("args,message", REFUSED, ids=[m for _, m in REFUSED])
+def test_refusals_name_the_problem_and_change_nothing(args, message, stopped, tiny_text_file, capsys):
+    before = snapshot(stopped)
+    capsys.readouterr()
+    assert run(stopped, tiny_text_file, *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(ckpt=stopped / "ckpt.pt", out=stopped) in err
+    assert snapshot(stopped) == before
+
+
+def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_file, tmp_path, capsys):
+    before = snapshot(reference)
+    assert run(reference, tiny_text_file) == 2
+    assert f"error: {reference} holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert snapshot(reference) == before
+
+    assert run(reference, tiny_text_file, "--overwrite", "--max_iters", "3") == 0
+    assert [int(s) for s, _, _ in losses(reference)] == [0, 3]
+    assert load_checkpoint(reference / "ckpt.pt")["step"] == 3
+
+
+def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
+    ckpt = stopped / "ckpt.pt"
+    assert main("graph", ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
+    assert f"cannot resume {ckpt}: name was gpt, now GATConv" in capsys.readouterr().err
+
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(tiny_text_file.read_text().upper())
+    assert run(stopped, other_text, "--resume") == 2
+    assert f"cannot resume {ckpt}: its vocabulary (" in capsys.readouterr().err
+
+    checkpoint = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, {**checkpoint, "rng": checkpoint["rng"] * 2})
+    assert run(stopped, tiny_text_file, "--resume") == 2
+    assert f"cannot resume {ckpt}: it was trained by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_text_file, tmp_path, capsys):
+    assert run(tmp_path / "empty", tiny_text_file, "--resume") == 2
+    assert "error: nothing to resume: no checkpoint at" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
+
+
+GRAPH_RUN = ["--gat_version", "GATConv", "--max_iters", "300", "--eval_interval", "50", "--eval_iters", "2",
+             "--batch_size", "4", "--block_size", "16", "--device", "cpu", "--n_embd", "16", "--n_head", "2",
+             "--n_layer", "1", "--dropout", "0.1"]
+
+
+def start_script(args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # bitwise equality needs equal threads
+    return subprocess.Popen([sys.executable, str(ROOT / "pyg-gpt.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process):
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
+def test_sigint_to_a_training_process_then_resume_equals_the_run_never_stopped(tiny_text_file, tmp_path):
+    args = ["--data", str(tiny_text_file), *GRAPH_RUN]
+    reference = start_script([*args, "--out_dir", "reference"], tmp_path)
+    stopped = start_script([*args, "--out_dir", "stopped"], tmp_path)
+    for line in stopped.stdout:
+        if line.startswith("step 50:"):  # training is under way: stop it mid-run
+            stopped.send_signal(signal.SIGINT)
+            break
+    code, _, err = finish(stopped)
+    assert code == 130, err
+    assert "stopped by SIGINT after step" in err and "--resume" in err
+    step = load_checkpoint(tmp_path / "stopped" / "ckpt.pt")["step"]
+    assert 50 <= step < 300
+
+    code, out, err = finish(start_script([*args, "--out_dir", "stopped", "--resume"], tmp_path))
+    assert code == 0, err
+    assert f"step {step}:" not in out and "step 300:" in out
+    assert finish(reference)[0] == 0
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "reference")
+    assert_same_state(tmp_path / "stopped", tmp_path / "reference")
