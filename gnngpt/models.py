@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .dense_attention import causal_mask, dense_gat, extend_cache, supports_dense
 from .graph import causal_edge_index
 from .layers import build_conv
 
@@ -19,6 +20,7 @@ class GPTConfig:
     dropout: float = 0.0
     mixer: str = "attention"  # "attention" (the transformer) or the name of a PyG convolution
     mixer_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the PyG layer
+    backend: str = "fast"  # GATConv/GATv2Conv: "fast" (dense masked attention) or "pyg" (message passing)
 
 
 class CausalSelfAttention(nn.Module):
@@ -32,26 +34,39 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        k, v = extend_cache(cache, k=k, v=v)  # (B, H, S, hs): S = cached + new tokens
+        S = k.size(2)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v,
+            attn_mask=None if T in (1, S) else causal_mask(T, S, x.device),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=T == S > 1,
         )  # scale hs^-0.5
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
 
 class GraphMixer(nn.Module):
-    """A PyG convolution run on the batched causal graph of the tokens, then dropout."""
+    """A PyG convolution on the batched causal graph of the tokens, then dropout.
+
+    With the fast backend, GATConv and GATv2Conv run as masked dense attention with the same parameters.
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.conv = build_conv(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.dense = cfg.backend == "fast" and supports_dense(self.conv)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        if self.dense:
+            return self.dropout(dense_gat(self.conv, x, cache))
+        if cache is not None:
+            raise ValueError("only the fast backend of GATConv and GATv2Conv decodes with a cache")
         B, T, C = x.shape
         edge_index = causal_edge_index(B, T, x.device)
         y = self.conv(x.reshape(B * T, C), edge_index)  # (B*T, C)
@@ -82,8 +97,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.ffwd = FeedForward(cfg)
 
-    def forward(self, x):
-        x = x + self.mixer(self.ln1(x))
+    def forward(self, x, cache=None):
+        x = x + self.mixer(self.ln1(x), cache)
         x = x + self.ffwd(self.ln2(x))
         return x
 
@@ -103,6 +118,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.apply(self._init_weights)
+        self.supports_cache = all(
+            isinstance(b.mixer, CausalSelfAttention) or b.mixer.dense for b in self.blocks
+        )
 
     @staticmethod
     def _init_weights(module):
@@ -112,13 +130,27 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (B, T, vocab_size) and the loss; with a KVCache, idx holds the tokens after the cached ones."""
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
+        start = cache.length if cache is not None else 0
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
-        x = self.ln_f(self.blocks(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         return logits, lm_loss(logits, targets)
+
+
+class KVCache:
+    """The per-token tensors of every layer for the tokens decoded so far."""
+
+    def __init__(self, n_layer):
+        self.layers = [{} for _ in range(n_layer)]
+        self.length = 0
 
 
 @dataclass

@@ -1,0 +1,188 @@
+"""Benchmark training steps and generation of every model and backend, side by side in one process.
+
+    python bench.py                      # the preset of this device (cpu on a CPU, paper on CUDA)
+    python bench.py --preset paper --device cuda --iters 20 --json
+
+Training: each round times one AdamW step of every model in turn (random tokens at the preset's batch and
+block size, vocabulary 65), so that load on the machine hits all of them alike; the table reports medians.
+Peak memory is that of one training step: torch.cuda.max_memory_allocated on CUDA, the PyTorch profiler's
+memory timeline on the CPU. Generation: 500 characters from one start token, with the key/value cache and
+with full recomputation of the context at every step (the lecture's sampler), medians of --gen_repeats.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.config import PRESETS
+from gnngpt.errors import UsageError, exit_code
+from gnngpt.models import BigramConfig, BigramLanguageModel, GPT, GPTConfig
+from gnngpt.sampling import generate
+from gnngpt.train import synchronize
+
+VOCAB_SIZE = 65  # tinyshakespeare's
+MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"),
+          ("GATv2Conv", "fast"), ("GATv2Conv", "pyg")]
+GENERATION_MODELS = [("gpt", "-"), ("GATConv", "fast"), ("GATv2Conv", "fast")]
+GENERATION_LENGTH = 500
+
+
+def build(name, backend, settings, device):
+    """A freshly initialised model of the preset's size, in training mode on device."""
+    torch.manual_seed(1337)
+    if name == "bigram":
+        return BigramLanguageModel(BigramConfig(VOCAB_SIZE)).to(device)
+    cfg = GPTConfig(vocab_size=VOCAB_SIZE, block_size=settings["block_size"], n_embd=settings["n_embd"],
+                    n_head=settings["n_head"], n_layer=settings["n_layer"], dropout=settings["dropout"],
+                    mixer="attention" if name == "gpt" else name, backend="fast" if backend == "-" else backend)
+    return GPT(cfg).to(device)
+
+
+class TrainingBench:
+    """One model, its optimizer and a fixed random batch, stepped and timed on demand."""
+
+    def __init__(self, name, backend, settings, device, compile_model):
+        self.name, self.backend, self.device = name, backend, device
+        s = settings["bigram" if name == "bigram" else "gpt"]
+        self.tokens = s["batch_size"] * s["block_size"]
+        self.model = build(name, backend, s, device)
+        if compile_model:
+            self.model.compile()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s["learning_rate"])
+        self.x, self.y = torch.randint(VOCAB_SIZE, (2, s["batch_size"], s["block_size"]), device=device)
+        self.times = []
+
+    def step(self):
+        _, loss = self.model(self.x, self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def timed_step(self):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+    def peak_memory_mb(self):
+        """Peak memory of the tensors alive during one training step, in MiB."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.step()
+            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            self.step()
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(self.device)
+        return max(sum(s) for s in sizes) / 2**20
+
+    def row(self, preset):
+        ms = statistics.median(self.times) * 1e3
+        return {"model": self.name, "backend": self.backend, "preset": preset, "device": str(self.device),
+                "task": "train", "ms_per_iter": round(ms, 2), "tokens_per_s": round(self.tokens / ms * 1e3, 1),
+                "peak_mem_mb": round(self.peak_memory_mb(), 1)}
+
+
+def time_generation(model, device, use_cache):
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    generate(model, start, GENERATION_LENGTH, generator=None, use_cache=use_cache)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def bench_generation(preset, settings, device, repeats):
+    rows = []
+    for name, backend in GENERATION_MODELS:
+        model = build(name, backend, settings["gpt"], device).eval()
+        times = {True: [], False: []}
+        for _ in tqdm(range(repeats), desc=f"generation {name}", leave=False):
+            for use_cache in (True, False):
+                times[use_cache].append(time_generation(model, device, use_cache))
+        cached, full = (statistics.median(times[c]) * 1e3 for c in (True, False))
+        rows.append({"model": name, "backend": backend, "preset": preset, "device": str(device),
+                     "task": "generate", "cached_ms": round(cached, 1), "full_ms": round(full, 1),
+                     "speedup": round(full / cached, 2)})
+    return rows
+
+
+def ratios(train_rows, gen_rows):
+    """The issue's targets, each as (description, measured value, target, met)."""
+    ms = {(r["model"], r["backend"]): r["ms_per_iter"] for r in train_rows}
+    mem = {(r["model"], r["backend"]): r["peak_mem_mb"] for r in train_rows}
+    checks = [
+        ("GATConv fast speed-up over pyg", ms["GATConv", "pyg"] / ms["GATConv", "fast"], ">= 3", lambda v: v >= 3),
+        ("GATv2Conv fast speed-up over pyg", ms["GATv2Conv", "pyg"] / ms["GATv2Conv", "fast"], ">= 2",
+         lambda v: v >= 2),
+        ("GATConv fast time / gpt time", ms["GATConv", "fast"] / ms["gpt", "-"], "<= 1.2", lambda v: v <= 1.2),
+        ("GATv2Conv fast time / gpt time", ms["GATv2Conv", "fast"] / ms["gpt", "-"], "<= 2", lambda v: v <= 2),
+        ("GATv2Conv fast peak memory / pyg", mem["GATv2Conv", "fast"] / mem["GATv2Conv", "pyg"], "<= 1",
+         lambda v: v <= 1),
+    ]
+    checks += [(f"{r['model']} cached generation speed-up", r["speedup"], ">= 10", lambda v: v >= 10)
+               for r in gen_rows]
+    return [(text, value, target, ok(value)) for text, value, target, ok in checks]
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=("auto", "cpu", "paper"), default="auto",
+                   help="model and batch shapes: auto picks paper on CUDA, cpu otherwise (default: auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--iters", type=int, default=10, help="timed training steps per model (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default: 3)")
+    p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per model and mode (default: 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per result row")
+    return exit_code(run, p.parse_args(argv))
+
+
+def run(args):
+    for key in ("iters", "gen_repeats"):
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be zero or more, got {args.warmup}")
+    device = resolve_device(args.device)
+    preset = args.preset if args.preset != "auto" else ("paper" if device.type == "cuda" else "cpu")
+    settings = PRESETS[preset]
+    print(f"preset {preset}, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    benches = [TrainingBench(n, b, settings, device, args.compile) for n, b in MODELS]
+    for bench in tqdm(benches, desc="warm-up", leave=False):
+        for _ in range(args.warmup):
+            bench.step()
+    for _ in tqdm(range(args.iters), desc="training steps", leave=False):
+        for bench in benches:
+            bench.timed_step()
+    train_rows = [b.row(preset) for b in benches]
+    del benches
+    gen_rows = bench_generation(preset, settings, device, args.gen_repeats)
+
+    print("\n| model | backend | ms/iter | tokens/s | peak MiB |\n| --- | --- | --- | --- | --- |")
+    for r in train_rows:
+        print(f"| {r['model']} | {r['backend']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['peak_mem_mb']:.1f} |")
+    print(f"\n| generate {GENERATION_LENGTH} chars | cached ms | full ms | speed-up |\n| --- | --- | --- | --- |")
+    for r in gen_rows:
+        print(f"| {r['model']} {r['backend']} | {r['cached_ms']:.0f} | {r['full_ms']:.0f} | {r['speedup']:.1f}x |")
+    print("\n| ratio | measured | target | met |\n| --- | --- | --- | --- |")
+    for text, value, target, ok in ratios(train_rows, gen_rows):
+        print(f"| {text} | {value:.2f} | {target} | {'yes' if ok else 'no'} |")
+    if args.json:
+        for r in train_rows + gen_rows:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

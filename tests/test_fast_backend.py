@@ -1,0 +1,155 @@
+"""The fast backend computes the PyG layers' function, and the cached decoder the full model's logits."""
+import pytest
+import torch
+
+import gnngpt.dense_attention as dense_attention
+from gnngpt.graph import causal_edge_index
+from gnngpt.layers import pyg_nn
+from gnngpt.models import GPT, KVCache
+from gnngpt.sampling import CachedDecoder, full_logits, generate
+
+from conftest import tiny_config
+
+LAYER_VARIANTS = [
+    ("GATConv", {}),
+    ("GATConv", {"concat": False, "negative_slope": 0.1}),
+    ("GATConv", {"residual": True, "bias": False}),
+    ("GATv2Conv", {}),
+    ("GATv2Conv", {"share_weights": True, "concat": False}),
+    ("GATv2Conv", {"residual": True, "negative_slope": 0.3}),
+]
+SHAPES = [(1, 1, 8, 1), (3, 7, 16, 2), (2, 12, 24, 4)]  # (B, T, n_embd, n_head)
+
+
+def model_pair(mixer, kwargs, n_embd=16, n_head=2, **overrides):
+    """The same weights under the fast and the pyg backend (randomised so that no term is trivially zero)."""
+    cfg = dict(n_embd=n_embd, n_head=n_head, mixer_kwargs=kwargs, **overrides)
+    fast = GPT(tiny_config(mixer, backend="fast", **cfg))
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    pyg = GPT(tiny_config(mixer, backend="pyg", **cfg))
+    pyg.load_state_dict(fast.state_dict())
+    assert all(b.mixer.dense for b in fast.blocks) and not any(b.mixer.dense for b in pyg.blocks)
+    return fast, pyg
+
+
+def assert_close_relative(actual, expected, rel=1e-5, msg=None):
+    """Equal up to rel times the largest magnitude in expected (fp32 sums differ in order between backends)."""
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * expected.abs().max().item(), msg=msg)
+
+
+def assert_same_outputs_and_grads(fast, pyg, idx, targets):
+    out_fast, loss_fast = fast(idx, targets)
+    out_pyg, loss_pyg = pyg(idx, targets)
+    assert_close_relative(out_fast, out_pyg)
+    loss_fast.backward()
+    loss_pyg.backward()
+    for (name, p_fast), p_pyg in zip(fast.named_parameters(), pyg.parameters()):
+        assert_close_relative(p_fast.grad, p_pyg.grad, msg=name)
+
+
+@pytest.mark.parametrize("mixer,kwargs", LAYER_VARIANTS)
+@pytest.mark.parametrize("B,T,n_embd,n_head", SHAPES)
+def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B, T, n_embd, n_head):
+    conv = getattr(pyg_nn, mixer)(n_embd, n_embd // n_head, heads=n_head, **kwargs)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(B, T, n_embd, requires_grad=True)
+    dense = dense_attention.dense_gat(conv, x)
+    ref = conv(x.reshape(B * T, n_embd), causal_edge_index(B, T)).view(B, T, -1)
+    assert_close_relative(dense, ref)
+    weights = torch.randn_like(ref)  # a random linear loss, so that every gradient entry matters
+    grads_dense = torch.autograd.grad((dense * weights).sum(), [x, *conv.parameters()])
+    grads_ref = torch.autograd.grad((ref * weights).sum(), [x, *conv.parameters()])
+    for g_dense, g_ref in zip(grads_dense, grads_ref):
+        assert_close_relative(g_dense, g_ref)
+
+
+@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("B,T,n_embd,n_head", SHAPES)
+def test_fast_model_equals_pyg_model_in_outputs_and_gradients(mixer, B, T, n_embd, n_head):
+    fast, pyg = model_pair(mixer, {}, n_embd, n_head)
+    idx, targets = torch.randint(0, 17, (2, B, T))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+def test_chunked_gatv2_kernel_with_many_chunks(monkeypatch):
+    monkeypatch.setattr(dense_attention, "CHUNK_ELEMENTS", 64)  # one query per chunk
+    fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
+    idx, targets = torch.randint(0, 17, (2, 3, 12))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+@pytest.mark.fused_kernel
+@pytest.mark.skipif(dense_attention.fused_gatv2_scores is None, reason="no C++ compiler for torch.compile")
+def test_fused_gatv2_kernel_equals_pyg():
+    fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
+    idx, targets = torch.randint(0, 17, (2, 3, 12))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+@pytest.mark.parametrize("backend", ["fast", "pyg"])
+@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+def test_attention_dropout_keeps_both_backends_causal(mixer, backend):
+    model = GPT(tiny_config(mixer, backend=backend, dropout=0.5)).train()
+    idx = torch.randint(0, 17, (2, 12))
+    torch.manual_seed(1)
+    base, _ = model(idx)
+    torch.manual_seed(1)
+    assert not torch.equal(model(idx)[0], GPT.forward(model, idx)[0])  # dropout is really on
+    for t in (3, 11):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 17
+        torch.manual_seed(1)
+        logits, _ = model(changed)
+        assert torch.equal(logits[:, :t], base[:, :t])
+
+
+@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+def test_training_gives_the_same_losses_with_either_backend(mixer):
+    losses = {}
+    torch.manual_seed(3)
+    batches = [torch.randint(0, 17, (2, 4, 12)) for _ in range(10)]
+    fast, pyg = model_pair(mixer, {})
+    for name, model in (("fast", fast), ("pyg", pyg)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for x, y in batches:
+            _, loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["fast"][-1] < losses["fast"][0]
+    torch.testing.assert_close(losses["fast"], losses["pyg"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+def test_cached_decoding_equals_full_recomputation_at_every_step(mixer):
+    model = GPT(tiny_config(mixer, block_size=8)).eval()
+    assert model.supports_cache
+    decoder = CachedDecoder(model)
+    logits = decoder.start(torch.randint(0, 17, (2, 3)))
+    for token in torch.randint(0, 17, (30, 2, 1)):  # several times past the window of 8
+        torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
+        logits = decoder.append(token)
+        assert 1 <= decoder.window.size(1) <= 8
+
+
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+def test_cached_sampling_equals_lecture_sampling_within_the_window(mixer):
+    model = GPT(tiny_config(mixer, block_size=16)).eval()
+    start = torch.zeros((1, 1), dtype=torch.long)
+    cached = generate(model, start, 15, generator=torch.Generator().manual_seed(5))
+    full = generate(model, start, 15, generator=torch.Generator().manual_seed(5), use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_pyg_backend_has_no_cache_and_generates_in_full():
+    model = GPT(tiny_config("GATConv", backend="pyg")).eval()
+    assert not model.supports_cache
+    with pytest.raises(ValueError, match="only the fast backend"):
+        model(torch.zeros((1, 1), dtype=torch.long), cache=KVCache(2))
+    assert generate(model, torch.zeros((1, 1), dtype=torch.long), 20).shape == (1, 21)
