@@ -1,0 +1,93 @@
+"""Attention maps: how much each token attends to every earlier token, per layer and head."""
+import torch
+from torch.nn import functional as F
+
+from .errors import UsageError
+from .graph import causal_edge_index
+from .layers import GAT_LAYERS
+from .models import CausalSelfAttention
+
+
+def has_attention(model):
+    """Whether every block of model mixes tokens with softmax attention that can be drawn."""
+    blocks = getattr(model, "blocks", None)
+    return bool(blocks) and all(
+        isinstance(b.mixer, CausalSelfAttention) or type(getattr(b.mixer, "conv", None)).__name__ in GAT_LAYERS
+        for b in blocks
+    )
+
+
+@torch.no_grad()
+def attention_maps(model, idx):
+    """Attention weights of every layer over the tokens idx (B, T): a list of (B, H, T, T), rows are queries.
+
+    Each mixer's input (the LayerNorm'd residual stream) is captured during the model's own forward pass,
+    in eval mode, and the mixer's attention weights are computed from it.
+    """
+    if not has_attention(model):
+        raise UsageError(
+            f"a {getattr(model.config, 'mixer', model.arch)} model has no attention weights "
+            f"to draw; use a run of gpt.py or of pyg-gpt.py with {' or '.join(GAT_LAYERS)}"
+        )
+    if idx.size(1) > model.context_size:
+        raise UsageError(
+            f"the prompt has {idx.size(1)} characters, more than the model's context of {model.context_size}; "
+            f"use a shorter prompt"
+        )
+    inputs = []
+    hooks = [b.mixer.register_forward_hook(lambda mixer, args, out: inputs.append(args[0])) for b in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx)
+        return [mixer_attention(b.mixer, x) for b, x in zip(model.blocks, inputs)]
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+
+
+def mixer_attention(mixer, x):
+    """The attention weights (B, H, T, T) of one token mixer on its input x (B, T, C)."""
+    if isinstance(mixer, CausalSelfAttention):
+        return self_attention_weights(mixer, x)
+    return graph_attention_weights(mixer.conv, x)
+
+
+def self_attention_weights(attn, x):
+    """softmax(q k^T * hs^-0.5) over earlier tokens for each head of a CausalSelfAttention."""
+    B, T, C = x.shape
+    q, k, _ = attn.qkv(x).split(C, dim=2)
+    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))  # (B, H, T, hs)
+    scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def graph_attention_weights(conv, x):
+    """The per-edge attention of a PyG layer on the causal graph, scattered into (B, H, T, T)."""
+    B, T, C = x.shape
+    _, (edge_index, alpha) = conv(x.reshape(B * T, C), causal_edge_index(B, T, x.device),
+                                  return_attention_weights=True)
+    alpha = alpha.view(edge_index.size(1), -1)  # (E, H)
+    src, dst = edge_index  # the layer's own edges: its self-loops replace the graph's
+    maps = x.new_zeros(B, T, T, alpha.size(1))
+    maps[dst // T, dst % T, src % T] = alpha
+    return maps.permute(0, 3, 1, 2)  # (B, H, T, T)
+
+
+def rank_agreement(maps, tol=1e-6):
+    """Per head of maps (H, T, T): the share of key pairs that each query orders as the last query does.
+
+    Static attention (GATv1) ranks keys the same way for every query, so it scores 1; dynamic attention
+    (GATv2, dot-product) can score less. Differences below tol count as ties, which always agree.
+    """
+    H, T, _ = maps.shape
+    diff = maps[:, :, :, None] - maps[:, :, None, :]  # (H, query, key j, key k)
+    order = torch.where(diff.abs() > tol, diff.sign(), torch.zeros_like(diff))
+    discordant = order * order[:, -1:] < 0  # against the last query, which sees every key
+    q, j, k = torch.meshgrid(torch.arange(T), torch.arange(T), torch.arange(T), indexing="ij")
+    pairs = (j < k) & (k <= q) & (q < T - 1)  # distinct key pairs that both queries see
+    if not pairs.any():
+        return torch.ones(H)
+    return 1 - (discordant & pairs.to(maps.device)).sum(dim=(1, 2, 3)) / pairs.sum()

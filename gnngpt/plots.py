@@ -1,0 +1,67 @@
+"""Figures of the results, drawn with matplotlib's Agg canvas (no display needed) and written atomically."""
+import numpy as np
+from matplotlib.figure import Figure
+
+from .checkpoint import atomic_write
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def plot_val_loss(summaries, path, title):
+    """Validation loss against step, one line per run (see results.run_summary), like the original figure."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for s in summaries:
+        ax.plot(s["steps"], s["val_loss"], label=f"{s['name']} ({s['final_val_loss']:.3f})", linewidth=1.8)
+    ax.set(xlabel="step", ylabel="validation loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="model (final val loss)")
+    save_figure(fig, path)
+
+
+def plot_leaderboard(summaries, path, title):
+    """Final validation loss and training speed per run, best loss on top."""
+    ranked = sorted(summaries, key=lambda s: s["final_val_loss"], reverse=True)
+    names = [s["name"] for s in ranked]
+    fig = Figure(figsize=(10, 1.5 + 0.3 * len(ranked)), layout="constrained")
+    loss_ax, speed_ax = fig.subplots(1, 2, sharey=True)
+    loss_ax.plot([s["final_val_loss"] for s in ranked], names, "o", color="tab:blue")
+    loss_ax.set(xlabel="final validation loss (lower is better)")
+    speed_ax.barh(names, [s["tokens_per_s"] or 0 for s in ranked], color="tab:orange")
+    speed_ax.set(xlabel="training tokens per second (log scale)", xscale="log")
+    for ax in (loss_ax, speed_ax):
+        ax.grid(alpha=0.3)
+    loss_ax.set_ylim(-0.5, len(ranked) - 0.5)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_attention(maps, tokens, path, title, agreement=None):
+    """Heatmaps of attention maps, a list over layers of (H, T, T), with the tokens as tick labels.
+
+    agreement (layers x heads), when given, is printed in each heatmap's title (see attention.rank_agreement).
+    """
+    n_layer, n_head = len(maps), maps[0].size(0)
+    labels = [{" ": "␣"}.get(t, repr(t)[1:-1]) for t in tokens]  # space as ␣, newline as \n
+    size = 1.2 + 0.16 * len(tokens)
+    fig = Figure(figsize=(size * n_head, size * n_layer + 0.6), layout="constrained")
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    for layer, layer_maps in enumerate(maps):
+        for head in range(n_head):
+            ax = axes[layer, head]
+            weights = layer_maps[head].cpu().numpy().copy()
+            weights[np.triu_indices_from(weights, k=1)] = np.nan  # later tokens: not attended
+            image = ax.imshow(weights, cmap="viridis", vmin=0, vmax=1)
+            heading = f"layer {layer + 1}, head {head + 1}"
+            if agreement is not None:
+                heading += f"\nrank agreement {agreement[layer][head]:.2f}"
+            ax.set_title(heading, fontsize=9)
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_xlabel("attended token (key)", fontsize=8)
+            ax.set_ylabel("query token", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.suptitle(title)
+    save_figure(fig, path)

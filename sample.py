@@ -1,0 +1,65 @@
+"""Sample text from a trained checkpoint, in the conventions of nanoGPT's sample.py.
+
+    python sample.py --out_dir runs/GATv2Conv --prompt "ROMEO:" --num_samples 3 --max_new_tokens 500
+"""
+import math
+import sys
+
+import torch
+
+from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.errors import UsageError, exit_code
+from gnngpt.results import encode_prompt, load_run_model, read_prompt
+from gnngpt.sampling import generate
+
+SEPARATOR = "---------------"
+
+
+def build_parser():
+    p = ArgumentParser(description="Sample text from a checkpoint written by pyg-gpt.py, gpt.py or bigram.py.")
+    p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR",
+                   help="run directory holding ckpt.pt (default: runs/GATConv)")
+    p.add_argument("--prompt", default="\n",
+                   help='text the samples continue, or FILE:path to read it from a file (default: a newline)')
+    p.add_argument("--num_samples", type=int, default=10, help="samples to draw (default: 10)")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="characters generated per sample (default: 500)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="< 1 sharpens the predicted distribution, > 1 flattens it (default: 0.8)")
+    p.add_argument("--top_k", type=int, default=200,
+                   help="sample only among the k most likely characters; 0: no limit (default: 200)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run; auto picks cuda when available (default: auto)")
+    return p
+
+
+def check_args(args):
+    for key in ("num_samples", "max_new_tokens"):
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be 0 (no limit) or a positive integer, got {args.top_k}")
+
+
+def main(argv=None):
+    """Print num_samples continuations of the prompt; bad input ends with a one-line error and exit code 2."""
+    return exit_code(run, build_parser().parse_args(argv))
+
+
+def run(args):
+    check_args(args)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_run_model(args.out_dir, device)
+    prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, prompt.repeat(args.num_samples, 1), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, generator=generator)  # (num_samples, T + max_new_tokens)
+    for row in out.tolist():
+        print(tokenizer.decode(row))
+        print(SEPARATOR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+import matplotlib.image
+import pytest
+import torch
+
+import plot_attention
+from gnngpt.attention import attention_maps, rank_agreement
+from gnngpt.errors import UsageError
+from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
+
+from conftest import tiny_config
+
+ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
+                    ("GATv2Conv", "pyg")]
+
+
+def block_inputs(model, idx):
+    """The LayerNorm'd input of each block's mixer, computed block by block (the reference walk)."""
+    x = model.token_embedding(idx) + model.position_embedding(torch.arange(idx.size(1)))
+    inputs = []
+    for block in model.blocks:
+        inputs.append(block.ln1(x))
+        x = block(x)
+    return inputs
+
+
+def mixer_output_from_maps(mixer, maps, h):
+    """The mixer's output rebuilt as attention maps (B, H, T, T) times each layer's values, from its own weights."""
+    B, T, C = h.shape
+    H = maps.size(1)
+    if hasattr(mixer, "qkv"):
+        v = mixer.qkv(h).split(C, dim=2)[2].view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
+        return mixer.proj((maps @ v).transpose(1, 2).reshape(B, T, C))
+    conv = mixer.conv
+    lin = conv.lin if type(conv).__name__ == "GATConv" else conv.lin_l  # the messages: h_j or xl_j
+    values = lin(h).view(B, T, H, -1)  # (B, T, H, C // H)
+    return torch.einsum("bhij,bjhc->bihc", maps, values).reshape(B, T, -1) + conv.bias
+
+
+@pytest.mark.parametrize("mixer,backend", ATTENTION_MODELS)
+def test_attention_rows_sum_to_one_over_earlier_tokens_only(mixer, backend):
+    model = GPT(tiny_config(mixer, backend=backend)).eval()
+    idx = torch.randint(0, 17, (3, 12))
+    maps = attention_maps(model, idx)
+    assert len(maps) == model.config.n_layer
+    for layer_maps in maps:
+        assert layer_maps.shape == (3, 2, 12, 12)
+        torch.testing.assert_close(layer_maps.sum(-1), torch.ones(3, 2, 12))
+        assert torch.all(layer_maps.triu(diagonal=1) == 0)  # no weight on later tokens
+        assert torch.all(layer_maps.diagonal(dim1=-2, dim2=-1) > 0)  # every token attends to itself too
+
+
+@pytest.mark.parametrize("mixer,backend", ATTENTION_MODELS)
+def test_maps_times_values_give_the_models_own_mixer_output(mixer, backend):
+    model = GPT(tiny_config(mixer, backend=backend)).eval()
+    idx = torch.randint(0, 17, (2, 12))
+    maps = attention_maps(model, idx)
+    with torch.no_grad():
+        for block, layer_maps, h in zip(model.blocks, maps, block_inputs(model, idx)):
+            expected = block.mixer(h)
+            torch.testing.assert_close(mixer_output_from_maps(block.mixer, layer_maps, h), expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_attention_maps_leave_training_mode_and_hooks_as_they_were():
+    model = GPT(tiny_config("GATConv", dropout=0.5)).train()
+    idx = torch.randint(0, 17, (1, 12))
+    first = attention_maps(model, idx)
+    assert model.training
+    assert all(not b.mixer._forward_hooks for b in model.blocks)
+    for a, b in zip(first, attention_maps(model, idx)):  # eval mode inside: no attention dropout
+        torch.testing.assert_close(a, b)
+
+
+def test_gatv1_attention_is_static_and_gatv2_and_dot_product_are_not():
+    idx = torch.randint(0, 17, (1, 12))
+    agreement = {name: torch.stack([rank_agreement(m[0]) for m in attention_maps(GPT(tiny_config(name)).eval(), idx)])
+                 for name in ("GATConv", "GATv2Conv", "attention")}
+    assert torch.all(agreement["GATConv"] == 1)  # every query ranks the keys it sees in one order
+    assert agreement["GATv2Conv"].min() < 1
+    assert agreement["attention"].min() < 1
+
+
+def test_rank_agreement_on_hand_made_maps():
+    T = 5
+    causal = torch.ones(T, T).tril().bool()
+    scores = torch.tensor([0.3, 2.0, -1.0, 0.5, 1.0])
+    static = torch.softmax(scores.expand(T, T).masked_fill(~causal, float("-inf")), dim=-1)
+    assert rank_agreement(static[None]).item() == 1
+    # the last query ranks the keys one way; every earlier query ranks them the opposite way
+    reversed_rows = torch.softmax(torch.where(torch.arange(T)[:, None] == T - 1, scores, -scores)
+                                  .masked_fill(~causal, float("-inf")), dim=-1)
+    assert rank_agreement(reversed_rows[None]).item() == 0
+
+
+def test_models_without_attention_or_too_long_prompts_are_refused():
+    with pytest.raises(UsageError, match="a bigram model has no attention weights to draw"):
+        attention_maps(BigramLanguageModel(BigramConfig(vocab_size=17)), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(UsageError, match="a GCNConv model has no attention weights"):
+        attention_maps(GPT(tiny_config("GCNConv")), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(UsageError, match="the prompt has 13 characters, more than the model's context of 12"):
+        attention_maps(GPT(tiny_config("GATConv")), torch.zeros(1, 13, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["gpt", "GATConv", "GATv2Conv"])
+def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tiny_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    run = tiny_run(name)
+    monkeypatch.chdir(tmp_path)
+    plotted = []
+    real_plot = plot_attention.plot_attention
+    monkeypatch.setattr(plot_attention, "plot_attention",
+                        lambda maps, tokens, *args: plotted.append((maps, tokens)) or real_plot(maps, tokens, *args))
+    capsys.readouterr()
+    assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be or\nnot"]) == 0
+    png = tmp_path / "plots" / f"attention_{name}.png"
+    assert f"wrote plots/attention_{name}.png" in capsys.readouterr().out
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    maps, tokens = plotted[0]
+    assert tokens == list("To be or\nnot") and len(maps) == 2  # n_layer
+    for layer_maps in maps:  # (H, T, T)
+        torch.testing.assert_close(layer_maps.sum(-1), torch.ones(2, 12))
+        assert torch.all(layer_maps.triu(diagonal=1) == 0)
+
+
+@pytest.mark.parametrize("name,prompt,message", [
+    ("bigram", "To be", "error: a bigram model has no attention weights to draw"),
+    ("gpt", "To be!", "error: the prompt has characters outside the model's vocabulary: '!'"),
+])
+def test_plot_attention_errors_are_one_line(name, prompt, message, tiny_run, tmp_path, monkeypatch, capsys):
+    run = tiny_run(name)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert plot_attention.main(["--out_dir", str(run), "--prompt", prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message)
+    assert not (tmp_path / "plots").exists()

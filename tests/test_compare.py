@@ -1,0 +1,163 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import pytest
+
+import compare
+from gnngpt import cli, layers
+from gnngpt.data import BatchSampler
+from gnngpt.train import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
+        "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--device", "cpu"]
+
+
+@pytest.fixture
+def trainings(monkeypatch, tmp_path, tiny_text_file):
+    """Run compare.main in tmp_path (where tiny.txt is); the list of (kind, argv) of every training it starts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    calls = []
+    real_main = cli.main
+    monkeypatch.setattr(cli, "main", lambda kind, argv: calls.append((kind, argv)) or real_main(kind, argv))
+    return calls
+
+
+def compare_main(*args):
+    return compare.main(["--data", "tiny.txt", *TINY, *args])
+
+
+def table_rows(markdown):
+    """The cells of each row of the first markdown table, header and rule left out."""
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
+    assert compare_main("--models", "bigram,GATConv") == 0
+    assert [kind for kind, _ in trainings] == ["bigram", "graph"]
+
+    image = matplotlib.image.imread(tmp_path / "plots" / "val_loss.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    results = (tmp_path / "plots" / "results.md").read_text()
+    rows = table_rows(results)
+    assert [row[0] for row in rows] == ["bigram", "GATConv"]
+    for row in rows:
+        run = tmp_path / "runs" / row[0]
+        config = json.loads((run / "config.json").read_text())
+        metrics = read_metrics(run)
+        assert row[1] == f"{metrics[-1]['val_loss']:.4f}"
+        assert row[2].startswith(f"{min(m['val_loss'] for m in metrics):.4f} (")
+        assert row[3] == f"{config['parameters']:,}"
+        assert row[6] == "cpu" and row[7] == config["machine"]
+        assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 21
+    assert f"preset cpu, {config['machine']}" in results
+    assert "python compare.py --data tiny.txt --max_iters 4" in results
+
+    (tmp_path / "model_outputs" / "bigram.txt").unlink()
+    checkpoint = (tmp_path / "runs" / "GATConv" / "ckpt.pt").read_bytes()
+    (tmp_path / "plots" / "results.md").unlink()
+    trainings.clear()
+    assert compare_main("--models", "bigram,GATConv") == 0
+    assert trainings == []
+    assert (tmp_path / "runs" / "GATConv" / "ckpt.pt").read_bytes() == checkpoint
+    assert len((tmp_path / "model_outputs" / "bigram.txt").read_text()) == 21  # written again from the checkpoint
+    assert table_rows((tmp_path / "plots" / "results.md").read_text()) == rows
+
+
+def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram,gpt") == 0
+    trainings.clear()
+    capsys.readouterr()
+    assert compare_main("--models", "bigram,gpt", "--n_embd", "8") == 2
+    assert capsys.readouterr().err == ("error: runs/gpt already hold runs that do not match these settings; pass "
+                                       "--overwrite to replace them or --runs DIR to train elsewhere\n")
+    assert trainings == []
+    assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--overwrite") == 0  # bigram has no width
+    assert [kind for kind, _ in trainings] == ["gpt"]
+    assert json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())["settings"]["n_embd"] == 8
+    trainings.clear()
+    assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--seed", "3", "--overwrite") == 0
+    assert [kind for kind, _ in trainings] == ["bigram", "gpt"]
+
+
+def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monkeypatch, capsys):
+    real_get = BatchSampler.get
+    batches = []
+
+    def interrupt_at_step_3(sampler, split):
+        batches.append(split)
+        if batches.count("train") == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third step
+        return real_get(sampler, split)
+
+    monkeypatch.setattr(BatchSampler, "get", interrupt_at_step_3)
+    assert compare_main("--models", "gpt") == 130
+    assert capsys.readouterr().err.endswith("compare.py stopped; run the same command again to go on: finished runs "
+                                            "are reused and the stopped one resumes\n")
+    assert not (tmp_path / "plots").exists()
+    monkeypatch.setattr(BatchSampler, "get", real_get)
+    assert compare_main("--models", "gpt") == 0
+    assert "--resume" in trainings[-1][1]
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "gpt")] == [0, 2, 4]
+    assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
+
+
+def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
+                                                                         monkeypatch):
+    records = [SimpleNamespace(name="GATConv", works=True, reason=""),
+               SimpleNamespace(name="DenseGCNConv", works=False, reason="dense layer: takes a (B, N, N) adjacency"),
+               SimpleNamespace(name="GATv2Conv", works=True, reason="")]
+    monkeypatch.setattr(layers, "layer_support", lambda: records, raising=False)
+    assert compare_main("--models", "all-layers", "--out", "board") == 0
+    assert [argv[argv.index("--gat_version") + 1] for _, argv in trainings] == ["GATConv", "GATv2Conv"]
+
+    image = matplotlib.image.imread(tmp_path / "board" / "leaderboard.png")
+    assert image.ndim == 3 and image.shape[0] > 50
+    board = (tmp_path / "board" / "leaderboard.md").read_text()
+    rows = table_rows(board)
+    final = {name: read_metrics(tmp_path / "runs" / name)[-1]["val_loss"] for name in ("GATConv", "GATv2Conv")}
+    assert [row[1] for row in rows] == sorted(final, key=final.get)
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert [float(row[2]) for row in rows] == sorted(final.values())
+    assert "- DenseGCNConv: dense layer: takes a (B, N, N) adjacency" in board
+    assert (tmp_path / "board" / "val_loss.png").is_file()
+
+
+def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, capsys):
+    assert compare_main("--models", "bigram,gpt", "--block_size", "5000") == 1
+    err = capsys.readouterr().err
+    assert "block_size 5000 is longer than the validation split" in err
+    assert err.endswith("error: training failed for bigram, gpt (see the errors above); run compare.py again to "
+                        "retry them: finished runs are reused\n")
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models", "bigram,GATv3Conv"], "error: unknown --gat_version 'GATv3Conv'"),
+    (["--models", " , "], "error: --models is empty"),
+    (["--frobnicate", "3"], "error: unknown flag --frobnicate"),
+    (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
+    (["--resume"], "error: --resume is not passed through compare.py"),
+    (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
+])
+def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, trainings, tmp_path, capsys):
+    assert compare_main(*args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message)
+    assert trainings == [] and list(tmp_path.iterdir()) == [tmp_path / "tiny.txt"]
+
+
+def test_script_fails_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--models", "bigram,nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown --gat_version 'nope'")
+    assert list(tmp_path.iterdir()) == []

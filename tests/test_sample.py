@@ -1,0 +1,133 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from gnngpt.results import load_run_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sample(capsys, *args):
+    """sample.py's samples (prompt included) for args, from its output split at the separator lines."""
+    capsys.readouterr()
+    assert sample.main(list(args)) == 0
+    return capsys.readouterr().out.split(f"\n{sample.SEPARATOR}\n")[:-1]
+
+
+def bigram_pairs(samples, tokenizer):
+    """Every (previous token, next token) pair of the samples."""
+    return [pair for s in samples for pair in zip(tokenizer.encode(s), tokenizer.encode(s)[1:])]
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tiny_run, capsys):
+    args = ["--out_dir", str(tiny_run("gpt")), "--prompt", "To be", "--num_samples", "3", "--max_new_tokens", "40"]
+    first = run_sample(capsys, *args, "--seed", "7")
+    assert run_sample(capsys, *args, "--seed", "7") == first
+    assert run_sample(capsys, *args, "--seed", "8") != first
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt", "GATConv", "GATv2Conv"])
+def test_num_samples_continue_the_prompt_in_the_vocabulary(name, tiny_run, capsys):
+    run = tiny_run(name)
+    samples = run_sample(capsys, "--out_dir", str(run), "--prompt", "Is the", "--num_samples", "4",
+                         "--max_new_tokens", "25", "--device", "cpu")
+    _, tokenizer, _ = load_run_model(run)
+    assert len(samples) == 4
+    for s in samples:
+        assert s.startswith("Is the") and len(s) == len("Is the") + 25
+        assert not tokenizer.unknown(s)
+    assert len(set(samples)) > 1  # the samples are drawn independently
+
+
+@pytest.mark.parametrize("args", [["--top_k", "1"], ["--temperature", "1e-3"]])
+def test_top_k_1_and_near_zero_temperature_give_the_greedy_continuation(args, tiny_run, capsys):
+    run = tiny_run("gpt")
+    model, tokenizer, _ = load_run_model(run)
+    idx = torch.tensor([tokenizer.encode("Not")])
+    with torch.no_grad():
+        for _ in range(12):  # 3 + 12 tokens stay within the context of 16
+            idx = torch.cat((idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    greedy = tokenizer.decode(idx[0].tolist())
+    for seed in ("1", "2"):
+        samples = run_sample(capsys, "--out_dir", str(run), "--prompt", "Not", "--num_samples", "3",
+                             "--max_new_tokens", "12", "--seed", seed, *args)
+        assert samples == [greedy] * 3
+
+
+def test_top_k_samples_only_among_the_k_most_likely(tiny_run, capsys):
+    run = tiny_run("bigram")
+    model, tokenizer, _ = load_run_model(run)
+    table = model.token_embedding_table.weight  # row a: the logits of the token after a
+    samples = run_sample(capsys, "--out_dir", str(run), "--prompt", "T", "--num_samples", "20",
+                         "--max_new_tokens", "30", "--top_k", "3", "--temperature", "2")
+    pairs = bigram_pairs(samples, tokenizer)
+    top3 = table.topk(3, dim=-1).indices
+    assert all(b in top3[a] for a, b in pairs)
+    assert any(b != top3[a][0] for a, b in pairs)  # not only the most likely one
+
+
+def test_temperature_flattens_or_sharpens_the_distribution(tiny_run, capsys):
+    run = tiny_run("bigram")
+    model, tokenizer, _ = load_run_model(run)
+    most_likely = model.token_embedding_table.weight.argmax(-1)
+
+    def share_not_most_likely(temperature):
+        samples = run_sample(capsys, "--out_dir", str(run), "--prompt", "T", "--num_samples", "20",
+                             "--max_new_tokens", "30", "--top_k", "0", "--temperature", temperature)
+        pairs = bigram_pairs(samples, tokenizer)
+        return sum(b != most_likely[a] for a, b in pairs) / len(pairs)
+
+    cold, warm, hot = share_not_most_likely("0.01"), share_not_most_likely("1"), share_not_most_likely("100")
+    assert cold == 0 and cold < warm < hot
+
+
+def test_prompt_from_a_file(tiny_run, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("To be or\nnot", encoding="utf-8")
+    samples = run_sample(capsys, "--out_dir", str(tiny_run("gpt")), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}",
+                         "--num_samples", "1", "--max_new_tokens", "5")
+    assert samples[0].startswith("To be or\nnot")
+
+
+def write_foreign_checkpoints(tmp_path):
+    (tmp_path / "foreign").mkdir()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign" / "ckpt.pt")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "ckpt.pt").write_text("not a checkpoint")
+    (tmp_path / "latin1.txt").write_bytes("àé".encode("latin-1"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out_dir", "missing"], "error: no checkpoint at missing/ckpt.pt"),
+    (["--out_dir", "foreign"], "error: foreign/ckpt.pt is not a checkpoint of this project"),
+    (["--out_dir", "text"], "error: text/ckpt.pt is not a readable checkpoint of this project"),
+    (["--prompt", "ROMEO: To be!"], "error: the prompt has characters outside the model's vocabulary: "
+                                    "'R' 'M' 'E' ':' '!'; use only characters of the training text"),
+    (["--prompt", ""], "error: the prompt is empty"),
+    (["--prompt", "FILE:nowhere.txt"], "error: cannot read the prompt file nowhere.txt (No such file or directory)"),
+    (["--prompt", "FILE:latin1.txt"], "error: cannot read the prompt file latin1.txt (not UTF-8 text)"),
+    (["--num_samples", "0"], "error: --num_samples must be a positive integer, got 0"),
+    (["--max_new_tokens", "-1"], "error: --max_new_tokens must be a positive integer, got -1"),
+    (["--temperature", "0"], "error: --temperature must be a positive number, got 0.0"),
+    (["--temperature", "inf"], "error: --temperature must be a positive number, got inf"),
+    (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
+])
+def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monkeypatch, capsys):
+    write_foreign_checkpoints(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "1", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(message)
+    assert captured.out == ""
+
+
+def test_script_fails_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--out_dir", "nowhere"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == ("error: no checkpoint at nowhere/ckpt.pt; train a model first or point --out_dir at "
+                             "a finished run\n")
