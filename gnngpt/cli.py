@@ -1,23 +1,23 @@
 """Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
 import argparse
-import json
 import math
 import platform
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import PRESETS, SEED
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
-from .layers import GAT_LAYERS, check_layer_name
+from .layers import GAT_LAYERS, check_layer, check_layer_name, format_layer_table, layer_support, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .sampling import generate
-from .train import train
+from .sampling import write_model_output
+from .train import Interrupted, open_run_dir, train
 
-SAMPLE_LENGTH = 500
 POSITIVE_INTS = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "n_embd", "n_head", "n_layer")
 
 
@@ -37,8 +37,13 @@ def build_parser(kind):
     }
     p = ArgumentParser(description=descriptions[kind])
     if kind == "graph":
-        p.add_argument("--gat_version", default="GATConv", metavar="NAME",
-                       help=f"graph layer that replaces self-attention: {' or '.join(GAT_LAYERS)} (default: GATConv)")
+        p.add_argument("--gat_version", "--gnn", default="GATConv", metavar="NAME",
+                       help=f"graph layer that replaces self-attention: {' or '.join(GAT_LAYERS)}, or any "
+                            f"convolution of torch_geometric.nn that --list_layers marks as working (default: GATConv)")
+        p.add_argument("--gnn_kwargs", default="{}", metavar="JSON",
+                       help="extra constructor arguments of the layer as a JSON object, e.g. '{\"K\": 2}' (default: {})")
+        p.add_argument("--list_layers", action="store_true",
+                       help="print every PyG convolution, whether it works as the token mixer and why not, then exit")
     preset_help = "(default: from --preset)"
     p.add_argument("--batch_size", type=int, help=f"sequences per training step {preset_help}")
     p.add_argument("--block_size", type=int, help=f"context length in characters {preset_help}")
@@ -58,9 +63,24 @@ def build_parser(kind):
                    help=f"UTF-8 training text (default: {DEFAULT_DATA}, tinyshakespeare, downloaded when missing)")
     p.add_argument("--out_dir", metavar="DIR",
                    help="where config.json, metrics.csv and ckpt.pt go (default: runs/<name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out_dir from its ckpt.pt (pass the flags of the original run; "
+                        "--max_iters may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out_dir (without it, an existing run there is refused)")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="paper: the published A100 hyperparameters; cpu: a downsized run for a 2-core CPU; "
                         "auto: paper on CUDA, cpu otherwise. Explicit flags override it (default: auto)")
+    if kind == "graph":
+        p.add_argument("--backend", choices=("fast", "pyg"), default="fast",
+                       help="GATConv/GATv2Conv: fast (masked dense attention, same parameters) or pyg "
+                            "(PyG message passing, the reference); other layers always use pyg (default: fast)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training (on the CPU it needs a C++ compiler; "
+                        "the first steps are slow while it compiles)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast the forward passes to bf16, for CUDA GPUs that support it "
+                        "(default: float32)")
     return p
 
 
@@ -89,48 +109,82 @@ def resolve_settings(kind, args, device):
             f"n_embd {settings['n_embd']} is not divisible by n_head {settings['n_head']}; "
             f"choose --n_embd as a multiple of --n_head"
         )
+    if args.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise UsageError("--dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here")
+    settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
 
 
 def main(kind, argv=None):
-    """Run one script; bad input ends with a one-line error and exit code 2."""
+    """Run one script; bad input ends with a one-line error and exit code 2, SIGINT/SIGTERM with 130/143."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
         run(kind, build_parser(kind).parse_args(argv))
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main_process():
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if distributed.is_main_process():
+            print(f"{e}; resume with: {resume_command(kind, argv)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        distributed.teardown()
     return 0
+
+
+def resume_command(kind, argv):
+    """The command line that continues this run."""
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    script = {"graph": "pyg-gpt.py", "gpt": "gpt.py", "bigram": "bigram.py"}[kind]
+    launcher = "torchrun <the same torchrun options>" if distributed.launched_by_torchrun() else "python"
+    return f"{launcher} {shlex.join([script, *args, '--resume'])}"
 
 
 def run(kind, args):
     name = {"graph": getattr(args, "gat_version", None), "gpt": "gpt", "bigram": "bigram"}[kind]
+    if kind == "graph" and args.list_layers:
+        print(format_layer_table(layer_support()))
+        return
     if kind == "graph":
         check_layer_name(name)
-    device = resolve_device(args.device)
+    mixer_kwargs = parse_layer_kwargs(args.gnn_kwargs) if kind == "graph" else {}
+    device = distributed.setup(resolve_device(args.device))  # under torchrun: join the process group
     preset, settings = resolve_settings(kind, args, device)
     print(f"{name}: preset {preset}, device {device}")
 
     text = load_text(args.data)
     tokenizer = CharTokenizer.from_text(text)
     train_data, val_data = split(torch.tensor(tokenizer.encode(text), dtype=torch.long))
-    sampler = BatchSampler(train_data, val_data, settings["block_size"], settings["batch_size"], device, args.seed)
+    seed = args.seed + distributed.rank()  # each rank draws its own batches and dropout masks
+    sampler = BatchSampler(train_data, val_data, settings["block_size"], settings["batch_size"], device, seed)
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     if kind == "bigram":
         model_cfg = BigramConfig(vocab_size=tokenizer.vocab_size)
     else:
         model_cfg = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=settings["block_size"], n_embd=settings["n_embd"],
             n_head=settings["n_head"], n_layer=settings["n_layer"], dropout=settings["dropout"],
-            mixer="attention" if kind == "gpt" else name,
+            mixer="attention" if kind == "gpt" else name, backend=getattr(args, "backend", "fast"),
+            mixer_kwargs=mixer_kwargs,
         )
+    if kind == "graph":
+        check_layer(model_cfg)  # the causality guard: refuse a layer that sees the future
     arch = "bigram" if kind == "bigram" else "gpt"
     model = build_model(arch, asdict(model_cfg)).to(device)
+    if settings["compile"]:
+        model.compile()  # compiles forward in place: state_dict keys and checkpoints stay the same
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters ({n_params:,})")
+    if kind == "graph":
+        dense = model.blocks[0].mixer.dense
+        print(f"backend: {'fast (masked dense attention)' if dense else 'pyg (message passing)'}")
 
     out_dir = Path(args.out_dir or Path("runs") / name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "name": name,
         "arch": arch,
@@ -142,20 +196,18 @@ def run(kind, args):
         "machine": machine_description(device),
         "data": str(args.data or DEFAULT_DATA),
         "parameters": n_params,
+        "processes": distributed.world_size(),
         "versions": versions(),
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    resume_from = open_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)  # writes config.json
     meta = {"name": name, "arch": arch, "model_config": asdict(model_cfg), "config": config,
             "vocab": tokenizer.chars}
-    train(model, sampler, settings, out_dir, meta)
+    train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
+    if not distributed.is_main_process():
+        return
 
-    model.eval()
-    context = torch.zeros((1, 1), dtype=torch.long, device=device)
-    sample = tokenizer.decode(generate(model, context, SAMPLE_LENGTH)[0].tolist())
+    sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
     print(sample)
-    sample_path = Path("model_outputs") / f"{name}.txt"
-    sample_path.parent.mkdir(exist_ok=True)
-    sample_path.write_text(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
 
 

@@ -1,3 +1,4 @@
+import functools
 import random
 
 import pytest
@@ -6,15 +7,18 @@ import torch
 from gnngpt.models import GPTConfig
 
 
-@pytest.fixture
-def tiny_text_file(tmp_path):
+def write_tiny_text(path):
     """A few kilobytes of made-up text: enough for tiny models, no network, no real data."""
     rng = random.Random(0)
     words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
     lines = [" ".join(rng.choice(words) for _ in range(8)).capitalize() + "." for _ in range(300)]
-    path = tmp_path / "tiny.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def tiny_text_file(tmp_path):
+    return write_tiny_text(tmp_path / "tiny.txt")
 
 
 def tiny_config(mixer, **overrides):
@@ -23,6 +27,41 @@ def tiny_config(mixer, **overrides):
     return GPTConfig(**cfg)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """tiny_run(name): the directory of a 2-step run of bigram, gpt or a graph layer, trained once per session.
+
+    Its data is write_tiny_text's; tests must not change the run.
+    """
+    from gnngpt.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    data = write_tiny_text(root / "tiny.txt")
+
+    @functools.cache
+    def train(name):
+        kind = name if name in ("bigram", "gpt") else "graph"
+        argv = ["--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1", "--batch_size", "2",
+                "--block_size", "16", "--device", "cpu", "--data", str(data), "--out_dir", str(root / name)]
+        argv += ["--n_embd", "16", "--n_head", "2", "--n_layer", "2"] if kind != "bigram" else []
+        argv += ["--gat_version", name] if kind == "graph" else []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)  # the run's sample goes to root/model_outputs
+            mp.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)  # a short one: these runs are for reading back
+            assert main(kind, argv) == 0
+        return root / name
+
+    return train
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _eager_gatv2_kernel(request, monkeypatch):
+    """Compiling the fused GATv2 kernel for every test shape is slow: tests use the eager chunked kernel,
+    except those marked fused_kernel (and scripts run in subprocesses, which compile it)."""
+    if "fused_kernel" not in request.keywords:
+        monkeypatch.setattr("gnngpt.dense_attention.fused_gatv2_scores", None)
