@@ -14,7 +14,7 @@ from gnngpt import cli, layers
 from gnngpt.checkpoint import atomic_write
 from gnngpt.config import SEED
 from gnngpt.data import DEFAULT_DATA
-from gnngpt.errors import UsageError, exit_code
+from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.plots import plot_leaderboard, plot_val_loss
 from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
 from gnngpt.sampling import write_model_output
@@ -106,7 +106,11 @@ def run(args, extra, argv):
             print(f"{r.name}: reusing the finished run in {r.out_dir}")
             continue
         print(f"{r.name}: {'resuming' if state == 'resume' else 'training'} in {r.out_dir}")
-        code = cli.main(r.kind, r.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, []))
+        try:
+            code = cli.main(r.kind, r.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, []))
+        except Exception as e:  # noqa: BLE001 - a layer failing at this size must not stop the other models
+            print(f"error: {r.name} failed: {one_line(e)}", file=sys.stderr)
+            code = 1
         if code > 128:  # stopped by SIGINT or SIGTERM: stop comparing too
             print("compare.py stopped; run the same command again to go on: finished runs are reused and the "
                   "stopped one resumes", file=sys.stderr)
@@ -119,9 +123,9 @@ def run(args, extra, argv):
 
     summaries = [run_summary(r.out_dir) for r in done]
     out = Path(args.out)
-    if summaries:
+    if summaries and layer_records is None:
         write_comparison(summaries, out, argv)
-    if layer_records is not None and summaries:
+    elif summaries:  # all-layers: the leaderboard instead, so that the comparison's plot and table stay
         write_leaderboard(summaries, layer_records, failed, out, argv)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
@@ -191,7 +195,8 @@ def plan_run(name, args, extra):
     expected = {"name": name, "settings": settings, "seed": args.seed, "preset": preset, "device": str(device),
                 "data": str(args.data or DEFAULT_DATA)}
     if kind == "graph":
-        expected["model_config"] = {"mixer": name, "backend": training_args.backend}
+        expected["model_config"] = {"mixer": name, "backend": training_args.backend,
+                                    "mixer_kwargs": layers.parse_layer_kwargs(training_args.gnn_kwargs)}
     return Run(name, kind, argv, out_dir, expected)
 
 

@@ -2,6 +2,7 @@
 import torch
 from torch.nn import functional as F
 
+from .dense_attention import causal_mask
 from .errors import UsageError
 from .graph import causal_edge_index
 from .layers import GAT_LAYERS
@@ -56,12 +57,10 @@ def mixer_attention(mixer, x):
 
 def self_attention_weights(attn, x):
     """softmax(q k^T * hs^-0.5) over earlier tokens for each head of a CausalSelfAttention."""
-    B, T, C = x.shape
-    q, k, _ = attn.qkv(x).split(C, dim=2)
-    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))  # (B, H, T, hs)
+    T = x.size(1)
+    q, k, _ = attn.heads(x)  # (B, H, T, hs)
     scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return F.softmax(scores.masked_fill(~causal_mask(T, T, x.device), float("-inf")), dim=-1)
 
 
 def graph_attention_weights(conv, x):

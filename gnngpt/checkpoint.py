@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .models import ARCHITECTURES
 
 
@@ -20,6 +20,7 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -29,6 +30,12 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def fsync_dir(path):
@@ -67,8 +74,7 @@ def load_checkpoint(path):
             raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged}); use another checkpoint or retrain")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{path} is not a readable checkpoint of this project ({reason[:120]})") from None
+        raise UsageError(f"{path} is not a readable checkpoint of this project ({one_line(e)[:120]})") from None
     if not is_project_checkpoint(checkpoint):
         raise UsageError(f"{path} is not a checkpoint of this project; train one with pyg-gpt.py, gpt.py or bigram.py")
     return checkpoint

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import PRESETS, SEED
+from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
 from .layers import GAT_LAYERS, check_layer, check_layer_name, format_layer_table, layer_support, parse_layer_kwargs
@@ -94,7 +94,7 @@ def resolve_device(requested):
 
 def resolve_settings(kind, args, device):
     """Preset values, overridden by every flag given explicitly; checked for sense."""
-    preset = args.preset if args.preset != "auto" else ("paper" if device.type == "cuda" else "cpu")
+    preset = resolve_preset(args.preset, device)
     settings = dict(PRESETS[preset]["bigram" if kind == "bigram" else "gpt"])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     for key in POSITIVE_INTS:
@@ -166,11 +166,9 @@ def run(kind, args):
     if kind == "bigram":
         model_cfg = BigramConfig(vocab_size=tokenizer.vocab_size)
     else:
-        model_cfg = GPTConfig(
-            vocab_size=tokenizer.vocab_size, block_size=settings["block_size"], n_embd=settings["n_embd"],
-            n_head=settings["n_head"], n_layer=settings["n_layer"], dropout=settings["dropout"],
-            mixer="attention" if kind == "gpt" else name, backend=getattr(args, "backend", "fast"),
-            mixer_kwargs=mixer_kwargs,
+        model_cfg = GPTConfig.from_settings(
+            settings, tokenizer.vocab_size, mixer="attention" if kind == "gpt" else name,
+            backend=getattr(args, "backend", "fast"), mixer_kwargs=mixer_kwargs,
         )
     if kind == "graph":
         check_layer(model_cfg)  # the causality guard: refuse a layer that sees the future

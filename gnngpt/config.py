@@ -16,3 +16,10 @@ PRESETS = {
     },
 }
 SEED = 1337
+
+
+def resolve_preset(preset, device):
+    """The preset that "auto" stands for on device: paper on CUDA, cpu otherwise."""
+    if preset != "auto":
+        return preset
+    return "paper" if device.type == "cuda" else "cpu"

@@ -1,8 +1,6 @@
 """Tinyshakespeare download, character tokenizer, train/val split and random batches."""
 import hashlib
 import http.client
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -10,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .errors import UsageError
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -19,35 +18,30 @@ DEFAULT_DATA = "input.txt"
 
 def download(url, dest, sha256, timeout=30.0):
     """Download url to dest atomically (temporary file, checksum, rename); no partial file on failure."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
+
+    def write(f):
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(dest).name}") as bar:
                 while chunk := response.read(1 << 16):
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
         if digest.hexdigest() != sha256:
             raise UsageError(
                 f"checksum mismatch for {url} (got sha256 {digest.hexdigest()}); "
                 f"download the file yourself and pass --data PATH"
             )
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, write)
     except (OSError, http.client.HTTPException) as e:
         reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise UsageError(
             f"could not download {url} ({reason}); check the connection or pass --data PATH to a local copy"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    return Path(dest)
 
 
 def load_text(path=None):

@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     import torch_geometric.nn as pyg_nn
     from torch_geometric.utils import degree
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .graph import causal_edge_index
 
 GAT_LAYERS = ("GATConv", "GATv2Conv")
@@ -185,9 +185,8 @@ def build_conv(cfg):
     """The token mixer for cfg.mixer: the raw PyG layer for GATConv/GATv2Conv, any other in a TokenMixer."""
     layer_cls = getattr(pyg_nn, cfg.mixer)
     if cfg.mixer in GAT_LAYERS:
-        return layer_cls(
-            cfg.n_embd, cfg.n_embd // cfg.n_head, heads=cfg.n_head, dropout=cfg.dropout, **cfg.mixer_kwargs
-        )
+        kwargs = {"heads": cfg.n_head, "dropout": cfg.dropout, **cfg.mixer_kwargs}  # --gnn_kwargs override
+        return layer_cls(cfg.n_embd, cfg.n_embd // cfg.n_head, **kwargs)
     recipe = RECIPES.get(cfg.mixer, Recipe())
     kwargs = {**standard_arguments(layer_cls, cfg), **recipe.arguments(cfg), **cfg.mixer_kwargs}
     conv = layer_cls(**kwargs)
@@ -228,12 +227,6 @@ def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH):
                 return (f"sees the future: changing token {t} changed the outputs of earlier tokens "
                         f"({mode} mode)")
     return ""
-
-
-def one_line(error):
-    """The first line of an exception's message, with its type when the message is empty."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 @contextlib.contextmanager

@@ -22,6 +22,12 @@ class GPTConfig:
     mixer_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the PyG layer
     backend: str = "fast"  # GATConv/GATv2Conv: "fast" (dense masked attention) or "pyg" (message passing)
 
+    @classmethod
+    def from_settings(cls, settings, vocab_size, **fields):
+        """The model sizes of a training-settings dict (as in gnngpt.config.PRESETS), with other fields given."""
+        sizes = {k: settings[k] for k in ("block_size", "n_embd", "n_head", "n_layer", "dropout")}
+        return cls(vocab_size=vocab_size, **sizes, **fields)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention as in the lecture model, computed with scaled_dot_product_attention."""
@@ -34,10 +40,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    def heads(self, x):
+        """Queries, keys and values of x (B, T, C), each (B, H, T, hs)."""
+        B, T, C = x.shape
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+
     def forward(self, x, cache=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        q, k, v = self.heads(x)
         k, v = extend_cache(cache, k=k, v=v)  # (B, H, S, hs): S = cached + new tokens
         S = k.size(2)
         y = F.scaled_dot_product_attention(

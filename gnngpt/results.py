@@ -73,13 +73,13 @@ def markdown_table(header, rows):
 
 
 def results_table(summaries):
-    """A markdown table with one row per run: losses, parameters, speed, time, preset and device."""
+    """A markdown table with one row per run: losses, parameters, speed, time, preset, device and machine."""
     header = ["model", "final val loss", "best val loss (step)", "parameters", "tokens/s", "wall time",
-              "preset", "device"]
+              "preset", "device", "machine"]
     return markdown_table(header, [
         [s["name"], f"{s['final_val_loss']:.4f}", f"{s['best_val_loss']:.4f} ({s['best_step']})",
          f"{s['parameters']:,}", format_rate(s["tokens_per_s"]), format_duration(s["wall_s"]), s["preset"],
-         s["machine"]]
+         s["device"], s["machine"]]
         for s in summaries
     ])
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
@@ -193,7 +193,7 @@ def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, 
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_per_s=f"{rate:,.0f}")
             if eval_due:
                 evaluate_and_save(step)
-            if signum:
+            if signum and step < max_iters:  # a signal during the last step lets the finished run end normally
                 if saved_step != step:
                     save(step)
                 raise Interrupted(signum, step, ckpt_path)
@@ -237,8 +237,8 @@ def restore(checkpoint, model, optimizer, sampler):
             torch.cuda.set_rng_state(cuda_state, device)
         sampler.generator.set_state(state["sampler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UsageError(f"the checkpoint does not fit this run ({reason}); start again with --overwrite") from None
+        raise UsageError(f"the checkpoint does not fit this run ({one_line(e)[:120]}); "
+                         f"start again with --overwrite") from None
     return checkpoint["step"], list(checkpoint["metrics"]), checkpoint["elapsed_s"]
 
 

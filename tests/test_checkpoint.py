@@ -144,3 +144,12 @@ def test_broken_checkpoint_gives_one_line_error(damage, message, tmp_path):
     with pytest.raises(UsageError) as e:
         load_checkpoint(path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644

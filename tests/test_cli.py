@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_config
 from gnngpt.cli import main
+from gnngpt.data import BatchSampler
+from gnngpt.models import GPT
+from gnngpt.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2", "--batch_size", "4",
@@ -100,6 +104,25 @@ def test_cuda_without_cuda_is_refused(tiny_text_file, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bfloat16_without_cuda_is_refused(tiny_text_file, capsys):
+    assert main("gpt", ["--dtype", "bfloat16", "--data", str(tiny_text_file)]) == 2
+    assert capsys.readouterr().err == ("error: --dtype bfloat16 needs a CUDA GPU with bf16 support; "
+                                       "use --dtype float32 here\n")
+
+
+def test_bfloat16_autocast_evaluates_close_to_float32():
+    data = torch.randint(0, 17, (2000,))
+    model = GPT(tiny_config("GATv2Conv")).eval()
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        sampler = BatchSampler(data[:1800], data[1800:], block_size=12, batch_size=4, device="cpu", seed=0)
+        losses[dtype] = evaluate(model, sampler, eval_iters=3, dtype=dtype)
+    assert losses["float32"] != losses["bfloat16"]  # autocast really ran in bf16
+    for split in ("train", "val"):
+        assert abs(losses["float32"][split] - losses["bfloat16"][split]) < 0.05
+
+
 @pytest.mark.parametrize("args,message", [
     (["pyg-gpt.py", "--gat_version", "GATv3Conv"], "error: unknown --gat_version"),
     (["gpt.py", "--n_embd", "many"], "error: argument --n_embd: invalid int value: 'many' (see --help)"),
@@ -119,9 +142,10 @@ def test_help_documents_every_flag(script, tmp_path):
     assert result.returncode == 0
     flags = ["--batch_size", "--block_size", "--max_iters", "--eval_interval", "--eval_iters",
              "--learning_rate", "--seed", "--device", "--data", "--out_dir", "--preset"]
+    flags += ["--resume", "--overwrite", "--compile", "--dtype"]
     if script != "bigram.py":
         flags += ["--n_embd", "--n_head", "--n_layer", "--dropout"]
     if script == "pyg-gpt.py":
-        flags += ["--gat_version"]
+        flags += ["--gat_version", "--gnn", "--gnn_kwargs", "--list_layers", "--backend"]
     for flag in flags:
         assert flag in result.stdout

@@ -56,7 +56,7 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
         assert row[1] == f"{metrics[-1]['val_loss']:.4f}"
         assert row[2].startswith(f"{min(m['val_loss'] for m in metrics):.4f} (")
         assert row[3] == f"{config['parameters']:,}"
-        assert row[6] == "cpu" and row[7] == config["machine"]
+        assert row[6] == "cpu" and row[7] == "cpu" and row[8] == config["machine"]
         assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 21
     assert f"preset cpu, {config['machine']}" in results
     assert "python compare.py --data tiny.txt --max_iters 4" in results
@@ -128,7 +128,7 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     assert [row[0] for row in rows] == ["1", "2"]
     assert [float(row[2]) for row in rows] == sorted(final.values())
     assert "- DenseGCNConv: dense layer: takes a (B, N, N) adjacency" in board
-    assert (tmp_path / "board" / "val_loss.png").is_file()
+    assert not (tmp_path / "board" / "val_loss.png").exists()  # the four-model comparison is left alone
 
 
 def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, capsys):
@@ -138,6 +138,29 @@ def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp
     assert err.endswith("error: training failed for bigram, gpt (see the errors above); run compare.py again to "
                         "retry them: finished runs are reused\n")
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_crashing_training_is_reported_and_the_others_go_on(trainings, tiny_text_file, tmp_path, monkeypatch,
+                                                              capsys):
+    real_main = cli.main
+
+    def crash_gpt(kind, argv):
+        if kind == "gpt":
+            raise RuntimeError("out of memory\nmore details")
+        return real_main(kind, argv)
+
+    monkeypatch.setattr(cli, "main", crash_gpt)
+    assert compare_main("--models", "gpt,bigram") == 1
+    err = capsys.readouterr().err
+    assert "error: gpt failed: out of memory\n" in err and "more details" not in err
+    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram"]
+
+
+def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
+    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert len(trainings) == 1
+    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
 
 
 @pytest.mark.parametrize("args,message", [

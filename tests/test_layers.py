@@ -161,6 +161,11 @@ def test_gat_layers_stay_raw_pyg_layers_and_others_get_the_adapter():
     assert transformer.conv.heads == 2 and transformer.conv.out_channels == 8
 
 
+def test_gnn_kwargs_override_the_gat_defaults():
+    conv = build_conv(support_config("GATConv", dropout=0.3, heads=1, negative_slope=0.1))
+    assert (conv.dropout, conv.heads, conv.negative_slope) == (0.3, 1, 0.1)
+
+
 def test_adapter_feeds_x0_and_edge_features():
     x, edge_index = torch.randn(6, 16), causal_edge_index(2, 3)
     gcn2 = build_conv(support_config("GCN2Conv")).eval()

@@ -1,0 +1,26 @@
+import json
+
+import bench
+
+FIELDS = {"model", "backend", "preset", "device", "ms_per_iter", "tokens_per_s", "peak_mem_mb"}
+
+
+def test_bench_prints_a_table_and_json_rows_for_every_model(capsys):
+    assert bench.main(["--preset", "cpu", "--device", "cpu", "--iters", "1", "--warmup", "0", "--gen_repeats", "1",
+                       "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    train = [r for r in rows if r["task"] == "train"]
+    assert [(r["model"], r["backend"]) for r in train] == bench.MODELS
+    for r in train:
+        assert FIELDS <= set(r) and r["preset"] == "cpu" and r["device"] == "cpu"
+        assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+    generation = [r for r in rows if r["task"] == "generate"]
+    assert [(r["model"], r["backend"]) for r in generation] == bench.GENERATION_MODELS
+    assert all(r["speedup"] == round(r["full_ms"] / r["cached_ms"], 2) for r in generation)
+    assert "| GATv2Conv fast speed-up over pyg |" in out and "| GATv2Conv fast peak memory / pyg |" in out
+
+
+def test_bench_refuses_bad_counts(capsys):
+    assert bench.main(["--iters", "0"]) == 2
+    assert capsys.readouterr().err == "error: --iters must be a positive integer, got 0\n"
