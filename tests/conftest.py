@@ -21,6 +21,19 @@ def tiny_text_file(tmp_path):
     return write_tiny_text(tmp_path / "tiny.txt")
 
 
+def train_losses(model, batches, lr):
+    """The training loss of each AdamW step of model over batches, a sequence of (x, y)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for x, y in batches:
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_config(mixer, **overrides):
     cfg = dict(vocab_size=17, block_size=12, n_embd=16, n_head=2, n_layer=2, dropout=0.0, mixer=mixer)
     cfg.update(overrides)

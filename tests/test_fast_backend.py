@@ -8,7 +8,7 @@ from gnngpt.layers import pyg_nn
 from gnngpt.models import GPT, KVCache
 from gnngpt.sampling import CachedDecoder, full_logits, generate
 
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 
 LAYER_VARIANTS = [
     ("GATConv", {}),
@@ -114,14 +114,7 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
     batches = [torch.randint(0, 17, (2, 4, 12)) for _ in range(10)]
     fast, pyg = model_pair(mixer, {})
     for name, model in (("fast", fast), ("pyg", pyg)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses[name] = []
-        for x, y in batches:
-            _, loss = model(x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses[name].append(loss.item())
+        losses[name] = train_losses(model, batches, lr=1e-2)
     assert losses["fast"][-1] < losses["fast"][0]
     torch.testing.assert_close(losses["fast"], losses["pyg"], rtol=0, atol=1e-4)
 

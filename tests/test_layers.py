@@ -17,7 +17,7 @@ from gnngpt.layers import (
 from gnngpt.models import GPT, model_from_checkpoint
 from gnngpt.checkpoint import load_checkpoint
 
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = conv_layer_names()  # from the installed PyG, so a new version's layers are covered too
@@ -70,16 +70,9 @@ def test_every_pyg_layer_trains_causally_or_is_refused_with_a_reason(name):
         return
     model = GPT(cfg).train()
     assert not earlier_logits_change(model, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     seq = torch.arange(T + 1) % 5  # a periodic sequence: the next token follows from the current one
     x, y = seq[:T].repeat(2, 1), seq[1:].repeat(2, 1)
-    losses = []
-    for _ in range(15):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, [(x, y)] * 15, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0]
 
 
