@@ -65,7 +65,6 @@ class Interrupted(Exception):
     def __init__(self, signum, step, checkpoint_path):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
                          f"checkpoint written to {checkpoint_path}")
-        self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
 
