@@ -2,9 +2,10 @@
 
 On the complete causal graph, node i attends over every j <= i, so PyG's per-edge softmax is a row softmax of
 a (T, T) score matrix under a causal mask. GATConv's score is LeakyReLU(att_src . h_j + att_dst . h_i), a sum
-of two per-token terms. GATv2Conv's is att . LeakyReLU(xl_j + xr_i), which needs every (i, j, channel) triple: a kernel compiled by
-torch.compile computes it without materialising the B x H x T x T x C tensor, and where no compiler is
-available GATv2Score computes it in chunks of queries and recomputes them in the backward pass.
+of two per-token terms. GATv2Conv's is att . LeakyReLU(xl_j + xr_i), which needs every (i, j, channel)
+triple: a kernel compiled by torch.compile computes it without materialising the B x H x T x T x C tensor,
+and where no compiler is available GATv2Score computes it in chunks of queries and recomputes them in the
+backward pass.
 """
 import logging
 import os
