@@ -23,7 +23,7 @@ from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.models import BigramConfig, BigramLanguageModel, GPT, GPTConfig
 from gnngpt.sampling import generate
-from gnngpt.train import synchronize
+from gnngpt.train import make_optimizer, synchronize
 
 VOCAB_SIZE = 65  # tinyshakespeare's
 MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"),
@@ -52,7 +52,7 @@ class TrainingBench:
         self.model = build(name, backend, s, device)
         if compile_model:
             self.model.compile()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s["learning_rate"])
+        self.optimizer = make_optimizer(self.model, s["learning_rate"])
         self.x, self.y = torch.randint(VOCAB_SIZE, (2, s["batch_size"], s["block_size"]), device=device)
         self.times = []
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gnngpt.models import GPTConfig
+from gnngpt.train import make_optimizer
 
 
 def write_tiny_text(path):
@@ -23,7 +24,7 @@ def tiny_text_file(tmp_path):
 
 def train_losses(model, batches, lr):
     """The training loss of each AdamW step of model over batches, a sequence of (x, y)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = make_optimizer(model, lr)
     losses = []
     for x, y in batches:
         _, loss = model(x, y)
