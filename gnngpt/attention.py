@@ -2,7 +2,7 @@
 import torch
 from torch.nn import functional as F
 
-from .dense_attention import causal_mask
+from .dense_attention import causal_bias
 from .errors import UsageError
 from .graph import causal_edge_index
 from .layers import GAT_LAYERS
@@ -60,7 +60,7 @@ def self_attention_weights(attn, x):
     T = x.size(1)
     q, k, _ = attn.heads(x)  # (B, H, T, hs)
     scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, H, T, T)
-    return F.softmax(scores.masked_fill(~causal_mask(T, T, x.device), float("-inf")), dim=-1)
+    return F.softmax(scores + causal_bias(T, T, x.device, scores.dtype), dim=-1)
 
 
 def graph_attention_weights(conv, x):

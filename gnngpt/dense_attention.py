@@ -28,9 +28,14 @@ def supports_dense(conv):
     return False
 
 
-def causal_mask(n_queries, n_keys, device):
-    """(n_queries, n_keys) bool mask: the queries are the last n_queries of the n_keys tokens."""
-    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
+def causal_bias(n_queries, n_keys, device, dtype=torch.float32):
+    """(n_queries, n_keys) additive mask, 0 where a query sees a key and -inf where the key comes after it.
+
+    The queries are the last n_queries of the n_keys tokens. Adding it to finite scores before a softmax
+    masks them as masked_fill would, several times faster on a CPU, forward and backward.
+    """
+    blocked = torch.full((n_queries, n_keys), float("-inf"), dtype=dtype, device=device)
+    return blocked.triu_(diagonal=n_keys - n_queries + 1)  # zeroes what lies below
 
 
 def dense_gat(conv, x, cache=None):
@@ -58,7 +63,8 @@ def dense_gat(conv, x, cache=None):
         # decoding changes shapes every step, which would recompile the fused kernel each time
         scores = gatv2_scores(xl, xr, conv.att.view(H, C), conv.negative_slope, fused=cache is None)  # (B, H, T, S)
         values = xl
-    scores = scores.masked_fill(~causal_mask(T, values.size(2), x.device), float("-inf"))
+    if T > 1:  # a single query is the last token and sees every key
+        scores = scores + causal_bias(T, values.size(2), x.device, scores.dtype)
     alpha = F.dropout(F.softmax(scores, dim=-1), p=conv.dropout, training=conv.training)
     out = alpha @ values  # (B, H, T, C)
     out = out.transpose(1, 2).reshape(B, T, H * C) if conv.concat else out.mean(dim=1)

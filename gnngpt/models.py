@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .dense_attention import causal_mask, dense_gat, extend_cache, supports_dense
+from .dense_attention import causal_bias, dense_gat, extend_cache, supports_dense
 from .graph import causal_edge_index
 from .layers import build_conv
 
@@ -52,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         S = k.size(2)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=None if T in (1, S) else causal_mask(T, S, x.device),
+            attn_mask=None if T in (1, S) else causal_bias(T, S, x.device, q.dtype),
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=T == S > 1,
         )  # scale hs^-0.5

@@ -39,6 +39,14 @@ def assert_close_relative(actual, expected, rel=1e-5, msg=None):
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * expected.abs().max().item(), msg=msg)
 
 
+@pytest.mark.parametrize("n_queries, n_keys", [(1, 1), (1, 5), (3, 3), (2, 6), (6, 6)])
+def test_causal_bias_blocks_exactly_the_keys_after_each_query(n_queries, n_keys):
+    bias = dense_attention.causal_bias(n_queries, n_keys, "cpu")
+    for i in range(n_queries):  # query i is token n_keys - n_queries + i
+        for j in range(n_keys):
+            assert bias[i, j] == (0 if j <= n_keys - n_queries + i else float("-inf"))
+
+
 def assert_same_outputs_and_grads(fast, pyg, idx, targets):
     out_fast, loss_fast = fast(idx, targets)
     out_pyg, loss_pyg = pyg(idx, targets)
