@@ -1,6 +1,9 @@
 import json
 
+import torch
+
 import bench
+from gnngpt.config import PRESETS
 
 FIELDS = {"model", "backend", "preset", "device", "ms_per_iter", "tokens_per_s", "peak_mem_mb"}
 
@@ -19,6 +22,16 @@ def test_bench_prints_a_table_and_json_rows_for_every_model(capsys):
     assert [(r["model"], r["backend"]) for r in generation] == bench.GENERATION_MODELS
     assert all(r["speedup"] == round(r["full_ms"] / r["cached_ms"], 2) for r in generation)
     assert "| GATv2Conv fast speed-up over pyg |" in out and "| GATv2Conv fast peak memory / pyg |" in out
+    assert "| GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg |" in out
+
+
+def test_no_mixer_model_predicts_each_token_from_itself_alone():
+    model = bench.build("no-mixer", "-", PRESETS["cpu"]["gpt"], torch.device("cpu")).eval()
+    x = torch.randint(bench.VOCAB_SIZE, (1, 16))
+    y = x.clone()
+    y[0, 5] = (x[0, 5] + 1) % bench.VOCAB_SIZE
+    changed = (model(x)[0] - model(y)[0]).abs().amax(-1)[0]
+    assert changed[5] > 0 and changed[:5].eq(0).all() and changed[6:].eq(0).all()
 
 
 def test_bench_refuses_bad_counts(capsys):
