@@ -30,6 +30,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run; auto picks cuda when available (default: auto)")
+    p.add_argument("--backend", choices=("fast", "pyg"),
+                   help="GATConv/GATv2Conv runs: sample with this backend instead of the run's own; fast decodes "
+                        "with a cache (default: the run's)")
     return p
 
 
@@ -51,7 +54,7 @@ def main(argv=None):
 def run(args):
     check_args(args)
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_run_model(args.out_dir, device)
+    model, tokenizer, _ = load_run_model(args.out_dir, device, args.backend)
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, prompt.repeat(args.num_samples, 1), args.max_new_tokens, temperature=args.temperature,

@@ -12,10 +12,20 @@ from .models import model_from_checkpoint
 from .train import read_metrics
 
 
-def load_run_model(out_dir, device="cpu"):
-    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's name."""
+def load_run_model(out_dir, device="cpu", backend=None):
+    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's name.
+
+    backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters.
+    """
     checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt")
-    return model_from_checkpoint(checkpoint, device), CharTokenizer(checkpoint["vocab"]), checkpoint["name"]
+    overrides = {}
+    if backend is not None:
+        if checkpoint["model_config"].get("mixer", "attention") == "attention":
+            raise UsageError(f"--backend applies to graph-layer runs, and {out_dir} holds a {checkpoint['name']} "
+                             "model; drop --backend")
+        overrides["backend"] = backend
+    model = model_from_checkpoint(checkpoint, device, **overrides)
+    return model, CharTokenizer(checkpoint["vocab"]), checkpoint["name"]
 
 
 def read_prompt(prompt):

@@ -58,6 +58,16 @@ def test_top_k_1_and_near_zero_temperature_give_the_greedy_continuation(args, ti
         assert samples == [greedy] * 3
 
 
+@pytest.mark.parametrize("name", ["GATConv", "GATv2Conv"])
+def test_either_backend_samples_the_same_text_from_one_checkpoint(name, tiny_run, capsys):
+    run = tiny_run(name)  # trained with the fast backend
+    args = ["--out_dir", str(run), "--prompt", "To", "--num_samples", "3", "--max_new_tokens", "14"]  # 16 tokens
+    fast = run_sample(capsys, *args)
+    assert run_sample(capsys, *args, "--backend", "pyg") == fast
+    assert run_sample(capsys, *args, "--backend", "fast") == fast
+    assert not any(b.mixer.dense for b in load_run_model(run, backend="pyg")[0].blocks)
+
+
 def test_top_k_samples_only_among_the_k_most_likely(tiny_run, capsys):
     run = tiny_run("bigram")
     model, tokenizer, _ = load_run_model(run)
@@ -114,6 +124,7 @@ def write_foreign_checkpoints(tmp_path):
     (["--temperature", "0"], "error: --temperature must be a positive number, got 0.0"),
     (["--temperature", "inf"], "error: --temperature must be a positive number, got inf"),
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
+    (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
 ])
 def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monkeypatch, capsys):
     write_foreign_checkpoints(tmp_path)
