@@ -194,11 +194,11 @@ def build_conv(cfg):
     return TokenMixer(conv, cfg, edge_attr, recipe.layer_stack)
 
 
-def run_seeded(layer, x, edge_index):
-    """layer(x, edge_index) without gradients, with the same dropout masks on every call."""
+def run_seeded(module, *inputs):
+    """module(*inputs) without gradients, with the same dropout masks on every call."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return layer(x, edge_index)
+        return module(*inputs)
 
 
 def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH):

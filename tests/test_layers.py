@@ -12,7 +12,7 @@ from gnngpt.errors import UsageError
 from gnngpt.graph import causal_edge_index
 from gnngpt.layers import (
     GAT_LAYERS, SUPPORT_SIZES, build_conv, causal_degree_histogram, check_layer, conv_layer_names, future_leak,
-    layer_support, one_thread, refusal_reason,
+    layer_support, one_thread, refusal_reason, run_seeded,
 )
 from gnngpt.models import GPT, model_from_checkpoint
 from gnngpt.checkpoint import load_checkpoint
@@ -41,18 +41,12 @@ def support():
     return {r.name: r for r in layer_support()}
 
 
-def seeded_logits(model, idx):
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return model(idx)[0]
-
-
 def earlier_logits_change(model, T):
     """Whether changing the last token changes the logits of earlier tokens (training mode, same dropout masks)."""
     idx = torch.randint(0, 17, (2, T))
     changed = idx.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 17
-    return not torch.equal(seeded_logits(model, idx)[:, :-1], seeded_logits(model, changed)[:, :-1])
+    return not torch.equal(run_seeded(model, idx)[0][:, :-1], run_seeded(model, changed)[0][:, :-1])
 
 
 @pytest.mark.parametrize("name", LAYERS)

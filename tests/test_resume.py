@@ -11,6 +11,7 @@ import torch
 
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
+from gnngpt.layers import one_thread
 from gnngpt.models import GPT, BigramLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +24,8 @@ TINY = ["--max_iters", "12", "--eval_interval", "3", "--eval_iters", "2", "--bat
 def one_thread_in_tmp_path(tmp_path, monkeypatch):
     """Tiny models run fastest on one thread (and equal runs need equal thread counts); samples go to tmp_path."""
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @contextlib.contextmanager
