@@ -228,7 +228,7 @@ def test_readme_table_is_the_generated_one(support):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     if f"of torch_geometric {torch_geometric.__version__} work" not in readme:
         pytest.skip("the README table was generated with another PyG version")
-    table = script.markdown_table(list(support.values()))
+    table = script.layer_table(list(support.values()))
     assert table in readme
     assert script.replace_table(readme, table) == readme
 
@@ -236,7 +236,7 @@ def test_readme_table_is_the_generated_one(support):
 def test_layer_table_script_rewrites_only_its_block(support, tmp_path):
     script = load_layer_table_script()
     readme = f"# Title\n\n{script.BEGIN}\nold table\n{script.END}\n\nmore text\n"
-    table = script.markdown_table(list(support.values()))
+    table = script.layer_table(list(support.values()))
     assert script.replace_table(readme, table) == f"# Title\n\n{table}\n\nmore text\n"
     n_refused = sum(not r.works for r in support.values())
     assert table.count("\n| `") == n_refused and table.count("`, `") == len(LAYERS) - n_refused - 1
