@@ -22,6 +22,7 @@ from tqdm import tqdm
 from gnngpt.cli import ArgumentParser, resolve_device
 from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
+from gnngpt.layers import GAT_LAYERS
 from gnngpt.models import BigramConfig, BigramLanguageModel, GPT, GPTConfig
 from gnngpt.sampling import generate
 from gnngpt.train import make_optimizer, synchronize
@@ -49,7 +50,7 @@ def build(name, backend, settings, device):
     torch.manual_seed(1337)
     if name == "bigram":
         return BigramLanguageModel(BigramConfig(VOCAB_SIZE)).to(device)
-    mixer = name if name in ("GATConv", "GATv2Conv") else "attention"
+    mixer = name if name in GAT_LAYERS else "attention"
     cfg = GPTConfig.from_settings(settings, VOCAB_SIZE, mixer=mixer, backend="fast" if backend == "-" else backend)
     model = GPT(cfg)
     if name == "no-mixer":
