@@ -18,7 +18,7 @@ from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.plots import plot_leaderboard, plot_val_loss
 from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
 from gnngpt.sampling import write_model_output
-from gnngpt.train import RUN_FILES, is_finished, read_config
+from gnngpt.train import holds_run, is_finished, read_config
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
@@ -63,7 +63,7 @@ class Run:
 
     def state(self):
         """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace"."""
-        if not any((self.out_dir / name).exists() for name in RUN_FILES):
+        if not holds_run(self.out_dir):
             return "new"
         config = read_config(self.out_dir)
         same = config is not None and has_values(config, self.expected)

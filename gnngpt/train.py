@@ -258,7 +258,7 @@ def open_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     checkpoint = None
     if resume:
         checkpoint = resumable_checkpoint(out_dir, config, vocab)
-    elif not overwrite and any((out_dir / name).exists() for name in RUN_FILES):
+    elif not overwrite and holds_run(out_dir):
         raise UsageError(f"{out_dir} {describe_run(out_dir, config)}")
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if distributed.is_main_process():
@@ -267,6 +267,11 @@ def open_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
                 (out_dir / name).unlink(missing_ok=True)
         atomic_write(out_dir / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
     return checkpoint
+
+
+def holds_run(out_dir):
+    """Whether out_dir holds any file of a run (config.json, metrics.csv or ckpt.pt)."""
+    return any((Path(out_dir) / name).exists() for name in RUN_FILES)
 
 
 def describe_run(out_dir, config):
