@@ -17,7 +17,7 @@ from gnngpt.data import DEFAULT_DATA
 from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.plots import plot_leaderboard, plot_val_loss
 from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
-from gnngpt.sampling import write_model_output
+from gnngpt.sampling import model_output_path, write_model_output
 from gnngpt.train import holds_run, is_finished, read_config
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
@@ -202,7 +202,7 @@ def plan_run(name, args, extra):
 
 def write_missing_sample(run, seed):
     """Write model_outputs/<name>.txt from the run's checkpoint when a reused run has no sample there."""
-    path = Path("model_outputs") / f"{run.name}.txt"
+    path = model_output_path(run.name)
     if path.exists():
         return
     device = torch.device(run.expected["device"])
@@ -225,7 +225,7 @@ def command(argv):
 
 def write_comparison(summaries, out, argv):
     plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})")
-    samples = ", ".join(f"`model_outputs/{s['name']}.txt`" for s in summaries)
+    samples = ", ".join(f"`{model_output_path(s['name']).as_posix()}`" for s in summaries)
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n{results_table(summaries)}\n"
             f"Samples: {samples}.\n")
     atomic_write(out / "results.md", lambda f: f.write(text.encode("utf-8")))

@@ -75,6 +75,11 @@ def next_token_probs(logits, temperature=1.0, top_k=None):
     return F.softmax(logits, dim=-1)
 
 
+def model_output_path(name):
+    """Where the sample of the model called name goes: model_outputs/<name>.txt in the working directory."""
+    return Path("model_outputs") / f"{name}.txt"
+
+
 def write_model_output(model, tokenizer, name, device):
     """Sample SAMPLE_LENGTH characters after a token 0 and write them to model_outputs/<name>.txt.
 
@@ -82,6 +87,6 @@ def write_model_output(model, tokenizer, name, device):
     """
     context = torch.zeros((1, 1), dtype=torch.long, device=device)
     text = tokenizer.decode(generate(model, context, SAMPLE_LENGTH)[0].tolist())
-    path = Path("model_outputs") / f"{name}.txt"
+    path = model_output_path(name)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return text, path
