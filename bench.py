@@ -19,13 +19,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.cli import ArgumentParser, check_dtype, resolve_device
 from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.layers import GAT_LAYERS
 from gnngpt.models import BigramConfig, BigramLanguageModel, GPT, GPTConfig
 from gnngpt.sampling import generate
-from gnngpt.train import make_optimizer, synchronize
+from gnngpt.train import autocast, make_optimizer, synchronize
 
 VOCAB_SIZE = 65  # tinyshakespeare's
 MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"),
@@ -62,8 +62,8 @@ def build(name, backend, settings, device):
 class TrainingBench:
     """One model, its optimizer and a fixed random batch, stepped and timed on demand."""
 
-    def __init__(self, name, backend, settings, device, compile_model):
-        self.name, self.backend, self.device = name, backend, device
+    def __init__(self, name, backend, settings, device, dtype, compile_model):
+        self.name, self.backend, self.device, self.dtype = name, backend, device, dtype
         s = settings["bigram" if name == "bigram" else "gpt"]
         self.tokens = s["batch_size"] * s["block_size"]
         self.model = build(name, backend, s, device)
@@ -74,7 +74,8 @@ class TrainingBench:
         self.times = []
 
     def step(self):
-        _, loss = self.model(self.x, self.y)
+        with autocast(self.device, self.dtype):
+            _, loss = self.model(self.x, self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -108,30 +109,31 @@ class TrainingBench:
         ms = statistics.median(self.times) * 1e3
         peak = self.peak_memory_mb()
         return {"model": self.name, "backend": self.backend, "preset": preset, "device": str(self.device),
-                "task": "train", "ms_per_iter": round(ms, 2), "tokens_per_s": round(self.tokens / ms * 1e3, 1),
+                "dtype": self.dtype, "task": "train", "ms_per_iter": round(ms, 2), "tokens_per_s": round(self.tokens / ms * 1e3, 1),
                 "peak_mem_mb": None if peak is None else round(peak, 1)}
 
 
-def time_generation(model, device, use_cache):
+def time_generation(model, device, dtype, use_cache):
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     synchronize(device)
     t0 = time.perf_counter()
-    generate(model, start, GENERATION_LENGTH, generator=None, use_cache=use_cache)
+    with autocast(device, dtype):
+        generate(model, start, GENERATION_LENGTH, generator=None, use_cache=use_cache)
     synchronize(device)
     return time.perf_counter() - t0
 
 
-def bench_generation(preset, settings, device, repeats):
+def bench_generation(preset, settings, device, dtype, repeats):
     rows = []
     for name, backend in GENERATION_MODELS:
         model = build(name, backend, settings["gpt"], device).eval()
         times = {True: [], False: []}
         for _ in tqdm(range(repeats), desc=f"generation {name}", leave=False):
             for use_cache in (True, False):
-                times[use_cache].append(time_generation(model, device, use_cache))
+                times[use_cache].append(time_generation(model, device, dtype, use_cache))
         cached, full = (statistics.median(times[c]) * 1e3 for c in (True, False))
         rows.append({"model": name, "backend": backend, "preset": preset, "device": str(device),
-                     "task": "generate", "cached_ms": round(cached, 1), "full_ms": round(full, 1),
+                     "dtype": dtype, "task": "generate", "cached_ms": round(cached, 1), "full_ms": round(full, 1),
                      "speedup": round(full / cached, 2)})
     return rows
 
@@ -166,6 +168,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default: 3)")
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per model and mode (default: 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast the forward passes to bf16 (CUDA only; default: float32)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per result row")
     return exit_code(run, p.parse_args(argv))
 
@@ -177,11 +181,12 @@ def run(args):
     if args.warmup < 0:
         raise UsageError(f"--warmup must be zero or more, got {args.warmup}")
     device = resolve_device(args.device)
+    check_dtype(args.dtype, device)
     preset = resolve_preset(args.preset, device)
     settings = PRESETS[preset]
-    print(f"preset {preset}, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"preset {preset}, device {device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    benches = [TrainingBench(n, b, settings, device, args.compile) for n, b in MODELS]
+    benches = [TrainingBench(n, b, settings, device, args.dtype, args.compile) for n, b in MODELS]
     for bench in tqdm(benches, desc="warm-up", leave=False):
         for _ in range(args.warmup):
             bench.step()
@@ -190,7 +195,7 @@ def run(args):
             bench.timed_step()
     train_rows = [b.row(preset) for b in benches]
     del benches
-    gen_rows = bench_generation(preset, settings, device, args.gen_repeats)
+    gen_rows = bench_generation(preset, settings, device, args.dtype, args.gen_repeats)
 
     print("\n| model | backend | ms/iter | tokens/s | peak MiB |\n| --- | --- | --- | --- | --- |")
     for r in train_rows:

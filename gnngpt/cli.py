@@ -92,6 +92,12 @@ def resolve_device(requested):
     return torch.device(requested)
 
 
+def check_dtype(dtype, device):
+    """Refuse --dtype bfloat16 where there is no CUDA GPU with bf16 support."""
+    if dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise UsageError("--dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here")
+
+
 def resolve_settings(kind, args, device):
     """Preset values, overridden by every flag given explicitly; checked for sense."""
     preset = resolve_preset(args.preset, device)
@@ -109,8 +115,7 @@ def resolve_settings(kind, args, device):
             f"n_embd {settings['n_embd']} is not divisible by n_head {settings['n_head']}; "
             f"choose --n_embd as a multiple of --n_head"
         )
-    if args.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        raise UsageError("--dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here")
+    check_dtype(args.dtype, device)
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
 

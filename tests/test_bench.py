@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 import bench
@@ -16,7 +17,7 @@ def test_bench_prints_a_table_and_json_rows_for_every_model(capsys):
     train = [r for r in rows if r["task"] == "train"]
     assert [(r["model"], r["backend"]) for r in train] == bench.MODELS
     for r in train:
-        assert FIELDS <= set(r) and r["preset"] == "cpu" and r["device"] == "cpu"
+        assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"]) == ("cpu", "cpu", "float32")
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
     generation = [r for r in rows if r["task"] == "generate"]
     assert [(r["model"], r["backend"]) for r in generation] == bench.GENERATION_MODELS
@@ -37,3 +38,9 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
 def test_bench_refuses_bad_counts(capsys):
     assert bench.main(["--iters", "0"]) == 2
     assert capsys.readouterr().err == "error: --iters must be a positive integer, got 0\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_refuses_bfloat16_without_cuda(capsys):
+    assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2
+    assert capsys.readouterr().err == "error: --dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here\n"
