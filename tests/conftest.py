@@ -8,6 +8,20 @@ from gnngpt.models import GPTConfig
 from gnngpt.train import make_optimizer
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the tests that take the device fixture run (default: cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The --device of this pytest run: python -m pytest --device cuda tests/test_fast_backend.py on a GPU."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda needs a CUDA GPU; run without --device here", returncode=2)
+    return torch.device(name)
+
+
 def write_tiny_text(path):
     """A few kilobytes of made-up text: enough for tiny models, no network, no real data."""
     rng = random.Random(0)
