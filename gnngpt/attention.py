@@ -60,7 +60,7 @@ def self_attention_weights(attn, x):
     T = x.size(1)
     q, k, _ = attn.heads(x)  # (B, H, T, hs)
     scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, H, T, T)
-    return F.softmax(scores + causal_bias(T, T, x.device, scores.dtype), dim=-1)
+    return F.softmax(scores + causal_bias(T, x.device, scores.dtype), dim=-1)
 
 
 def graph_attention_weights(conv, x):

@@ -28,22 +28,21 @@ def supports_dense(conv):
     return False
 
 
-def causal_bias(n_queries, n_keys, device, dtype=torch.float32):
-    """(n_queries, n_keys) additive mask, 0 where a query sees a key and -inf where the key comes after it.
+def causal_bias(T, device, dtype=torch.float32):
+    """(T, T) additive mask, 0 where query i sees key j <= i and -inf where the key comes after it.
 
-    The queries are the last n_queries of the n_keys tokens. Adding it to finite scores before a softmax
-    masks them as masked_fill would, several times faster on a CPU, forward and backward.
+    Adding it to finite scores before a softmax masks them as masked_fill would, several times faster on a CPU,
+    forward and backward.
     """
-    blocked = torch.full((n_queries, n_keys), float("-inf"), dtype=dtype, device=device)
-    return blocked.triu_(diagonal=n_keys - n_queries + 1)  # zeroes what lies below
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(diagonal=1)  # zeroes what lies below
 
 
 def dense_gat(conv, x, cache=None):
     """Output of the PyG layer conv for the tokens x (B, T, C_in) on the causal graph, as (B, T, C_out).
 
-    With a cache (a dict, empty at first), x holds only the new tokens: the per-token terms of earlier tokens
-    are read from the cache and those of x are appended to it, so each new token costs work linear in the
-    context.
+    With a cache (a models.LayerCache), x holds only the new tokens: their per-token terms are written into the
+    cache, and the queries attend over the cached terms of every token so far, so each new token costs work
+    linear in the context.
     """
     B, T, _ = x.shape
     H, C = conv.heads, conv.out_channels
@@ -52,19 +51,23 @@ def dense_gat(conv, x, cache=None):
         h = heads(conv.lin(x))
         a_src = (h * conv.att_src.view(1, H, 1, C)).sum(-1)  # (B, H, T)
         a_dst = (h * conv.att_dst.view(1, H, 1, C)).sum(-1)
-        h, a_src = extend_cache(cache, h=h, a_src=a_src)
+        if cache is not None:
+            h, a_src = cache.extend(h=h, a_src=a_src)
         scores = a_dst.unsqueeze(-1) + a_src.unsqueeze(-2)  # (B, H, T, S): query i, key j
         scores = F.leaky_relu(scores, conv.negative_slope)
         values = h
     else:
         xl = heads(conv.lin_l(x))
         xr = xl if conv.share_weights else heads(conv.lin_r(x))
-        (xl,) = extend_cache(cache, xl=xl)
-        # decoding changes shapes every step, which would recompile the fused kernel each time
+        if cache is not None:
+            (xl,) = cache.extend(xl=xl)
+        # decoding with a cache runs the chunked kernel: prefills of each length would recompile the fused one
         scores = gatv2_scores(xl, xr, conv.att.view(H, C), conv.negative_slope, fused=cache is None)  # (B, H, T, S)
         values = xl
-    if T > 1:  # a single query is the last token and sees every key
-        scores = scores + causal_bias(T, values.size(2), x.device, scores.dtype)
+    if cache is not None:
+        scores = scores + cache.bias
+    elif T > 1:
+        scores = scores + causal_bias(T, x.device, scores.dtype)
     alpha = F.dropout(F.softmax(scores, dim=-1), p=conv.dropout, training=conv.training)
     out = alpha @ values  # (B, H, T, C)
     out = out.transpose(1, 2).reshape(B, T, H * C) if conv.concat else out.mean(dim=1)
@@ -75,19 +78,11 @@ def dense_gat(conv, x, cache=None):
     return out
 
 
-def extend_cache(cache, **new):
-    """Append the new per-token tensors (B, H, T, ...) to those in cache along T; return the full ones."""
-    if cache is None:
-        return tuple(new.values())
-    for key, value in new.items():
-        cache[key] = torch.cat((cache[key], value), dim=2) if key in cache else value
-    return tuple(cache[key] for key in new)
-
-
 def gatv2_scores(xl, xr, att, negative_slope, fused=True):
-    """GATv2 scores att . LeakyReLU(xl_j + xr_i) of queries xr (B, H, T, C), the last T of keys xl (B, H, S, C).
+    """GATv2 scores att . LeakyReLU(xl_j + xr_i) of queries xr (B, H, T, C) over keys xl (B, H, S, C).
 
-    Returns (B, H, T, S); entries where key j comes after query i are unspecified (the caller masks them).
+    Query i sees no key after S - T + i (it is that key without a cache, and comes earlier in a cache's buffers).
+    Returns (B, H, T, S); entries where a query does not see the key are unspecified (the caller masks them).
     Inside torch.compile, and with fused=True through fused_gatv2_scores where a compiler is available, the
     broadcast sum is fused into one loop; otherwise GATv2Score computes it in chunks.
     """
@@ -144,7 +139,7 @@ class GATv2Score(torch.autograd.Function):
 
 
 def query_chunks(xl, xr):
-    """(first query, end query, end key) of each chunk; queries are the last T of the S keys."""
+    """(first query, end query, end key) of each chunk; query i sees no key after S - T + i."""
     B, H, T, C = xr.shape
     S = xl.size(2)
     step = max(1, CHUNK_ELEMENTS // (B * H * S * C))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .dense_attention import causal_bias, dense_gat, extend_cache, supports_dense
+from .dense_attention import dense_gat, supports_dense
 from .graph import causal_edge_index
 from .layers import build_conv
 
@@ -48,13 +48,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.heads(x)
-        k, v = extend_cache(cache, k=k, v=v)  # (B, H, S, hs): S = cached + new tokens
-        S = k.size(2)
+        if cache is not None:
+            k, v = cache.extend(k=k, v=v)  # (B, H, capacity, hs)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=None if T in (1, S) else causal_bias(T, S, x.device, q.dtype),
+            attn_mask=None if cache is None else cache.bias.to(q.dtype),
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=T == S > 1,
+            is_causal=cache is None and T > 1,
         )  # scale hs^-0.5
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -143,24 +143,71 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, vocab_size) and the loss; with a KVCache, idx holds the tokens after the cached ones."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         return logits, lm_loss(logits, targets)
 
 
 class KVCache:
-    """The per-token tensors of every layer for the tokens decoded so far."""
+    """The per-token tensors of every layer for up to capacity tokens, in buffers of a fixed size.
 
-    def __init__(self, n_layer):
-        self.layers = [{} for _ in range(n_layer)]
-        self.length = 0
+    A forward pass with the cache writes the tensors of its tokens at the next free positions and attends over
+    every slot, through a mask that hides each query's later slots (and those never written). So every decoding
+    step has the same shapes and keeps its state in the same tensors, and on CUDA it can be captured once and
+    replayed as a CUDA graph: the next free position lives on the device, where the step itself advances it.
+    The caller keeps the number of tokens within capacity.
+    """
+
+    def __init__(self, n_layer, capacity, device):
+        self.capacity = capacity
+        self.layers = [LayerCache(self) for _ in range(n_layer)]
+        self.next_position = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(capacity, device=device)
+
+    def begin(self, T):
+        """The positions (T,) of the next T tokens; sets the mask of this pass, bias (T, capacity)."""
+        if T > self.capacity:
+            raise ValueError(f"{T} tokens do not fit a cache of {self.capacity}")
+        self.positions = self.next_position + torch.arange(T, device=self.slots.device)
+        hidden = self.slots > self.positions.unsqueeze(1)
+        self.bias = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
+        return self.positions
+
+    def advance(self, T):
+        self.next_position += T
+
+    def reset(self):
+        """Forget every token: the next pass writes from position 0 (into the same buffers)."""
+        self.next_position.zero_()
+
+
+class LayerCache:
+    """One layer's buffers in a KVCache."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.buffers = {}
+
+    @property
+    def bias(self):
+        """(T, capacity) additive mask of the current pass: 0 where a query sees a slot, -inf elsewhere."""
+        return self.cache.bias
+
+    def extend(self, **new):
+        """Write the new tokens' tensors (B, H, T, ...) at their positions; return the whole (B, H, capacity, ...)."""
+        out = []
+        for key, value in new.items():
+            if key not in self.buffers:
+                shape = (*value.shape[:2], self.cache.capacity, *value.shape[3:])
+                self.buffers[key] = value.new_zeros(shape)
+            out.append(self.buffers[key].index_copy_(2, self.cache.positions, value))
+        return out
 
 
 @dataclass

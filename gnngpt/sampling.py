@@ -43,18 +43,26 @@ class CachedDecoder:
     block_size is ever used. Within the first context_size tokens this is exactly the lecture's sampler;
     after that each token sees between context_size / 2 and context_size earlier tokens instead of always
     context_size. `window` holds the tokens the cache covers.
+
+    On CUDA, with the model in eval mode and no autocast, a forward pass whose input shape comes a second time
+    (the one-token step, the restart of the window) is captured as a CUDA graph and replayed from then on:
+    it is then one launch instead of one per operator.
     """
 
     def __init__(self, model):
         self.model = model
         self.keep = max(1, model.context_size // 2)
+        self.cache = None
+        self.shapes_seen = set()
+        self.graphs = {}  # input shape -> (graph, its input, its output)
 
     def start(self, idx):
         """Fill the cache with the last context_size tokens of idx (B, T); the next-token logits."""
         self.window = idx[:, -self.model.context_size:]
-        self.cache = KVCache(len(self.model.blocks))
-        logits, _ = self.model(self.window, cache=self.cache)
-        return logits[:, -1, :]
+        if self.cache is None:
+            self.cache = KVCache(len(self.model.blocks), self.model.context_size, idx.device)
+        self.cache.reset()
+        return self.forward(self.window)
 
     def append(self, idx_next):
         """Add the tokens idx_next (B, 1); the next-token logits."""
@@ -62,8 +70,48 @@ class CachedDecoder:
             tail = self.window[:, self.window.size(1) + 1 - self.keep:]
             return self.start(torch.cat((tail, idx_next), dim=1))
         self.window = torch.cat((self.window, idx_next), dim=1)
-        logits, _ = self.model(idx_next, cache=self.cache)
+        return self.forward(idx_next)
+
+    @torch.no_grad()
+    def forward(self, idx):
+        """The next-token logits after the tokens idx (B, T), which the cache takes in."""
+        if idx.shape in self.graphs:
+            graph, graph_input, graph_output = self.graphs[idx.shape]
+            graph_input.copy_(idx)
+            graph.replay()
+            return graph_output.clone()
+        if idx.shape in self.shapes_seen and self.can_capture(idx):
+            return self.capture(idx)
+        self.shapes_seen.add(idx.shape)
+        return self.step(idx)
+
+    def step(self, idx):
+        logits, _ = self.model(idx, cache=self.cache)
         return logits[:, -1, :]
+
+    def can_capture(self, idx):
+        return idx.is_cuda and not self.model.training and not torch.is_autocast_enabled("cuda")
+
+    def capture(self, idx):
+        """Run step on a side stream, as the warm-up that capturing needs, then record it there as a CUDA graph
+        (recording runs nothing). Returns the step's logits.
+
+        capture_begin and capture_end are called directly, not through torch.cuda.graph, which first runs
+        gc.collect() (250 ms in a bench.py process on a 2-core CPU) and empty_cache().
+        """
+        stream = torch.cuda.Stream(idx.device)
+        stream.wait_stream(torch.cuda.current_stream(idx.device))
+        graph, graph_input = torch.cuda.CUDAGraph(), idx.clone()
+        with torch.cuda.stream(stream):
+            logits = self.step(idx)
+            graph.capture_begin()
+            try:
+                graph_output = self.step(graph_input)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(idx.device).wait_stream(stream)
+        self.graphs[idx.shape] = graph, graph_input, graph_output
+        return logits
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None):

@@ -61,12 +61,12 @@ def assert_same_gradients(actual, expected, names, rel=1e-5):
         torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("n_queries, n_keys", [(1, 1), (1, 5), (3, 3), (2, 6), (6, 6)])
-def test_causal_bias_blocks_exactly_the_keys_after_each_query(n_queries, n_keys, device):
-    bias = dense_attention.causal_bias(n_queries, n_keys, device)
-    for i in range(n_queries):  # query i is token n_keys - n_queries + i
-        for j in range(n_keys):
-            assert bias[i, j] == (0 if j <= n_keys - n_queries + i else float("-inf"))
+@pytest.mark.parametrize("T", [1, 3, 6])
+def test_causal_bias_blocks_exactly_the_keys_after_each_query(T, device):
+    bias = dense_attention.causal_bias(T, device)
+    for i in range(T):
+        for j in range(T):
+            assert bias[i, j] == (0 if j <= i else float("-inf"))
 
 
 def assert_same_outputs_and_grads(fast, pyg, idx, targets):
@@ -152,7 +152,7 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
 
 
 @pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
-def test_cached_decoding_equals_full_recomputation_at_every_step(mixer):
+def test_cached_decoding_equals_full_recomputation_at_every_step(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     assert model.supports_cache
     decoder = CachedDecoder(model)
@@ -161,6 +161,14 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(mixer):
         torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
         logits = decoder.append(token)
         assert 1 <= decoder.window.size(1) <= 8
+    # CUDA replays the one-token step and the restart of the window (4 tokens) from graphs
+    assert set(decoder.graphs) == ({(2, 1), (2, 4)} if device.type == "cuda" else set())
+
+
+def test_cache_refuses_more_tokens_than_it_holds(device):
+    model = GPT(tiny_config("GATConv", block_size=8)).eval()
+    with pytest.raises(ValueError, match="9 tokens do not fit a cache of 8"):
+        model(torch.zeros((1, 9), dtype=torch.long), cache=KVCache(2, 8, device))
 
 
 @pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
@@ -172,9 +180,9 @@ def test_cached_sampling_equals_lecture_sampling_within_the_window(mixer, device
     assert torch.equal(cached, full)
 
 
-def test_pyg_backend_has_no_cache_and_generates_in_full():
+def test_pyg_backend_has_no_cache_and_generates_in_full(device):
     model = GPT(tiny_config("GATConv", backend="pyg")).eval()
     assert not model.supports_cache
     with pytest.raises(ValueError, match="only the fast backend"):
-        model(torch.zeros((1, 1), dtype=torch.long), cache=KVCache(2))
+        model(torch.zeros((1, 1), dtype=torch.long), cache=KVCache(2, model.context_size, device))
     assert generate(model, torch.zeros((1, 1), dtype=torch.long), 20).shape == (1, 21)
