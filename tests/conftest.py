@@ -36,9 +36,10 @@ def tiny_text_file(tmp_path):
     return write_tiny_text(tmp_path / "tiny.txt")
 
 
-def train_losses(model, batches, lr):
-    """The training loss of each AdamW step of model over batches, a sequence of (x, y)."""
-    opt = make_optimizer(model, lr)
+def train_losses(model, batches, lr, optimizer=make_optimizer):
+    """The training loss of each step of model over batches, a sequence of (x, y), with the project's AdamW
+    or optimizer(model, lr)."""
+    opt = optimizer(model, lr)
     losses = []
     for x, y in batches:
         _, loss = model(x, y)
