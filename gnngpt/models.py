@@ -161,7 +161,8 @@ class KVCache:
     every slot, through a mask that hides each query's later slots (and those never written). So every decoding
     step has the same shapes and keeps its state in the same tensors, and on CUDA it can be captured once and
     replayed as a CUDA graph: the next free position lives on the device, where the step itself advances it.
-    The caller keeps the number of tokens within capacity.
+    The caller keeps the number of tokens within capacity: past it, the position is only known on the device,
+    and an index out of range fails there (on CUDA, as an assertion that breaks the CUDA context).
     """
 
     def __init__(self, n_layer, capacity, device):

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from .checkpoint import atomic_write
+from .distributed import is_distributed
 from .models import KVCache
 
 SAMPLE_LENGTH = 500  # characters written to model_outputs/<name>.txt after training
@@ -46,7 +47,9 @@ class CachedDecoder:
 
     On CUDA, with the model in eval mode and no autocast, a forward pass whose input shape comes a second time
     (the one-token step, the restart of the window) is captured as a CUDA graph and replayed from then on:
-    it is then one launch instead of one per operator.
+    it is then one launch instead of one per operator. A graph keeps reading the parameters it was captured
+    with, so a decoder serves one generation of a model that does not change meanwhile (generate makes a
+    new one each call).
     """
 
     def __init__(self, model):
@@ -90,7 +93,9 @@ class CachedDecoder:
         return logits[:, -1, :]
 
     def can_capture(self, idx):
-        return idx.is_cuda and not self.model.training and not torch.is_autocast_enabled("cuda")
+        # a process group's watchdog thread may query CUDA, which breaks a capture (in its default, global mode)
+        return (idx.is_cuda and not self.model.training and not torch.is_autocast_enabled("cuda")
+                and not is_distributed())
 
     def capture(self, idx):
         """Run step on a side stream, as the warm-up that capturing needs, then record it there as a CUDA graph
@@ -110,6 +115,7 @@ class CachedDecoder:
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(idx.device).wait_stream(stream)
+        logits.record_stream(torch.cuda.current_stream(idx.device))  # made on the side stream, used on this one
         self.graphs[idx.shape] = graph, graph_input, graph_output
         return logits
 

@@ -167,6 +167,7 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(mixer, device):
         torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
         logits = decoder.append(token)
         assert 1 <= decoder.window.size(1) <= 8
+    torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
     # CUDA replays the one-token step and the restart of the window (4 tokens) from graphs
     assert set(decoder.graphs) == ({(2, 1), (2, 4)} if device.type == "cuda" else set())
 
