@@ -67,7 +67,7 @@ class Run:
             return "new"
         config = read_config(self.out_dir)
         same = config is not None and has_values(config, self.expected)
-        if same and is_finished(self.out_dir):
+        if same and is_finished(self.out_dir, config):
             return "reuse"
         if same and (self.out_dir / "ckpt.pt").is_file():
             return "resume"

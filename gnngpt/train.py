@@ -277,7 +277,7 @@ def holds_run(out_dir):
 def describe_run(out_dir, config):
     """What the run in out_dir is and how to go on, for a refusal to replace it."""
     old = read_config(out_dir)
-    if is_finished(out_dir):
+    if is_finished(out_dir, old):
         return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
                 "train it further, or choose another --out_dir")
     if old is None:
@@ -352,9 +352,9 @@ def read_config(out_dir):
     return config if isinstance(config, dict) else None
 
 
-def is_finished(out_dir):
-    """Whether the run in out_dir evaluated after its last step (its metrics reach settings max_iters)."""
-    config = read_config(out_dir)
+def is_finished(out_dir, config):
+    """Whether the run in out_dir, of config (its read_config), evaluated after its last step: its metrics
+    reach settings max_iters."""
     rows = read_metrics(out_dir)
     if not rows or config is None:
         return False
