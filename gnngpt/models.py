@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .dense_attention import dense_gat, supports_dense
+from .dense_attention import causal_bias, dense_gat, supports_dense
 from .graph import causal_edge_index
 from .layers import build_conv
 
@@ -169,15 +169,14 @@ class KVCache:
         self.capacity = capacity
         self.layers = [LayerCache(self) for _ in range(n_layer)]
         self.next_position = torch.zeros((), dtype=torch.long, device=device)
-        self.slots = torch.arange(capacity, device=device)
+        self.causal_bias = causal_bias(capacity, device)  # row p: the mask of a query at position p
 
     def begin(self, T):
         """The positions (T,) of the next T tokens; sets the mask of this pass, bias (T, capacity)."""
         if T > self.capacity:
             raise ValueError(f"{T} tokens do not fit a cache of {self.capacity}")
-        self.positions = self.next_position + torch.arange(T, device=self.slots.device)
-        hidden = self.slots > self.positions.unsqueeze(1)
-        self.bias = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
+        self.positions = self.next_position + torch.arange(T, device=self.next_position.device)
+        self.bias = self.causal_bias.index_select(0, self.positions)
         return self.positions
 
     def advance(self, T):
