@@ -24,6 +24,9 @@ def test_bench_prints_a_table_and_json_rows_for_every_model(capsys):
     assert all(r["speedup"] == round(r["full_ms"] / r["cached_ms"], 2) for r in generation)
     assert "| GATv2Conv fast speed-up over pyg |" in out and "| GATv2Conv fast peak memory / pyg |" in out
     assert "| GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg |" in out
+    for model in ("gpt", "GATConv", "GATv2Conv"):
+        assert f"| {model} full generation time / no-mixer cached time: the most any cache can gain |" in out
+    assert "| no-mixer cached generation speed-up |" not in out
 
 
 def test_no_mixer_model_predicts_each_token_from_itself_alone():
