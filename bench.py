@@ -9,8 +9,8 @@ block size, vocabulary 65), so that load on the machine hits all of them alike; 
 its cached generation (steps that mix nothing, and the sampling loop) is likewise the floor of any cached decoder.
 Peak memory is that of one training step: torch.cuda.max_memory_allocated on CUDA, the PyTorch profiler's
 memory timeline on the CPU. Generation: 500 characters from one start token, with the key/value cache and
-with full recomputation of the context at every step (the lecture's sampler), medians of --gen_repeats; it
-runs in float32 whatever --dtype says, as sample.py does.
+with full recomputation of the context at every step (the lecture's sampler), medians of --gen_repeats rounds
+that each run every model in turn; it runs in float32 whatever --dtype says, as sample.py does.
 """
 import json
 import statistics
@@ -125,14 +125,16 @@ def time_generation(model, device, use_cache):
 
 
 def bench_generation(preset, settings, device, repeats):
-    rows = []
-    for name, backend in GENERATION_MODELS:
-        model = build(name, backend, settings["gpt"], device).eval()
-        times = {True: [], False: []}
-        for _ in tqdm(range(repeats), desc=f"generation {name}", leave=False):
+    """Each round generates with every model in turn, cached then in full, as the training rounds alternate."""
+    models = [build(name, backend, settings["gpt"], device).eval() for name, backend in GENERATION_MODELS]
+    times = {(i, use_cache): [] for i in range(len(models)) for use_cache in (True, False)}
+    for _ in tqdm(range(repeats), desc="generation rounds", leave=False):
+        for i, model in enumerate(models):
             for use_cache in (True, False):
-                times[use_cache].append(time_generation(model, device, use_cache))
-        cached, full = (statistics.median(times[c]) * 1e3 for c in (True, False))
+                times[i, use_cache].append(time_generation(model, device, use_cache))
+    rows = []
+    for i, (name, backend) in enumerate(GENERATION_MODELS):
+        cached, full = (statistics.median(times[i, c]) * 1e3 for c in (True, False))
         rows.append({"model": name, "backend": backend, "preset": preset, "device": str(device),
                      "dtype": "float32", "task": "generate", "cached_ms": round(cached, 1), "full_ms": round(full, 1),
                      "speedup": round(full / cached, 2)})
