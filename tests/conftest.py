@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gnngpt.models import GPTConfig
+from gnngpt.sampling import CachedDecoder, full_logits
 from gnngpt.train import make_optimizer
 
 
@@ -48,6 +49,19 @@ def train_losses(model, batches, lr, optimizer=make_optimizer):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_cached_decoding_equals_full(model, prompt, tokens):
+    """Decode prompt (B, T), then each of tokens (N, B, 1), with a CachedDecoder: at every step its logits equal
+    the full recomputation of its window (1e-4). Returns the decoder."""
+    decoder = CachedDecoder(model)
+    logits = decoder.start(prompt)
+    for token in tokens:
+        torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
+        logits = decoder.append(token)
+        assert 1 <= decoder.window.size(1) <= model.context_size
+    torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
+    return decoder
 
 
 def tiny_config(mixer, **overrides):

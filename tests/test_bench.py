@@ -5,7 +5,8 @@ import torch
 
 import bench
 from gnngpt.config import PRESETS
-from gnngpt.sampling import CachedDecoder, full_logits
+
+from conftest import assert_cached_decoding_equals_full
 
 FIELDS = {"model", "backend", "preset", "device", "ms_per_iter", "tokens_per_s", "peak_mem_mb"}
 
@@ -47,12 +48,8 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
 def test_no_mixer_model_decodes_with_the_cache_as_it_computes_in_full():
     model = bench.build("no-mixer", "-", PRESETS["cpu"]["gpt"], torch.device("cpu")).eval()
     assert model.supports_cache  # so generate() times its cached decoding, the floor bench.py compares with
-    x = torch.randint(bench.VOCAB_SIZE, (1, 12))
-    decoder = CachedDecoder(model)
-    logits = decoder.start(x[:, :1])
-    for t in range(1, x.size(1)):
-        torch.testing.assert_close(logits, full_logits(model, x[:, :t]), rtol=0, atol=1e-4)
-        logits = decoder.append(x[:, t:t + 1])
+    tokens = torch.randint(bench.VOCAB_SIZE, (70, 1, 1))  # past the window of 64
+    assert_cached_decoding_equals_full(model, torch.zeros((1, 1), dtype=torch.long), tokens)
 
 
 def test_bench_refuses_bad_counts(capsys):

@@ -9,9 +9,9 @@ import gnngpt.dense_attention as dense_attention
 from gnngpt.graph import causal_edge_index
 from gnngpt.layers import pyg_nn
 from gnngpt.models import GPT, KVCache
-from gnngpt.sampling import CachedDecoder, full_logits, generate
+from gnngpt.sampling import generate
 
-from conftest import tiny_config, train_losses
+from conftest import assert_cached_decoding_equals_full, tiny_config, train_losses
 
 LAYER_VARIANTS = [
     ("GATConv", {}),
@@ -161,13 +161,8 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
 def test_cached_decoding_equals_full_recomputation_at_every_step(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     assert model.supports_cache
-    decoder = CachedDecoder(model)
-    logits = decoder.start(torch.randint(0, 17, (2, 3)))
-    for token in torch.randint(0, 17, (30, 2, 1)):  # several times past the window of 8
-        torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
-        logits = decoder.append(token)
-        assert 1 <= decoder.window.size(1) <= 8
-    torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
+    tokens = torch.randint(0, 17, (30, 2, 1))  # several times past the window of 8
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), tokens)
     # CUDA replays the one-token step and the restart of the window (4 tokens) from graphs
     assert set(decoder.graphs) == ({(2, 1), (2, 4)} if device.type == "cuda" else set())
 
