@@ -5,6 +5,7 @@
 import sys
 
 from gnngpt.cli import main
+from gnngpt.config import BIGRAM
 
 if __name__ == "__main__":
-    sys.exit(main("bigram"))
+    sys.exit(main(BIGRAM))

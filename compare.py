@@ -10,19 +10,19 @@ from pathlib import Path
 
 import torch
 
-from gnngpt import cli, layers
-from gnngpt.checkpoint import atomic_write
-from gnngpt.config import SEED
+from gnngpt import cli, guard
+from gnngpt.config import SCRIPTS, SEED, Script, script_for
 from gnngpt.data import DEFAULT_DATA
 from gnngpt.errors import UsageError, exit_code, one_line
+from gnngpt.files import atomic_write_text
+from gnngpt.mixers import parse_layer_kwargs
 from gnngpt.plots import plot_leaderboard, plot_val_loss
 from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
+from gnngpt.rundir import holds_run, is_finished, read_config
 from gnngpt.sampling import model_output_path, write_model_output
-from gnngpt.train import holds_run, is_finished, read_config
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
-KINDS = ("bigram", "gpt", "graph")
 NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers")  # compare.py decides these
 
 
@@ -54,9 +54,9 @@ def build_parser():
 
 @dataclass
 class Run:
-    """One model's training run: the script kind, its arguments, and the config a reusable run must have."""
+    """One model's training run: its script, its arguments, and the config a reusable run must have."""
     name: str
-    kind: str
+    script: Script
     argv: list
     out_dir: Path
     expected: dict
@@ -92,7 +92,7 @@ def main(argv=None):
 def run(args, extra, argv):
     names, layer_records = model_names(args.models)
     passed = pass_through_flags(extra)
-    runs = [plan_run(name, args, passed[kind_of(name)]) for name in names]  # checks everything before training
+    runs = [plan_run(name, args, passed[script_for(name)]) for name in names]  # checks everything before training
     states = {r.name: r.state() for r in runs}
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
@@ -107,7 +107,7 @@ def run(args, extra, argv):
             continue
         print(f"{r.name}: {'resuming' if state == 'resume' else 'training'} in {r.out_dir}")
         try:
-            code = cli.main(r.kind, r.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, []))
+            code = cli.main(r.script, r.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, []))
         except Exception as e:  # noqa: BLE001 - a layer failing at this size must not stop the other models
             print(f"error: {r.name} failed: {one_line(e)}", file=sys.stderr)
             code = 1
@@ -139,19 +139,15 @@ def model_names(models):
     requested = [m.strip() for m in models.split(",") if m.strip()]
     if not requested:
         raise UsageError(f"--models is empty; give a comma-separated list such as {DEFAULT_MODELS}")
-    records = layers.layer_support() if ALL_LAYERS in requested else None
+    records = guard.layer_support() if ALL_LAYERS in requested else None
     names = []
     for m in requested:
         names += [r.name for r in records if r.works] if m == ALL_LAYERS else [m]
     return list(dict.fromkeys(names)), records
 
 
-def kind_of(name):
-    return name if name in ("bigram", "gpt") else "graph"
-
-
 def pass_through_flags(extra):
-    """For each script kind, the extra training flags (with their values) that its parser accepts."""
+    """For each training script, the extra training flags (with their values) that its parser accepts."""
     groups = []
     for token in extra:
         if token.startswith("--"):
@@ -160,44 +156,44 @@ def pass_through_flags(extra):
             groups[-1].append(token)
         else:
             raise UsageError(f"unexpected argument {token!r}; see python compare.py --help")
-    parsers = {kind: cli.build_parser(kind) for kind in KINDS}
-    passed = {kind: [] for kind in KINDS}
+    parsers = {script: cli.build_parser(script) for script in SCRIPTS}
+    passed = {script: [] for script in SCRIPTS}
     for group in groups:
         flag = group[0].split("=")[0]
         if flag in NOT_PASSED:
             raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer and directory "
                              f"and resumes unfinished runs itself; see python compare.py --help")
-        accepting = [kind for kind, parser in parsers.items() if not parser.parse_known_args(group)[1]]
+        accepting = [script for script, parser in parsers.items() if not parser.parse_known_args(group)[1]]
         if not accepting:
             raise UsageError(f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
-        for kind in accepting:
-            passed[kind] += group
+        for script in accepting:
+            passed[script] += group
     return passed
 
 
 def plan_run(name, args, extra):
     """The training run of one model, its arguments checked as the training script would check them."""
-    kind = kind_of(name)
+    script = script_for(name)
     out_dir = Path(args.runs) / name
-    argv = [*(["--gat_version", name] if kind == "graph" else []), "--out_dir", str(out_dir),
+    argv = [*(["--gat_version", name] if script.graph_layer else []), "--out_dir", str(out_dir),
             "--preset", args.preset, "--device", args.device, "--seed", str(args.seed),
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
-    training_args = cli.build_parser(kind).parse_args(argv)
+    training_args = cli.build_parser(script).parse_args(argv)
     set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", name), training_args.resume)
     if set_by_compare != (str(out_dir), name, False):
         raise UsageError("a training flag abbreviates --out_dir, --gat_version or --resume, which compare.py sets "
                          "itself; write training flags in full")
-    if kind == "graph":
-        layers.check_layer_name(name)
+    if script.graph_layer:
+        guard.check_layer_name(name)
     device = cli.resolve_device(training_args.device)
-    preset, settings = cli.resolve_settings(kind, training_args, device)
+    preset, settings = cli.resolve_settings(script, training_args, device)
     expected = {"name": name, "settings": settings, "seed": args.seed, "preset": preset, "device": str(device),
                 "data": str(args.data or DEFAULT_DATA)}
-    if kind == "graph":
+    if script.graph_layer:
         expected["model_config"] = {"mixer": name, "backend": training_args.backend,
-                                    "mixer_kwargs": layers.parse_layer_kwargs(training_args.gnn_kwargs)}
-    return Run(name, kind, argv, out_dir, expected)
+                                    "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}
+    return Run(name, script, argv, out_dir, expected)
 
 
 def write_missing_sample(run, seed):
@@ -228,7 +224,7 @@ def write_comparison(summaries, out, argv):
     samples = ", ".join(f"`{model_output_path(s['name']).as_posix()}`" for s in summaries)
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n{results_table(summaries)}\n"
             f"Samples: {samples}.\n")
-    atomic_write(out / "results.md", lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'} and {out / 'results.md'}")
 
 
@@ -241,7 +237,7 @@ def write_leaderboard(summaries, records, failed, out, argv):
             f"{leaderboard_table(summaries)}")
     if left_out:
         text += "\nNot ranked:\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in left_out)
-    atomic_write(out / "leaderboard.md", lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(out / "leaderboard.md", text)
     print(f"wrote {out / 'leaderboard.png'} and {out / 'leaderboard.md'}")
 
 

@@ -5,6 +5,7 @@
 import sys
 
 from gnngpt.cli import main
+from gnngpt.config import GPT
 
 if __name__ == "__main__":
-    sys.exit(main("gpt"))
+    sys.exit(main(GPT))

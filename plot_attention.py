@@ -7,9 +7,10 @@ from pathlib import Path
 
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import exit_code
 from gnngpt.plots import plot_attention
-from gnngpt.results import encode_prompt, load_run_model, read_prompt
+from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
 

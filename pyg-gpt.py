@@ -5,6 +5,7 @@
 import sys
 
 from gnngpt.cli import main
+from gnngpt.config import PYG_GPT
 
 if __name__ == "__main__":
-    sys.exit(main("graph"))
+    sys.exit(main(PYG_GPT))

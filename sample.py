@@ -8,8 +8,9 @@ import sys
 import torch
 
 from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
-from gnngpt.results import encode_prompt, load_run_model, read_prompt
+from gnngpt.results import load_run_model
 from gnngpt.sampling import generate
 
 SEPARATOR = "---------------"
@@ -33,6 +34,9 @@ def build_parser():
     p.add_argument("--backend", choices=("fast", "pyg"),
                    help="GATConv/GATv2Conv runs: sample with this backend instead of the run's own; fast decodes "
                         "with a cache (default: the run's)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="run the lecture's sampler itself: a full forward pass over the last block_size characters "
+                        "for every character (the default cached decoder draws from the same distribution)")
     return p
 
 
@@ -58,7 +62,8 @@ def run(args):
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, prompt.repeat(args.num_samples, 1), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, generator=generator)  # (num_samples, T + max_new_tokens)
+                   top_k=args.top_k or None, generator=generator,
+                   use_cache=not args.no_cache)  # (num_samples, T + max_new_tokens)
     for row in out.tolist():
         print(tokenizer.decode(row))
         print(SEPARATOR)

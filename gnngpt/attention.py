@@ -2,10 +2,9 @@
 import torch
 from torch.nn import functional as F
 
-from .dense_attention import causal_bias
 from .errors import UsageError
-from .graph import causal_edge_index
-from .layers import GAT_LAYERS
+from .graph import causal_bias, causal_edge_index
+from .mixers import GAT_LAYERS
 from .models import CausalSelfAttention
 
 

@@ -1,50 +1,13 @@
 """Checkpoints written atomically and read back without unpickling code."""
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError, one_line
+from .files import atomic_write
 from .models import ARCHITECTURES
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
-
-    A crash at any point leaves either the old file or the new one at path, never a mix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def fsync_dir(path):
-    """Make a rename in directory path durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path, checkpoint):

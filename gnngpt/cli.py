@@ -13,10 +13,12 @@ from . import distributed
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
-from .layers import GAT_LAYERS, check_layer, check_layer_name, format_layer_table, layer_support, parse_layer_kwargs
+from .guard import check_layer, check_layer_name, format_layer_table, layer_support
+from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
+from .rundir import open_run_dir
 from .sampling import write_model_output
-from .train import Interrupted, open_run_dir, train
+from .train import Interrupted, train
 
 POSITIVE_INTS = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "n_embd", "n_head", "n_layer")
 
@@ -28,20 +30,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(kind):
-    """The parser of one script; kind is "graph", "gpt" or "bigram"."""
-    descriptions = {
-        "graph": "Train a character-level GPT whose self-attention is a PyTorch Geometric graph layer.",
-        "gpt": "Train the character-level transformer baseline.",
-        "bigram": "Train the bigram baseline.",
-    }
-    p = ArgumentParser(description=descriptions[kind])
-    if kind == "graph":
+def build_parser(script):
+    """The parser of one training script (a config.Script)."""
+    p = ArgumentParser(description=script.description)
+    if script.graph_layer:
         p.add_argument("--gat_version", "--gnn", default="GATConv", metavar="NAME",
                        help=f"graph layer that replaces self-attention: {' or '.join(GAT_LAYERS)}, or any "
                             f"convolution of torch_geometric.nn that --list_layers marks as working (default: GATConv)")
         p.add_argument("--gnn_kwargs", default="{}", metavar="JSON",
-                       help="extra constructor arguments of the layer as a JSON object, e.g. '{\"K\": 2}' (default: {})")
+                       help="extra constructor arguments of the layer as a JSON object, e.g. '{\"K\": 2}' "
+                            "(default: {})")
         p.add_argument("--list_layers", action="store_true",
                        help="print every PyG convolution, whether it works as the token mixer and why not, then exit")
     preset_help = "(default: from --preset)"
@@ -51,7 +49,7 @@ def build_parser(kind):
     p.add_argument("--eval_interval", type=int, help=f"steps between loss evaluations {preset_help}")
     p.add_argument("--eval_iters", type=int, help=f"batches per split in each evaluation {preset_help}")
     p.add_argument("--learning_rate", type=float, help=f"AdamW learning rate {preset_help}")
-    if kind != "bigram":
+    if script.has_model_size:
         p.add_argument("--n_embd", type=int, help=f"embedding width {preset_help}")
         p.add_argument("--n_head", type=int, help=f"attention heads; must divide n_embd {preset_help}")
         p.add_argument("--n_layer", type=int, help=f"blocks {preset_help}")
@@ -71,7 +69,7 @@ def build_parser(kind):
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="paper: the published A100 hyperparameters; cpu: a downsized run for a 2-core CPU; "
                         "auto: paper on CUDA, cpu otherwise. Explicit flags override it (default: auto)")
-    if kind == "graph":
+    if script.graph_layer:
         p.add_argument("--backend", choices=("fast", "pyg"), default="fast",
                        help="GATConv/GATv2Conv: fast (masked dense attention, same parameters) or pyg "
                             "(PyG message passing, the reference); other layers always use pyg (default: fast)")
@@ -98,10 +96,10 @@ def check_dtype(dtype, device):
         raise UsageError("--dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here")
 
 
-def resolve_settings(kind, args, device):
+def resolve_settings(script, args, device):
     """Preset values, overridden by every flag given explicitly; checked for sense."""
     preset = resolve_preset(args.preset, device)
-    settings = dict(PRESETS[preset]["bigram" if kind == "bigram" else "gpt"])
+    settings = dict(PRESETS[preset][script.arch])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     for key in POSITIVE_INTS:
         if key in settings and settings[key] <= 0:
@@ -120,18 +118,19 @@ def resolve_settings(kind, args, device):
     return preset, settings
 
 
-def main(kind, argv=None):
-    """Run one script; bad input ends with a one-line error and exit code 2, SIGINT/SIGTERM with 130/143."""
+def main(script, argv=None):
+    """Run one training script (a config.Script); bad input ends with a one-line error and exit code 2,
+    SIGINT/SIGTERM with 130/143."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(kind, build_parser(kind).parse_args(argv))
+        run(script, build_parser(script).parse_args(argv))
     except UsageError as e:
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         if distributed.is_main_process():
-            print(f"{e}; resume with: {resume_command(kind, argv)}", file=sys.stderr)
+            print(f"{e}; resume with: {resume_command(script, argv)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -141,24 +140,23 @@ def main(kind, argv=None):
     return 0
 
 
-def resume_command(kind, argv):
+def resume_command(script, argv):
     """The command line that continues this run."""
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    script = {"graph": "pyg-gpt.py", "gpt": "gpt.py", "bigram": "bigram.py"}[kind]
     launcher = "torchrun <the same torchrun options>" if distributed.launched_by_torchrun() else "python"
-    return f"{launcher} {shlex.join([script, *args, '--resume'])}"
+    return f"{launcher} {shlex.join([script.filename, *args, '--resume'])}"
 
 
-def run(kind, args):
-    name = {"graph": getattr(args, "gat_version", None), "gpt": "gpt", "bigram": "bigram"}[kind]
-    if kind == "graph" and args.list_layers:
+def run(script, args):
+    if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
-    if kind == "graph":
+    name = script.model_name(args)
+    if script.graph_layer:
         check_layer_name(name)
-    mixer_kwargs = parse_layer_kwargs(args.gnn_kwargs) if kind == "graph" else {}
+    mixer_kwargs = parse_layer_kwargs(args.gnn_kwargs) if script.graph_layer else {}
     device = distributed.setup(resolve_device(args.device))  # under torchrun: join the process group
-    preset, settings = resolve_settings(kind, args, device)
+    preset, settings = resolve_settings(script, args, device)
     print(f"{name}: preset {preset}, device {device}")
 
     text = load_text(args.data)
@@ -168,29 +166,20 @@ def run(kind, args):
     sampler = BatchSampler(train_data, val_data, settings["block_size"], settings["batch_size"], device, seed)
 
     torch.manual_seed(seed)
-    if kind == "bigram":
-        model_cfg = BigramConfig(vocab_size=tokenizer.vocab_size)
-    else:
-        model_cfg = GPTConfig.from_settings(
-            settings, tokenizer.vocab_size, mixer="attention" if kind == "gpt" else name,
-            backend=getattr(args, "backend", "fast"), mixer_kwargs=mixer_kwargs,
-        )
-    if kind == "graph":
-        check_layer(model_cfg)  # the causality guard: refuse a layer that sees the future
-    arch = "bigram" if kind == "bigram" else "gpt"
-    model = build_model(arch, asdict(model_cfg)).to(device)
+    model_cfg = model_config(script, name, args, settings, tokenizer.vocab_size, mixer_kwargs)
+    model = build_model(script.arch, asdict(model_cfg)).to(device)
     if settings["compile"]:
         model.compile()  # compiles forward in place: state_dict keys and checkpoints stay the same
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters ({n_params:,})")
-    if kind == "graph":
+    if script.graph_layer:
         dense = model.blocks[0].mixer.dense
         print(f"backend: {'fast (masked dense attention)' if dense else 'pyg (message passing)'}")
 
     out_dir = Path(args.out_dir or Path("runs") / name)
     config = {
         "name": name,
-        "arch": arch,
+        "arch": script.arch,
         "model_config": asdict(model_cfg),
         "settings": settings,
         "seed": args.seed,
@@ -203,7 +192,7 @@ def run(kind, args):
         "versions": versions(),
     }
     resume_from = open_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)  # writes config.json
-    meta = {"name": name, "arch": arch, "model_config": asdict(model_cfg), "config": config,
+    meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
             "vocab": tokenizer.chars}
     train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
     if not distributed.is_main_process():
@@ -212,6 +201,17 @@ def run(kind, args):
     sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
+
+
+def model_config(script, name, args, settings, vocab_size, mixer_kwargs):
+    """The config of the script's model; for a graph layer, checked by the causality guard first."""
+    if not script.has_model_size:
+        return BigramConfig(vocab_size=vocab_size)
+    if not script.graph_layer:
+        return GPTConfig.from_settings(settings, vocab_size, mixer="attention")
+    cfg = GPTConfig.from_settings(settings, vocab_size, mixer=name, backend=args.backend, mixer_kwargs=mixer_kwargs)
+    check_layer(cfg)  # the causality guard: refuse a layer that sees the future
+    return cfg
 
 
 def machine_description(device):
@@ -224,4 +224,5 @@ def machine_description(device):
 def versions():
     import torch_geometric
 
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "torch_geometric": torch_geometric.__version__}
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torch_geometric": torch_geometric.__version__}

@@ -1,4 +1,39 @@
-"""Hyperparameter presets: the published run and a CPU-sized one."""
+"""The three training scripts, and their hyperparameter presets: the published run and a CPU-sized one."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Script:
+    """One training script: its file, the architecture it trains, and whether a PyG layer is its token mixer."""
+
+    filename: str
+    arch: str  # "gpt" or "bigram": the model class (see models.ARCHITECTURES) and its preset
+    graph_layer: bool  # takes --gat_version: the token mixer is a PyG convolution, which names the model
+    description: str
+
+    def model_name(self, args):
+        """The name of the model its parsed arguments train: the PyG layer, "gpt" or "bigram"."""
+        if self.graph_layer:
+            return args.gat_version
+        return "gpt" if self.arch == "gpt" else "bigram"
+
+    @property
+    def has_model_size(self):
+        """Whether the model has a width, heads, layers and dropout (the bigram has none)."""
+        return self.arch == "gpt"
+
+
+PYG_GPT = Script("pyg-gpt.py", "gpt", True,
+                 "Train a character-level GPT whose self-attention is a PyTorch Geometric graph layer.")
+GPT = Script("gpt.py", "gpt", False, "Train the character-level transformer baseline.")
+BIGRAM = Script("bigram.py", "bigram", False, "Train the bigram baseline.")
+SCRIPTS = (PYG_GPT, GPT, BIGRAM)
+
+
+def script_for(model_name):
+    """The script that trains the model called model_name: bigram, gpt, or a PyG layer's name."""
+    return {"bigram": BIGRAM, "gpt": GPT}.get(model_name, PYG_GPT)
+
 
 # Settings of the published run (an A100) and of a downsized run that trains on a 2-core CPU in minutes.
 PRESETS = {

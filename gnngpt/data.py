@@ -1,4 +1,4 @@
-"""Tinyshakespeare download, character tokenizer, train/val split and random batches."""
+"""Tinyshakespeare download, the character tokenizer and prompts in its vocabulary, train/val split, random batches."""
 import hashlib
 import http.client
 import urllib.error
@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
 from .errors import UsageError
+from .files import atomic_write
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -88,6 +88,33 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
+
+
+def read_prompt(prompt):
+    """The prompt text; "FILE:path" reads it from a UTF-8 file, as nanoGPT's sample.py does."""
+    if not prompt.startswith("FILE:"):
+        return prompt
+    path = Path(prompt[len("FILE:"):])
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+        raise UsageError(
+            f"cannot read the prompt file {path} ({reason}); give --prompt FILE:PATH to a UTF-8 text file"
+        ) from None
+
+
+def encode_prompt(tokenizer, text, device="cpu"):
+    """The prompt as a (1, T) tensor of token ids; UsageError naming any character outside the vocabulary."""
+    if not text:
+        raise UsageError("the prompt is empty; give --prompt at least one character")
+    unknown = tokenizer.unknown(text)
+    if unknown:
+        raise UsageError(
+            f"the prompt has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
+            f"use only characters of the training text"
+        )
+    return torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)
 
 
 def split(data, train_fraction=0.9):

@@ -1,4 +1,4 @@
-"""The causal context graph: token j sends a message to token i for every j <= i."""
+"""The causal context graph: token j sends a message to token i for every j <= i, as edges and as a mask."""
 import functools
 
 import torch
@@ -14,3 +14,12 @@ def causal_edge_index(batch_size, seq_len, device="cpu"):
     dst, src = torch.tril_indices(seq_len, seq_len, device=device)  # dst >= src
     offsets = torch.arange(batch_size, device=device).repeat_interleave(dst.numel()) * seq_len
     return torch.stack([src.repeat(batch_size) + offsets, dst.repeat(batch_size) + offsets])
+
+
+def causal_bias(T, device, dtype=torch.float32):
+    """(T, T) additive mask, 0 where query i sees key j <= i and -inf where the key comes after it.
+
+    Adding it to finite scores before a softmax masks them as masked_fill would, several times faster on a CPU,
+    forward and backward.
+    """
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(diagonal=1)  # zeroes what lies below

@@ -1,13 +1,20 @@
-"""The graph-attention GPT, the transformer it is compared with, and the bigram baseline."""
+"""The graph-attention GPT, the transformer it is compared with, and the bigram baseline.
+
+Read top to bottom: the config, the graph layer that replaces attention (PyG's message passing on the causal
+graph of the tokens), the transformer's attention, the block and the GPT around either, then the bigram.
+Two fast paths compute the same functions with less work: fast_gat.py runs GATConv and GATv2Conv as masked
+dense attention with the PyG layer's own weights, and decoder.py caches each layer's per-token tensors for
+sampling. Building any other PyG layer as the mixer is mixers.py's job.
+"""
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .dense_attention import causal_bias, dense_gat, supports_dense
+from .fast_gat import dense_gat, supports_dense
 from .graph import causal_edge_index
-from .layers import build_conv
+from .mixers import build_conv
 
 
 @dataclass
@@ -27,6 +34,31 @@ class GPTConfig:
         """The model sizes of a training-settings dict (as in gnngpt.config.PRESETS), with other fields given."""
         sizes = {k: settings[k] for k in ("block_size", "n_embd", "n_head", "n_layer", "dropout")}
         return cls(vocab_size=vocab_size, **sizes, **fields)
+
+
+class GraphMixer(nn.Module):
+    """A PyG convolution on the causal graph of the tokens (token j sends to token i for every j <= i), then dropout.
+
+    The reference path flattens the batch into one graph of B*T nodes and runs PyG's message passing. With the
+    fast backend, GATConv and GATv2Conv compute the same function as masked dense attention (fast_gat.py).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.conv = build_conv(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.dense = cfg.backend == "fast" and supports_dense(self.conv)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        if not self.dense:
+            if cache is not None:
+                raise ValueError("only the fast backend of GATConv and GATv2Conv decodes with a cache")
+            edge_index = causal_edge_index(B, T, x.device)  # (2, B*T*(T+1)/2): sources, targets
+            y = self.conv(x.reshape(B * T, C), edge_index).view(B, T, C)  # message passing over B*T nodes
+        else:
+            y = dense_gat(self.conv, x, cache)  # (B, T, C), the same function
+        return self.dropout(y)
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,29 +92,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
-class GraphMixer(nn.Module):
-    """A PyG convolution on the batched causal graph of the tokens, then dropout.
-
-    With the fast backend, GATConv and GATv2Conv run as masked dense attention with the same parameters.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.conv = build_conv(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.dense = cfg.backend == "fast" and supports_dense(self.conv)
-
-    def forward(self, x, cache=None):
-        if self.dense:
-            return self.dropout(dense_gat(self.conv, x, cache))
-        if cache is not None:
-            raise ValueError("only the fast backend of GATConv and GATv2Conv decodes with a cache")
-        B, T, C = x.shape
-        edge_index = causal_edge_index(B, T, x.device)
-        y = self.conv(x.reshape(B * T, C), edge_index)  # (B*T, C)
-        return self.dropout(y.view(B, T, C))
-
-
 class FeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -98,7 +107,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: token mixing (attention or graph layer), then the feed-forward net."""
+    """Pre-norm residual block: token mixing (graph layer or attention), then the feed-forward net."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -114,7 +123,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Character-level GPT whose token mixer is self-attention or a PyG graph layer."""
+    """Character-level GPT whose token mixer is a PyG graph layer or self-attention."""
 
     arch = "gpt"
 
@@ -141,7 +150,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, vocab_size) and the loss; with a KVCache, idx holds the tokens after the cached ones."""
+        """Logits (B, T, vocab_size) and the loss; with a decoder.KVCache, idx holds the tokens after the cached."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
@@ -152,62 +161,6 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         return logits, lm_loss(logits, targets)
-
-
-class KVCache:
-    """The per-token tensors of every layer for up to capacity tokens, in buffers of a fixed size.
-
-    A forward pass with the cache writes the tensors of its tokens at the next free positions and attends over
-    every slot, through a mask that hides each query's later slots (and those never written). So every decoding
-    step has the same shapes and keeps its state in the same tensors, and on CUDA it can be captured once and
-    replayed as a CUDA graph: the next free position lives on the device, where the step itself advances it.
-    The caller keeps the number of tokens within capacity: past it, the position is only known on the device,
-    and an index out of range fails there (on CUDA, as an assertion that breaks the CUDA context).
-    """
-
-    def __init__(self, n_layer, capacity, device):
-        self.capacity = capacity
-        self.layers = [LayerCache(self) for _ in range(n_layer)]
-        self.next_position = torch.zeros((), dtype=torch.long, device=device)
-        self.causal_bias = causal_bias(capacity, device)  # row p: the mask of a query at position p
-
-    def begin(self, T):
-        """The positions (T,) of the next T tokens; sets the mask of this pass, bias (T, capacity)."""
-        if T > self.capacity:
-            raise ValueError(f"{T} tokens do not fit a cache of {self.capacity}")
-        self.positions = self.next_position + torch.arange(T, device=self.next_position.device)
-        self.bias = self.causal_bias.index_select(0, self.positions)
-        return self.positions
-
-    def advance(self, T):
-        self.next_position += T
-
-    def reset(self):
-        """Forget every token: the next pass writes from position 0 (into the same buffers)."""
-        self.next_position.zero_()
-
-
-class LayerCache:
-    """One layer's buffers in a KVCache."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.buffers = {}
-
-    @property
-    def bias(self):
-        """(T, capacity) additive mask of the current pass: 0 where a query sees a slot, -inf elsewhere."""
-        return self.cache.bias
-
-    def extend(self, **new):
-        """Write the new tokens' tensors (B, H, T, ...) at their positions; return the whole (B, H, capacity, ...)."""
-        out = []
-        for key, value in new.items():
-            if key not in self.buffers:
-                shape = (*value.shape[:2], self.cache.capacity, *value.shape[3:])
-                self.buffers[key] = value.new_zeros(shape)
-            out.append(self.buffers[key].index_copy_(2, self.cache.positions, value))
-        return out
 
 
 @dataclass

@@ -2,7 +2,7 @@
 import numpy as np
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def save_figure(fig, path):

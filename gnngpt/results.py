@@ -1,15 +1,13 @@
-"""Finished runs read back: trained models, prompts in their vocabulary, and summary tables."""
+"""Finished runs read back: trained models and summary tables."""
 import json
 import statistics
 from pathlib import Path
-
-import torch
 
 from .checkpoint import load_checkpoint
 from .data import CharTokenizer
 from .errors import UsageError
 from .models import model_from_checkpoint
-from .train import read_metrics
+from .rundir import read_metrics
 
 
 def load_run_model(out_dir, device="cpu", backend=None):
@@ -26,33 +24,6 @@ def load_run_model(out_dir, device="cpu", backend=None):
         overrides["backend"] = backend
     model = model_from_checkpoint(checkpoint, device, **overrides)
     return model, CharTokenizer(checkpoint["vocab"]), checkpoint["name"]
-
-
-def read_prompt(prompt):
-    """The prompt text; "FILE:path" reads it from a UTF-8 file, as nanoGPT's sample.py does."""
-    if not prompt.startswith("FILE:"):
-        return prompt
-    path = Path(prompt[len("FILE:"):])
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
-        raise UsageError(
-            f"cannot read the prompt file {path} ({reason}); give --prompt FILE:PATH to a UTF-8 text file"
-        ) from None
-
-
-def encode_prompt(tokenizer, text, device="cpu"):
-    """The prompt as a (1, T) tensor of token ids; UsageError naming any character outside the vocabulary."""
-    if not text:
-        raise UsageError("the prompt is empty; give --prompt at least one character")
-    unknown = tokenizer.unknown(text)
-    if unknown:
-        raise UsageError(
-            f"the prompt has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
-            f"use only characters of the training text"
-        )
-    return torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)
 
 
 def run_summary(out_dir):

@@ -1,6 +1,4 @@
 """The training loop shared by the three scripts: AdamW, evaluation, metrics, checkpoints, stop and resume."""
-import csv
-import json
 import math
 import signal
 import sys
@@ -11,14 +9,9 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .errors import UsageError, one_line
-
-METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
-RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
-# What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
-RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
-TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
+from .rundir import MetricsLog
 
 
 def autocast(device, dtype):
@@ -43,20 +36,129 @@ def evaluate(model, sampler, eval_iters, dtype="float32"):
     return out
 
 
-class MetricsLog:
-    """metrics.csv in the run directory, one row per evaluation, flushed as it is written."""
+def make_optimizer(model, learning_rate):
+    """AdamW over the model's parameters, fused: one update for all tensors instead of one per tensor."""
+    return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
 
-    def __init__(self, path, rows=()):
-        """Start the file with the header and rows (those of the checkpoint when resuming)."""
-        self.path = Path(path)
-        with self.path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(METRICS_FIELDS)
-            writer.writerows([row[k] for k in METRICS_FIELDS] for row in rows)
 
-    def append(self, row):
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in METRICS_FIELDS])
+def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10):
+    """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
+
+    Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
+    metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
+    of every rank, the metrics so far. resume_from (such a checkpoint) continues its run exactly. SIGINT or
+    SIGTERM stops after the current step with a checkpoint and raises Interrupted; a non-finite loss raises
+    UsageError and keeps the last checkpoint. Under torchrun the model trains in DistributedDataParallel;
+    rank 0 alone evaluates and writes files. Returns the metrics rows.
+    """
+    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from).run(log_interval)
+
+
+class Trainer:
+    """One training run's state: the model and optimizer, the step, the metrics, the clock, the last checkpoint."""
+
+    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None):
+        self.model, self.sampler, self.settings, self.meta = model, sampler, settings, checkpoint_meta
+        self.ckpt_path = Path(out_dir) / "ckpt.pt"
+        self.dtype = settings.get("dtype", "float32")
+        self.tokens_per_step = settings["batch_size"] * settings["block_size"] * distributed.world_size()
+        self.main = distributed.is_main_process()
+        self.optimizer = make_optimizer(model, settings["learning_rate"])
+        self.step, self.rows, self.elapsed_before, self.saved_step = 0, [], 0.0, None
+        self.resuming = resume_from is not None
+        if self.resuming:
+            self.step, self.rows, self.elapsed_before = restore(resume_from, model, self.optimizer, sampler)
+            self.saved_step = self.step
+        self.metrics = MetricsLog(Path(out_dir) / "metrics.csv", self.rows) if self.main else None
+        self.train_model = distributed.wrap(model)
+        self.start = self.interval_start = time.perf_counter()
+        self.interval_steps = 0
+        self.unchecked = []  # losses of the steps not yet checked for NaN and infinity
+        self.bar = None
+
+    def run(self, log_interval):
+        """Train to max_iters: evaluate first (unless resuming), then step, report, evaluate and stop on a signal."""
+        max_iters, eval_interval = self.settings["max_iters"], self.settings["eval_interval"]
+        self.model.train()
+        with StopSignals(second_aborts=not distributed.launched_by_torchrun()) as stop, \
+                tqdm(initial=self.step, total=max_iters, desc="training", unit="step", dynamic_ncols=True,
+                     disable=not self.main) as self.bar:
+            if not self.resuming:
+                self.evaluate_and_save()
+            while self.step < max_iters:
+                self.train_step()
+                eval_due = self.step % eval_interval == 0 or self.step == max_iters
+                signum = distributed.max_over_ranks(stop.signum or 0)  # every rank stops after the same step
+                if eval_due or signum or self.step % log_interval == 0:
+                    self.report_progress()
+                if eval_due:
+                    self.evaluate_and_save()
+                if signum and self.step < max_iters:  # a signal during the last step lets the finished run end
+                    if self.saved_step != self.step:
+                        self.save()
+                    raise Interrupted(signum, self.step, self.ckpt_path)
+        return self.rows
+
+    def train_step(self):
+        with autocast(self.sampler.device, self.dtype):
+            _, loss = self.train_model(*self.sampler.get("train"))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.unchecked.append(loss.detach())
+        self.step += 1
+        self.interval_steps += 1
+        self.bar.update(1)
+
+    def report_progress(self):
+        """Check the losses since the last report (one device sync) and show the last one and the speed."""
+        last_loss = check_finite(self.unchecked, self.step, self.ckpt_path, self.saved_step)
+        self.unchecked = []
+        rate = self.interval_steps * self.tokens_per_step / (time.perf_counter() - self.interval_start)
+        self.bar.set_postfix(loss=f"{last_loss:.4f}", tok_per_s=f"{rate:,.0f}")
+
+    def evaluate_and_save(self):
+        """Evaluate on rank 0, append the metrics row, checkpoint, and restart the speed measurement."""
+        synchronize(self.sampler.device)
+        train_time = time.perf_counter() - self.interval_start
+        losses = distributed.from_main(
+            lambda: evaluate(self.model, self.sampler, self.settings["eval_iters"], self.dtype))
+        if not all(map(math.isfinite, losses.values())):
+            raise UsageError(f"the evaluation loss is not finite at step {self.step} ({losses}); "
+                             f"{kept_checkpoint(self.ckpt_path, self.saved_step)}")
+        row = {
+            "step": self.step,
+            "train_loss": round(losses["train"], 4),
+            "val_loss": round(losses["val"], 4),
+            "elapsed_s": round(self.elapsed(), 2),
+            "tokens_per_s": round(self.interval_steps * self.tokens_per_step / train_time, 1)
+            if self.interval_steps else "",
+        }
+        self.rows.append(row)
+        if self.main:
+            self.metrics.append(row)
+            self.bar.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.save()
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def save(self):
+        """Checkpoint the current step; every rank hands over its random states, rank 0 writes."""
+        rng = distributed.gather(rng_state(self.sampler))
+        if self.main:
+            save_checkpoint(self.ckpt_path, {
+                **self.meta,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "rng": rng,
+                "metrics": self.rows,
+                "elapsed_s": self.elapsed(),
+            })
+        self.saved_step = self.step
+
+    def elapsed(self):
+        """Seconds of training so far, those before a resume included."""
+        return self.elapsed_before + time.perf_counter() - self.start
 
 
 class Interrupted(Exception):
@@ -104,106 +206,6 @@ class StopSignals:
         self.restore()
 
 
-def make_optimizer(model, learning_rate):
-    """AdamW over the model's parameters, with the fused kernel: one update for all tensors instead of one per tensor."""
-    return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
-
-
-def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10):
-    """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
-
-    Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
-    metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
-    of every rank, the metrics so far. resume_from (such a checkpoint) continues its run exactly. SIGINT or
-    SIGTERM stops after the current step with a checkpoint and raises Interrupted; a non-finite loss raises
-    UsageError and keeps the last checkpoint. Under torchrun the model trains in DistributedDataParallel;
-    rank 0 alone evaluates and writes files. Returns the metrics rows.
-    """
-    ckpt_path = Path(out_dir) / "ckpt.pt"
-    max_iters, eval_interval = settings["max_iters"], settings["eval_interval"]
-    dtype = settings.get("dtype", "float32")
-    tokens_per_step = settings["batch_size"] * settings["block_size"] * distributed.world_size()
-    main = distributed.is_main_process()
-    optimizer = make_optimizer(model, settings["learning_rate"])
-    step, rows, elapsed_before, saved_step = 0, [], 0.0, None
-    if resume_from is not None:
-        step, rows, elapsed_before = restore(resume_from, model, optimizer, sampler)
-        saved_step = step
-    metrics = MetricsLog(Path(out_dir) / "metrics.csv", rows) if main else None
-    train_model = distributed.wrap(model)
-    start = interval_start = time.perf_counter()
-    interval_steps, unchecked = 0, []  # losses of the steps not yet checked for NaN and infinity
-
-    def save(step):
-        """Checkpoint after step steps; every rank hands over its random states, rank 0 writes."""
-        nonlocal saved_step
-        rng = distributed.gather(rng_state(sampler))
-        if main:
-            save_checkpoint(ckpt_path, {
-                **checkpoint_meta,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "rng": rng,
-                "metrics": rows,
-                "elapsed_s": elapsed_before + time.perf_counter() - start,
-            })
-        saved_step = step
-
-    def evaluate_and_save(step):
-        nonlocal interval_start, interval_steps
-        synchronize(sampler.device)
-        train_time = time.perf_counter() - interval_start
-        losses = distributed.from_main(lambda: evaluate(model, sampler, settings["eval_iters"], dtype))
-        if not all(map(math.isfinite, losses.values())):
-            raise UsageError(f"the evaluation loss is not finite at step {step} ({losses}); "
-                             f"{kept_checkpoint(ckpt_path, saved_step)}")
-        row = {
-            "step": step,
-            "train_loss": round(losses["train"], 4),
-            "val_loss": round(losses["val"], 4),
-            "elapsed_s": round(elapsed_before + time.perf_counter() - start, 2),
-            "tokens_per_s": round(interval_steps * tokens_per_step / train_time, 1) if interval_steps else "",
-        }
-        rows.append(row)
-        if main:
-            metrics.append(row)
-            bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        save(step)
-        interval_start, interval_steps = time.perf_counter(), 0
-
-    model.train()
-    with StopSignals(second_aborts=not distributed.launched_by_torchrun()) as stop, \
-            tqdm(initial=step, total=max_iters, desc="training", unit="step", dynamic_ncols=True,
-                 disable=not main) as bar:
-        if resume_from is None:
-            evaluate_and_save(0)
-        while step < max_iters:
-            with autocast(sampler.device, dtype):
-                _, loss = train_model(*sampler.get("train"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            unchecked.append(loss.detach())
-            step += 1
-            interval_steps += 1
-            bar.update(1)
-            eval_due = step % eval_interval == 0 or step == max_iters
-            signum = distributed.max_over_ranks(stop.signum or 0)  # every rank stops after the same step
-            if eval_due or signum or step % log_interval == 0:
-                last_loss = check_finite(unchecked, step, ckpt_path, saved_step)  # one device sync
-                unchecked = []
-                rate = interval_steps * tokens_per_step / (time.perf_counter() - interval_start)
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_per_s=f"{rate:,.0f}")
-            if eval_due:
-                evaluate_and_save(step)
-            if signum and step < max_iters:  # a signal during the last step lets the finished run end normally
-                if saved_step != step:
-                    save(step)
-                raise Interrupted(signum, step, ckpt_path)
-    return rows
-
-
 def check_finite(losses, step, ckpt_path, saved_step):
     """The last of the training losses of the steps before step; UsageError naming the first non-finite one."""
     values = torch.stack(losses).tolist()
@@ -246,116 +248,7 @@ def restore(checkpoint, model, optimizer, sampler):
     return checkpoint["step"], list(checkpoint["metrics"]), checkpoint["elapsed_s"]
 
 
-def open_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
-    """Check out_dir, then write config.json there; returns the checkpoint to resume from, or None.
-
-    Without resume or overwrite, a directory that holds a run (finished, unfinished or of another
-    configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe.
-    """
-    out_dir = Path(out_dir)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pass one of them")
-    checkpoint = None
-    if resume:
-        checkpoint = resumable_checkpoint(out_dir, config, vocab)
-    elif not overwrite and holds_run(out_dir):
-        raise UsageError(f"{out_dir} {describe_run(out_dir, config)}")
-    distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
-    if distributed.is_main_process():
-        if overwrite:
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
-        atomic_write(out_dir / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
-    return checkpoint
-
-
-def holds_run(out_dir):
-    """Whether out_dir holds any file of a run (config.json, metrics.csv or ckpt.pt)."""
-    return any((Path(out_dir) / name).exists() for name in RUN_FILES)
-
-
-def describe_run(out_dir, config):
-    """What the run in out_dir is and how to go on, for a refusal to replace it."""
-    old = read_config(out_dir)
-    if is_finished(out_dir, old):
-        return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
-                "train it further, or choose another --out_dir")
-    if old is None:
-        return "holds files of a run without a readable config.json; pass --overwrite to replace them or choose another --out_dir"
-    differences = config_differences(old, config)
-    if differences:
-        return (f"holds a run of another configuration ({'; '.join(differences)}); pass --overwrite to "
-                f"replace it or choose another --out_dir")
-    return ("holds an unfinished run of this configuration; pass --resume to continue it, --overwrite to "
-            "start again, or choose another --out_dir")
-
-
-def resumable_checkpoint(out_dir, config, vocab):
-    """The checkpoint in out_dir after checking that it continues the run described by config and vocab."""
-    path = out_dir / "ckpt.pt"
-    if not path.is_file():
-        raise UsageError(f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run")
-    checkpoint = load_checkpoint(path)
-    missing = TRAINING_STATE - set(checkpoint)
-    if missing:
-        raise UsageError(f"{path} holds no training state to resume (no {', '.join(sorted(missing))}); "
-                         f"start again with --overwrite")
-    if checkpoint["vocab"] != list(vocab):
-        raise UsageError(f"cannot resume {path}: its vocabulary ({len(checkpoint['vocab'])} characters) is not "
-                         f"the one of --data ({len(vocab)} characters); pass the --data of the original run")
-    differences = config_differences(checkpoint["config"], config)
-    if differences:
-        raise UsageError(f"cannot resume {path}: {'; '.join(differences)}; pass the flags of the original run "
-                         f"or start again with --overwrite")
-    processes = len(checkpoint["rng"])
-    if processes != distributed.world_size():
-        raise UsageError(f"cannot resume {path}: it was trained by {processes} process(es), this run has "
-                         f"{distributed.world_size()}; resume it with {processes} process(es) in all")
-    if checkpoint["step"] >= config["settings"]["max_iters"]:
-        raise UsageError(f"the run in {out_dir} finished at step {checkpoint['step']}; pass a --max_iters above "
-                         f"{checkpoint['step']} to train it further")
-    return checkpoint
-
-
-def config_differences(old, new):
-    """'key was X, now Y' for each setting of the model and training that differs between two run configs."""
-    def comparable(config):
-        fields = {"name": config.get("name"), "seed": config.get("seed"),
-                  **config.get("model_config", {}), **config.get("settings", {})}
-        return {k: v for k, v in fields.items() if k not in RESUMABLE_CHANGES}
-
-    old, new = comparable(old), comparable(new)
-    return [f"{k} was {old.get(k)}, now {new.get(k)}" for k in {**old, **new} if old.get(k) != new.get(k)]
-
-
 def synchronize(device):
     """Wait for queued CUDA work so that wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def read_metrics(out_dir):
-    """The rows of a run's metrics.csv as dicts of numbers ([] when there is none)."""
-    path = Path(out_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def read_config(out_dir):
-    """A run's config.json as a dict, or None when it is missing or unreadable."""
-    try:
-        config = json.loads((Path(out_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
-def is_finished(out_dir, config):
-    """Whether the run in out_dir, of config (its read_config), evaluated after its last step: its metrics
-    reach settings max_iters."""
-    rows = read_metrics(out_dir)
-    if not rows or config is None:
-        return False
-    return rows[-1]["step"] == config.get("settings", {}).get("max_iters")

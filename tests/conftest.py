@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
+from gnngpt.decoder import CachedDecoder
 from gnngpt.models import GPTConfig
-from gnngpt.sampling import CachedDecoder, full_logits
 from gnngpt.train import make_optimizer
 
 
@@ -53,14 +53,17 @@ def train_losses(model, batches, lr, optimizer=make_optimizer):
 
 def assert_cached_decoding_equals_full(model, prompt, tokens):
     """Decode prompt (B, T), then each of tokens (N, B, 1), with a CachedDecoder: at every step its logits equal
-    the full recomputation of its window (1e-4). Returns the decoder."""
+    (1e-4) those of the lecture's sampler, a plain forward pass over the last block_size tokens of the sequence
+    so far, kept here apart from the decoder. Returns the decoder."""
     decoder = CachedDecoder(model)
+    sequence = prompt
     logits = decoder.start(prompt)
-    for token in tokens:
-        torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
-        logits = decoder.append(token)
-        assert 1 <= decoder.window.size(1) <= model.context_size
-    torch.testing.assert_close(logits, full_logits(model, decoder.window), rtol=0, atol=1e-4)
+    for token in [*tokens, None]:
+        reference, _ = model(sequence[:, -model.config.block_size:])
+        torch.testing.assert_close(logits, reference[:, -1], rtol=0, atol=1e-4)
+        if token is not None:
+            sequence = torch.cat((sequence, token), dim=1)
+            logits = decoder.append(token)
     return decoder
 
 
@@ -77,21 +80,22 @@ def tiny_run(tmp_path_factory):
     Its data is write_tiny_text's; tests must not change the run.
     """
     from gnngpt.cli import main
+    from gnngpt.config import script_for
 
     root = tmp_path_factory.mktemp("tiny_runs")
     data = write_tiny_text(root / "tiny.txt")
 
     @functools.cache
     def train(name):
-        kind = name if name in ("bigram", "gpt") else "graph"
+        script = script_for(name)
         argv = ["--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1", "--batch_size", "2",
                 "--block_size", "16", "--device", "cpu", "--data", str(data), "--out_dir", str(root / name)]
-        argv += ["--n_embd", "16", "--n_head", "2", "--n_layer", "2"] if kind != "bigram" else []
-        argv += ["--gat_version", name] if kind == "graph" else []
+        argv += ["--n_embd", "16", "--n_head", "2", "--n_layer", "2"] if script.has_model_size else []
+        argv += ["--gat_version", name] if script.graph_layer else []
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)  # the run's sample goes to root/model_outputs
             mp.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)  # a short one: these runs are for reading back
-            assert main(kind, argv) == 0
+            assert main(script, argv) == 0
         return root / name
 
     return train
@@ -107,4 +111,4 @@ def _eager_gatv2_kernel(request, monkeypatch):
     """Compiling the fused GATv2 kernel for every test shape is slow: tests use the eager chunked kernel,
     except those marked fused_kernel (and scripts run in subprocesses, which compile it)."""
     if "fused_kernel" not in request.keywords:
-        monkeypatch.setattr("gnngpt.dense_attention.fused_gatv2_scores", None)
+        monkeypatch.setattr("gnngpt.fast_gat.fused_gatv2_scores", None)

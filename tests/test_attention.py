@@ -3,11 +3,10 @@ import pytest
 import torch
 
 import plot_attention
+from conftest import tiny_config
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.errors import UsageError
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
-
-from conftest import tiny_config
 
 ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
                     ("GATv2Conv", "pyg")]

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from gnngpt import checkpoint as ckpt_module
-from gnngpt.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
+from gnngpt.config import BIGRAM
 from gnngpt.errors import UsageError
+from gnngpt.files import atomic_write
 from gnngpt.models import build_model
 
 
@@ -24,7 +26,8 @@ def bigram_checkpoint(seed=0):
 
 def assert_same_checkpoint(loaded, expected):
     assert loaded["step"] == expected["step"]
-    assert torch.equal(loaded["model"]["token_embedding_table.weight"], expected["model"]["token_embedding_table.weight"])
+    key = "token_embedding_table.weight"
+    assert torch.equal(loaded["model"][key], expected["model"][key])
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -101,7 +104,7 @@ def test_malicious_checkpoint_does_not_run_its_payload(write, tiny_text_file, tm
         load_checkpoint(out / "ckpt.pt")
     assert not marker.exists()
 
-    assert main("bigram", ["--data", str(tiny_text_file), "--out_dir", str(out), "--resume", "--device", "cpu"]) == 2
+    assert main(BIGRAM, ["--data", str(tiny_text_file), "--out_dir", str(out), "--resume", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {out / 'ckpt.pt'} is not a readable checkpoint")
     assert not marker.exists()

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_config
 from gnngpt.cli import main
+from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
 from gnngpt.models import GPT
 from gnngpt.train import evaluate
@@ -58,7 +59,7 @@ def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp
 
 def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main("gpt", ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
+    assert main(GPT_SCRIPT, ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
     config = json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())
     assert config["preset"] == "paper"
     assert config["settings"]["dropout"] == 0.2  # from the preset
@@ -92,7 +93,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_t
     (tmp_path / "latin1.txt").write_bytes("àéî".encode("latin-1"))
     before = set(tmp_path.iterdir())
     argv = ["--data", str(tiny_text_file), *TINY_GPT, *args]
-    assert main("graph", argv) == 2
+    assert main(PYG_GPT, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert set(tmp_path.iterdir()) == before
@@ -100,13 +101,13 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(tiny_text_file, capsys):
-    assert main("gpt", ["--device", "cuda", "--data", str(tiny_text_file)]) == 2
+    assert main(GPT_SCRIPT, ["--device", "cuda", "--data", str(tiny_text_file)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bfloat16_without_cuda_is_refused(tiny_text_file, capsys):
-    assert main("gpt", ["--dtype", "bfloat16", "--data", str(tiny_text_file)]) == 2
+    assert main(GPT_SCRIPT, ["--dtype", "bfloat16", "--data", str(tiny_text_file)]) == 2
     assert capsys.readouterr().err == ("error: --dtype bfloat16 needs a CUDA GPU with bf16 support; "
                                        "use --dtype float32 here\n")
 

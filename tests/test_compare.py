@@ -10,9 +10,9 @@ import matplotlib.image
 import pytest
 
 import compare
-from gnngpt import cli, layers
+from gnngpt import cli, guard
 from gnngpt.data import BatchSampler
-from gnngpt.train import read_metrics
+from gnngpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
@@ -21,12 +21,13 @@ TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batc
 
 @pytest.fixture
 def trainings(monkeypatch, tmp_path, tiny_text_file):
-    """Run compare.main in tmp_path (where tiny.txt is); the list of (kind, argv) of every training it starts."""
+    """Run compare.main in tmp_path (where tiny.txt is); the (script file, argv) of every training it starts."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
     calls = []
     real_main = cli.main
-    monkeypatch.setattr(cli, "main", lambda kind, argv: calls.append((kind, argv)) or real_main(kind, argv))
+    monkeypatch.setattr(cli, "main",
+                        lambda script, argv: calls.append((script.filename, argv)) or real_main(script, argv))
     return calls
 
 
@@ -42,7 +43,7 @@ def table_rows(markdown):
 
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "bigram,GATConv") == 0
-    assert [kind for kind, _ in trainings] == ["bigram", "graph"]
+    assert [script for script, _ in trainings] == ["bigram.py", "pyg-gpt.py"]
 
     image = matplotlib.image.imread(tmp_path / "plots" / "val_loss.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -81,11 +82,11 @@ def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainin
                                        "--overwrite to replace them or --runs DIR to train elsewhere\n")
     assert trainings == []
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--overwrite") == 0  # bigram has no width
-    assert [kind for kind, _ in trainings] == ["gpt"]
+    assert [script for script, _ in trainings] == ["gpt.py"]
     assert json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())["settings"]["n_embd"] == 8
     trainings.clear()
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--seed", "3", "--overwrite") == 0
-    assert [kind for kind, _ in trainings] == ["bigram", "gpt"]
+    assert [script for script, _ in trainings] == ["bigram.py", "gpt.py"]
 
 
 def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monkeypatch, capsys):
@@ -115,7 +116,7 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     records = [SimpleNamespace(name="GATConv", works=True, reason=""),
                SimpleNamespace(name="DenseGCNConv", works=False, reason="dense layer: takes a (B, N, N) adjacency"),
                SimpleNamespace(name="GATv2Conv", works=True, reason="")]
-    monkeypatch.setattr(layers, "layer_support", lambda: records, raising=False)
+    monkeypatch.setattr(guard, "layer_support", lambda: records, raising=False)
     assert compare_main("--models", "all-layers", "--out", "board") == 0
     assert [argv[argv.index("--gat_version") + 1] for _, argv in trainings] == ["GATConv", "GATv2Conv"]
 
@@ -144,10 +145,10 @@ def test_a_crashing_training_is_reported_and_the_others_go_on(trainings, tiny_te
                                                               capsys):
     real_main = cli.main
 
-    def crash_gpt(kind, argv):
-        if kind == "gpt":
+    def crash_gpt(script, argv):
+        if script.filename == "gpt.py":
             raise RuntimeError("out of memory\nmore details")
-        return real_main(kind, argv)
+        return real_main(script, argv)
 
     monkeypatch.setattr(cli, "main", crash_gpt)
     assert compare_main("--models", "gpt,bigram") == 1

@@ -5,13 +5,13 @@ These tests run on --device: python -m pytest --device cuda tests/test_fast_back
 import pytest
 import torch
 
-import gnngpt.dense_attention as dense_attention
-from gnngpt.graph import causal_edge_index
-from gnngpt.layers import pyg_nn
-from gnngpt.models import GPT, KVCache
-from gnngpt.sampling import generate
-
+import gnngpt.fast_gat as fast_gat
 from conftest import assert_cached_decoding_equals_full, tiny_config, train_losses
+from gnngpt.decoder import KVCache
+from gnngpt.graph import causal_bias, causal_edge_index
+from gnngpt.mixers import pyg_nn
+from gnngpt.models import GPT
+from gnngpt.sampling import generate
 
 LAYER_VARIANTS = [
     ("GATConv", {}),
@@ -58,12 +58,12 @@ def assert_same_gradients(actual, expected, names, rel=1e-5):
     """
     scale = max(g.abs().max().item() for g in expected)
     for name, a, e in zip(names, actual, expected):
-        torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("T", [1, 3, 6])
 def test_causal_bias_blocks_exactly_the_keys_after_each_query(T, device):
-    bias = dense_attention.causal_bias(T, device)
+    bias = causal_bias(T, device)
     for i in range(T):
         for j in range(T):
             assert bias[i, j] == (0 if j <= i else float("-inf"))
@@ -87,7 +87,7 @@ def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B,
         for p in conv.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(B, T, n_embd, requires_grad=True)
-    dense = dense_attention.dense_gat(conv, x)
+    dense = fast_gat.dense_gat(conv, x)
     ref = conv(x.reshape(B * T, n_embd), causal_edge_index(B, T, x.device)).view(B, T, -1)
     assert_close_relative(dense, ref)
     weights = torch.randn_like(ref)  # a random linear loss, so that every gradient entry matters
@@ -105,14 +105,14 @@ def test_fast_model_equals_pyg_model_in_outputs_and_gradients(mixer, B, T, n_emb
 
 
 def test_chunked_gatv2_kernel_with_many_chunks(monkeypatch):
-    monkeypatch.setattr(dense_attention, "CHUNK_ELEMENTS", 64)  # one query per chunk
+    monkeypatch.setattr(fast_gat, "CHUNK_ELEMENTS", 64)  # one query per chunk
     fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
     idx, targets = torch.randint(0, 17, (2, 3, 12))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
 @pytest.mark.fused_kernel
-@pytest.mark.skipif(dense_attention.fused_gatv2_scores is None, reason="no C++ compiler for torch.compile")
+@pytest.mark.skipif(fast_gat.fused_gatv2_scores is None, reason="no C++ compiler for torch.compile")
 def test_fused_gatv2_kernel_equals_pyg():
     fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
     idx, targets = torch.randint(0, 17, (2, 3, 12))
@@ -150,7 +150,8 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
     torch.manual_seed(3)
     batches = [torch.randint(0, 17, (2, 4, 12)) for _ in range(10)]
     fast, pyg = model_pair(mixer, {})
-    sgd = lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr)
+    def sgd(model, lr):
+        return torch.optim.SGD(model.parameters(), lr=lr)
     for name, model in (("fast", fast), ("pyg", pyg)):
         losses[name] = train_losses(model, batches, lr=0.3, optimizer=sgd)
     assert losses["fast"][-1] < losses["fast"][0]
@@ -158,13 +159,20 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
 
 
 @pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
-def test_cached_decoding_equals_full_recomputation_at_every_step(mixer, device):
+def test_cached_decoding_equals_the_lectures_sampler_at_every_step_over_three_windows(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     assert model.supports_cache
-    tokens = torch.randint(0, 17, (30, 2, 1))  # several times past the window of 8
+    tokens = torch.randint(0, 17, (30, 2, 1))  # 3 + 30 tokens: over four windows of 8
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), tokens)
-    # CUDA replays the one-token step and the restart of the window (4 tokens) from graphs
-    assert set(decoder.graphs) == ({(2, 1), (2, 4)} if device.type == "cuda" else set())
+    # CUDA replays the one-token step and the full window's pass from graphs
+    expected = {("cached_pass", (2, 1)), ("full_pass", (2, 8))} if device.type == "cuda" else set()
+    assert set(decoder.graphs) == expected
+
+
+@pytest.mark.parametrize("prompt_len", [8, 11])
+def test_a_prompt_of_a_full_window_or_more_decodes_as_the_lectures_sampler(prompt_len, device):
+    model = GPT(tiny_config("GATv2Conv", block_size=8)).eval()
+    assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, prompt_len)), torch.randint(0, 17, (12, 1, 1)))
 
 
 def test_cache_refuses_more_tokens_than_it_holds(device):
@@ -174,11 +182,11 @@ def test_cache_refuses_more_tokens_than_it_holds(device):
 
 
 @pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
-def test_cached_sampling_equals_lecture_sampling_within_the_window(mixer, device):
-    model = GPT(tiny_config(mixer, block_size=16)).eval()
+def test_cached_sampling_draws_what_the_lectures_sampler_draws(mixer, device):
+    model = GPT(tiny_config(mixer, block_size=8)).eval()
     start = torch.zeros((1, 1), dtype=torch.long)
-    cached = generate(model, start, 15, generator=torch.Generator(device).manual_seed(5))
-    full = generate(model, start, 15, generator=torch.Generator(device).manual_seed(5), use_cache=False)
+    cached = generate(model, start, 40, generator=torch.Generator(device).manual_seed(5))
+    full = generate(model, start, 40, generator=torch.Generator(device).manual_seed(5), use_cache=False)
     assert torch.equal(cached, full)
 
 

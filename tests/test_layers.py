@@ -7,17 +7,15 @@ import torch
 import torch.nn as nn
 import torch_geometric
 
+from conftest import tiny_config, train_losses
+from gnngpt.checkpoint import load_checkpoint
 from gnngpt.cli import main
+from gnngpt.config import PYG_GPT
 from gnngpt.errors import UsageError
 from gnngpt.graph import causal_edge_index
-from gnngpt.layers import (
-    GAT_LAYERS, SUPPORT_SIZES, build_conv, causal_degree_histogram, check_layer, conv_layer_names, future_leak,
-    layer_support, one_thread, refusal_reason, run_seeded,
-)
+from gnngpt.guard import SUPPORT_SIZES, check_layer, future_leak, layer_support, one_thread, refusal_reason, run_seeded
+from gnngpt.mixers import GAT_LAYERS, build_conv, causal_degree_histogram, conv_layer_names
 from gnngpt.models import GPT, model_from_checkpoint
-from gnngpt.checkpoint import load_checkpoint
-
-from conftest import tiny_config, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = conv_layer_names()  # from the installed PyG, so a new version's layers are covered too
@@ -169,7 +167,7 @@ def test_pna_gets_the_in_degree_histogram_of_the_causal_graph():
 def test_gnn_flag_and_kwargs_train_end_to_end(tiny_text_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["--gnn", "ChebConv", "--gnn_kwargs", '{"K": 3}', "--data", str(tiny_text_file), "--out_dir", "out", *TINY]
-    assert main("graph", argv) == 0
+    assert main(PYG_GPT, argv) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["name"] == "ChebConv"
     assert config["model_config"]["mixer"] == "ChebConv" and config["model_config"]["mixer_kwargs"] == {"K": 3}
@@ -195,7 +193,7 @@ def test_bad_layer_gives_one_line_error_and_writes_nothing(args, message, tiny_t
                                                           capsys):
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
-    assert main("graph", ["--data", str(tiny_text_file), *TINY, *args]) == 2
+    assert main(PYG_GPT, ["--data", str(tiny_text_file), *TINY, *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert set(tmp_path.iterdir()) == before
@@ -203,7 +201,7 @@ def test_bad_layer_gives_one_line_error_and_writes_nothing(args, message, tiny_t
 
 def test_list_layers_prints_what_the_probe_found(support, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main("graph", ["--list_layers"]) == 0
+    assert main(PYG_GPT, ["--list_layers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["layer", "works", "reason"]
     rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[1:-1]}

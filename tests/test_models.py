@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from gnngpt.graph import causal_edge_index
-from gnngpt.layers import GAT_LAYERS
-from gnngpt.models import BigramConfig, BigramLanguageModel, GPT, Block
-
 from conftest import tiny_config, train_losses
+from gnngpt.graph import causal_edge_index
+from gnngpt.mixers import GAT_LAYERS
+from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, Block
 
 MODELS = ["bigram", "attention", *GAT_LAYERS]
 

@@ -11,7 +11,8 @@ import torch
 
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
-from gnngpt.layers import one_thread
+from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.guard import one_thread
 from gnngpt.models import GPT, BigramLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def nan_loss(output):
     return logits, loss * float("nan")
 
 
-def run(out, data, *args, kind="gpt"):
-    return main(kind, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
+def run(out, data, *args, script=GPT_SCRIPT):
+    return main(script, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
 
 
 def losses(out):
@@ -187,7 +188,7 @@ def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_
 
 def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
     ckpt = stopped / "ckpt.pt"
-    assert main("graph", ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
+    assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
     assert f"cannot resume {ckpt}: name was gpt, now GATConv" in capsys.readouterr().err
 
     other_text = tmp_path / "other.txt"

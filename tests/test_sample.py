@@ -58,6 +58,15 @@ def test_top_k_1_and_near_zero_temperature_give_the_greedy_continuation(args, ti
         assert samples == [greedy] * 3
 
 
+@pytest.mark.parametrize("name", ["gpt", "GATConv", "GATv2Conv"])
+def test_greedy_text_is_the_same_with_and_without_the_cache_over_three_windows(name, tiny_run, capsys):
+    run = tiny_run(name)  # block_size 16
+    args = ["--out_dir", str(run), "--prompt", "To", "--num_samples", "2", "--max_new_tokens", "50", "--top_k", "1"]
+    cached = run_sample(capsys, *args)
+    assert len(cached[0]) == 52
+    assert run_sample(capsys, *args, "--no_cache") == cached
+
+
 @pytest.mark.parametrize("name", ["GATConv", "GATv2Conv"])
 def test_either_backend_samples_the_same_text_from_one_checkpoint(name, tiny_run, capsys):
     run = tiny_run(name)  # trained with the fast backend

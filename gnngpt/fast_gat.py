@@ -14,7 +14,8 @@ import shutil
 import torch
 from torch.nn import functional as F
 
-from .layers import pyg_nn
+from .graph import causal_bias
+from .mixers import pyg_nn
 
 CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of GATv2Score's (B, H, chunk, T, C) temporaries
 
@@ -28,25 +29,17 @@ def supports_dense(conv):
     return False
 
 
-def causal_bias(T, device, dtype=torch.float32):
-    """(T, T) additive mask, 0 where query i sees key j <= i and -inf where the key comes after it.
-
-    Adding it to finite scores before a softmax masks them as masked_fill would, several times faster on a CPU,
-    forward and backward.
-    """
-    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(diagonal=1)  # zeroes what lies below
-
-
 def dense_gat(conv, x, cache=None):
     """Output of the PyG layer conv for the tokens x (B, T, C_in) on the causal graph, as (B, T, C_out).
 
-    With a cache (a models.LayerCache), x holds only the new tokens: their per-token terms are written into the
+    With a cache (a decoder.LayerCache), x holds only the new tokens: their per-token terms are written into the
     cache, and the queries attend over the cached terms of every token so far, so each new token costs work
     linear in the context.
     """
     B, T, _ = x.shape
     H, C = conv.heads, conv.out_channels
-    heads = lambda t: t.view(B, T, H, C).transpose(1, 2)  # (B, T, H*C) -> (B, H, T, C)
+    def heads(t):
+        return t.view(B, T, H, C).transpose(1, 2)  # (B, T, H*C) -> (B, H, T, C)
     if type(conv) is pyg_nn.GATConv:
         h = heads(conv.lin(x))
         a_src = (h * conv.att_src.view(1, H, 1, C)).sum(-1)  # (B, H, T)
