@@ -1,7 +1,7 @@
-"""Print the README table of PyG convolutions that do and do not work as the token mixer, or write it into README.md.
+"""Print the table of PyG convolutions that do and do not work as the token mixer, or write it into docs/layers.md.
 
     python scripts/layer_table.py            # print the Markdown table
-    python scripts/layer_table.py --write    # replace the table between its markers in README.md
+    python scripts/layer_table.py --write    # replace the table between its markers in docs/layers.md
 """
 import argparse
 import sys
@@ -30,18 +30,18 @@ def layer_table(records):
     return f"{BEGIN}\n{summary}\n\n{refused}{END}"
 
 
-def replace_table(readme_text, table):
-    """readme_text with the block from BEGIN to END replaced by table."""
-    start, end = readme_text.find(BEGIN), readme_text.find(END)
+def replace_table(text, table):
+    """text with the block from BEGIN to END replaced by table."""
+    start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
-        raise SystemExit(f"error: the README has no block from {BEGIN!r} to {END!r}; add those two lines")
-    return readme_text[:start] + table + readme_text[end + len(END):]
+        raise SystemExit(f"error: the file has no block from {BEGIN!r} to {END!r}; add those two lines")
+    return text[:start] + table + text[end + len(END):]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", nargs="?", const=str(ROOT / "README.md"), metavar="README",
-                        help="replace the table in this file (default: README.md) instead of printing it")
+    parser.add_argument("--write", nargs="?", const=str(ROOT / "docs" / "layers.md"), metavar="FILE",
+                        help="replace the table in this file (default: docs/layers.md) instead of printing it")
     args = parser.parse_args()
     table = layer_table(layer_support())
     if args.write is None:
