@@ -1,17 +1,24 @@
-"""Benchmark training steps and generation of every model and backend, side by side in one process.
+"""Benchmark training steps and generation of every model, backend and context graph, side by side in one process.
 
     python bench.py                      # the preset of this device (cpu on a CPU, paper on CUDA)
     python bench.py --preset paper --device cuda --iters 20 --json
+    python bench.py --device cpu --graphs full,window:64 --block_size 1024 --batch_size 4 --n_embd 128 --n_head 4 \\
+        --n_layer 4 --models gpt,GATConv,GATv2Conv/fast,no-mixer --gen_repeats 0
+    python bench.py --pos rel --graphs window:16 --block_size 128 --models gpt,GATConv/fast,GATv2Conv/fast \\
+        --iters 1 --gen_length 5000 --gen_repeats 1
 
-Training: each round times one AdamW step of every model in turn (random tokens at the preset's batch and
-block size, vocabulary 65), so that load on the machine hits all of them alike; the table reports medians.
-"no-mixer" is the GPT without token mixing: what every model spends outside attention, the floor of any backend.
-Peak memory is that of one training step: torch.cuda.max_memory_allocated on CUDA, the PyTorch profiler's
-memory timeline on the CPU. Generation: 500 characters from one start token, with the cached decoder and with
-the lecture's sampler (a full forward pass over the last block_size tokens for every character), both exact;
-medians of --gen_repeats rounds that each run every model in turn. It runs in float32 whatever --dtype says,
-as sample.py does.
+Training: each round times one AdamW step of every model in turn (random tokens, vocabulary 65, at the preset's
+shape or the one the flags give), so that load on the machine hits all of them alike; the table reports medians.
+Every model but the bigram runs on each graph of --graphs with each kind of positions of --pos. "no-mixer" is
+the GPT without token mixing: what every model spends outside attention, the floor of any backend. Peak memory
+is that of one training step: torch.cuda.max_memory_allocated on CUDA, the PyTorch profiler's memory timeline
+on the CPU. Generation: --gen_length characters from one start token, with the cached decoder and with the
+lecture's sampler (a full forward pass over the last block_size tokens for every character), both exact;
+medians of --gen_repeats rounds that each run every model in turn, after one untimed round (it compiles the GATv2
+kernel for the shapes of decoding); the time of the first and last fifth of the cached generation shows whether
+a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does.
 """
+import itertools
 import json
 import statistics
 import sys
@@ -21,19 +28,21 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from gnngpt.cli import ArgumentParser, check_dtype, resolve_device
+from gnngpt.cli import ArgumentParser, check_dtype, graph_list, position_list, resolve_device
 from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
+from gnngpt.graph import graph_spec, parse_graph
 from gnngpt.mixers import GAT_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, GPTConfig
-from gnngpt.sampling import generate
+from gnngpt.sampling import sample_tokens
 from gnngpt.train import autocast, make_optimizer, synchronize
 
 VOCAB_SIZE = 65  # tinyshakespeare's
 MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"),
           ("GATv2Conv", "fast"), ("GATv2Conv", "pyg"), ("no-mixer", "-")]
-GENERATION_MODELS = [("gpt", "-"), ("GATConv", "fast"), ("GATv2Conv", "fast")]
-GENERATION_LENGTH = 500
+GRAPHLESS = {"bigram", "no-mixer"}  # benchmarked once, not per graph
+GENERATORS = [("gpt", "-"), ("GATConv", "fast"), ("GATv2Conv", "fast")]
+SHAPE_FLAGS = ("block_size", "batch_size", "n_embd", "n_head", "n_layer")
 
 
 class NoMixer(torch.nn.Module):
@@ -44,7 +53,7 @@ class NoMixer(torch.nn.Module):
 
 
 def build(name, backend, settings, device):
-    """A freshly initialised model of the preset's size, in training mode on device.
+    """A freshly initialised model of the settings' size, graph and positions, in training mode on device.
 
     "no-mixer" is the GPT with every token mixer replaced by NoMixer: its step time (embeddings, layer norms,
     feed-forward nets, head, loss, optimizer) is a floor that no attention backend can go below.
@@ -62,17 +71,18 @@ def build(name, backend, settings, device):
 
 
 class TrainingBench:
-    """One model, its optimizer and a fixed random batch, stepped and timed on demand."""
+    """One model on one graph, its optimizer and a fixed random batch, stepped and timed on demand."""
 
     def __init__(self, name, backend, settings, device, dtype, compile_model):
         self.name, self.backend, self.device, self.dtype = name, backend, device, dtype
-        s = settings["bigram" if name == "bigram" else "gpt"]
-        self.tokens = s["batch_size"] * s["block_size"]
-        self.model = build(name, backend, s, device)
+        self.graph, self.pos = ("-", "-") if name in GRAPHLESS else (settings["graph"], settings["pos"])
+        self.tokens = settings["batch_size"] * settings["block_size"]
+        self.model = build(name, backend, settings, device)
         if compile_model:
             self.model.compile()
-        self.optimizer = make_optimizer(self.model, s["learning_rate"])
-        self.x, self.y = torch.randint(VOCAB_SIZE, (2, s["batch_size"], s["block_size"]), device=device)
+        self.optimizer = make_optimizer(self.model, settings["learning_rate"])
+        self.x, self.y = torch.randint(VOCAB_SIZE, (2, settings["batch_size"], settings["block_size"]),
+                                       device=device)
         self.times = []
 
     def step(self):
@@ -107,111 +117,200 @@ class TrainingBench:
             return None
         return max(sum(s) for s in sizes) / 2**20
 
-    def row(self, preset):
+    def row(self, common):
         ms = statistics.median(self.times) * 1e3
         peak = self.peak_memory_mb()
-        return {"model": self.name, "backend": self.backend, "preset": preset, "device": str(self.device),
-                "dtype": self.dtype, "task": "train", "ms_per_iter": round(ms, 2),
+        return {"model": self.name, "backend": self.backend, "graph": self.graph, "pos": self.pos, **common,
+                "task": "train", "dtype": self.dtype, "ms_per_iter": round(ms, 2),
                 "tokens_per_s": round(self.tokens / ms * 1e3, 1),
                 "peak_mem_mb": None if peak is None else round(peak, 1)}
 
 
-def time_generation(model, device, use_cache):
+def time_generation(model, device, use_cache, length):
+    """Seconds to generate length characters from one start token, and the seconds of its first and last fifth."""
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
+    fifth = max(1, length // 5)
+    stamps = []
     synchronize(device)
     t0 = time.perf_counter()
-    generate(model, start, GENERATION_LENGTH, generator=None, use_cache=use_cache)
-    synchronize(device)
-    return time.perf_counter() - t0
+    for i, _ in enumerate(sample_tokens(model, start, length, use_cache=use_cache)):
+        if i + 1 in (fifth, length - fifth, length):
+            synchronize(device)
+            stamps.append(time.perf_counter() - t0)
+    first, before_last, total = stamps if len(stamps) == 3 else (stamps[0], 0.0, stamps[-1])
+    return total, first, total - before_last
 
 
-def bench_generation(preset, settings, device, repeats):
-    """Each round generates with every model in turn, cached then with the lecture's sampler, as the training
-    rounds alternate."""
-    models = [build(name, backend, settings["gpt"], device).eval() for name, backend in GENERATION_MODELS]
-    times = {(i, use_cache): [] for i in range(len(models)) for use_cache in (True, False)}
-    for _ in tqdm(range(repeats), desc="generation rounds", leave=False):
-        for i, model in enumerate(models):
-            for use_cache in (True, False):
-                times[i, use_cache].append(time_generation(model, device, use_cache))
+def bench_generation(configs, device, length, repeats, common):
+    """Each round generates with every model on every graph in turn, cached then with the lecture's sampler, as
+    the training rounds alternate; one untimed round comes first."""
+    models = [(name, backend, s, build(name, backend, s, device).eval()) for s in configs
+              for name, backend in GENERATORS if (name, backend) in s["models"]]
+    times = {(i, cached): [] for i in range(len(models)) for cached in (True, False)}
+    for round_ in tqdm(range(repeats + 1), desc="generation rounds", leave=False):
+        for i, (*_, model) in enumerate(models):
+            for cached in (True, False):
+                measured = time_generation(model, device, cached, length)
+                if round_:
+                    times[i, cached].append(measured)
     rows = []
-    for i, (name, backend) in enumerate(GENERATION_MODELS):
-        cached, full = (round(statistics.median(times[i, c]) * 1e3, 1) for c in (True, False))
-        rows.append({"model": name, "backend": backend, "preset": preset, "device": str(device),
-                     "dtype": "float32", "task": "generate", "chars": GENERATION_LENGTH, "cached_ms": cached,
-                     "full_ms": full, "cached_chars_per_s": round(GENERATION_LENGTH / cached * 1e3, 1),
-                     "full_chars_per_s": round(GENERATION_LENGTH / full * 1e3, 1),
-                     "speedup": round(full / cached, 2)})
+    for i, (name, backend, s, _) in enumerate(models):
+        (cached, first, last), (full, _, _) = (
+            [round(statistics.median(t[k] for t in times[i, c]) * 1e3, 1) for k in range(3)] for c in (True, False))
+        rows.append({"model": name, "backend": backend, "graph": s["graph"], "pos": s["pos"], **common,
+                     "task": "generate", "dtype": "float32", "chars": length, "cached_ms": cached, "full_ms": full,
+                     "cached_chars_per_s": round(length / cached * 1e3, 1),
+                     "full_chars_per_s": round(length / full * 1e3, 1), "speedup": round(full / cached, 2),
+                     "cached_first_fifth_ms": first, "cached_last_fifth_ms": last})
     return rows
 
 
-def ratios(train_rows):
-    """Each (description, measured value) that compares two training rows."""
-    ms = {(r["model"], r["backend"]): r["ms_per_iter"] for r in train_rows}
-    mem = {(r["model"], r["backend"]): r["peak_mem_mb"] for r in train_rows}
-    rows = [
-        ("GATConv fast speed-up over pyg", ms["GATConv", "pyg"] / ms["GATConv", "fast"]),
-        ("GATv2Conv fast speed-up over pyg", ms["GATv2Conv", "pyg"] / ms["GATv2Conv", "fast"]),
-        ("GATConv fast time / gpt time", ms["GATConv", "fast"] / ms["gpt", "-"]),
-        ("GATv2Conv fast time / gpt time", ms["GATv2Conv", "fast"] / ms["gpt", "-"]),
-        ("GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg",
-         ms["GATConv", "pyg"] / ms["no-mixer", "-"]),
-    ]
-    if mem["GATv2Conv", "fast"] is not None:
-        rows.append(("GATv2Conv fast peak memory / pyg", mem["GATv2Conv", "fast"] / mem["GATv2Conv", "pyg"]))
-    return rows
+WITHIN = [  # (description, numerator, denominator) of training times on one graph
+    ("GATConv fast speed-up over pyg", ("GATConv", "pyg"), ("GATConv", "fast")),
+    ("GATv2Conv fast speed-up over pyg", ("GATv2Conv", "pyg"), ("GATv2Conv", "fast")),
+    ("GATConv fast time / gpt time", ("GATConv", "fast"), ("gpt", "-")),
+    ("GATv2Conv fast time / gpt time", ("GATv2Conv", "fast"), ("gpt", "-")),
+]
 
 
-def main(argv=None):
+def ratios(train_rows, gen_rows):
+    """Each (description, measured value) that compares two measurements of this run."""
+    out = []
+    graphed = [r for r in train_rows if r["graph"] != "-"]
+    floor = {r["model"]: r["ms_per_iter"] for r in train_rows if r["model"] == "no-mixer"}
+    configs = list(dict.fromkeys((r["graph"], r["pos"]) for r in graphed))
+    for graph, pos in configs:
+        rows = {(r["model"], r["backend"]): r for r in graphed if (r["graph"], r["pos"]) == (graph, pos)}
+        for text, a, b in WITHIN:
+            if a in rows and b in rows:
+                out.append((f"{text} [{graph} {pos}]", rows[a]["ms_per_iter"] / rows[b]["ms_per_iter"]))
+        if ("GATv2Conv", "fast") in rows and ("GATv2Conv", "pyg") in rows and rows["GATv2Conv", "pyg"]["peak_mem_mb"]:
+            out.append((f"GATv2Conv fast peak memory / pyg [{graph} {pos}]",
+                        rows["GATv2Conv", "fast"]["peak_mem_mb"] / rows["GATv2Conv", "pyg"]["peak_mem_mb"]))
+        if ("GATConv", "pyg") in rows and floor:
+            out.append((f"GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg "
+                        f"[{graph} {pos}]", rows["GATConv", "pyg"]["ms_per_iter"] / floor["no-mixer"]))
+    first_graph = configs[0][0] if configs else None  # each other graph against it, with the same positions
+    base = {(r["model"], r["backend"], r["pos"]): r for r in graphed if r["graph"] == first_graph}
+    for r in graphed:
+        b = base.get((r["model"], r["backend"], r["pos"]))
+        if b is None or r["graph"] == first_graph:
+            continue
+        where = f"{r['model']} {r['backend']} on {r['graph']} {r['pos']} / on {b['graph']} {b['pos']}"
+        out.append((f"{where}: tokens per second", r["tokens_per_s"] / b["tokens_per_s"]))
+        if r["peak_mem_mb"] and b["peak_mem_mb"]:
+            out.append((f"{where}: peak memory", r["peak_mem_mb"] / b["peak_mem_mb"]))
+    for r in gen_rows:
+        out.append((f"{r['model']} {r['backend']} [{r['graph']} {r['pos']}]: cached generation, last fifth / "
+                    f"first fifth", r["cached_last_fifth_ms"] / r["cached_first_fifth_ms"]))
+    return out
+
+
+def selected_models(text):
+    """The (model, backend) pairs of --models: names such as gpt, GATConv (both backends) or GATConv/pyg."""
+    names = {name: [(m, b) for m, b in MODELS if m == name] for name, _ in MODELS}
+    names |= {f"{m}/{b}": [(m, b)] for m, b in MODELS if b != "-"}
+    chosen = []
+    for item in (part.strip() for part in text.split(",")):
+        if item not in names:
+            raise UsageError(f"--models: unknown model {item!r}; choose among {', '.join(names)}")
+        chosen += names[item]
+    return [m for m in MODELS if m in chosen]
+
+
+def build_parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=("auto", "cpu", "paper"), default="auto",
                    help="model and batch shapes: auto picks paper on CUDA, cpu otherwise (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    for flag in SHAPE_FLAGS:
+        p.add_argument(f"--{flag}", type=int, help="overrides the preset's (default: the preset's)")
+    p.add_argument("--models", default=",".join(dict.fromkeys(m for m, _ in MODELS)),
+                   help="comma-separated: bigram, gpt, GATConv, GATv2Conv (both backends), GATConv/fast, "
+                        "GATConv/pyg, GATv2Conv/fast, GATv2Conv/pyg, no-mixer (default: all)")
+    p.add_argument("--graphs", default="full", metavar="SPEC,...",
+                   help="context graphs, comma-separated, a per-layer list in brackets (default: full)")
+    p.add_argument("--pos", default="abs", metavar="abs,rel", help="positions, comma-separated (default: abs)")
     p.add_argument("--iters", type=int, default=10, help="timed training steps per model (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default: 3)")
-    p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per model and mode (default: 3)")
+    p.add_argument("--gen_length", type=int, default=500, help="characters per generation (default: 500)")
+    p.add_argument("--gen_repeats", type=int, default=3,
+                   help="timed generations per model and mode; 0 skips generation (default: 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast the forward passes to bf16 (CUDA only; default: float32)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per result row")
-    return exit_code(run, p.parse_args(argv))
+    return p
+
+
+def main(argv=None):
+    return exit_code(run, build_parser().parse_args(argv))
+
+
+def check_counts(args):
+    for key in ("iters", "gen_length", *(f for f in SHAPE_FLAGS if getattr(args, f) is not None)):
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    for key in ("warmup", "gen_repeats"):
+        if getattr(args, key) < 0:
+            raise UsageError(f"--{key} must be zero or more, got {getattr(args, key)}")
+
+
+def configurations(args, preset):
+    """The settings of each benchmarked (graph, positions), each with the (model, backend) pairs it runs."""
+    base = dict(PRESETS[preset]["gpt"], **{f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f) is not None})
+    if base["n_embd"] % base["n_head"]:
+        raise UsageError(f"n_embd {base['n_embd']} is not divisible by n_head {base['n_head']}; "
+                         f"choose --n_embd as a multiple of --n_head")
+    models = selected_models(args.models)
+    configs = []
+    for i, (graph, pos) in enumerate(itertools.product(graph_list(args.graphs), position_list(args.pos))):
+        runs = [m for m in models if i == 0 or m[0] not in GRAPHLESS]  # graphless models: once
+        configs.append(dict(base, graph=graph_spec(parse_graph(graph, base["n_layer"])), pos=pos, models=runs))
+    bigram = dict(PRESETS[preset]["bigram"], **{f: getattr(args, f) for f in ("block_size", "batch_size")
+                                                if getattr(args, f) is not None})
+    return configs, bigram
 
 
 def run(args):
-    for key in ("iters", "gen_repeats"):
-        if getattr(args, key) <= 0:
-            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be zero or more, got {args.warmup}")
+    check_counts(args)
     device = resolve_device(args.device)
     check_dtype(args.dtype, device)
     preset = resolve_preset(args.preset, device)
-    settings = PRESETS[preset]
-    print(f"preset {preset}, device {device}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    configs, bigram = configurations(args, preset)
+    shape = configs[0]
+    print(f"preset {preset} (block {shape['block_size']}, batch {shape['batch_size']}, width {shape['n_embd']}, "
+          f"{shape['n_head']} heads, {shape['n_layer']} layers), device {device}, {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    common = {"preset": preset, "device": str(device), "block_size": shape["block_size"],
+              "batch_size": shape["batch_size"]}
 
-    benches = [TrainingBench(n, b, settings, device, args.dtype, args.compile) for n, b in MODELS]
+    benches = [TrainingBench(name, backend, bigram if name == "bigram" else s, device, args.dtype, args.compile)
+               for s in configs for name, backend in s["models"]]
     for bench in tqdm(benches, desc="warm-up", leave=False):
         for _ in range(args.warmup):
             bench.step()
     for _ in tqdm(range(args.iters), desc="training steps", leave=False):
         for bench in benches:
             bench.timed_step()
-    train_rows = [b.row(preset) for b in benches]
+    train_rows = [b.row(common) for b in benches]
     del benches
-    gen_rows = bench_generation(preset, settings, device, args.gen_repeats)
+    gen_rows = bench_generation(configs, device, args.gen_length, args.gen_repeats, common) if args.gen_repeats else []
 
-    print("\n| model | backend | ms/iter | tokens/s | peak MiB |\n| --- | --- | --- | --- | --- |")
+    print("\n| model | backend | graph | pos | ms/iter | tokens/s | peak MiB |\n" + "| --- " * 7 + "|")
     for r in train_rows:
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
-        print(f"| {r['model']} | {r['backend']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:,.0f} | {peak} |")
-    print(f"\n| generate {GENERATION_LENGTH} chars | cached ms | cached chars/s | lecture's sampler ms | "
-          f"lecture's sampler chars/s | speed-up |\n| --- | --- | --- | --- | --- | --- |")
-    for r in gen_rows:
-        print(f"| {r['model']} {r['backend']} | {r['cached_ms']:.0f} | {r['cached_chars_per_s']:.0f} | "
-              f"{r['full_ms']:.0f} | {r['full_chars_per_s']:.0f} | {r['speedup']:.2f}x |")
+        print(f"| {r['model']} | {r['backend']} | {r['graph']} | {r['pos']} | {r['ms_per_iter']:.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {peak} |")
+    if gen_rows:
+        print(f"\n| generate {args.gen_length} chars | graph | pos | cached ms | cached chars/s | "
+              f"lecture's sampler ms | lecture's sampler chars/s | speed-up |\n" + "| --- " * 8 + "|")
+        for r in gen_rows:
+            print(f"| {r['model']} {r['backend']} | {r['graph']} | {r['pos']} | {r['cached_ms']:.0f} | "
+                  f"{r['cached_chars_per_s']:.0f} | {r['full_ms']:.0f} | {r['full_chars_per_s']:.0f} | "
+                  f"{r['speedup']:.2f}x |")
     print("\n| ratio | measured |\n| --- | --- |")
-    for text, value in ratios(train_rows):
+    for text, value in ratios(train_rows, gen_rows):
         print(f"| {text} | {value:.2f} |")
     if args.json:
         for r in train_rows + gen_rows:

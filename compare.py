@@ -2,6 +2,7 @@
 
     python compare.py                                   # bigram, gpt, GATConv and GATv2Conv
     python compare.py --models all-layers --max_iters 500   # the layer leaderboard
+    python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
 """
 import shlex
 import sys
@@ -16,9 +17,9 @@ from gnngpt.data import DEFAULT_DATA
 from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.files import atomic_write_text
 from gnngpt.mixers import parse_layer_kwargs
-from gnngpt.plots import plot_leaderboard, plot_val_loss
-from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
-from gnngpt.rundir import holds_run, is_finished, read_config
+from gnngpt.plots import plot_graph_study, plot_leaderboard, plot_val_loss
+from gnngpt.results import graph_study_table, leaderboard_table, load_run_model, results_table, run_summary
+from gnngpt.rundir import holds_run, is_finished, read_config, run_name
 from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
@@ -37,6 +38,11 @@ def build_parser():
                    help=f"comma-separated: bigram, gpt, a PyG layer name such as GATConv, or {ALL_LAYERS} "
                         f"(every layer that works as a token mixer, ranked in a leaderboard) "
                         f"(default: {DEFAULT_MODELS})")
+    p.add_argument("--graphs", default="full", metavar="SPEC,...",
+                   help="comma-separated context graphs, each model (but the bigram) trained on each; a per-layer "
+                        "list goes in brackets, as in full,window:16,[window:4,window:16] (default: full)")
+    p.add_argument("--pos", default="abs", metavar="abs,rel",
+                   help="comma-separated positions (abs, rel), each model trained with each (default: abs)")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="hyperparameters of every run, as in the training scripts (default: auto)")
     p.add_argument("--max_iters", type=int, help="training steps of every run (default: from --preset)")
@@ -44,7 +50,7 @@ def build_parser():
                    help="where to train; auto picks cuda when available (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed of every run (default: {SEED})")
-    p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<model> (default: runs)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<run name> (default: runs)")
     p.add_argument("--out", default="plots", metavar="DIR",
                    help="where val_loss.png, results.md and the leaderboard go (default: plots)")
     p.add_argument("--overwrite", action="store_true",
@@ -91,8 +97,11 @@ def main(argv=None):
 
 def run(args, extra, argv):
     names, layer_records = model_names(args.models)
+    graphs, positions = cli.graph_list(args.graphs), cli.position_list(args.pos)
     passed = pass_through_flags(extra)
-    runs = [plan_run(name, args, passed[script_for(name)]) for name in names]  # checks everything before training
+    runs = [plan_run(name, graph, pos, args, passed[script_for(name)])  # checks everything before training
+            for name in names for graph, pos in placements(name, graphs, positions)]
+    runs = list({r.name: r for r in runs}.values())
     states = {r.name: r.state() for r in runs}
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
@@ -123,10 +132,12 @@ def run(args, extra, argv):
 
     summaries = [run_summary(r.out_dir) for r in done]
     out = Path(args.out)
-    if summaries and layer_records is None:
-        write_comparison(summaries, out, argv)
-    elif summaries:  # all-layers: the leaderboard instead, so that the comparison's plot and table stay
+    if summaries and layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
         write_leaderboard(summaries, layer_records, failed, out, argv)
+    elif summaries and len(graphs) * len(positions) > 1:  # a graph study, likewise
+        write_graph_study(summaries, out, argv)
+    elif summaries:
+        write_comparison(summaries, out, argv)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)
@@ -144,6 +155,13 @@ def model_names(models):
     for m in requested:
         names += [r.name for r in records if r.works] if m == ALL_LAYERS else [m]
     return list(dict.fromkeys(names)), records
+
+
+def placements(name, graphs, positions):
+    """The (graph, positions) pairs a model trains with: each of them, or none for the bigram, which has neither."""
+    if not script_for(name).has_model_size:
+        return [(None, None)]
+    return [(graph, pos) for graph in graphs for pos in positions]
 
 
 def pass_through_flags(extra):
@@ -171,29 +189,32 @@ def pass_through_flags(extra):
     return passed
 
 
-def plan_run(name, args, extra):
-    """The training run of one model, its arguments checked as the training script would check them."""
-    script = script_for(name)
-    out_dir = Path(args.runs) / name
-    argv = [*(["--gat_version", name] if script.graph_layer else []), "--out_dir", str(out_dir),
+def plan_run(model, graph, pos, args, extra):
+    """The training run of one model on one graph with one kind of positions (None for the bigram), its arguments
+    checked as the training script would check them."""
+    script = script_for(model)
+    argv = [*(["--gat_version", model] if script.graph_layer else []),
+            *(["--graph", graph, "--pos", pos] if script.has_model_size else []),
             "--preset", args.preset, "--device", args.device, "--seed", str(args.seed),
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
-    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", name), training_args.resume)
-    if set_by_compare != (str(out_dir), name, False):
+    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume)
+    if set_by_compare != (None, model, False):
         raise UsageError("a training flag abbreviates --out_dir, --gat_version or --resume, which compare.py sets "
                          "itself; write training flags in full")
     if script.graph_layer:
-        guard.check_layer_name(name)
+        guard.check_layer_name(model)
     device = cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
+    name = run_name(model, settings)
+    out_dir = Path(args.runs) / name
     expected = {"name": name, "settings": settings, "seed": args.seed, "preset": preset, "device": str(device),
                 "data": str(args.data or DEFAULT_DATA)}
     if script.graph_layer:
-        expected["model_config"] = {"mixer": name, "backend": training_args.backend,
+        expected["model_config"] = {"mixer": model, "backend": training_args.backend,
                                     "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}
-    return Run(name, script, argv, out_dir, expected)
+    return Run(name, script, [*argv, "--out_dir", str(out_dir)], out_dir, expected)
 
 
 def write_missing_sample(run, seed):
@@ -239,6 +260,16 @@ def write_leaderboard(summaries, records, failed, out, argv):
         text += "\nNot ranked:\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in left_out)
     atomic_write_text(out / "leaderboard.md", text)
     print(f"wrote {out / 'leaderboard.png'} and {out / 'leaderboard.md'}")
+
+
+def write_graph_study(summaries, out, argv):
+    """Validation loss against edges per token and against training speed, one point per model, graph and
+    positions, with the table behind it."""
+    plot_graph_study(summaries, out / "graphs.png", f"Context graphs ({describe(summaries)})")
+    text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n"
+            f"{graph_study_table(summaries)}")
+    atomic_write_text(out / "graphs.md", text)
+    print(f"wrote {out / 'graphs.png'} and {out / 'graphs.md'}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UsageError
-from .graph import causal_bias, causal_edge_index
-from .mixers import GAT_LAYERS
+from .mixers import GAT_LAYERS, run_conv
 from .models import CausalSelfAttention
 
 
@@ -51,22 +50,25 @@ def mixer_attention(mixer, x):
     """The attention weights (B, H, T, T) of one token mixer on its input x (B, T, C)."""
     if isinstance(mixer, CausalSelfAttention):
         return self_attention_weights(mixer, x)
-    return graph_attention_weights(mixer.conv, x)
+    return graph_attention_weights(mixer, x)
 
 
 def self_attention_weights(attn, x):
-    """softmax(q k^T * hs^-0.5) over earlier tokens for each head of a CausalSelfAttention."""
+    """softmax(q k^T * hs^-0.5 [+ distance bias]) over each query's edges, for each head of a CausalSelfAttention."""
     T = x.size(1)
     q, k, _ = attn.heads(x)  # (B, H, T, hs)
-    scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, H, T, T)
-    return F.softmax(scores + causal_bias(T, x.device, scores.dtype), dim=-1)
+    scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5 + attn.graph.bias(T, x.device, q.dtype)  # (B, H, T, T)
+    if attn.distance_bias is not None:
+        i, j = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
+        scores = scores + attn.distance_bias[:, (i - j).clamp(min=0)]
+    return F.softmax(scores, dim=-1)
 
 
-def graph_attention_weights(conv, x):
-    """The per-edge attention of a PyG layer on the causal graph, scattered into (B, H, T, T)."""
+def graph_attention_weights(mixer, x):
+    """The per-edge attention of a GraphMixer's PyG layer on its graph, scattered into (B, H, T, T)."""
     B, T, C = x.shape
-    _, (edge_index, alpha) = conv(x.reshape(B * T, C), causal_edge_index(B, T, x.device),
-                                  return_attention_weights=True)
+    _, (edge_index, alpha) = run_conv(mixer.conv, x.reshape(B * T, C), mixer.graph.edge_index(B, T, x.device),
+                                      mixer.block_size, return_attention_weights=True)
     alpha = alpha.view(edge_index.size(1), -1)  # (E, H)
     src, dst = edge_index  # the layer's own edges: its self-loops replace the graph's
     maps = x.new_zeros(B, T, T, alpha.size(1))

@@ -2,6 +2,7 @@
 import argparse
 import math
 import platform
+import re
 import shlex
 import sys
 from dataclasses import asdict
@@ -13,10 +14,11 @@ from . import distributed
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
+from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .rundir import open_run_dir
+from .rundir import open_run_dir, run_name
 from .sampling import write_model_output
 from .train import Interrupted, train
 
@@ -54,6 +56,12 @@ def build_parser(script):
         p.add_argument("--n_head", type=int, help=f"attention heads; must divide n_embd {preset_help}")
         p.add_argument("--n_layer", type=int, help=f"blocks {preset_help}")
         p.add_argument("--dropout", type=float, help=f"dropout probability in [0, 1) {preset_help}")
+        p.add_argument("--graph", default="full", metavar="SPEC",
+                       help=f"which earlier tokens each token receives messages from: {GRAPH_HELP} "
+                            f"(default: full, every earlier token, as in the original)")
+        p.add_argument("--pos", choices=("abs", "rel"), default="abs",
+                       help="abs: learned position embeddings (the original); rel: none, each edge carries the "
+                            "distance between its tokens instead (default: abs)")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train; auto picks cuda when available (default: auto)")
@@ -80,6 +88,24 @@ def build_parser(script):
                    help="bfloat16: autocast the forward passes to bf16, for CUDA GPUs that support it "
                         "(default: float32)")
     return p
+
+
+def graph_list(text):
+    """The graph specs of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph)."""
+    specs = [(listed or spec).strip() for listed, spec in re.findall(r"\[([^\]]*)\]|([^,\[\]]+)", text)]
+    specs = [s for s in specs if s]
+    if not specs:
+        raise UsageError(f"--graphs {text!r} names no graph; give a comma-separated list such as full,window:16")
+    return list(dict.fromkeys(specs))
+
+
+def position_list(text):
+    """The positions of --pos: abs, rel or both, comma-separated."""
+    positions = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in positions if p not in ("abs", "rel")]
+    if bad or not positions:
+        raise UsageError(f"--pos {text!r}: give abs, rel or abs,rel")
+    return list(dict.fromkeys(positions))
 
 
 def resolve_device(requested):
@@ -113,6 +139,8 @@ def resolve_settings(script, args, device):
             f"n_embd {settings['n_embd']} is not divisible by n_head {settings['n_head']}; "
             f"choose --n_embd as a multiple of --n_head"
         )
+    if script.has_model_size:
+        settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"])), pos=args.pos)
     check_dtype(args.dtype, device)
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
@@ -151,12 +179,13 @@ def run(script, args):
     if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
-    name = script.model_name(args)
+    model_name = script.model_name(args)
     if script.graph_layer:
-        check_layer_name(name)
+        check_layer_name(model_name)
     mixer_kwargs = parse_layer_kwargs(args.gnn_kwargs) if script.graph_layer else {}
     device = distributed.setup(resolve_device(args.device))  # under torchrun: join the process group
     preset, settings = resolve_settings(script, args, device)
+    name = run_name(model_name, settings)
     print(f"{name}: preset {preset}, device {device}")
 
     text = load_text(args.data)
@@ -166,7 +195,7 @@ def run(script, args):
     sampler = BatchSampler(train_data, val_data, settings["block_size"], settings["batch_size"], device, seed)
 
     torch.manual_seed(seed)
-    model_cfg = model_config(script, name, args, settings, tokenizer.vocab_size, mixer_kwargs)
+    model_cfg = model_config(script, model_name, args, settings, tokenizer.vocab_size, mixer_kwargs)
     model = build_model(script.arch, asdict(model_cfg)).to(device)
     if settings["compile"]:
         model.compile()  # compiles forward in place: state_dict keys and checkpoints stay the same
@@ -175,6 +204,8 @@ def run(script, args):
     if script.graph_layer:
         dense = model.blocks[0].mixer.dense
         print(f"backend: {'fast (masked dense attention)' if dense else 'pyg (message passing)'}")
+    if script.has_model_size:
+        print(f"graph: {settings['graph']}, positions: {settings['pos']}")
 
     out_dir = Path(args.out_dir or Path("runs") / name)
     config = {

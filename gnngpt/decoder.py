@@ -1,40 +1,46 @@
-"""Cached decoding: the key/value cache of every layer, and a decoder that computes what the lecture's sampler computes.
+"""Cached decoding: each layer's per-token tensors kept between steps, and a decoder that computes exactly what
+the lecture's sampler computes.
 
 The lecture's sampler predicts each token from one forward pass over the last block_size tokens. CachedDecoder
-gives the same logits at every step with less work: while the sequence fits the context, each new token's
-per-token tensors are appended to a KVCache and only the new token is computed; beyond, learned absolute
-positions shift under every token, so the window of the last block_size tokens is recomputed in full.
+gives the same logits at every step with less work. While the sequence fits the context, each new token's
+per-token tensors are appended to a KVCache and only the new token is computed. Beyond, it depends on how
+positions enter: learned absolute positions shift under every token, so the window of the last block_size
+tokens is recomputed in full; with relative positions on graphs that reach at most R < block_size tokens back
+over all layers (window, dilated), a token's states depend on nothing the window drops, so each layer keeps a
+rolling buffer of the tokens its graph reaches and decoding goes on token by token, at a flat cost, forever.
 """
 import torch
 
 from .distributed import is_distributed
-from .graph import causal_bias
+
+PIECE = 16  # tokens per pass when a prompt fills rolling buffers: each layer holds its reach plus one piece
 
 
 class KVCache:
-    """The per-token tensors of every layer for up to capacity tokens, in buffers of a fixed size.
+    """Per-layer buffers of the tokens' per-token tensors, and the position of the token in each slot.
 
-    A forward pass with the cache writes the tensors of its tokens at the next free positions and attends over
-    every slot, through a mask that hides each query's later slots (and those never written). So every decoding
-    step has the same shapes and keeps its state in the same tensors, and on CUDA it can be captured once and
-    replayed as a CUDA graph: the next free position lives on the device, where the step itself advances it.
-    The caller keeps the number of tokens within capacity: past it, the position is only known on the device,
-    and an index out of range fails there (on CUDA, as an assertion that breaks the CUDA context).
+    Token p goes to slot p % capacity of each layer. A pass writes its tokens' tensors into their slots, then
+    its queries attend over every slot through a mask computed from the positions: the edges of the layer's
+    graph to tokens still held. So every decoding step has the same shapes and keeps its state in the same
+    tensors, and on CUDA it can be captured once and replayed as a CUDA graph: the positions live on the device,
+    where the step itself advances them. A layer's capacity bounds the tokens of one pass, and must hold every
+    token its queries reach: the caller sees to both.
     """
 
-    def __init__(self, n_layer, capacity, device):
-        self.capacity = capacity
-        self.layers = [LayerCache(self) for _ in range(n_layer)]
+    def __init__(self, graphs, capacities, device):
+        slots = {}  # layers of the same graph and capacity share their positions and masks
+        for graph, capacity in zip(graphs, capacities):
+            slots.setdefault((graph, capacity), Slots(graph, capacity, device))
+        self.slots = list(slots.values())
+        self.layers = [LayerCache(slots[key]) for key in zip(graphs, capacities)]
         self.next_position = torch.zeros((), dtype=torch.long, device=device)
-        self.causal_bias = causal_bias(capacity, device)  # row p: the mask of a query at position p
 
     def begin(self, T):
-        """The positions (T,) of the next T tokens; sets the mask of this pass, bias (T, capacity)."""
-        if T > self.capacity:
-            raise ValueError(f"{T} tokens do not fit a cache of {self.capacity}")
-        self.positions = self.next_position + torch.arange(T, device=self.next_position.device)
-        self.bias = self.causal_bias.index_select(0, self.positions)
-        return self.positions
+        """The positions (T,) of the next T tokens; sets every layer's mask for this pass."""
+        positions = self.next_position + torch.arange(T, device=self.next_position.device)
+        for slots in self.slots:
+            slots.begin(positions)
+        return positions
 
     def advance(self, T):
         self.next_position += T
@@ -42,37 +48,69 @@ class KVCache:
     def reset(self):
         """Forget every token: the next pass writes from position 0 (into the same buffers)."""
         self.next_position.zero_()
+        for slots in self.slots:
+            slots.positions.fill_(-1)
+
+
+class Slots:
+    """The position of the token in each of capacity slots (-1: empty), and the mask of the current pass."""
+
+    def __init__(self, graph, capacity, device):
+        self.graph, self.capacity = graph, capacity
+        self.positions = torch.full((capacity,), -1, dtype=torch.long, device=device)
+
+    def begin(self, positions):
+        if positions.numel() > self.capacity:
+            raise ValueError(f"{positions.numel()} tokens do not fit a cache of {self.capacity}")
+        self.index = positions % self.capacity
+        self.positions.index_copy_(0, self.index, positions)
+        i, j = positions[:, None], self.positions[None, :]
+        edge = self.graph.connects(i, j) & (j >= 0)  # (T, capacity)
+        self.bias = torch.zeros(edge.shape, device=edge.device).masked_fill_(~edge, float("-inf"))[None]
+        self.distance = torch.where(edge, i - j, 0)[None]  # (1, T, capacity)
 
 
 class LayerCache:
-    """One layer's buffers in a KVCache."""
+    """One layer's buffers, arranged as a layout (see layout.py): the new tokens' queries against every slot."""
 
-    def __init__(self, cache):
-        self.cache = cache
+    def __init__(self, slots):
+        self.slots = slots
         self.buffers = {}
 
     @property
     def bias(self):
-        """(T, capacity) additive mask of the current pass: 0 where a query sees a slot, -inf elsewhere."""
-        return self.cache.bias
+        """(1, T, capacity) additive mask of the current pass: 0 where a query sees a slot, -inf elsewhere."""
+        return self.slots.bias
 
-    def extend(self, **new):
-        """Write the new tokens' tensors (B, H, T, ...) at their positions; return the whole (B, H, capacity, ...)."""
+    @property
+    def distance(self):
+        """(1, T, capacity) distance from each query to the token in each slot (0 where it sees none)."""
+        return self.slots.distance
+
+    def queries(self, t):
+        return t.unsqueeze(2)  # (B, H, 1, T, ...)
+
+    def keys(self, **new):
+        """Write the new tokens' tensors (B, H, T, ...) into their slots; return the buffers (B, H, 1, slots, ...)."""
         out = []
         for key, value in new.items():
             if key not in self.buffers:
-                shape = (*value.shape[:2], self.cache.capacity, *value.shape[3:])
+                shape = (*value.shape[:2], self.slots.capacity, *value.shape[3:])
                 self.buffers[key] = value.new_zeros(shape)
-            out.append(self.buffers[key].index_copy_(2, self.cache.positions, value))
+            out.append(self.buffers[key].index_copy_(2, self.slots.index, value).unsqueeze(2))
         return out
+
+    def merge(self, out):
+        return out.squeeze(2)  # (B, H, T, C)
 
 
 class CachedDecoder:
-    """Next-token logits of a growing sequence, each computed from its last context_size tokens.
+    """Next-token logits of a growing sequence, each what one forward pass over its last context_size tokens gives.
 
     start(idx) takes the prompt, append(idx_next) each new token; both return the logits of the next token.
-    While the sequence fits the context, the cache takes in only the new tokens. Once it fills the context, every
-    token recomputes the window of the last context_size tokens: one forward pass of a fixed shape.
+    With a rolling cache (relative positions, graphs of reach below context_size) every token takes one cached
+    step. Otherwise tokens take cached steps while the sequence fits the context; once it fills the context,
+    every token recomputes the window of the last context_size tokens: one forward pass of a fixed shape.
 
     On CUDA, with the model in eval mode and no autocast, a pass whose kind and input shape come a second time
     (the one-token step, the full window) is captured as a CUDA graph and replayed from then on: one launch
@@ -82,22 +120,32 @@ class CachedDecoder:
 
     def __init__(self, model):
         self.model = model
+        self.context = model.context_size
+        self.rolling = model.reach is not None and model.reach < self.context
+        if self.rolling:
+            self.piece = min(self.context, PIECE)
+            self.capacities = [g.reach + self.piece for g in model.graphs]
+        else:
+            self.piece = self.context
+            self.capacities = [self.context] * len(model.graphs)
         self.cache = None
         self.shapes_seen = set()
         self.graphs = {}  # (pass, input shape) -> (graph, its input, its output)
 
     def start(self, idx):
         """Take in the prompt idx (B, T), of which the last context_size tokens count; the next-token logits."""
-        self.window = idx[:, -self.model.context_size:]
+        self.window = idx[:, -self.context:]
         if self.cache is None:
-            self.cache = KVCache(len(self.model.blocks), self.model.context_size, idx.device)
+            self.cache = KVCache(self.model.graphs, self.capacities, idx.device)
         self.cache.reset()
-        return self.forward(self.cached_pass, self.window)
+        for piece in self.window.split(self.piece, dim=1):
+            logits = self.forward(self.cached_pass, piece)
+        return logits
 
     def append(self, idx_next):
         """Take in the tokens idx_next (B, 1); the next-token logits."""
-        if self.window.size(1) < self.model.context_size:
-            self.window = torch.cat((self.window, idx_next), dim=1)
+        if self.rolling or self.window.size(1) < self.context:
+            self.window = torch.cat((self.window, idx_next), dim=1)[:, -self.context:]
             return self.forward(self.cached_pass, idx_next)
         self.window = torch.cat((self.window[:, 1:], idx_next), dim=1)
         return self.forward(self.full_pass, self.window)

@@ -1,25 +1,169 @@
-"""The causal context graph: token j sends a message to token i for every j <= i, as edges and as a mask."""
+"""Causal context graphs: which earlier tokens j send a message to token i, as edges and as masks.
+
+Every graph has edges j -> i with j <= i only, the self-loop j = i included. The original model runs on the
+complete causal graph (`full`); the others keep a subset of its edges:
+
+    full          every j <= i
+    window:W      i - W < j <= i                                     (Longformer, Mistral)
+    dilated:W:D   j = i - k*D for k = 0 .. W-1                        (Longformer's dilation)
+    strided:W:S   the window of W, plus every j with (i - j) divisible by S   (Sparse Transformer)
+    sink:G:W      the first G tokens of the sequence, plus the window of W    (attention sinks, StreamingLLM)
+
+A spec is one of these, or a comma-separated list of n_layer of them, one graph per layer.
+"""
 import functools
+from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
 
-@functools.lru_cache(maxsize=16)
-def causal_edge_index(batch_size, seq_len, device="cpu"):
-    """Edges j -> i for all j <= i in each of batch_size sequences of seq_len nodes, node ids offset by b*T.
+KINDS = {"full": (), "window": ("W",), "dilated": ("W", "D"), "strided": ("W", "S"), "sink": ("G", "W")}
+GRAPH_HELP = "full, window:W, dilated:W:D, strided:W:S or sink:G:W, or a comma-separated list of one per layer"
 
-    Returns a (2, batch_size * seq_len * (seq_len + 1) / 2) LongTensor: row 0 holds sources, row 1 targets.
-    Cached per (batch_size, seq_len, device); treat the result as read-only.
-    """
-    dst, src = torch.tril_indices(seq_len, seq_len, device=device)  # dst >= src
+
+@dataclass(frozen=True)
+class ContextGraph:
+    """One causal context graph: its kind and its integer parameters (see KINDS)."""
+
+    kind: str
+    params: tuple = ()
+
+    @property
+    def spec(self):
+        return ":".join([self.kind, *map(str, self.params)])
+
+    def connects(self, i, j):
+        """Whether j -> i is an edge, elementwise over broadcast integer tensors of target and source positions."""
+        d = i - j
+        edge = (d >= 0) & (j >= 0)
+        if self.kind == "window":
+            (W,) = self.params
+            edge &= d < W
+        elif self.kind == "dilated":
+            W, D = self.params
+            edge &= (d % D == 0) & (d < W * D)
+        elif self.kind == "strided":
+            W, S = self.params
+            edge &= (d < W) | (d % S == 0)
+        elif self.kind == "sink":
+            G, W = self.params
+            edge &= (j < G) | (d < W)
+        return edge
+
+    @property
+    def reach(self):
+        """The largest i - j of an edge, or None where it grows with the sequence (full, strided, sink)."""
+        if self.kind == "window":
+            return self.params[0] - 1
+        if self.kind == "dilated":
+            W, D = self.params
+            return (W - 1) * D
+        return None
+
+    @property
+    def sinks(self):
+        """How many first tokens of the sequence every later token sees, beyond its window (sink graphs)."""
+        return self.params[0] if self.kind == "sink" else 0
+
+    @property
+    def window(self):
+        """The largest i - j of the non-sink edges of a sink graph, else reach (None when unbounded)."""
+        return self.params[1] - 1 if self.kind == "sink" else self.reach
+
+    def mask(self, T, device="cpu"):
+        """(T, T) bool: mask[i, j] is whether j -> i is an edge."""
+        positions = torch.arange(T, device=device)
+        return self.connects(positions[:, None], positions[None, :])
+
+    def bias(self, T, device="cpu", dtype=torch.float32):
+        """(T, T) additive mask: 0 on the edges, -inf elsewhere (adding it before a softmax masks the scores)."""
+        return graph_bias(self, T, torch.device(device), dtype)
+
+    def edges_per_token(self, T):
+        """The mean in-degree over a sequence of T tokens."""
+        return self.mask(T).sum().item() / T
+
+    def edge_index(self, batch_size, seq_len, device="cpu"):
+        """(2, E) edges of batch_size sequences of seq_len nodes, node ids offset by b * seq_len; row 0 sources."""
+        return graph_edge_index(self, batch_size, seq_len, torch.device(device))
+
+
+FULL = ContextGraph("full")
+
+
+@functools.lru_cache(maxsize=64)
+def graph_bias(graph, T, device, dtype):
+    mask = graph.mask(T, device)
+    return torch.zeros((T, T), dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def graph_edge_index(graph, batch_size, seq_len, device):
+    """The edges of one sequence, in order of target then source, repeated per sequence. A window-like graph
+    builds them from its candidate sources per target (reach + 1 of them, plus its sinks), so memory grows with
+    the edges; the others from the (T, T) mask."""
+    targets = torch.arange(seq_len, device=device)
+    if graph.reach is not None or graph.kind == "sink":
+        window = torch.arange(graph.window + 1, device=device)
+        candidates = targets[:, None] - window.flip(0)[None, :]  # (T, window + 1): the band, in ascending order
+        if graph.sinks:
+            band = candidates >= graph.sinks  # sinks come from their own columns, once
+            sinks = torch.arange(graph.sinks, device=device).expand(seq_len, -1)
+            candidates = torch.cat((sinks, torch.where(band, candidates, -1)), dim=1)
+        keep = graph.connects(targets[:, None], candidates)
+        dst, src = targets[:, None].expand_as(candidates)[keep], candidates[keep]
+    else:
+        dst, src = graph.mask(seq_len, device).nonzero(as_tuple=True)
     offsets = torch.arange(batch_size, device=device).repeat_interleave(dst.numel()) * seq_len
     return torch.stack([src.repeat(batch_size) + offsets, dst.repeat(batch_size) + offsets])
+
+
+def causal_edge_index(batch_size, seq_len, device="cpu"):
+    """Edges j -> i for all j <= i (the complete causal graph) in each of batch_size sequences of seq_len nodes.
+
+    Returns a (2, batch_size * seq_len * (seq_len + 1) / 2) LongTensor: row 0 holds sources, row 1 targets.
+    Cached per shape and device; treat the result as read-only.
+    """
+    return FULL.edge_index(batch_size, seq_len, device)
 
 
 def causal_bias(T, device, dtype=torch.float32):
     """(T, T) additive mask, 0 where query i sees key j <= i and -inf where the key comes after it.
 
     Adding it to finite scores before a softmax masks them as masked_fill would, several times faster on a CPU,
-    forward and backward.
+    forward and backward. Cached; treat it as read-only.
     """
-    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(diagonal=1)  # zeroes what lies below
+    return FULL.bias(T, device, dtype)
+
+
+def parse_graph(spec, n_layer):
+    """The graph of each of n_layer layers for a spec (see the module docstring); UsageError if malformed."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) not in (1, n_layer):
+        raise UsageError(f"--graph {spec!r} lists {len(parts)} graphs for {n_layer} layers; give one graph for "
+                         f"every layer or one for each of the {n_layer}")
+    graphs = tuple(parse_one_graph(p, spec) for p in parts)
+    return graphs * n_layer if len(graphs) == 1 else graphs
+
+
+def parse_one_graph(text, spec):
+    kind, *values = text.split(":")
+    if kind not in KINDS:
+        raise UsageError(f"--graph {spec!r}: unknown graph {kind!r}; use {GRAPH_HELP}")
+    names = KINDS[kind]
+    usage = ":".join([kind, *names])
+    if len(values) != len(names):
+        raise UsageError(f"--graph {spec!r}: {kind} takes {len(names)} number(s), as in {usage}")
+    params = []
+    for name, value in zip(names, values):
+        if not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--graph {spec!r}: {name} must be a positive integer, got {value!r} (in {usage})")
+        params.append(int(value))
+    return ContextGraph(kind, tuple(params))
+
+
+def graph_spec(graphs):
+    """The canonical spec of a tuple of per-layer graphs: one graph's spec when all layers share it."""
+    specs = [g.spec for g in graphs]
+    return specs[0] if len(set(specs)) == 1 else ",".join(specs)

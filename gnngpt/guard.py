@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import difflib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from tqdm import tqdm
 
 from .errors import UsageError, one_line
 from .graph import causal_edge_index
-from .mixers import GAT_LAYERS, build_conv, conv_layer_names
+from .mixers import GAT_LAYERS, build_conv, conv_layer_names, reads_distances_when_relative, run_conv
 from .models import GPTConfig
 
 PROBE_BATCH, PROBE_LEN = 2, 8  # sequences and tokens of the causality probe
@@ -71,19 +72,23 @@ def run_seeded(module, *inputs):
         return module(*inputs)
 
 
-def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH):
+def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH, block_size=None):
     """How layer sees the future, or "": changing token t must leave every output before t exactly equal.
 
-    The probe runs in training mode (dropout, batch statistics) and in eval mode, on a copy of the layer.
+    The probe runs on the complete causal graph (every other context graph is a part of it), in training mode
+    (dropout, batch statistics) and in eval mode, on a copy of the layer. A layer that reads edge features gets
+    each edge's distance over block_size (default seq_len), as in the model.
     """
     B, T, C = batch_size, seq_len, n_embd
     edge_index = causal_edge_index(B, T)
+    block_size = block_size or T
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, C, generator=gen)
     for training in (True, False):
         mode = "training" if training else "eval"
         probe = copy.deepcopy(layer).train(training)
-        base = run_seeded(probe, x.view(B * T, C), edge_index)
+        call = functools.partial(run_conv, probe, edge_index=edge_index, block_size=block_size)
+        base = run_seeded(call, x.view(B * T, C))
         if base.shape != (B * T, C):
             return f"returns shape {tuple(base.shape)} for {B * T} tokens of width {C}"
         if not torch.isfinite(base).all():
@@ -92,7 +97,7 @@ def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH):
         for t in reversed(range(1, T)):  # the last token first
             changed = x.clone()
             changed[:, t] = torch.randn(B, C, generator=gen)
-            out = run_seeded(probe, changed.view(B * T, C), edge_index).view(B, T, C)
+            out = run_seeded(call, changed.view(B * T, C)).view(B, T, C)
             if not torch.equal(out[:, :t], base[:, :t]):
                 return (f"sees the future: changing token {t} changed the outputs of earlier tokens "
                         f"({mode} mode)")
@@ -125,7 +130,7 @@ def refusal_reason(cfg):
         except Exception as e:  # noqa: BLE001 - any failure of a third-party layer is a refusal with its reason
             return f"cannot be built: {one_line(e)}"
         try:
-            return future_leak(conv, cfg.n_embd, seq_len=min(cfg.block_size, PROBE_LEN))
+            return future_leak(conv, cfg.n_embd, seq_len=min(cfg.block_size, PROBE_LEN), block_size=cfg.block_size)
         except ImportError as e:
             return f"needs a package that is not installed: {one_line(e)}"
         except Exception as e:  # noqa: BLE001
@@ -149,6 +154,7 @@ class LayerSupport:
     name: str
     works: bool
     reason: str
+    distances: bool  # reads each edge's distance as a feature with --pos rel; else it sees the graph's structure
 
 
 def layer_support():
@@ -159,15 +165,17 @@ def layer_support():
     records = []
     for name in tqdm(conv_layer_names(), desc="probing layers", unit="layer", leave=False):
         reason = refusal_reason(GPTConfig(**SUPPORT_SIZES, mixer=name))
-        records.append(LayerSupport(name, not reason, reason))
+        records.append(LayerSupport(name, not reason, reason, reads_distances_when_relative(name)))
     return records
 
 
 def format_layer_table(records):
     """The --list_layers table: one line per layer, its status and the reason it is refused."""
     width = max(len(r.name) for r in records)
-    lines = [f"{'layer':<{width}}  works  reason"]
-    lines += [f"{r.name:<{width}}  {'yes' if r.works else 'no':<5}  {r.reason}".rstrip() for r in records]
+    lines = [f"{'layer':<{width}}  works  distances  reason"]
+    lines += [f"{r.name:<{width}}  {'yes' if r.works else 'no':<5}  {'yes' if r.distances else 'no':<9}  {r.reason}"
+              .rstrip() for r in records]
     n_working = sum(r.works for r in records)
-    lines.append(f"{n_working} of {len(records)} convolution classes work as the token mixer")
+    lines.append(f"{n_working} of {len(records)} convolution classes work as the token mixer; with --pos rel, "
+                 f"those marked 'distances' read each edge's distance i - j, the others see only the graph")
     return "\n".join(lines)

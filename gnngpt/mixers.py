@@ -96,46 +96,78 @@ def standard_arguments(layer_cls, cfg):
 
 
 class TokenMixer(nn.Module):
-    """Calls any PyG layer as conv(x, edge_index) -> (N, n_embd): adds x_0, edge features, a map back to n_embd."""
+    """Calls any PyG layer as conv(x, edge_index[, edge_attr]) -> (N, n_embd): adds x_0, a map back to n_embd."""
 
     def __init__(self, conv, cfg, edge_attr, layer_stack):
         super().__init__()
         self.conv = conv
-        self.block_size = cfg.block_size
-        self.edge_attr = edge_attr
+        self.edge_attr = edge_attr  # the layer reads a feature per edge: its distance (distance_features)
         self.layer_stack = layer_stack
         self.takes_x0 = "x_0" in inspect.signature(conv.forward).parameters  # GCN2Conv, FAConv: the block input
         self.proj = None
         was_training = conv.training
         conv.eval()  # a dry run on two tokens measures the output width, leaving batch-norm statistics alone
         with torch.no_grad():
-            width = self.conv_output(torch.zeros(2, cfg.n_embd), causal_edge_index(1, 2)).size(-1)
+            edge_index = causal_edge_index(1, 2)
+            width = self.conv_output(torch.zeros(2, cfg.n_embd), edge_index,
+                                     distance_features(edge_index, cfg.block_size)).size(-1)
         conv.train(was_training)
         if width != cfg.n_embd:
             self.proj = nn.Linear(width, cfg.n_embd)
 
-    def conv_output(self, x, edge_index):
+    def conv_output(self, x, edge_index, edge_attr=None):
         inputs = (x[:, None] if self.layer_stack else x,) + ((x,) if self.takes_x0 else ())  # (N, [1,] C)
-        extra = {}
-        if self.edge_attr:
-            distance = (edge_index[1] - edge_index[0]).to(x.dtype)
-            extra["edge_attr"] = (distance / self.block_size)[:, None]  # (E, 1) in [0, 1)
+        extra = {"edge_attr": edge_attr} if self.edge_attr else {}
         y = self.conv(*inputs, edge_index, **extra)
         return y[0] if isinstance(y, tuple) else y  # PANConv also returns its path matrix
 
-    def forward(self, x, edge_index):
-        y = self.conv_output(x, edge_index)  # (N, width)
+    def forward(self, x, edge_index, edge_attr=None):
+        y = self.conv_output(x, edge_index, edge_attr)  # (N, width)
         return y if self.proj is None else self.proj(y)  # (N, n_embd)
 
 
 def build_conv(cfg):
-    """The token mixer for cfg.mixer: the raw PyG layer for GATConv/GATv2Conv, any other in a TokenMixer."""
+    """The token mixer for cfg.mixer: the raw PyG layer for GATConv/GATv2Conv, any other in a TokenMixer.
+
+    With relative positions (cfg.pos "rel"), a layer whose constructor takes edge_dim gets edge_dim=1: each edge
+    then carries its distance. GATConv and GATv2Conv re-add every self-loop with the feature fill_value, which
+    is set to 0.0, the distance of a token to itself (PyG's default would be the mean of the incoming edges').
+    """
     layer_cls = getattr(pyg_nn, cfg.mixer)
+    params = inspect.signature(layer_cls.__init__).parameters
+    distances = {"edge_dim": 1} if cfg.pos == "rel" and "edge_dim" in params else {}
     if cfg.mixer in GAT_LAYERS:
-        kwargs = {"heads": cfg.n_head, "dropout": cfg.dropout, **cfg.mixer_kwargs}  # --gnn_kwargs override
+        distances |= {"fill_value": 0.0} if distances else {}
+        kwargs = {"heads": cfg.n_head, "dropout": cfg.dropout, **distances, **cfg.mixer_kwargs}  # --gnn_kwargs last
         return layer_cls(cfg.n_embd, cfg.n_embd // cfg.n_head, **kwargs)
     recipe = RECIPES.get(cfg.mixer, Recipe())
-    kwargs = {**standard_arguments(layer_cls, cfg), **recipe.arguments(cfg), **cfg.mixer_kwargs}
+    kwargs = {**standard_arguments(layer_cls, cfg), **recipe.arguments(cfg), **distances, **cfg.mixer_kwargs}
     conv = layer_cls(**kwargs)
     edge_attr = recipe.edge_attr or kwargs.get("edge_dim") is not None
     return TokenMixer(conv, cfg, edge_attr, recipe.layer_stack)
+
+
+def reads_distances_when_relative(name):
+    """Whether the PyG layer called name gets each edge's distance as a feature under --pos rel."""
+    params = inspect.signature(getattr(pyg_nn, name).__init__).parameters
+    return RECIPES.get(name, Recipe()).edge_attr or "edge_dim" in params
+
+
+def reads_distances(conv):
+    """Whether the mixer conv (a GATConv, a GATv2Conv or a TokenMixer) takes each edge's distance as a feature."""
+    if isinstance(conv, TokenMixer):
+        return conv.edge_attr
+    return getattr(conv, "lin_edge", None) is not None
+
+
+def distance_features(edge_index, block_size, dtype=torch.float32):
+    """The feature of each edge j -> i for layers that read one: its distance (i - j) / block_size, (E, 1)."""
+    return ((edge_index[1] - edge_index[0]).to(dtype) / block_size)[:, None]
+
+
+def run_conv(conv, x, edge_index, block_size, **kwargs):
+    """The mixer conv on the nodes x (N, C) and the edges edge_index, each edge's distance as its feature when
+    conv reads one."""
+    if reads_distances(conv):
+        kwargs["edge_attr"] = distance_features(edge_index, block_size, x.dtype)
+    return conv(x, edge_index, **kwargs)

@@ -1,10 +1,15 @@
 """The graph-attention GPT, the transformer it is compared with, and the bigram baseline.
 
-Read top to bottom: the config, the graph layer that replaces attention (PyG's message passing on the causal
-graph of the tokens), the transformer's attention, the block and the GPT around either, then the bigram.
-Two fast paths compute the same functions with less work: fast_gat.py runs GATConv and GATv2Conv as masked
-dense attention with the PyG layer's own weights, and decoder.py caches each layer's per-token tensors for
-sampling. Building any other PyG layer as the mixer is mixers.py's job.
+Read top to bottom: the config, the graph layer that replaces attention (PyG's message passing on a causal
+context graph of the tokens, graph.py), the transformer's attention on the same graph, the block and the GPT
+around either, then the bigram. Two fast paths compute the same functions with less work: fast_gat.py runs
+GATConv and GATv2Conv as masked dense attention with the PyG layer's own weights (keys arranged by layout.py),
+and decoder.py caches each layer's per-token tensors for sampling. Building any other PyG layer as the mixer
+is mixers.py's job.
+
+Positions enter in one of two ways: "abs", the original's learned embedding of each position, added to the
+tokens; or "rel", no embedding, and each edge j -> i carries its distance i - j instead: as an edge feature to
+the PyG layers that take one, as a learned bias per head and distance to the transformer's scores.
 """
 from dataclasses import dataclass, field
 
@@ -13,8 +18,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .fast_gat import dense_gat, supports_dense
-from .graph import causal_edge_index
-from .mixers import build_conv
+from .graph import FULL, parse_graph
+from .layout import layout_for
+from .mixers import build_conv, run_conv
 
 
 @dataclass
@@ -28,23 +34,30 @@ class GPTConfig:
     mixer: str = "attention"  # "attention" (the transformer) or the name of a PyG convolution
     mixer_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the PyG layer
     backend: str = "fast"  # GATConv/GATv2Conv: "fast" (dense masked attention) or "pyg" (message passing)
+    graph: str = "full"  # the context graph of every layer, or one per layer (see graph.py)
+    pos: str = "abs"  # "abs": learned position embeddings; "rel": the distance i - j of each edge
 
     @classmethod
     def from_settings(cls, settings, vocab_size, **fields):
-        """The model sizes of a training-settings dict (as in gnngpt.config.PRESETS), with other fields given."""
+        """The model of a training-settings dict (sizes as in gnngpt.config.PRESETS, graph and positions), with
+        other fields given."""
         sizes = {k: settings[k] for k in ("block_size", "n_embd", "n_head", "n_layer", "dropout")}
-        return cls(vocab_size=vocab_size, **sizes, **fields)
+        graph = {k: settings[k] for k in ("graph", "pos") if k in settings}  # the original's when not given
+        return cls(vocab_size=vocab_size, **sizes, **graph, **fields)
 
 
 class GraphMixer(nn.Module):
-    """A PyG convolution on the causal graph of the tokens (token j sends to token i for every j <= i), then dropout.
+    """A PyG convolution on the context graph of the tokens (token j sends to token i, j <= i), then dropout.
 
-    The reference path flattens the batch into one graph of B*T nodes and runs PyG's message passing. With the
-    fast backend, GATConv and GATv2Conv compute the same function as masked dense attention (fast_gat.py).
+    The reference path flattens the batch into one graph of B*T nodes and runs PyG's message passing, each edge
+    carrying its distance when the layer reads edge features. With the fast backend, GATConv and GATv2Conv
+    compute the same function as masked dense attention (fast_gat.py).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, graph):
         super().__init__()
+        self.graph = graph
+        self.block_size = cfg.block_size
         self.conv = build_conv(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.dense = cfg.backend == "fast" and supports_dense(self.conv)
@@ -54,23 +67,28 @@ class GraphMixer(nn.Module):
         if not self.dense:
             if cache is not None:
                 raise ValueError("only the fast backend of GATConv and GATv2Conv decodes with a cache")
-            edge_index = causal_edge_index(B, T, x.device)  # (2, B*T*(T+1)/2): sources, targets
-            y = self.conv(x.reshape(B * T, C), edge_index).view(B, T, C)  # message passing over B*T nodes
+            edge_index = self.graph.edge_index(B, T, x.device)  # (2, E): sources, targets
+            y = run_conv(self.conv, x.reshape(B * T, C), edge_index, self.block_size).view(B, T, C)
         else:
-            y = dense_gat(self.conv, x, cache)  # (B, T, C), the same function
+            layout = cache if cache is not None else layout_for(self.graph, T, x.device)
+            y = dense_gat(self.conv, x, layout, self.block_size, fused=cache is None)  # (B, T, C), the same
         return self.dropout(y)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention as in the lecture model, computed with scaled_dot_product_attention."""
+    """Multi-head causal self-attention as in the lecture model, masked by the context graph: on the complete
+    graph with absolute positions it is the lecture's, computed by scaled_dot_product_attention. With relative
+    positions each head adds a learned bias per distance i - j to its scores (as T5 does)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, graph):
         super().__init__()
+        self.graph = graph
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.distance_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.block_size)) if cfg.pos == "rel" else None
 
     def heads(self, x):
         """Queries, keys and values of x (B, T, C), each (B, H, T, hs)."""
@@ -80,14 +98,17 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.heads(x)
-        if cache is not None:
-            k, v = cache.extend(k=k, v=v)  # (B, H, capacity, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=None if cache is None else cache.bias.to(q.dtype),
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=cache is None and T > 1,
-        )  # scale hs^-0.5
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and self.graph == FULL and self.distance_bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # scale hs^-0.5
+        else:
+            layout = cache if cache is not None else layout_for(self.graph, T, x.device)
+            k, v = layout.keys(k=k, v=v)  # (B, H, n, K, hs)
+            mask = layout.bias
+            if self.distance_bias is not None:
+                mask = mask + self.distance_bias[:, layout.distance]  # (H, n, Q, K)
+            y = layout.merge(F.scaled_dot_product_attention(layout.queries(q), k, v, attn_mask=mask.to(q.dtype),
+                                                            dropout_p=dropout))  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -109,10 +130,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: token mixing (graph layer or attention), then the feed-forward net."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, graph):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
-        self.mixer = CausalSelfAttention(cfg) if cfg.mixer == "attention" else GraphMixer(cfg)
+        self.mixer = CausalSelfAttention(cfg, graph) if cfg.mixer == "attention" else GraphMixer(cfg, graph)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.ffwd = FeedForward(cfg)
 
@@ -131,15 +152,20 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.context_size = cfg.block_size
+        self.graphs = parse_graph(cfg.graph, cfg.n_layer)  # one per layer
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.position_embedding = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.n_layer)])
+        self.position_embedding = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "abs" else None
+        self.blocks = nn.Sequential(*[Block(cfg, graph) for graph in self.graphs])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.apply(self._init_weights)
         self.supports_cache = all(
             isinstance(b.mixer, CausalSelfAttention) or b.mixer.dense for b in self.blocks
         )
+        # With relative positions and graphs that reach a bounded number of tokens back, the last token's logits
+        # depend on at most `reach` tokens before it; absolute positions shift under every token.
+        reaches = [g.reach for g in self.graphs]
+        self.reach = sum(reaches) if cfg.pos == "rel" and None not in reaches else None
 
     @staticmethod
     def _init_weights(module):
@@ -153,7 +179,9 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) and the loss; with a decoder.KVCache, idx holds the tokens after the cached."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
-        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        x = self.token_embedding(idx)  # (B, T, C)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(pos)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:

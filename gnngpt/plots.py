@@ -1,6 +1,7 @@
 """Figures of the results, drawn with matplotlib's Agg canvas (no display needed) and written atomically."""
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .files import atomic_write
 
@@ -34,6 +35,41 @@ def plot_leaderboard(summaries, path, title):
     for ax in (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
     loss_ax.set_ylim(-0.5, len(ranked) - 0.5)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_graph_study(summaries, path, title):
+    """Final validation loss against edges per token and against training speed, one point per run: a marker per
+    model, filled for absolute positions, hollow for relative ones, each labelled with its graph. A run without
+    a graph (the bigram) is a dashed line across both."""
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    edges_ax, speed_ax = fig.subplots(1, 2, sharey=True)
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    colors = {m: f"C{i}" for i, m in enumerate(models)}
+    for s in summaries:
+        if s["graph"] is None:
+            for ax in (edges_ax, speed_ax):
+                ax.axhline(s["final_val_loss"], color=colors[s["model"]], linestyle="--", linewidth=1)
+            continue
+        style = dict(marker="o", markersize=7, color=colors[s["model"]], linestyle="none",
+                     markerfacecolor=colors[s["model"]] if s["pos"] != "rel" else "none")
+        for ax, x in ((edges_ax, s["edges_per_token"]), (speed_ax, s["tokens_per_s"] or 0)):
+            ax.plot(x, s["final_val_loss"], **style)
+            ax.annotate(s["graph"], (x, s["final_val_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    edges_ax.set(xlabel="edges per token (mean in-degree of a full block, log scale)", xscale="log",
+                 ylabel="final validation loss")
+    speed_ax.set(xlabel="training tokens per second")
+    handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none", label=m) for m in models
+               if any(s["model"] == m and s["graph"] is not None for s in summaries)]
+    handles += [Line2D([], [], color=colors[s["model"]], linestyle="--", label=s["model"]) for s in summaries
+                if s["graph"] is None]
+    handles += [Line2D([], [], color="gray", marker="o", linestyle="none", label="absolute positions"),
+                Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",
+                       label="relative positions")]
+    speed_ax.legend(handles=handles, fontsize=8)
+    for ax in (edges_ax, speed_ax):
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     save_figure(fig, path)
 

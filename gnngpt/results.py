@@ -6,6 +6,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .data import CharTokenizer
 from .errors import UsageError
+from .graph import parse_graph
 from .models import model_from_checkpoint
 from .rundir import read_metrics
 
@@ -29,11 +30,16 @@ def load_run_model(out_dir, device="cpu", backend=None):
 def run_summary(out_dir):
     """What a finished run measured: its validation curve, final and best loss, size, speed and machine."""
     config = json.loads((Path(out_dir) / "config.json").read_text())
+    settings = config["settings"]
     rows = read_metrics(out_dir)
     best = min(rows, key=lambda r: r["val_loss"])
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
     return {
         "name": config["name"],
+        "model": trained_model(config),
+        "graph": settings.get("graph"),
+        "pos": settings.get("pos"),
+        "edges_per_token": edges_per_token(settings),
         "steps": [int(r["step"]) for r in rows],
         "val_loss": [r["val_loss"] for r in rows],
         "final_val_loss": rows[-1]["val_loss"],
@@ -46,6 +52,20 @@ def run_summary(out_dir):
         "device": config["device"],
         "machine": config["machine"],
     }
+
+
+def trained_model(config):
+    """The model a run's config describes: its PyG layer, gpt or bigram."""
+    mixer = config["model_config"].get("mixer")
+    return config["arch"] if mixer is None else "gpt" if mixer == "attention" else mixer
+
+
+def edges_per_token(settings):
+    """The mean in-degree of a full block under a run's graphs, averaged over layers (None for the bigram)."""
+    if "graph" not in settings:
+        return None
+    graphs = parse_graph(settings["graph"], settings["n_layer"])
+    return statistics.mean(g.edges_per_token(settings["block_size"]) for g in graphs)
 
 
 def markdown_table(header, rows):
@@ -83,3 +103,16 @@ def format_duration(seconds):
         return f"{seconds:.1f}s"
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def graph_study_table(summaries):
+    """A markdown table of runs on context graphs: edges per token, final validation loss and speed."""
+    ranked = sorted(summaries, key=lambda s: (s["model"], s["edges_per_token"] or 0, s["pos"] or ""))
+    header = ["model", "graph", "positions", "edges per token", "final val loss", "best val loss (step)",
+              "tokens/s", "parameters"]
+    return markdown_table(header, [
+        [s["model"], s["graph"] or "-", s["pos"] or "-",
+         "-" if s["edges_per_token"] is None else f"{s['edges_per_token']:.1f}", f"{s['final_val_loss']:.4f}",
+         f"{s['best_val_loss']:.4f} ({s['best_step']})", format_rate(s["tokens_per_s"]), f"{s['parameters']:,}"]
+        for s in ranked
+    ])

@@ -15,6 +15,14 @@ RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
 
 
+def run_name(model, settings):
+    """A run's name: the model's (a PyG layer, gpt or bigram), then its context graph and positions where they are
+    not the original's, as in GATv2Conv_window-64_rel."""
+    graph, pos = settings.get("graph", "full"), settings.get("pos", "abs")
+    parts = [model, graph.replace(":", "-").replace(",", "+") if graph != "full" else "", pos if pos != "abs" else ""]
+    return "_".join(p for p in parts if p)
+
+
 class MetricsLog:
     """metrics.csv in the run directory, one row per evaluation, flushed as it is written."""
 

@@ -10,9 +10,15 @@ from .files import atomic_write_text
 SAMPLE_LENGTH = 500  # characters written to model_outputs/<name>.txt after training
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-    """Append max_new_tokens sampled tokens to idx (B, T).
+    """Append max_new_tokens sampled tokens to idx (B, T) (see sample_tokens)."""
+    tokens = sample_tokens(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    return torch.cat((idx, *tokens), dim=1)
+
+
+@torch.no_grad()
+def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    """Yield max_new_tokens tokens (B, 1) sampled one after another after the tokens idx (B, T).
 
     Each token is drawn from the logits of one forward pass over the last context_size tokens (the lecture's
     sampler). With use_cache, where the model supports it, a CachedDecoder computes those same logits with less
@@ -23,10 +29,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
     for i in range(max_new_tokens):
         probs = next_token_probs(logits, temperature, top_k)
         idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
         if i + 1 < max_new_tokens:
+            idx = torch.cat((idx, idx_next), dim=1)[:, -model.context_size:]
             logits = decoder.append(idx_next) if decoder else full_logits(model, idx)
-    return idx
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None):

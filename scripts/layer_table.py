@@ -26,8 +26,11 @@ def layer_table(records):
     summary = (f"{len(working)} of {len(records)} convolution classes of torch_geometric {torch_geometric.__version__} "
                f"work as the token mixer (probed at n_embd {SUPPORT_SIZES['n_embd']}, {SUPPORT_SIZES['n_head']} "
                f"heads, {SUPPORT_SIZES['block_size']} tokens): {', '.join(working)}.")
+    distances = [f"`{r.name}`" for r in records if r.works and r.distances]
+    positions = (f"With `--pos rel`, {len(distances)} of them read each edge's distance i − j as an edge feature: "
+                 f"{', '.join(distances)}; the others see only the graph's structure.")
     refused = markdown_table(["refused layer", "why"], [[f"`{r.name}`", r.reason] for r in records if not r.works])
-    return f"{BEGIN}\n{summary}\n\n{refused}{END}"
+    return f"{BEGIN}\n{summary}\n\n{positions}\n\n{refused}{END}"
 
 
 def replace_table(text, table):

@@ -67,6 +67,31 @@ def assert_cached_decoding_equals_full(model, prompt, tokens):
     return decoder
 
 
+def defined_edges(spec, T):
+    """The edges (j, i) of one sequence of T tokens, straight from each graph's definition."""
+    kind, *p = spec.split(":")
+    p = [int(v) for v in p]
+    edges = set()
+    for i in range(T):
+        for j in range(i + 1):
+            if kind == "full":
+                keep = True
+            elif kind == "window":
+                keep = i - p[0] < j
+            elif kind == "dilated":
+                keep = any(j == i - k * p[1] for k in range(p[0]))
+            elif kind == "strided":
+                keep = i - p[0] < j or (i - j) % p[1] == 0
+            else:
+                keep = j < p[0] or i - p[1] < j
+            if keep:
+                edges.add((j, i))
+    return edges
+
+
+TINY_SIZES = ["--n_embd", "16", "--n_head", "2", "--n_layer", "2"]  # the model sizes of tiny_config
+
+
 def tiny_config(mixer, **overrides):
     cfg = dict(vocab_size=17, block_size=12, n_embd=16, n_head=2, n_layer=2, dropout=0.0, mixer=mixer)
     cfg.update(overrides)
@@ -99,6 +124,17 @@ def tiny_run(tmp_path_factory):
         return root / name
 
     return train
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Banded layouts of chunks of 4 queries, so that graphs with a window take the banded path at test sizes."""
+    from gnngpt import layout
+
+    monkeypatch.setattr(layout, "MIN_CHUNK", 4)
+    layout.cached_layout.cache_clear()
+    yield
+    layout.cached_layout.cache_clear()
 
 
 @pytest.fixture(autouse=True)

@@ -6,31 +6,58 @@ import torch
 import bench
 from gnngpt.config import PRESETS
 
-FIELDS = {"model", "backend", "preset", "device", "ms_per_iter", "tokens_per_s", "peak_mem_mb"}
+FIELDS = {"model", "backend", "graph", "pos", "preset", "device", "block_size", "batch_size", "ms_per_iter",
+          "tokens_per_s", "peak_mem_mb"}
+TINY = ["--device", "cpu", "--block_size", "16", "--batch_size", "2", "--n_embd", "16", "--n_head", "2",
+        "--n_layer", "2", "--iters", "1", "--warmup", "0", "--json"]
 
 
-def test_bench_prints_a_table_and_json_rows_for_every_model(capsys):
-    assert bench.main(["--preset", "cpu", "--device", "cpu", "--iters", "1", "--warmup", "0", "--gen_repeats", "1",
-                       "--json"]) == 0
+def run_bench(capsys, *args):
+    """bench.py's printed output, its JSON rows and its ratio table as {description: value}."""
+    assert bench.main([*TINY, *args]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    ratio_lines = out.split("| ratio | measured |\n| --- | --- |\n")[1].splitlines()
+    ratios = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in ratio_lines if line.startswith("|")}
+    return out, rows, ratios
+
+
+def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
+    out, rows, ratios = run_bench(capsys, "--graphs", "full,window:4", "--gen_repeats", "0")
     train = [r for r in rows if r["task"] == "train"]
-    assert [(r["model"], r["backend"]) for r in train] == bench.MODELS
+    graphed = [(m, b) for m, b in bench.MODELS if m not in bench.GRAPHLESS]
+    expected = [*bench.MODELS, *graphed]  # the graphless bigram and no-mixer once, the others on each graph
+    assert [(r["model"], r["backend"]) for r in train] == expected
+    assert [r["graph"] for r in train] == ["-", *["full"] * 5, "-", *["window:4"] * 5]
     for r in train:
-        assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"]) == ("cpu", "cpu", "float32")
+        assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"], r["block_size"]) == ("cpu", "cpu",
+                                                                                               "float32", 16)
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
-    generation = [r for r in rows if r["task"] == "generate"]
-    assert [(r["model"], r["backend"]) for r in generation] == bench.GENERATION_MODELS
-    for r in generation:
-        assert r["speedup"] == round(r["full_ms"] / r["cached_ms"], 2)
-        assert r["cached_chars_per_s"] == pytest.approx(r["chars"] / r["cached_ms"] * 1e3, abs=0.1)
-    ms = {(r["model"], r["backend"]): r["ms_per_iter"] for r in train}
-    ratio_lines = out.split("| ratio | measured |\n| --- | --- |\n")[1].split("\n\n")[0].splitlines()
-    printed = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in ratio_lines if line.startswith("|")}
-    assert printed["GATConv fast speed-up over pyg"] == pytest.approx(
-        ms["GATConv", "pyg"] / ms["GATConv", "fast"], abs=0.006)
-    assert "GATv2Conv fast peak memory / pyg" in printed
+        assert r["pos"] == ("-" if r["graph"] == "-" else "abs")
+    ms = {(r["model"], r["backend"], r["graph"]): r for r in train}
+    assert ratios["GATConv fast speed-up over pyg [window:4 abs]"] == pytest.approx(
+        ms["GATConv", "pyg", "window:4"]["ms_per_iter"] / ms["GATConv", "fast", "window:4"]["ms_per_iter"], abs=0.006)
+    assert ratios["GATv2Conv fast on window:4 abs / on full abs: peak memory"] == pytest.approx(
+        ms["GATv2Conv", "fast", "window:4"]["peak_mem_mb"] / ms["GATv2Conv", "fast", "full"]["peak_mem_mb"], abs=0.006)
+    assert "GATv2Conv fast peak memory / pyg [full abs]" in ratios
+    assert not [r for r in rows if r["task"] == "generate"] and "generate" not in out
     assert "target" not in out  # measurements and ratios only: the targets live in the docs
+
+
+def test_bench_times_cached_and_lectures_generation_with_the_models_it_is_given(capsys):
+    out, rows, ratios = run_bench(capsys, "--models", "gpt,GATv2Conv/fast", "--pos", "rel", "--graphs", "window:3",
+                                  "--gen_length", "40", "--gen_repeats", "1")
+    assert [(r["model"], r["backend"], r["pos"]) for r in rows if r["task"] == "train"] == [
+        ("gpt", "-", "rel"), ("GATv2Conv", "fast", "rel")]
+    generation = [r for r in rows if r["task"] == "generate"]
+    assert [(r["model"], r["backend"], r["graph"]) for r in generation] == [("gpt", "-", "window:3"),
+                                                                           ("GATv2Conv", "fast", "window:3")]
+    for r in generation:
+        assert r["chars"] == 40 and r["speedup"] == round(r["full_ms"] / r["cached_ms"], 2)
+        assert r["cached_chars_per_s"] == pytest.approx(40 / r["cached_ms"] * 1e3, abs=0.1)
+        assert 0 < r["cached_first_fifth_ms"] < r["cached_ms"] and 0 < r["cached_last_fifth_ms"] < r["cached_ms"]
+        assert ratios[f"{r['model']} {r['backend']} [window:3 rel]: cached generation, last fifth / first fifth"] \
+            == pytest.approx(r["cached_last_fifth_ms"] / r["cached_first_fifth_ms"], abs=0.006)
 
 
 def test_no_mixer_model_predicts_each_token_from_itself_alone():
@@ -42,9 +69,19 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     assert changed[5] > 0 and changed[:5].eq(0).all() and changed[6:].eq(0).all()
 
 
-def test_bench_refuses_bad_counts(capsys):
-    assert bench.main(["--iters", "0"]) == 2
-    assert capsys.readouterr().err == "error: --iters must be a positive integer, got 0\n"
+@pytest.mark.parametrize("args,message", [
+    (["--iters", "0"], "--iters must be a positive integer, got 0"),
+    (["--block_size", "-4"], "--block_size must be a positive integer, got -4"),
+    (["--gen_repeats", "-1"], "--gen_repeats must be zero or more, got -1"),
+    (["--models", "gpt,GATv3Conv"], "--models: unknown model 'GATv3Conv'; choose among bigram, gpt, GATConv"),
+    (["--graphs", "window:0"], "--graph 'window:0': W must be a positive integer, got '0' (in window:W)"),
+    (["--pos", "abs,absolute"], "--pos 'abs,absolute': give abs, rel or abs,rel"),
+    (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
+])
+def test_bench_refuses_bad_input_with_one_line(args, message, capsys):
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import gnngpt.fast_gat as fast_gat
-from conftest import assert_cached_decoding_equals_full, tiny_config, train_losses
+from conftest import assert_cached_decoding_equals_full, defined_edges, tiny_config, train_losses
 from gnngpt.decoder import KVCache
-from gnngpt.graph import causal_bias, causal_edge_index
+from gnngpt.graph import FULL, causal_bias, causal_edge_index
+from gnngpt.layout import layout_for
 from gnngpt.mixers import pyg_nn
 from gnngpt.models import GPT
 from gnngpt.sampling import generate
@@ -87,7 +88,7 @@ def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B,
         for p in conv.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(B, T, n_embd, requires_grad=True)
-    dense = fast_gat.dense_gat(conv, x)
+    dense = fast_gat.dense_gat(conv, x, layout_for(FULL, T, x.device), block_size=T)
     ref = conv(x.reshape(B * T, n_embd), causal_edge_index(B, T, x.device)).view(B, T, -1)
     assert_close_relative(dense, ref)
     weights = torch.randn_like(ref)  # a random linear loss, so that every gradient entry matters
@@ -102,6 +103,48 @@ def test_fast_model_equals_pyg_model_in_outputs_and_gradients(mixer, B, T, n_emb
     fast, pyg = model_pair(mixer, {}, n_embd, n_head)
     idx, targets = torch.randint(0, 17, (2, B, T))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+GRAPHS = ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full"]  # the last: per layer
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+def test_fast_model_equals_pyg_model_on_every_graph(mixer, graph, pos, small_chunks):
+    fast, pyg = model_pair(mixer, {}, graph=graph, pos=pos, block_size=16)
+    if pos == "rel":
+        assert fast.position_embedding is None and all(b.mixer.conv.lin_edge is not None for b in fast.blocks)
+    idx, targets = torch.randint(0, 17, (2, 2, 14))  # chunks of 4 queries: banded for window-like graphs
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+def boolean_mask_attention(attn, x, spec_mask):
+    """The transformer mixer's output computed the plain way: scores, masked_fill by a boolean mask, softmax."""
+    B, T, C = x.shape
+    q, k, v = attn.heads(x)  # (B, H, T, hs)
+    scores = q @ k.transpose(-2, -1) / (C // attn.n_head) ** 0.5
+    if attn.distance_bias is not None:
+        distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        scores = scores + attn.distance_bias[:, distance.clamp(min=0)]
+    y = torch.softmax(scores.masked_fill(~spec_mask, float("-inf")), dim=-1) @ v
+    return attn.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("graph", ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3"])
+def test_transformer_masks_attention_by_the_graph(graph, pos, small_chunks):
+    model = GPT(tiny_config("attention", graph=graph, pos=pos, block_size=16)).eval()
+    attn = model.blocks[0].mixer
+    if pos == "rel":
+        with torch.no_grad():
+            attn.distance_bias.normal_()
+    T = 14
+    x = torch.randn(2, T, 16)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for j, i in defined_edges(graph, T):
+        mask[i, j] = True
+    torch.testing.assert_close(attn(x), boolean_mask_attention(attn, x, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_gatv2_kernel_with_many_chunks(monkeypatch):
@@ -169,6 +212,49 @@ def test_cached_decoding_equals_the_lectures_sampler_at_every_step_over_three_wi
     assert set(decoder.graphs) == expected
 
 
+@pytest.mark.parametrize("graph", ["window:3", "dilated:2:2", "strided:3:4", "sink:2:3", "window:2,full"])
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+def test_cached_decoding_on_every_graph_with_absolute_positions_equals_the_lectures_sampler(mixer, graph, device):
+    model = GPT(tiny_config(mixer, graph=graph, block_size=8)).eval()
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (22, 2, 1)))
+    assert not decoder.rolling
+
+
+def randomize_distance_terms(model):
+    """Random distance biases (they start at zero), so that a wrong distance changes the logits."""
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block.mixer, "distance_bias", None) is not None:
+                block.mixer.distance_bias.normal_()
+
+
+@pytest.mark.parametrize("graph,capacities", [("window:3", [2 + 8, 2 + 8]), ("dilated:2:3", [3 + 8, 3 + 8]),
+                                              ("window:2,dilated:2:2", [1 + 8, 2 + 8])])
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+def test_rolling_cache_with_relative_positions_equals_the_lectures_sampler_for_ten_windows(mixer, graph, capacities,
+                                                                                        device):
+    model = GPT(tiny_config(mixer, graph=graph, pos="rel", block_size=8)).eval()
+    randomize_distance_terms(model)
+    tokens = torch.randint(0, 17, (85, 2, 1))  # 5 + 85 tokens: over eleven windows of 8
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 5)), tokens)
+    assert decoder.rolling and decoder.capacities == capacities  # each layer holds its reach and one pass of 8
+
+
+def test_a_long_prompt_fills_the_rolling_buffers_in_pieces(monkeypatch, device):
+    monkeypatch.setattr("gnngpt.decoder.PIECE", 3)
+    model = GPT(tiny_config("GATv2Conv", graph="window:3", pos="rel", block_size=8)).eval()
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, 11)), torch.randint(0, 17, (20, 1, 1)))
+    assert decoder.capacities == [2 + 3, 2 + 3]
+
+
+@pytest.mark.parametrize("graph", ["full", "sink:2:3", "window:5"])  # window:5 over 2 layers reaches 8 back
+def test_relative_positions_on_graphs_that_reach_the_whole_context_decode_exactly_without_rolling(graph, device):
+    model = GPT(tiny_config("attention", graph=graph, pos="rel", block_size=8)).eval()
+    randomize_distance_terms(model)
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (22, 2, 1)))
+    assert not decoder.rolling
+
+
 @pytest.mark.parametrize("prompt_len", [8, 11])
 def test_a_prompt_of_a_full_window_or_more_decodes_as_the_lectures_sampler(prompt_len, device):
     model = GPT(tiny_config("GATv2Conv", block_size=8)).eval()
@@ -178,7 +264,7 @@ def test_a_prompt_of_a_full_window_or_more_decodes_as_the_lectures_sampler(promp
 def test_cache_refuses_more_tokens_than_it_holds(device):
     model = GPT(tiny_config("GATConv", block_size=8)).eval()
     with pytest.raises(ValueError, match="9 tokens do not fit a cache of 8"):
-        model(torch.zeros((1, 9), dtype=torch.long), cache=KVCache(2, 8, device))
+        model(torch.zeros((1, 9), dtype=torch.long), cache=KVCache(model.graphs, [8, 8], device))
 
 
 @pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
@@ -194,5 +280,5 @@ def test_pyg_backend_has_no_cache_and_generates_in_full(device):
     model = GPT(tiny_config("GATConv", backend="pyg")).eval()
     assert not model.supports_cache
     with pytest.raises(ValueError, match="only the fast backend"):
-        model(torch.zeros((1, 1), dtype=torch.long), cache=KVCache(2, model.context_size, device))
+        model(torch.zeros((1, 1), dtype=torch.long), cache=KVCache(model.graphs, [model.context_size] * 2, device))
     assert generate(model, torch.zeros((1, 1), dtype=torch.long), 20).shape == (1, 21)

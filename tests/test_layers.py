@@ -14,7 +14,7 @@ from gnngpt.config import PYG_GPT
 from gnngpt.errors import UsageError
 from gnngpt.graph import causal_edge_index
 from gnngpt.guard import SUPPORT_SIZES, check_layer, future_leak, layer_support, one_thread, refusal_reason, run_seeded
-from gnngpt.mixers import GAT_LAYERS, build_conv, causal_degree_histogram, conv_layer_names
+from gnngpt.mixers import GAT_LAYERS, build_conv, causal_degree_histogram, conv_layer_names, run_conv
 from gnngpt.models import GPT, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_adapter_feeds_x0_and_edge_features():
     torch.testing.assert_close(gcn2(x, edge_index), gcn2.conv(x, x, edge_index))
     gine = build_conv(support_config("GINEConv")).eval()
     distance = torch.tensor([0, 1, 0, 2, 1, 0] * 2, dtype=torch.float)[:, None] / 8  # (i - j) / block_size
-    torch.testing.assert_close(gine(x, edge_index), gine.conv(x, edge_index, distance))
+    torch.testing.assert_close(run_conv(gine, x, edge_index, block_size=8), gine.conv(x, edge_index, distance))
 
 
 def test_pna_gets_the_in_degree_histogram_of_the_causal_graph():
@@ -203,14 +203,17 @@ def test_list_layers_prints_what_the_probe_found(support, capsys, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(PYG_GPT, ["--list_layers"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["layer", "works", "reason"]
-    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[1:-1]}
+    assert lines[0].split() == ["layer", "works", "distances", "reason"]
+    rows = {line.split()[0]: line.split(maxsplit=3)[1:] for line in lines[1:-1]}
     assert list(rows) == LAYERS
-    for name, (works, *reason) in rows.items():
+    for name, (works, distances, *reason) in rows.items():
         assert works == ("yes" if support[name].works else "no")
+        assert distances == ("yes" if support[name].distances else "no")
         assert " ".join(reason) == support[name].reason
     n_working = sum(r.works for r in support.values())
-    assert lines[-1] == f"{n_working} of {len(LAYERS)} convolution classes work as the token mixer"
+    assert lines[-1] == (f"{n_working} of {len(LAYERS)} convolution classes work as the token mixer; with "
+                         f"--pos rel, those marked 'distances' read each edge's distance i - j, the others see only "
+                         f"the graph")
     assert list(tmp_path.iterdir()) == []
 
 

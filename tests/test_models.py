@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, train_losses
-from gnngpt.graph import causal_edge_index
+from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.mixers import GAT_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, Block
 
@@ -15,10 +15,8 @@ def make_model(name, **overrides):
     return GPT(tiny_config(name, **overrides))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_changing_token_t_changes_no_earlier_logits(name):
-    model = make_model(name).eval()
-    T = 12
+def assert_causal(model, T=12):
+    """Changing token t changes no logits before t, and does change those at t."""
     idx = torch.randint(0, 17, (3, T))
     base, _ = model(idx)
     for t in (0, 5, T - 1):
@@ -29,9 +27,22 @@ def test_changing_token_t_changes_no_earlier_logits(name):
         assert not torch.allclose(logits[:, t:], base[:, t:])
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_changing_token_t_changes_no_earlier_logits(name):
+    assert_causal(make_model(name).eval())
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("graph", ["window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full"])
+@pytest.mark.parametrize("name", ["attention", "GATConv", "GATv2Conv", "TransformerConv", "GCNConv"])
+def test_every_model_is_causal_on_every_graph_with_either_positions(name, graph, pos, small_chunks):
+    for backend in ("fast", "pyg") if name in GAT_LAYERS else ("pyg",):
+        assert_causal(make_model(name, graph=graph, pos=pos, backend=backend).eval())
+
+
 @pytest.mark.parametrize("name", GAT_LAYERS)
 def test_graph_block_equals_pyg_layer_on_each_sequence(name):
-    block = Block(tiny_config(name)).eval()
+    block = Block(tiny_config(name), FULL).eval()
     x = torch.randn(4, 9, 16)
     batched = block.mixer(x)
     conv = block.mixer.conv

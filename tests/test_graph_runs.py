@@ -1,0 +1,129 @@
+"""Context graphs and positions end to end: the flags, what runs store, and everything that rebuilds a model."""
+import json
+
+import matplotlib.image
+import pytest
+import torch
+
+import compare
+import sample
+from conftest import TINY_SIZES
+from gnngpt.checkpoint import load_checkpoint
+from gnngpt.cli import main
+from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.graph import parse_graph
+from gnngpt.results import load_run_model
+
+TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "16",
+        "--device", "cpu", *TINY_SIZES]
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch, tiny_text_file):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    return tmp_path
+
+
+@pytest.mark.parametrize("script,extra,name", [
+    (PYG_GPT, ["--gat_version", "GATv2Conv"], "GATv2Conv_window-3+dilated-2-2_rel"),
+    (GPT_SCRIPT, [], "gpt_window-3+dilated-2-2_rel"),
+])
+def test_a_run_stores_its_graph_and_positions_and_every_reader_rebuilds_the_same_model(script, extra, name,
+                                                                                        in_tmp_path, tiny_text_file,
+                                                                                        capsys):
+    args = [*TINY, *extra, "--data", str(tiny_text_file), "--graph", "window:3,dilated:2:2", "--pos", "rel"]
+    assert main(script, args) == 0
+    run = in_tmp_path / "runs" / name  # the default directory and the sample are named after graph and positions
+    config = json.loads((run / "config.json").read_text())
+    assert (config["settings"]["graph"], config["settings"]["pos"]) == ("window:3,dilated:2:2", "rel")
+    checkpoint = load_checkpoint(run / "ckpt.pt")
+    assert (checkpoint["model_config"]["graph"], checkpoint["model_config"]["pos"]) == ("window:3,dilated:2:2", "rel")
+    assert (in_tmp_path / "model_outputs" / f"{name}.txt").is_file()
+
+    model, _, _ = load_run_model(run)
+    assert model.graphs == parse_graph("window:3,dilated:2:2", 2) and model.position_embedding is None
+    model.load_state_dict(checkpoint["model"])  # the same parameters, none missing or left over
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(run), "--prompt", "To", "--num_samples", "1", "--max_new_tokens", "40",
+                        "--top_k", "1"]) == 0
+    cached = capsys.readouterr().out
+    assert sample.main(["--out_dir", str(run), "--prompt", "To", "--num_samples", "1", "--max_new_tokens", "40",
+                        "--top_k", "1", "--no_cache"]) == 0
+    assert capsys.readouterr().out == cached
+
+    resume = [*args, "--out_dir", str(run), "--resume", "--max_iters", "6"]
+    for changed, message in ((["--graph", "full"], "graph was window:3,dilated:2:2, now full"),
+                             (["--pos", "abs"], "pos was rel, now abs")):
+        assert main(script, [*resume, *changed]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: cannot resume {run}/ckpt.pt: ") and message in err
+    assert main(script, resume) == 0
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 6
+
+
+def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, tiny_text_file, capsys):
+    argv = ["--data", str(tiny_text_file), *TINY, "--models", "bigram,gpt,GATConv", "--graphs",
+            "full,[window:2,full]", "--pos", "abs,rel"]
+    assert compare.main(argv) == 0
+    names = ["bigram", "gpt", "gpt_rel", "gpt_window-2+full", "gpt_window-2+full_rel", "GATConv", "GATConv_rel",
+             "GATConv_window-2+full", "GATConv_window-2+full_rel"]
+    assert sorted(p.name for p in (in_tmp_path / "runs").iterdir()) == sorted(names)
+    table = (in_tmp_path / "plots" / "graphs.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(names)
+    for model, graph, pos, edges, loss, *_ in (map(str.strip, row) for row in rows):
+        run = in_tmp_path / "runs" / ("bigram" if model == "bigram" else
+                                      "_".join(p for p in [model, "" if graph == "full" else "window-2+full",
+                                                           "" if pos == "abs" else "rel"] if p))
+        metrics = (run / "metrics.csv").read_text().splitlines()
+        assert loss == f"{float(metrics[-1].split(',')[2]):.4f}"
+        assert edges == {"-": "-", "full": "8.5", "window:2,full": "5.2"}[graph]  # (1.9 + 8.5) / 2 at block 16
+    image = matplotlib.image.imread(in_tmp_path / "plots" / "graphs.png")
+    assert image.ndim == 3 and image.shape[1] > 1000
+    assert not (in_tmp_path / "plots" / "val_loss.png").exists()  # a graph study leaves the comparison's plot alone
+
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == len(names)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--graph", "window:0"], "--graph 'window:0': W must be a positive integer, got '0' (in window:W)"),
+    (["--graph", "ring:4"], "--graph 'ring:4': unknown graph 'ring'"),
+    (["--graph", "window:2,window:3,full"], "--graph 'window:2,window:3,full' lists 3 graphs for 2 layers"),
+])
+def test_bad_graphs_exit_2_with_one_line_and_write_nothing(args, message, in_tmp_path, tiny_text_file, capsys):
+    before = set(in_tmp_path.iterdir())
+    assert main(PYG_GPT, [*TINY, "--data", str(tiny_text_file), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err
+    assert set(in_tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--graphs", ","], "--graphs ',' names no graph"),
+    (["--graphs", "full,dilated:2"], "--graph 'dilated:2': dilated takes 2 number(s)"),
+    (["--pos", "relative"], "--pos 'relative': give abs, rel or abs,rel"),
+])
+def test_compare_refuses_bad_graphs_and_positions_before_training(args, message, in_tmp_path, tiny_text_file,
+                                                                  capsys):
+    assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (in_tmp_path / "runs").exists()
+
+
+def test_rel_positions_reach_graph_layers_as_edge_features_and_others_see_the_structure(capsys):
+    assert main(PYG_GPT, ["--list_layers"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:-1]}
+    for name in ("GATConv", "GATv2Conv", "TransformerConv", "GINEConv"):
+        assert lines[name][1:3] == ["yes", "yes"]
+    for name in ("GCNConv", "SAGEConv"):
+        assert lines[name][1:3] == ["yes", "no"]
+    from conftest import tiny_config
+    from gnngpt.models import GPT
+
+    model = GPT(tiny_config("TransformerConv", pos="rel"))
+    assert model.blocks[0].mixer.conv.conv.lin_edge is not None
+    assert torch.all(torch.isfinite(model(torch.randint(0, 17, (2, 6)))[0]))
