@@ -12,14 +12,21 @@ from pathlib import Path
 import torch
 
 from gnngpt import cli, guard
-from gnngpt.config import SCRIPTS, SEED, Script, script_for
+from gnngpt.config import PUBLISHED_STEP, SCRIPTS, SEED, Script, script_for
 from gnngpt.data import DEFAULT_DATA, load_text
 from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.files import atomic_write_text
 from gnngpt.jobs import Job, run_jobs
 from gnngpt.mixers import parse_layer_kwargs
 from gnngpt.plots import plot_leaderboard, plot_val_loss
-from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
+from gnngpt.results import (
+    leaderboard_table,
+    load_run_model,
+    published_val_loss,
+    results_table,
+    run_summary,
+    setting_notes,
+)
 from gnngpt.rundir import holds_run, is_finished, read_config
 from gnngpt.sampling import model_output_path, write_model_output
 
@@ -263,8 +270,17 @@ def command(argv):
 
 
 def write_comparison(summaries, out, argv, jobs):
-    plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})")
+    """val_loss.png and results.md: the table, with the published values and any setting that is not the preset's."""
+    published = {s["name"]: published_val_loss(s) for s in summaries if published_val_loss(s) is not None}
+    plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})", published,
+                  PUBLISHED_STEP)
     notes = ""
+    if published:
+        notes += (f"published: the original's validation loss after {PUBLISHED_STEP} steps of the paper preset on "
+                  f"an A100, read from its plot.\n\n")
+    differences = setting_notes(summaries)
+    if differences:
+        notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
     if jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")

@@ -76,6 +76,16 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
     assert table_rows((tmp_path / "plots" / "results.md").read_text()) == rows
 
 
+def test_paper_runs_show_the_published_losses_and_every_setting_that_is_not_the_presets(trainings, tmp_path):
+    assert compare_main("--models", "gpt,GCNConv", "--preset", "paper") == 0
+    results = (tmp_path / "plots" / "results.md").read_text()
+    assert "| model | final val loss | published | best val loss (step) |" in results
+    assert [(row[0], row[2]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
+    assert "published: the original's validation loss after 5000 steps of the paper preset" in results
+    assert "- eval_interval 2 instead of 50 (all models)\n- eval_iters 2 instead of 200 (all models)\n" in results
+    assert "dropout" not in results  # TINY keeps the preset's
+
+
 def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainings, tmp_path, capsys):
     assert compare_main("--models", "bigram,gpt") == 0
     trainings.clear()
