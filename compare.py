@@ -2,6 +2,7 @@
 
     python compare.py                                   # bigram, gpt, GATConv and GATv2Conv
     python compare.py --models all-layers --max_iters 500   # the layer leaderboard
+    python compare.py --jobs 4                          # the four at once, each in a process of its own
     python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
 """
 import shlex
@@ -12,19 +13,29 @@ from pathlib import Path
 import torch
 
 from gnngpt import cli, guard
-from gnngpt.config import SCRIPTS, SEED, Script, script_for
-from gnngpt.data import DEFAULT_DATA
+from gnngpt.config import PUBLISHED_STEP, SCRIPTS, SEED, Script, script_for
+from gnngpt.data import DEFAULT_DATA, load_text
 from gnngpt.errors import UsageError, exit_code, one_line
 from gnngpt.files import atomic_write_text
+from gnngpt.jobs import Job, run_jobs
 from gnngpt.mixers import parse_layer_kwargs
 from gnngpt.plots import plot_graph_study, plot_leaderboard, plot_val_loss
-from gnngpt.results import graph_study_table, leaderboard_table, load_run_model, results_table, run_summary
+from gnngpt.results import (
+    graph_study_table,
+    leaderboard_table,
+    load_run_model,
+    published_val_loss,
+    results_table,
+    run_summary,
+    setting_notes,
+)
 from gnngpt.rundir import holds_run, is_finished, read_config, run_name
 from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
 NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers")  # compare.py decides these
+ROOT = Path(__file__).resolve().parent  # where the training scripts are
 
 
 def build_parser():
@@ -55,6 +66,10 @@ def build_parser():
                    help="where val_loss.png, results.md and the leaderboard go (default: plots)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N models at once, each in a process of its own with its output in "
+                        "<run dir>/train.log and one status line here; with several visible GPUs each gets one "
+                        "(default: 1: one after the other, in this process)")
     return p
 
 
@@ -96,6 +111,8 @@ def main(argv=None):
 
 
 def run(args, extra, argv):
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
     names, layer_records = model_names(args.models)
     graphs, positions = cli.graph_list(args.graphs), cli.position_list(args.pos)
     passed = pass_through_flags(extra)
@@ -108,24 +125,20 @@ def run(args, extra, argv):
         raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
                          f"to replace them or --runs DIR to train elsewhere")
 
-    failed = {}
     for r in runs:
-        state = states[r.name]
-        if state == "reuse":
+        if states[r.name] == "reuse":
             print(f"{r.name}: reusing the finished run in {r.out_dir}")
-            continue
-        print(f"{r.name}: {'resuming' if state == 'resume' else 'training'} in {r.out_dir}")
-        try:
-            code = cli.main(r.script, r.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, []))
-        except Exception as e:  # noqa: BLE001 - a layer failing at this size must not stop the other models
-            print(f"error: {r.name} failed: {one_line(e)}", file=sys.stderr)
-            code = 1
-        if code > 128:  # stopped by SIGINT or SIGTERM: stop comparing too
-            print("compare.py stopped; run the same command again to go on: finished runs are reused and the "
-                  "stopped one resumes", file=sys.stderr)
-            return code
-        if code:
-            failed[r.name] = code
+    pending = [r for r in runs if states[r.name] != "reuse"]
+    if pending:
+        load_text(args.data)  # checked (and downloaded when missing) once, before any training reads it
+    if args.jobs == 1:
+        stopped, failed = train_here(pending, states)
+    else:
+        stopped, failed = train_in_processes(pending, states, args.jobs)
+    if stopped:  # by SIGINT or SIGTERM
+        print("compare.py stopped; run the same command again to go on: finished runs are reused and "
+              "stopped ones resume", file=sys.stderr)
+        return stopped
     done = [r for r in runs if r.name not in failed]
     for r in done:
         write_missing_sample(r, args.seed)
@@ -137,12 +150,50 @@ def run(args, extra, argv):
     elif summaries and len(graphs) * len(positions) > 1:  # a graph study, likewise
         write_graph_study(summaries, out, argv)
     elif summaries:
-        write_comparison(summaries, out, argv)
+        write_comparison(summaries, out, argv, args.jobs)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)
         return 1
     return 0
+
+
+def training_argv(run, state):
+    """The training script's arguments for a run in state "new", "resume" or "replace"."""
+    return run.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, [])
+
+
+def train_here(runs, states):
+    """Train the runs in this process, one after the other.
+
+    Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
+    """
+    failed = {}
+    for r in runs:
+        print(f"{r.name}: {'resuming' if states[r.name] == 'resume' else 'training'} in {r.out_dir}")
+        try:
+            code = cli.main(r.script, training_argv(r, states[r.name]))
+        except Exception as e:  # noqa: BLE001 - a layer failing at this size must not stop the other models
+            print(f"error: {r.name} failed: {one_line(e)}", file=sys.stderr)
+            code = 1
+        if code > 128:  # stopped by SIGINT or SIGTERM: stop comparing too
+            return code, failed
+        if code:
+            failed[r.name] = code
+    return 0, failed
+
+
+def train_in_processes(runs, states, at_once):
+    """Train the runs by their training scripts in child processes, at_once at a time (see jobs.run_jobs).
+
+    Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
+    """
+    jobs = [Job(r.name, [sys.executable, str(ROOT / r.script.filename), *training_argv(r, states[r.name])],
+                r.out_dir, r.expected["settings"]["max_iters"], resume=states[r.name] == "resume",
+                device=r.expected["device"])
+            for r in runs]
+    stopped = run_jobs(jobs, at_once)
+    return stopped, {job.name: job.exit_code for job in jobs if job.state == "failed"}
 
 
 def model_names(models):
@@ -240,11 +291,24 @@ def command(argv):
     return shlex.join(["python", "compare.py", *argv])
 
 
-def write_comparison(summaries, out, argv):
-    plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})")
+def write_comparison(summaries, out, argv, jobs):
+    """val_loss.png and results.md: the table, with the published values and any setting that is not the preset's."""
+    published = {s["name"]: published_val_loss(s) for s in summaries if published_val_loss(s) is not None}
+    plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})", published,
+                  PUBLISHED_STEP)
+    notes = ""
+    if published:
+        notes += (f"published: the original's validation loss after {PUBLISHED_STEP} steps of the paper preset on "
+                  f"an A100, read from its plot.\n\n")
+    differences = setting_notes(summaries)
+    if differences:
+        notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
+    if jobs > 1:
+        notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
+                  f"by this command were measured while they shared the machine.\n\n")
     samples = ", ".join(f"`{model_output_path(s['name']).as_posix()}`" for s in summaries)
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n{results_table(summaries)}\n"
-            f"Samples: {samples}.\n")
+            f"{notes}Samples: {samples}.\n")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'} and {out / 'results.md'}")
 

@@ -10,12 +10,20 @@ def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def plot_val_loss(summaries, path, title):
-    """Validation loss against step, one line per run (see results.run_summary), like the original figure."""
+def plot_val_loss(summaries, path, title, published=None, published_step=None):
+    """Validation loss against step, one line per run (see results.run_summary), like the original figure.
+
+    published ({name: loss}) marks the original's values at published_step with a cross of each run's colour.
+    """
+    published = published or {}
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for s in summaries:
-        ax.plot(s["steps"], s["val_loss"], label=f"{s['name']} ({s['final_val_loss']:.3f})", linewidth=1.8)
+        (line,) = ax.plot(s["steps"], s["val_loss"], label=f"{s['name']} ({s['final_val_loss']:.3f})", linewidth=1.8)
+        if s["name"] in published:
+            ax.plot([published_step], [published[s["name"]]], "x", color=line.get_color(), markersize=9)
+    if published:
+        ax.plot([], [], "x", color="black", label=f"published, step {published_step}")
     ax.set(xlabel="step", ylabel="validation loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend(title="model (final val loss)")

@@ -4,11 +4,14 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
+from .config import PRESETS, PUBLISHED_VAL_LOSS
 from .data import CharTokenizer
 from .errors import UsageError
 from .graph import parse_graph
 from .models import model_from_checkpoint
 from .rundir import read_metrics
+
+EAGER_FLOAT32 = {"dtype": "float32", "compile": False}  # the settings every preset trains with unless told
 
 
 def load_run_model(out_dir, device="cpu", backend=None):
@@ -40,6 +43,8 @@ def run_summary(out_dir):
         "graph": settings.get("graph"),
         "pos": settings.get("pos"),
         "edges_per_token": edges_per_token(settings),
+        "arch": config["arch"],
+        "settings": settings,
         "steps": [int(r["step"]) for r in rows],
         "val_loss": [r["val_loss"] for r in rows],
         "final_val_loss": rows[-1]["val_loss"],
@@ -73,16 +78,43 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
+def published_val_loss(summary):
+    """The original's validation loss for a run of the paper preset of one of its four models, else None."""
+    return PUBLISHED_VAL_LOSS.get(summary["name"]) if summary["preset"] == "paper" else None
+
+
 def results_table(summaries):
-    """A markdown table with one row per run: losses, parameters, speed, time, preset, device and machine."""
-    header = ["model", "final val loss", "best val loss (step)", "parameters", "tokens/s", "wall time",
-              "preset", "device", "machine"]
-    return markdown_table(header, [
-        [s["name"], f"{s['final_val_loss']:.4f}", f"{s['best_val_loss']:.4f} ({s['best_step']})",
-         f"{s['parameters']:,}", format_rate(s["tokens_per_s"]), format_duration(s["wall_s"]), s["preset"],
-         s["device"], s["machine"]]
-        for s in summaries
-    ])
+    """A markdown table with one row per run: losses, parameters, speed, time, preset, device and machine.
+
+    When a run has a published value (see published_val_loss), a "published" column follows the final loss.
+    """
+    published = [published_val_loss(s) for s in summaries]
+    with_published = any(value is not None for value in published)
+    header = ["model", "final val loss", *(["published"] if with_published else []), "best val loss (step)",
+              "parameters", "tokens/s", "wall time", "preset", "device", "machine"]
+    rows = []
+    for s, value in zip(summaries, published):
+        row = [s["name"], f"{s['final_val_loss']:.4f}"]
+        if with_published:
+            row.append("-" if value is None else f"{value:.2f}")
+        rows.append(row + [f"{s['best_val_loss']:.4f} ({s['best_step']})", f"{s['parameters']:,}",
+                           format_rate(s["tokens_per_s"]), format_duration(s["wall_s"]), s["preset"], s["device"],
+                           s["machine"]])
+    return markdown_table(header, rows)
+
+
+def setting_notes(summaries):
+    """"- KEY VALUE instead of PRESET_VALUE (models)" for each setting in which runs differ from their preset."""
+    differences = {}  # key -> (value, preset value) -> names
+    for s in summaries:
+        preset = {**EAGER_FLOAT32, **PRESETS[s["preset"]][s["arch"]]}
+        for key, value in s["settings"].items():
+            if value != preset.get(key):
+                differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(s["name"])
+    every_model = [s["name"] for s in summaries]
+    return [f"- {key} {value} instead of {preset_value} "
+            f"({'all models' if names == every_model else ', '.join(names)})"
+            for key, variants in differences.items() for (value, preset_value), names in variants.items()]
 
 
 def leaderboard_table(summaries):

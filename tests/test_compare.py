@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 import compare
 from gnngpt import cli, guard
 from gnngpt.data import BatchSampler
+from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +76,16 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
     assert table_rows((tmp_path / "plots" / "results.md").read_text()) == rows
 
 
+def test_paper_runs_show_the_published_losses_and_every_setting_that_is_not_the_presets(trainings, tmp_path):
+    assert compare_main("--models", "gpt,GCNConv", "--preset", "paper") == 0
+    results = (tmp_path / "plots" / "results.md").read_text()
+    assert "| model | final val loss | published | best val loss (step) |" in results
+    assert [(row[0], row[2]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
+    assert "published: the original's validation loss after 5000 steps of the paper preset" in results
+    assert "- eval_interval 2 instead of 50 (all models)\n- eval_iters 2 instead of 200 (all models)\n" in results
+    assert "dropout" not in results  # TINY keeps the preset's
+
+
 def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainings, tmp_path, capsys):
     assert compare_main("--models", "bigram,gpt") == 0
     trainings.clear()
@@ -102,7 +115,7 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     monkeypatch.setattr(BatchSampler, "get", interrupt_at_step_3)
     assert compare_main("--models", "gpt") == 130
     assert capsys.readouterr().err.endswith("compare.py stopped; run the same command again to go on: finished runs "
-                                            "are reused and the stopped one resumes\n")
+                                            "are reused and stopped ones resume\n")
     assert not (tmp_path / "plots").exists()
     monkeypatch.setattr(BatchSampler, "get", real_get)
     assert compare_main("--models", "gpt") == 0
@@ -171,12 +184,40 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
     (["--resume"], "error: --resume is not passed through compare.py"),
     (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
+    (["--jobs", "0"], "error: --jobs must be a positive integer, got 0"),
 ])
 def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, trainings, tmp_path, capsys):
     assert compare_main(*args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(message)
     assert trainings == [] and list(tmp_path.iterdir()) == [tmp_path / "tiny.txt"]
+
+
+def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(trainings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 500)  # the length the child processes write
+    names = ["bigram", "gpt"]
+    with one_thread():  # the children must train on this process's thread count, not on every core as they would
+        assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
+        samples = {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in names}
+        shutil.rmtree(tmp_path / "model_outputs")
+        trainings.clear()
+        capsys.readouterr()
+        assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
+    assert trainings == []  # the training scripts ran in child processes
+    out = capsys.readouterr().out
+    for name in names:
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
+            [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
+        assert json.loads((two / "config.json").read_text())["machine"].endswith(", 1 threads")
+        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
+        assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
+        status = rf"^{name} +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
+        assert re.search(status, out, re.MULTILINE), out
+    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
+    assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
+    assert capsys.readouterr().out.startswith("bigram: reusing the finished run in two/bigram\n"
+                                              "gpt: reusing the finished run in two/gpt\n")
 
 
 def test_script_fails_without_traceback(tmp_path):

@@ -1,0 +1,44 @@
+"""scripts/paper_gpu.sh, the published comparison on a GPU, run whole on the CPU at a tiny size."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+
+from gnngpt.config import PUBLISHED_VAL_LOSS
+from gnngpt.rundir import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--data", "tiny.txt", "--max_iters", "20", "--batch_size", "4", "--block_size", "16",
+        "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--eval_iters", "2",
+        "--jobs", "1"]  # one process: --jobs is tested in test_compare.py, and each process costs seconds of imports
+
+
+def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_path, tiny_text_file):
+    env = {**os.environ, "PAPER_STEPS": "compare", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "TORCHDYNAMO_DISABLE": "1"}  # the fused GATv2 kernel would take a minute to compile on this CPU
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "paper_gpu.sh"), "logs", *TINY], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == ["compare.log", "summary.txt"]
+
+    assert matplotlib.image.imread(tmp_path / "plots" / "paper" / "val_loss.png").shape[0] > 100
+    results = (tmp_path / "plots" / "paper" / "results.md").read_text()
+    lines = [line for line in results.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| model | final val loss | published | best val loss (step) |")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(row[0], row[2]) for row in rows] == [(name, f"{loss:.2f}") for name, loss in PUBLISHED_VAL_LOSS.items()]
+    for row in rows:
+        metrics = read_metrics(tmp_path / "runs" / "paper" / row[0])
+        assert [m["step"] for m in metrics] == [0, 20]  # evaluated every 1000 steps, and after the last
+        assert row[1] == f"{metrics[-1]['val_loss']:.4f}" and row[7] == "paper"
+        assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 501
+    assert "- eval_interval 1000 instead of 50 (all models)\n" in results
+    assert "- max_iters 20 instead of 5000 (gpt, GATConv, GATv2Conv)\n" in results
+
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    assert re.search(r"^compare: exit 0 after \d+ s \(limit \d+ s\): .*/compare.py .* --preset paper .* "
+                     r"--eval_interval 1000 ", summary, re.MULTILINE)
+    assert summary.endswith(results)
