@@ -88,6 +88,7 @@ class BandedLayout:
         out = []
         for t in terms.values():
             band = pad_tokens(t, self.R, self.padded - self.T).unfold(2, self.Q + self.R, self.Q).movedim(-1, 3)
+            band = band.contiguous()  # matmul on the overlapping windows of unfold would be slow
             sinks = t[:, :, None, :self.G].expand(-1, -1, self.n, *[-1] * (t.dim() - 2))
             out.append(torch.cat((sinks, band), dim=3) if self.G else band)
         return out
