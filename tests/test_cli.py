@@ -67,7 +67,9 @@ def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monk
 
 
 BAD_INPUTS = [
-    (["--gat_version", "GATv3Conv"], "unknown --gat_version 'GATv3Conv'"),
+    (["--gat_version", "GATv3Conv"], "unknown --gat_version 'GATv3Conv'; did you mean GATv2Conv? "),
+    (["--gat_version", "gatconv"], "unknown --gat_version 'gatconv'; did you mean GATConv? "),
+    (["--gat_version", "gatv2conv"], "unknown --gat_version 'gatv2conv'; did you mean GATv2Conv? "),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
     (["--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
     (["--block_size", "-3"], "--block_size must be a positive integer, got -3"),
