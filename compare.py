@@ -40,8 +40,8 @@ def build_parser():
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="hyperparameters of every run, as in the training scripts (default: auto)")
     p.add_argument("--max_iters", type=int, help="training steps of every run (default: from --preset)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=cli.DEVICES, default="auto",
+                   help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed of every run (default: {SEED})")
     p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<model> (default: runs)")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.results import load_run_model
@@ -29,8 +29,8 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=200,
                    help="sample only among the k most likely characters; 0: no limit (default: 200)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=f"where to run; {AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--backend", choices=("fast", "pyg"),
                    help="GATConv/GATv2Conv runs: sample with this backend instead of the run's own; fast decodes "
                         "with a cache (default: the run's)")

@@ -20,6 +20,10 @@ from .rundir import open_run_dir
 from .sampling import write_model_output
 from .train import Interrupted, train
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AUTO_DEVICE_HELP = "auto picks cuda, then mps (Apple silicon), then cpu"
+DEVICE_NEEDS = {"cuda": "CUDA is not available",
+                "mps": "MPS is not available (it needs Apple silicon and a PyTorch built with MPS)"}
 POSITIVE_INTS = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "n_embd", "n_head", "n_layer")
 
 
@@ -55,8 +59,8 @@ def build_parser(script):
         p.add_argument("--n_layer", type=int, help=f"blocks {preset_help}")
         p.add_argument("--dropout", type=float, help=f"dropout probability in [0, 1) {preset_help}")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=f"where to train; {AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help=f"UTF-8 training text (default: {DEFAULT_DATA}, tinyshakespeare, downloaded when missing)")
     p.add_argument("--out_dir", metavar="DIR",
@@ -83,10 +87,13 @@ def build_parser(script):
 
 
 def resolve_device(requested):
+    """The torch device of a --device choice; auto is the first available of cuda, mps and cpu."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise UsageError(f"--device {requested} was requested but {DEVICE_NEEDS[requested]}; "
+                         f"use --device cpu or auto")
     return torch.device(requested)
 
 
@@ -218,6 +225,8 @@ def machine_description(device):
     """The accelerator's name, or the CPU architecture and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} GPU (MPS)"
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 

@@ -224,10 +224,11 @@ def kept_checkpoint(ckpt_path, saved_step):
 
 
 def rng_state(sampler):
-    """The random states this process draws from: torch's CPU and CUDA generators and the batch sampler's."""
+    """The random states this process draws from: torch's CPU, CUDA and MPS generators and the batch sampler's."""
     return {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if sampler.device.type == "mps" else None,
         "sampler": sampler.generator.get_state(),
     }
 
@@ -241,6 +242,8 @@ def restore(checkpoint, model, optimizer, sampler):
         torch.set_rng_state(state["cpu"])
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
+        if state.get("mps") is not None:
+            torch.mps.set_rng_state(state["mps"])
         sampler.generator.set_state(state["sampler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError(f"the checkpoint does not fit this run ({one_line(e)[:120]}); "
@@ -249,6 +252,8 @@ def restore(checkpoint, model, optimizer, sampler):
 
 
 def synchronize(device):
-    """Wait for queued CUDA work so that wall-clock timings are real."""
+    """Wait for queued CUDA or MPS work so that wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
