@@ -20,8 +20,9 @@ def build_parser():
     p = ArgumentParser(description="Sample text from a checkpoint written by pyg-gpt.py, gpt.py or bigram.py.")
     p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR",
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
-    p.add_argument("--prompt", default="\n",
-                   help='text the samples continue, or FILE:path to read it from a file (default: a newline)')
+    p.add_argument("--prompt", "--start", default="\n",
+                   help="text the samples continue, or FILE:path to read it from a file; --start is nanoGPT's name "
+                        "for it (default: a newline)")
     p.add_argument("--num_samples", type=int, default=10, help="samples to draw (default: 10)")
     p.add_argument("--max_new_tokens", type=int, default=500, help="characters generated per sample (default: 500)")
     p.add_argument("--temperature", type=float, default=0.8,
