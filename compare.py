@@ -18,7 +18,7 @@ from gnngpt.files import atomic_write_text
 from gnngpt.mixers import parse_layer_kwargs
 from gnngpt.plots import plot_leaderboard, plot_val_loss
 from gnngpt.results import leaderboard_table, load_run_model, results_table, run_summary
-from gnngpt.rundir import holds_run, is_finished, read_config
+from gnngpt.rundir import holds_run, is_finished, read_config, refuse_if_held
 from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
@@ -62,7 +62,10 @@ class Run:
     expected: dict
 
     def state(self):
-        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace"."""
+        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace".
+
+        A run that a training holds is refused."""
+        refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
         if not holds_run(self.out_dir):
             return "new"
         config = read_config(self.out_dir)

@@ -16,7 +16,7 @@ from .errors import UsageError
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .rundir import open_run_dir
+from .rundir import check_run_dir, hold_run_dir, start_run_dir
 from .sampling import write_model_output
 from .train import Interrupted, train
 
@@ -198,14 +198,15 @@ def run(script, args):
         "processes": distributed.world_size(),
         "versions": versions(),
     }
-    resume_from = open_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)  # writes config.json
-    meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
-            "vocab": tokenizer.chars}
-    train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
-    if not distributed.is_main_process():
-        return
-
-    sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+    with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
+        resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
+        start_run_dir(out_dir, config, args.overwrite)  # writes config.json
+        meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
+                "vocab": tokenizer.chars}
+        train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
+        if not distributed.is_main_process():
+            return
+        sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
 

@@ -30,7 +30,7 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
     stdout = {rank: next(tmp_path.glob(f"logs/*/attempt_0/{rank}/stdout.log")).read_text() for rank in (0, 1)}
     assert stdout[1] == ""
     assert stdout[0].count("step 0: train loss") == 1 and stdout[0].count("step 1: train loss") == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckpt.pt", "config.json", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "ckpt.pt", "config.json", "metrics.csv"]
     with open(tmp_path / "out" / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["0", "1"]
     assert [p.name for p in (tmp_path / "model_outputs").iterdir()] == ["gpt.txt"]
