@@ -18,6 +18,7 @@ from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
 from .rundir import check_run_dir, hold_run_dir, start_run_dir
 from .sampling import write_model_output
+from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -83,6 +84,7 @@ def build_parser(script):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast the forward passes to bf16, for CUDA GPUs that support it "
                         "(default: float32)")
+    add_tracking_arguments(p)
     return p
 
 
@@ -158,6 +160,7 @@ def run(script, args):
     if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
+    import_trackers(args)  # a tracker whose package is missing ends here, before anything is written
     name = script.model_name(args)
     if script.graph_layer:
         check_layer_name(name)
@@ -200,13 +203,17 @@ def run(script, args):
     }
     with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
         resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
-        start_run_dir(out_dir, config, args.overwrite)  # writes config.json
-        meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
-                "vocab": tokenizer.chars}
-        train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
-        if not distributed.is_main_process():
-            return
-        sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+        wandb_run_id = resume_from.get("wandb_run_id") if resume_from else None
+        # the trackers start before config.json is written: a failed wandb.init leaves no run behind
+        with open_tracking(args, name, out_dir, config, wandb_run_id) as tracking:
+            start_run_dir(out_dir, config, args.overwrite)  # writes config.json
+            meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
+                    "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
+            train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
+            if not distributed.is_main_process():
+                return
+            sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+            tracking.attach(out_dir / "ckpt.pt", sample_path)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
 

@@ -14,6 +14,7 @@ from .files import atomic_write_text
 
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
+TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
@@ -140,14 +141,16 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 
 
 def start_run_dir(out_dir, config, overwrite=False):
-    """Write config.json to out_dir, after deleting the run files there with overwrite (rank 0 writes)."""
+    """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included
+    (rank 0 writes)."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
         return
+    replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
     try:
-        for name in RUN_FILES if overwrite else ():
-            (out_dir / name).unlink(missing_ok=True)
+        for path in replaced:
+            path.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise UsageError(cannot_write(out_dir, e)) from None

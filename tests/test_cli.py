@@ -168,7 +168,8 @@ def test_help_documents_every_flag(script, tmp_path):
     assert result.returncode == 0
     flags = ["--batch_size", "--block_size", "--max_iters", "--eval_interval", "--eval_iters",
              "--learning_rate", "--seed", "--device", "--data", "--out_dir", "--preset"]
-    flags += ["--resume", "--overwrite", "--compile", "--dtype"]
+    flags += ["--resume", "--overwrite", "--compile", "--dtype", "--wandb_log", "--wandb_project", "--wandb_run_name",
+              "--tensorboard", "pip install wandb tensorboard"]
     if script != "bigram.py":
         flags += ["--n_embd", "--n_head", "--n_layer", "--dropout"]
     if script == "pyg-gpt.py":
