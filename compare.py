@@ -23,15 +23,16 @@ from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
-NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers")  # compare.py decides these
+# compare.py decides these itself; each model's W&B run is named after the model
+NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers", "--wandb_run_name")
 
 
 def build_parser():
     p = cli.ArgumentParser(
         description="Train models under one budget (or reuse their finished runs) and write a validation-loss "
                     "plot, a results table and samples.",
-        epilog="Any other training flag (such as --batch_size 8 or --n_embd 64) is passed to every training "
-               "script that has it.",
+        epilog="Any other training flag (such as --batch_size 8, --n_embd 64, --wandb_log or --tensorboard) is "
+               "passed to every training script that has it; each model's run is tracked apart.",
     )
     p.add_argument("--models", default=DEFAULT_MODELS,
                    help=f"comma-separated: bigram, gpt, a PyG layer name such as GATConv, or {ALL_LAYERS} "
@@ -164,8 +165,8 @@ def pass_through_flags(extra):
     for group in groups:
         flag = group[0].split("=")[0]
         if flag in NOT_PASSED:
-            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer and directory "
-                             f"and resumes unfinished runs itself; see python compare.py --help")
+            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer, directory and "
+                             f"W&B run name and resumes unfinished runs itself; see python compare.py --help")
         accepting = [script for script, parser in parsers.items() if not parser.parse_known_args(group)[1]]
         if not accepting:
             raise UsageError(f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
@@ -183,10 +184,11 @@ def plan_run(name, args, extra):
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
-    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", name), training_args.resume)
-    if set_by_compare != (str(out_dir), name, False):
-        raise UsageError("a training flag abbreviates --out_dir, --gat_version or --resume, which compare.py sets "
-                         "itself; write training flags in full")
+    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", name), training_args.resume,
+                      training_args.wandb_run_name)
+    if set_by_compare != (str(out_dir), name, False, None):
+        raise UsageError("a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name, which "
+                         "compare.py sets itself; write training flags in full")
     if script.graph_layer:
         guard.check_layer_name(name)
     device = cli.resolve_device(training_args.device)
