@@ -29,12 +29,13 @@ from gnngpt.results import (
     run_summary,
     setting_notes,
 )
-from gnngpt.rundir import holds_run, is_finished, read_config, run_name
+from gnngpt.rundir import holds_run, is_finished, read_config, refuse_if_held, run_name
 from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
-NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers")  # compare.py decides these
+# compare.py decides these itself; each run's W&B run is named after the run
+NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers", "--wandb_run_name")
 ROOT = Path(__file__).resolve().parent  # where the training scripts are
 
 
@@ -42,8 +43,8 @@ def build_parser():
     p = cli.ArgumentParser(
         description="Train models under one budget (or reuse their finished runs) and write a validation-loss "
                     "plot, a results table and samples.",
-        epilog="Any other training flag (such as --batch_size 8 or --n_embd 64) is passed to every training "
-               "script that has it.",
+        epilog="Any other training flag (such as --batch_size 8, --n_embd 64, --wandb_log or --tensorboard) is "
+               "passed to every training script that has it; each model's run is tracked apart.",
     )
     p.add_argument("--models", default=DEFAULT_MODELS,
                    help=f"comma-separated: bigram, gpt, a PyG layer name such as GATConv, or {ALL_LAYERS} "
@@ -57,8 +58,8 @@ def build_parser():
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="hyperparameters of every run, as in the training scripts (default: auto)")
     p.add_argument("--max_iters", type=int, help="training steps of every run (default: from --preset)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=cli.DEVICES, default="auto",
+                   help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed of every run (default: {SEED})")
     p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<run name> (default: runs)")
@@ -83,7 +84,10 @@ class Run:
     expected: dict
 
     def state(self):
-        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace"."""
+        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace".
+
+        A run that a training holds is refused."""
+        refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
         if not holds_run(self.out_dir):
             return "new"
         config = read_config(self.out_dir)
@@ -230,8 +234,8 @@ def pass_through_flags(extra):
     for group in groups:
         flag = group[0].split("=")[0]
         if flag in NOT_PASSED:
-            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer and directory "
-                             f"and resumes unfinished runs itself; see python compare.py --help")
+            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer, directory and "
+                             f"W&B run name and resumes unfinished runs itself; see python compare.py --help")
         accepting = [script for script, parser in parsers.items() if not parser.parse_known_args(group)[1]]
         if not accepting:
             raise UsageError(f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
@@ -250,10 +254,11 @@ def plan_run(model, graph, pos, args, extra):
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
-    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume)
-    if set_by_compare != (None, model, False):
-        raise UsageError("a training flag abbreviates --out_dir, --gat_version or --resume, which compare.py sets "
-                         "itself; write training flags in full")
+    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume,
+                      training_args.wandb_run_name)
+    if set_by_compare != (None, model, False, None):
+        raise UsageError("a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name, which "
+                         "compare.py sets itself; write training flags in full")
     if script.graph_layer:
         guard.check_layer_name(model)
     device = cli.resolve_device(training_args.device)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from gnngpt.attention import attention_maps, rank_agreement
-from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.cli import DEVICES, ArgumentParser, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import exit_code
 from gnngpt.plots import plot_attention
@@ -22,7 +22,7 @@ def build_parser():
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"text to draw the attention over, or FILE:path (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--out", metavar="PNG", help="where the figure goes (default: plots/attention_<name>.png)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where to run the model (default: cpu)")
     return p
 

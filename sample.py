@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from gnngpt.cli import ArgumentParser, resolve_device
+from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.results import load_run_model
@@ -20,8 +20,9 @@ def build_parser():
     p = ArgumentParser(description="Sample text from a checkpoint written by pyg-gpt.py, gpt.py or bigram.py.")
     p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR",
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
-    p.add_argument("--prompt", default="\n",
-                   help='text the samples continue, or FILE:path to read it from a file (default: a newline)')
+    p.add_argument("--prompt", "--start", default="\n",
+                   help="text the samples continue, or FILE:path to read it from a file; --start is nanoGPT's name "
+                        "for it (default: a newline)")
     p.add_argument("--num_samples", type=int, default=10, help="samples to draw (default: 10)")
     p.add_argument("--max_new_tokens", type=int, default=500, help="characters generated per sample (default: 500)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -29,8 +30,8 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=200,
                    help="sample only among the k most likely characters; 0: no limit (default: 200)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=f"where to run; {AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--backend", choices=("fast", "pyg"),
                    help="GATConv/GATv2Conv runs: sample with this backend instead of the run's own; fast decodes "
                         "with a cache (default: the run's)")

@@ -18,10 +18,15 @@ from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .rundir import open_run_dir, run_name
+from .rundir import check_run_dir, hold_run_dir, run_name, start_run_dir
 from .sampling import write_model_output
+from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AUTO_DEVICE_HELP = "auto picks cuda, then mps (Apple silicon), then cpu"
+DEVICE_NEEDS = {"cuda": "CUDA is not available",
+                "mps": "MPS is not available (it needs Apple silicon and a PyTorch built with MPS)"}
 POSITIVE_INTS = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "n_embd", "n_head", "n_layer")
 
 
@@ -63,8 +68,8 @@ def build_parser(script):
                        help="abs: learned position embeddings (the original); rel: none, each edge carries the "
                             "distance between its tokens instead (default: abs)")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train; auto picks cuda when available (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=f"where to train; {AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help=f"UTF-8 training text (default: {DEFAULT_DATA}, tinyshakespeare, downloaded when missing)")
     p.add_argument("--out_dir", metavar="DIR",
@@ -87,6 +92,7 @@ def build_parser(script):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast the forward passes to bf16, for CUDA GPUs that support it "
                         "(default: float32)")
+    add_tracking_arguments(p)
     return p
 
 
@@ -109,10 +115,13 @@ def position_list(text):
 
 
 def resolve_device(requested):
+    """The torch device of a --device choice; auto is the first available of cuda, mps and cpu."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise UsageError(f"--device {requested} was requested but {DEVICE_NEEDS[requested]}; "
+                         f"use --device cpu or auto")
     return torch.device(requested)
 
 
@@ -179,6 +188,7 @@ def run(script, args):
     if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
+    import_trackers(args)  # a tracker whose package is missing ends here, before anything is written
     model_name = script.model_name(args)
     if script.graph_layer:
         check_layer_name(model_name)
@@ -222,14 +232,19 @@ def run(script, args):
         "processes": distributed.world_size(),
         "versions": versions(),
     }
-    resume_from = open_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)  # writes config.json
-    meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
-            "vocab": tokenizer.chars}
-    train(model, sampler, settings, out_dir, meta, resume_from=resume_from)
-    if not distributed.is_main_process():
-        return
-
-    sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+    with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
+        resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
+        wandb_run_id = resume_from.get("wandb_run_id") if resume_from else None
+        # the trackers start before config.json is written: a failed wandb.init leaves no run behind
+        with open_tracking(args, name, out_dir, config, wandb_run_id) as tracking:
+            start_run_dir(out_dir, config, args.overwrite)  # writes config.json
+            meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
+                    "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
+            train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
+            if not distributed.is_main_process():
+                return
+            sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+            tracking.attach(out_dir / "ckpt.pt", sample_path)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
 
@@ -249,6 +264,8 @@ def machine_description(device):
     """The accelerator's name, or the CPU architecture and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} GPU (MPS)"
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 

@@ -56,13 +56,23 @@ def check_layer_name(name):
     """Refuse a name that is not a PyG convolution or that names a layer that can never serve."""
     names = conv_layer_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        close = suggestion(name, names)
+        hint = f"did you mean {close}? " if close else ""
         raise UsageError(f"unknown --gat_version {name!r}; {hint}choose a PyG convolution such as "
                          f"{' or '.join(GAT_LAYERS)} (--list_layers shows all)")
     if static_refusal(name):
         raise UsageError(f"{name} cannot replace attention: {static_refusal(name)}; "
                          f"choose a layer that --list_layers marks as working")
+
+
+def suggestion(name, names):
+    """The layer of names that name most likely means: the one it equals but for case, else the closest spelling
+    (difflib), else None."""
+    by_case = {n.lower(): n for n in names}
+    if name.lower() in by_case:
+        return by_case[name.lower()]
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
 
 
 def run_seeded(module, *inputs):

@@ -9,7 +9,7 @@ from .data import CharTokenizer
 from .errors import UsageError
 from .graph import parse_graph
 from .models import model_from_checkpoint
-from .rundir import read_metrics
+from .rundir import read_metrics, refuse_if_held
 
 EAGER_FLOAT32 = {"dtype": "float32", "compile": False}  # the settings every preset trains with unless told
 
@@ -17,8 +17,10 @@ EAGER_FLOAT32 = {"dtype": "float32", "compile": False}  # the settings every pre
 def load_run_model(out_dir, device="cpu", backend=None):
     """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's name.
 
-    backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters.
+    backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
+    a training holds (see rundir.hold_run_dir) is refused.
     """
+    refuse_if_held(out_dir, "try again once that training has ended")
     checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt")
     overrides = {}
     if backend is not None:

@@ -1,6 +1,10 @@
-"""A run directory (config.json, metrics.csv, ckpt.pt): the checks before a run starts there, reading it back."""
+"""A run directory (config.json, metrics.csv, ckpt.pt): the lock of the training that writes it, the checks
+before a run starts there, reading it back."""
+import contextlib
 import csv
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from . import distributed
@@ -10,6 +14,8 @@ from .files import atomic_write_text
 
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
+TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
+LOCK_FILE = ".lock"
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
@@ -29,18 +35,105 @@ class MetricsLog:
     def __init__(self, path, rows=()):
         """Start the file with the header and rows (those of the checkpoint when resuming)."""
         self.path = Path(path)
-        with self.path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(METRICS_FIELDS)
-            writer.writerows([row[k] for k in METRICS_FIELDS] for row in rows)
+        self.write("w", [METRICS_FIELDS, *([row[k] for k in METRICS_FIELDS] for row in rows)])
 
     def append(self, row):
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in METRICS_FIELDS])
+        self.write("a", [[row[k] for k in METRICS_FIELDS]])
+
+    def write(self, mode, lines):
+        """Write lines of cells in mode "w" or "a"; UsageError when the disk refuses."""
+        try:
+            with self.path.open(mode, newline="") as f:
+                csv.writer(f).writerows(lines)
+        except OSError as e:
+            raise UsageError(f"could not write {self.path} ({e.strerror or e}); free disk space or choose another "
+                             f"--out_dir, then --resume from the last checkpoint") from None
 
 
-def open_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
-    """Check out_dir, then write config.json there; returns the checkpoint to resume from, or None.
+@contextlib.contextmanager
+def hold_run_dir(out_dir, resume=False):
+    """Hold out_dir for one training while the block runs: the only process that writes it.
+
+    Rank 0 creates out_dir (unless resuming, which needs it) and takes an exclusive flock on out_dir/.lock,
+    with its process id written there; the kernel releases the lock when the process ends, however it ends, so
+    a killed training never blocks the next. A refusal (another process holds it; out_dir is a file or cannot
+    be written) is a UsageError on every rank, before anything is written.
+    """
+    lock = RunDirLock(out_dir)
+    refusal = distributed.from_main(lambda: lock.take(resume))
+    if refusal:
+        raise UsageError(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class RunDirLock:
+    """The exclusive flock of out_dir/.lock held by the training that writes out_dir."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.fd = None
+
+    def take(self, resume):
+        """Take the lock; "" when it is taken, else why not (out_dir is then unchanged)."""
+        out_dir = self.out_dir
+        if out_dir.exists() and not out_dir.is_dir():
+            return f"--out_dir {out_dir} is a file, not a directory; choose another --out_dir"
+        if resume and not out_dir.exists():
+            return nothing_to_resume(out_dir / "ckpt.pt")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot create --out_dir {out_dir} ({e.strerror}); choose another --out_dir"
+        try:
+            fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return cannot_write(out_dir, e)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            return in_use(out_dir, holder, "wait for it to end or choose another --out_dir")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return ""
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def refuse_if_held(out_dir, fix):
+    """UsageError (ending with fix) when a training holds out_dir, so that a reader never sees a run mid-write."""
+    try:
+        fd = os.open(Path(out_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no training has held out_dir
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once, by the close below
+    except BlockingIOError:
+        raise UsageError(in_use(out_dir, lock_holder(fd), fix)) from None
+    finally:
+        os.close(fd)
+
+
+def lock_holder(fd):
+    """The process id written in a held lock file ("?" in the instant before its holder writes it)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+
+
+def in_use(out_dir, pid, fix):
+    return f"{out_dir} is in use by a training in process {pid}; {fix}"
+
+
+def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
+    """Check that a training of config and vocab may start in out_dir; returns the checkpoint to resume from,
+    or None. Writes nothing.
 
     Without resume or overwrite, a directory that holds a run (finished, unfinished or of another
     configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe.
@@ -48,18 +141,31 @@ def open_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pass one of them")
-    checkpoint = None
     if resume:
-        checkpoint = resumable_checkpoint(out_dir, config, vocab)
-    elif not overwrite and holds_run(out_dir):
+        return resumable_checkpoint(out_dir, config, vocab)
+    if not overwrite and holds_run(out_dir):
         raise UsageError(f"{out_dir} {describe_run(out_dir, config)}")
+    return None
+
+
+def start_run_dir(out_dir, config, overwrite=False):
+    """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included
+    (rank 0 writes)."""
+    out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
-    if distributed.is_main_process():
-        if overwrite:
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
+    if not distributed.is_main_process():
+        return
+    replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
+    try:
+        for path in replaced:
+            path.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    return checkpoint
+    except OSError as e:
+        raise UsageError(cannot_write(out_dir, e)) from None
+
+
+def cannot_write(out_dir, error):
+    return f"cannot write to --out_dir {out_dir} ({error.strerror}); make it writable or choose another --out_dir"
 
 
 def holds_run(out_dir):
@@ -88,7 +194,7 @@ def resumable_checkpoint(out_dir, config, vocab):
     """The checkpoint in out_dir after checking that it continues the run described by config and vocab."""
     path = out_dir / "ckpt.pt"
     if not path.is_file():
-        raise UsageError(f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run")
+        raise UsageError(nothing_to_resume(path))
     checkpoint = load_checkpoint(path)
     missing = TRAINING_STATE - set(checkpoint)
     if missing:
@@ -109,6 +215,10 @@ def resumable_checkpoint(out_dir, config, vocab):
         raise UsageError(f"the run in {out_dir} finished at step {checkpoint['step']}; pass a --max_iters above "
                          f"{checkpoint['step']} to train it further")
     return checkpoint
+
+
+def nothing_to_resume(path):
+    return f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run"
 
 
 def config_differences(old, new):

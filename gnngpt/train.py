@@ -12,6 +12,7 @@ from . import distributed
 from .checkpoint import save_checkpoint
 from .errors import UsageError, one_line
 from .rundir import MetricsLog
+from .tracking import Tracking
 
 
 def autocast(device, dtype):
@@ -41,24 +42,25 @@ def make_optimizer(model, learning_rate):
     return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
 
 
-def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10):
+def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10, tracking=None):
     """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
     metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
-    of every rank, the metrics so far. resume_from (such a checkpoint) continues its run exactly. SIGINT or
-    SIGTERM stops after the current step with a checkpoint and raises Interrupted; a non-finite loss raises
-    UsageError and keeps the last checkpoint. Under torchrun the model trains in DistributedDataParallel;
-    rank 0 alone evaluates and writes files. Returns the metrics rows.
+    of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row. resume_from (such a
+    checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step with a checkpoint and
+    raises Interrupted; a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
+    model trains in DistributedDataParallel; rank 0 alone evaluates and writes files. Returns the metrics rows.
     """
-    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from).run(log_interval)
+    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking).run(log_interval)
 
 
 class Trainer:
     """One training run's state: the model and optimizer, the step, the metrics, the clock, the last checkpoint."""
 
-    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None):
+    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, tracking=None):
         self.model, self.sampler, self.settings, self.meta = model, sampler, settings, checkpoint_meta
+        self.tracking = tracking or Tracking()
         self.ckpt_path = Path(out_dir) / "ckpt.pt"
         self.dtype = settings.get("dtype", "float32")
         self.tokens_per_step = settings["batch_size"] * settings["block_size"] * distributed.world_size()
@@ -118,7 +120,8 @@ class Trainer:
         self.bar.set_postfix(loss=f"{last_loss:.4f}", tok_per_s=f"{rate:,.0f}")
 
     def evaluate_and_save(self):
-        """Evaluate on rank 0, append the metrics row, checkpoint, and restart the speed measurement."""
+        """Evaluate on rank 0, append the metrics row, checkpoint, log the row to the trackers, and restart the
+        speed measurement."""
         synchronize(self.sampler.device)
         train_time = time.perf_counter() - self.interval_start
         losses = distributed.from_main(
@@ -139,6 +142,8 @@ class Trainer:
             self.metrics.append(row)
             self.bar.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.save()
+        # logged once checkpointed: a resumed run, which logs from its checkpoint's step on, logs no step twice
+        self.tracking.log(row, self.optimizer.param_groups[0]["lr"])
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
     def save(self):
@@ -224,10 +229,11 @@ def kept_checkpoint(ckpt_path, saved_step):
 
 
 def rng_state(sampler):
-    """The random states this process draws from: torch's CPU and CUDA generators and the batch sampler's."""
+    """The random states this process draws from: torch's CPU, CUDA and MPS generators and the batch sampler's."""
     return {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if sampler.device.type == "mps" else None,
         "sampler": sampler.generator.get_state(),
     }
 
@@ -241,6 +247,8 @@ def restore(checkpoint, model, optimizer, sampler):
         torch.set_rng_state(state["cpu"])
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
+        if state.get("mps") is not None:
+            torch.mps.set_rng_state(state["mps"])
         sampler.generator.set_state(state["sampler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError(f"the checkpoint does not fit this run ({one_line(e)[:120]}); "
@@ -249,6 +257,8 @@ def restore(checkpoint, model, optimizer, sampler):
 
 
 def synchronize(device):
-    """Wait for queued CUDA work so that wall-clock timings are real."""
+    """Wait for queued CUDA or MPS work so that wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,5 +1,9 @@
 import functools
+import json
 import random
+import struct
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +152,85 @@ def _eager_gatv2_kernel(request, monkeypatch):
     except those marked fused_kernel (and scripts run in subprocesses, which compile it)."""
     if "fused_kernel" not in request.keywords:
         monkeypatch.setattr("gnngpt.fast_gat.fused_gatv2_scores", None)
+
+
+def offline_wandb_env(home):
+    """The environment of W&B without a network or an account, its own files under home: runs are logged to
+    --out_dir/wandb, nothing is sent."""
+    dirs = ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **{name: str(Path(home) / name.lower()) for name in dirs}}
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """This process and its children use W&B offline (offline_wandb_env); skipped where wandb is not installed."""
+    pytest.importorskip("wandb")
+    for name, value in offline_wandb_env(tmp_path / "wandb-home").items():
+        monkeypatch.setenv(name, value)
+
+
+WANDB_BLOCK, WANDB_CHUNK_HEADER = 32768, struct.Struct("<IHB")  # checksum, length, type
+WANDB_FULL, WANDB_LAST = 1, 4  # chunk types that end a record
+
+
+def wandb_records(path):
+    """The records of a W&B run's transaction log (run-<id>.wandb), read as W&B's own reader did.
+
+    After a 7-byte file header come blocks of 32 KiB; each record is split into chunks that do not cross a
+    block (a tail too short for a chunk header is padding), each with the CRC-32 of its type and data.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0), f"{path} is not a W&B transaction log"
+    pos, record = 7, b""
+    while pos + WANDB_CHUNK_HEADER.size <= len(data):
+        left_in_block = WANDB_BLOCK - pos % WANDB_BLOCK
+        if left_in_block < WANDB_CHUNK_HEADER.size:
+            pos += left_in_block
+            continue
+        checksum, length, kind = WANDB_CHUNK_HEADER.unpack_from(data, pos)
+        chunk = data[pos + WANDB_CHUNK_HEADER.size: pos + WANDB_CHUNK_HEADER.size + length]
+        assert checksum == zlib.crc32(chunk, zlib.crc32(bytes([kind]))), f"bad checksum at byte {pos} of {path}"
+        pos += WANDB_CHUNK_HEADER.size + length
+        record += chunk
+        if kind in (WANDB_FULL, WANDB_LAST):
+            yield wandb_internal_pb2.Record.FromString(record)
+            record = b""
+
+
+def wandb_runs(out_dir):
+    """Each offline W&B run under out_dir/wandb, oldest first: its id, project, name and config, the values it
+    logged at each step ({step: {key: value}}) and the paths of the files attached to it.
+
+    The W&B service of this process is shut down first: it writes a finished run's log out only then, as it does
+    when a training process ends.
+    """
+    import wandb
+
+    wandb.teardown()
+    runs = []
+    for path in sorted(Path(out_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        run = {"history": {}, "files": set()}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(id=record.run.run_id, project=record.run.project, name=record.run.display_name,
+                           config={item.key: json.loads(item.value_json) for item in record.run.config.update})
+            elif kind == "history":
+                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                          for item in record.history.item}
+                run["history"][values.pop("_step")] = {k: v for k, v in values.items() if not k.startswith("_")}
+            elif kind == "files":
+                run["files"].update(f.path for f in record.files.files)
+        runs.append(run)
+    return runs
+
+
+def tensorboard_scalars(log_dir):
+    """{tag: [(step, value), ...]} of the TensorBoard event files in log_dir, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from gnngpt.cli import main
+from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
+from gnngpt.errors import UsageError
 from gnngpt.models import GPT
 from gnngpt.train import evaluate
 
@@ -67,7 +68,9 @@ def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monk
 
 
 BAD_INPUTS = [
-    (["--gat_version", "GATv3Conv"], "unknown --gat_version 'GATv3Conv'"),
+    (["--gat_version", "GATv3Conv"], "unknown --gat_version 'GATv3Conv'; did you mean GATv2Conv? "),
+    (["--gat_version", "gatconv"], "unknown --gat_version 'gatconv'; did you mean GATConv? "),
+    (["--gat_version", "gatv2conv"], "unknown --gat_version 'gatv2conv'; did you mean GATv2Conv? "),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
     (["--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
     (["--block_size", "-3"], "--block_size must be a positive integer, got -3"),
@@ -103,6 +106,28 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_t
 def test_cuda_without_cuda_is_refused(tiny_text_file, capsys):
     assert main(GPT_SCRIPT, ["--device", "cuda", "--data", str(tiny_text_file)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                               (False, False, "cpu")])
+def test_auto_device_is_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name, available in (("cuda", cuda), ("mps", mps)):
+        if available:
+            assert resolve_device(name) == torch.device(name)
+        else:
+            with pytest.raises(UsageError, match=f"^--device {name} was requested but {name.upper()} is not available"):
+                resolve_device(name)
+
+
+def test_mps_without_mps_is_refused(tiny_text_file, monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(GPT_SCRIPT, ["--device", "mps", "--data", str(tiny_text_file)]) == 2
+    assert capsys.readouterr().err == ("error: --device mps was requested but MPS is not available (it needs Apple "
+                                       "silicon and a PyTorch built with MPS); use --device cpu or auto\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -143,7 +168,8 @@ def test_help_documents_every_flag(script, tmp_path):
     assert result.returncode == 0
     flags = ["--batch_size", "--block_size", "--max_iters", "--eval_interval", "--eval_iters",
              "--learning_rate", "--seed", "--device", "--data", "--out_dir", "--preset"]
-    flags += ["--resume", "--overwrite", "--compile", "--dtype"]
+    flags += ["--resume", "--overwrite", "--compile", "--dtype", "--wandb_log", "--wandb_project", "--wandb_run_name",
+              "--tensorboard", "pip install wandb tensorboard"]
     if script != "bigram.py":
         flags += ["--n_embd", "--n_head", "--n_layer", "--dropout"]
     if script == "pyg-gpt.py":

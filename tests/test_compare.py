@@ -12,6 +12,7 @@ import matplotlib.image
 import pytest
 
 import compare
+from conftest import tensorboard_scalars, wandb_runs
 from gnngpt import cli, guard
 from gnngpt.data import BatchSampler
 from gnngpt.guard import one_thread
@@ -170,6 +171,22 @@ def test_a_crashing_training_is_reported_and_the_others_go_on(trainings, tiny_te
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram"]
 
 
+def test_tracking_flags_pass_through_and_each_model_is_one_tracked_run(offline_wandb, trainings, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert compare_main("--models", "bigram,gpt", "--wandb_log", "--wandb_project", "comparison", "--tensorboard") == 0
+    flags = ["--wandb_log", "--wandb_project", "comparison", "--tensorboard"]
+    assert all(argv[argv.index("--wandb_log"):][:4] == flags for _, argv in trainings)
+    for name in ("bigram", "gpt"):
+        run = tmp_path / "runs" / name
+        steps = [row["step"] for row in read_metrics(run)]
+        (wandb_run,) = wandb_runs(run)
+        assert (wandb_run["project"], wandb_run["name"], list(wandb_run["history"])) == ("comparison", name, steps)
+        assert [step for step, _ in tensorboard_scalars(run)["val/loss"]] == steps
+    trainings.clear()
+    assert compare_main("--models", "bigram,gpt") == 0  # finished runs are reused whether tracked or not
+    assert trainings == []
+
+
 def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
     assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
@@ -183,6 +200,9 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--frobnicate", "3"], "error: unknown flag --frobnicate"),
     (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
     (["--resume"], "error: --resume is not passed through compare.py"),
+    (["--wandb_log", "--wandb_run_name", "x"], "error: --wandb_run_name is not passed through compare.py, which picks "
+                                               "each run's layer, directory and W&B run name"),
+    (["--wandb_run", "x"], "error: a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name"),
     (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
     (["--jobs", "0"], "error: --jobs must be a positive integer, got 0"),
 ])

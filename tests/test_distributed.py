@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import offline_wandb_env, tensorboard_scalars, wandb_runs
 from gnngpt.checkpoint import load_checkpoint
 from gnngpt.data import BatchSampler, CharTokenizer, split
 from gnngpt.models import build_model
@@ -13,26 +15,36 @@ from gnngpt.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA1 = 0.9  # AdamW's default: after one step its first moment is (1 - beta1) * gradient
+# with wandb and tensorboard installed (as CI has them), the run is tracked too: by rank 0 alone
+TRACKERS = ["--wandb_log", "--tensorboard"] if all(map(importlib.util.find_spec, ("wandb", "tensorboard"))) else []
 
 
 def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
     args = ["--data", str(tiny_text_file), "--out_dir", "out", "--device", "cpu", "--max_iters", "1",
             "--eval_interval", "1", "--eval_iters", "2", "--batch_size", "3", "--block_size", "8",
-            "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--dropout", "0", "--learning_rate", "1e-2"]
+            "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--dropout", "0", "--learning_rate", "1e-2",
+            *TRACKERS]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--log-dir", "logs", "--redirects", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **offline_wandb_env(tmp_path / "wandb-home"))
     result = subprocess.run([*torchrun, str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # rank 0 alone prints, evaluates and writes the run files
+    # rank 0 alone prints, evaluates, writes the run files and tracks: one W&B run, one TensorBoard event file
     stdout = {rank: next(tmp_path.glob(f"logs/*/attempt_0/{rank}/stdout.log")).read_text() for rank in (0, 1)}
     assert stdout[1] == ""
     assert stdout[0].count("step 0: train loss") == 1 and stdout[0].count("step 1: train loss") == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckpt.pt", "config.json", "metrics.csv"]
-    with open(tmp_path / "out" / "metrics.csv", newline="") as f:
+    out = tmp_path / "out"
+    tracked = [p.name for p in out.iterdir() if p.name == "wandb" or p.name.startswith("events.out.tfevents.")]
+    assert len(tracked) == len(TRACKERS)
+    assert sorted({p.name for p in out.iterdir()} - set(tracked)) == [".lock", "ckpt.pt", "config.json", "metrics.csv"]
+    with open(out / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["0", "1"]
+    if TRACKERS:
+        (wandb_run,) = wandb_runs(out)
+        assert list(wandb_run["history"]) == [0, 1]
+        assert [step for step, _ in tensorboard_scalars(out)["val/loss"]] == [0, 1]
     assert [p.name for p in (tmp_path / "model_outputs").iterdir()] == ["gpt.txt"]
     ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["config"]["processes"] == 2 and len(ckpt["rng"]) == 2

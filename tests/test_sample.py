@@ -30,6 +30,15 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_run, capsys):
     assert run_sample(capsys, *args, "--seed", "8") != first
 
 
+def test_start_is_the_prompt_as_in_nanogpt_file_included(tiny_run, tmp_path, capsys):
+    args = ["--out_dir", str(tiny_run("gpt")), "--num_samples", "2", "--max_new_tokens", "10"]
+    expected = run_sample(capsys, *args, "--prompt", "To be")
+    assert all(s.startswith("To be") for s in expected)
+    assert run_sample(capsys, *args, "--start", "To be") == expected
+    (tmp_path / "prompt.txt").write_text("To be", encoding="utf-8")
+    assert run_sample(capsys, *args, "--start", f"FILE:{tmp_path / 'prompt.txt'}") == expected
+
+
 @pytest.mark.parametrize("name", ["bigram", "gpt", "GATConv", "GATv2Conv"])
 def test_num_samples_continue_the_prompt_in_the_vocabulary(name, tiny_run, capsys):
     run = tiny_run(name)

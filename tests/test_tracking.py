@@ -1,0 +1,113 @@
+"""Experiment tracking: W&B (offline) and TensorBoard read back equal metrics.csv; off by default, and then unused."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tensorboard_scalars, wandb_runs
+from gnngpt.checkpoint import load_checkpoint
+from gnngpt.cli import main
+from gnngpt.config import GPT as GPT_SCRIPT
+from gnngpt.rundir import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "8", "--device", "cpu",
+        "--n_embd", "8", "--n_head", "2", "--n_layer", "1"]
+METRICS = {"train/loss": "train_loss", "val/loss": "val_loss", "tokens_per_s": "tokens_per_s"}  # tag: column
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # samples go to tmp_path/model_outputs
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+
+
+def train(out, data, *args):
+    return main(GPT_SCRIPT, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
+
+
+def test_wandb_offline_run_logs_the_metrics_at_their_steps_and_resume_continues_it(offline_wandb, tiny_text_file,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    assert train(out, tiny_text_file, "--max_iters", "4", "--wandb_log") == 0
+    assert train(out, tiny_text_file, "--max_iters", "8", "--wandb_log", "--wandb_run_name", "longer",
+                 "--resume") == 0
+
+    first, resumed = wandb_runs(out)
+    checkpoint = load_checkpoint(out / "ckpt.pt")
+    assert first["id"] == resumed["id"] == checkpoint["wandb_run_id"]
+    assert (first["project"], first["name"], resumed["name"]) == ("gpt_gat", "gpt", "longer")
+    assert first["config"]["settings"] == {**checkpoint["config"]["settings"], "max_iters": 4}
+    assert resumed["config"]["model_config"] == checkpoint["model_config"]
+    assert list(first["history"]) == [0, 2, 4] and list(resumed["history"]) == [6, 8]  # no step twice
+
+    logged = {**first["history"], **resumed["history"]}
+    learning_rate = checkpoint["config"]["settings"]["learning_rate"]
+    for row in read_metrics(out):
+        expected = {tag: row[column] for tag, column in METRICS.items() if row[column] is not None}
+        assert logged[row["step"]] == {**expected, "lr": learning_rate}
+    assert {"ckpt.pt", "gpt.txt"} <= first["files"] and {"ckpt.pt", "gpt.txt"} <= resumed["files"]
+
+
+def assert_tensorboard_equals_metrics(out):
+    rows = read_metrics(out)
+    scalars = tensorboard_scalars(out)
+    learning_rate = load_checkpoint(out / "ckpt.pt")["config"]["settings"]["learning_rate"]
+    assert scalars.pop("lr") == [(row["step"], np.float32(learning_rate)) for row in rows]
+    assert scalars == {tag: [(row["step"], np.float32(row[column])) for row in rows if row[column] is not None]
+                       for tag, column in METRICS.items()}
+
+
+def test_tensorboard_event_files_equal_metrics_csv_through_resume_and_overwrite(tiny_text_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert train(out, tiny_text_file, "--max_iters", "4", "--tensorboard") == 0
+    assert train(out, tiny_text_file, "--max_iters", "6", "--tensorboard", "--resume") == 0
+    assert [row["step"] for row in read_metrics(out)] == [0, 2, 4, 6]
+    assert_tensorboard_equals_metrics(out)
+
+    assert train(out, tiny_text_file, "--max_iters", "2", "--tensorboard", "--seed", "7", "--overwrite") == 0
+    assert [row["step"] for row in read_metrics(out)] == [0, 2]
+    assert_tensorboard_equals_metrics(out)  # the replaced run's events are gone
+
+
+UNTRACKED = """
+import socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args)[:80])
+    raise OSError("no network in this test")
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
+from gnngpt.cli import main
+from gnngpt.config import GPT
+code = main(GPT, sys.argv[1:])
+trackers = sorted(m for m in sys.modules if m.split(".")[0] in ("wandb", "tensorboard") or "tensorboard" in m)
+print(repr((code, trackers, attempts)))
+"""
+
+
+def test_without_a_tracker_flag_neither_package_is_imported_and_no_network_is_used(tiny_text_file, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", UNTRACKED, "--data", str(tiny_text_file), "--out_dir", "out",
+                             *TINY, "--max_iters", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ast.literal_eval(result.stdout.splitlines()[-1]) == (0, [], [])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "ckpt.pt", "config.json", "metrics.csv"]
+
+
+@pytest.mark.parametrize("flag,package", [("--wandb_log", "wandb"), ("--tensorboard", "tensorboard")])
+def test_a_tracker_whose_package_is_missing_ends_before_anything_is_written(flag, package, tiny_text_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # what an import finds when the package is not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)  # imported again, it needs it
+    before = sorted(tmp_path.rglob("*"))
+    assert train(tmp_path / "run", tiny_text_file, "--max_iters", "2", flag) == 2
+    assert capsys.readouterr().err == (f"error: {flag} needs the {package} package, which cannot be imported "
+                                       f"(import of {package} halted; None in sys.modules); install it with "
+                                       f"pip install {package}, or drop {flag}\n")
+    assert sorted(tmp_path.rglob("*")) == before
