@@ -9,6 +9,7 @@ where no compiler is available (and when decoding) it is computed in chunks of q
 backward pass. The edge feature e_ij is the distance (i - j) / block_size (mixers.distance_features), so its
 terms come from a table with one row per distance.
 """
+import functools
 import logging
 import os
 import shutil
@@ -91,8 +92,8 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     """
     if torch.compiler.is_compiling():
         return gatv2_scores_expression(xl, xr, att, negative_slope, edges, distance)
-    if fused and fused_gatv2_scores is not None:
-        return fused_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
+    if fused and FUSED_KERNEL:
+        return fused_gatv2_scores()(xl, xr, att, negative_slope, edges, distance)
     return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
 
 
@@ -122,5 +123,11 @@ def compiler_available():
     return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 
 
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
-fused_gatv2_scores = torch.compile(gatv2_scores_expression) if compiler_available() else None
+@functools.cache
+def fused_gatv2_scores():
+    """gatv2_scores_expression compiled by torch.compile, built on first use (importing the compiler takes seconds)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
+    return torch.compile(gatv2_scores_expression)
+
+
+FUSED_KERNEL = compiler_available()  # whether GATv2Conv's scores use the compiled kernel outside torch.compile

@@ -151,7 +151,7 @@ def _eager_gatv2_kernel(request, monkeypatch):
     """Compiling the fused GATv2 kernel for every test shape is slow: tests use the eager chunked kernel,
     except those marked fused_kernel (and scripts run in subprocesses, which compile it)."""
     if "fused_kernel" not in request.keywords:
-        monkeypatch.setattr("gnngpt.fast_gat.fused_gatv2_scores", None)
+        monkeypatch.setattr("gnngpt.fast_gat.FUSED_KERNEL", False)
 
 
 def offline_wandb_env(home):
