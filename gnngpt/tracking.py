@@ -27,7 +27,8 @@ def add_arguments(parser):
                             "WANDB_MODE=offline to log without a network")
     group.add_argument("--wandb_project", default=WANDB_PROJECT, metavar="NAME",
                        help=f"the W&B project (default: {WANDB_PROJECT}, the original's)")
-    group.add_argument("--wandb_run_name", metavar="NAME", help="the W&B run's name (default: the model's name)")
+    group.add_argument("--wandb_run_name", metavar="NAME",
+                       help="the W&B run's name (default: the run's, as in runs/<name>)")
     group.add_argument("--tensorboard", action="store_true",
                        help="write the losses, learning rate and tokens/s of every evaluation as TensorBoard event "
                             "files to --out_dir, so that tensorboard --logdir runs shows every run")
