@@ -152,7 +152,7 @@ class CachedDecoder:
 
     def cached_pass(self, idx):
         """The next-token logits after the tokens idx (B, T), which the cache takes in."""
-        logits, _ = self.model.forward(idx, cache=self.cache)  # eager, as in full_logits
+        logits, _ = self.model.forward(idx, cache=self.cache, last_only=True)  # eager, as in full_logits
         return logits[:, -1, :]
 
     def full_pass(self, idx):
@@ -206,5 +206,5 @@ def full_logits(model, idx):
     It calls the model's forward itself: a model compiled for training (model.compile()) would otherwise be
     compiled again for the shapes of decoding. The GATv2 score kernel, compiled on its own, still runs.
     """
-    logits, _ = model.forward(idx[:, -model.context_size:])
+    logits, _ = model.forward(idx[:, -model.context_size:], last_only=True)
     return logits[:, -1, :]

@@ -137,8 +137,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.ffwd = FeedForward(cfg)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, last_only=False):
         x = x + self.mixer(self.ln1(x), cache)
+        if last_only:
+            x = x[:, -1:]  # only the last token's output is wanted: the others skip the feed-forward net
         x = x + self.ffwd(self.ln2(x))
         return x
 
@@ -175,15 +177,16 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, vocab_size) and the loss; with a decoder.KVCache, idx holds the tokens after the cached."""
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        """Logits (B, T, vocab_size) and the loss, or with last_only the last token's logits (B, 1, vocab_size)
+        alone, as sampling wants them; with a decoder.KVCache, idx holds the tokens after the cached ones."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
         x = self.token_embedding(idx)  # (B, T, C)
         if self.position_embedding is not None:
             x = x + self.position_embedding(pos)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
+            x = block(x, None if cache is None else cache.layers[i], last_only and i == len(self.blocks) - 1)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
@@ -207,8 +210,8 @@ class BigramLanguageModel(nn.Module):
         self.context_size = 1
         self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
 
-    def forward(self, idx, targets=None):
-        logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
+    def forward(self, idx, targets=None, last_only=False):
+        logits = self.token_embedding_table(idx[:, -1:] if last_only else idx)  # (B, T or 1, vocab_size)
         return logits, lm_loss(logits, targets)
 
 

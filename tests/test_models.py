@@ -69,3 +69,13 @@ def test_linear_and_embedding_weights_use_the_lecture_init():
     assert torch.count_nonzero(model.lm_head.bias) == 0
     ffn = model.blocks[0].ffwd.net[0]
     assert abs(ffn.weight.std().item() - 0.02) < 0.003
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_last_only_gives_the_last_tokens_logits_of_the_full_pass(name):
+    model = (make_model(name) if name == "bigram" else make_model(name, graph="window:3")).eval()
+    idx = torch.randint(0, 17, (2, 12))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 17)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
