@@ -16,7 +16,8 @@ on the CPU. Generation: --gen_length characters from one start token, with the c
 lecture's sampler (a full forward pass over the last block_size tokens for every character), both exact;
 medians of --gen_repeats rounds that each run every model in turn, after one untimed round (it compiles the GATv2
 kernel for the shapes of decoding); the time of the first and last fifth of the cached generation shows whether
-a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does.
+a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does;
+--compile compiles the cached decoder's one-token step too (sample.py --compile), not the lecture's sampler.
 """
 import itertools
 import json
@@ -126,14 +127,14 @@ class TrainingBench:
                 "peak_mem_mb": None if peak is None else round(peak, 1)}
 
 
-def time_generation(model, device, use_cache, length):
+def time_generation(model, device, use_cache, length, compile_decoder):
     """Seconds to generate length characters from one start token, and the seconds of its first and last fifth."""
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     fifth = max(1, length // 5)
     stamps = []
     synchronize(device)
     t0 = time.perf_counter()
-    for i, _ in enumerate(sample_tokens(model, start, length, use_cache=use_cache)):
+    for i, _ in enumerate(sample_tokens(model, start, length, use_cache=use_cache, compile=compile_decoder)):
         if i + 1 in (fifth, length - fifth, length):
             synchronize(device)
             stamps.append(time.perf_counter() - t0)
@@ -141,16 +142,16 @@ def time_generation(model, device, use_cache, length):
     return total, first, total - before_last
 
 
-def bench_generation(configs, device, length, repeats, common):
+def bench_generation(configs, device, length, repeats, common, compile_decoder):
     """Each round generates with every model on every graph in turn, cached then with the lecture's sampler, as
-    the training rounds alternate; one untimed round comes first."""
+    the training rounds alternate; one untimed round comes first (and compiles what is compiled)."""
     models = [(name, backend, s, build(name, backend, s, device).eval()) for s in configs
               for name, backend in GENERATORS if (name, backend) in s["models"]]
     times = {(i, cached): [] for i in range(len(models)) for cached in (True, False)}
     for round_ in tqdm(range(repeats + 1), desc="generation rounds", leave=False):
         for i, (*_, model) in enumerate(models):
             for cached in (True, False):
-                measured = time_generation(model, device, cached, length)
+                measured = time_generation(model, device, cached, length, compile_decoder)
                 if round_:
                     times[i, cached].append(measured)
     rows = []
@@ -158,7 +159,8 @@ def bench_generation(configs, device, length, repeats, common):
         (cached, first, last), (full, _, _) = (
             [round(statistics.median(t[k] for t in times[i, c]) * 1e3, 1) for k in range(3)] for c in (True, False))
         rows.append({"model": name, "backend": backend, "graph": s["graph"], "pos": s["pos"], **common,
-                     "task": "generate", "dtype": "float32", "chars": length, "cached_ms": cached, "full_ms": full,
+                     "task": "generate", "dtype": "float32", "compiled": compile_decoder, "chars": length,
+                     "cached_ms": cached, "full_ms": full,
                      "cached_chars_per_s": round(length / cached * 1e3, 1),
                      "full_chars_per_s": round(length / full * 1e3, 1), "speedup": round(full / cached, 2),
                      "cached_first_fifth_ms": first, "cached_last_fifth_ms": last})
@@ -236,7 +238,8 @@ def build_parser():
     p.add_argument("--gen_length", type=int, default=500, help="characters per generation (default: 500)")
     p.add_argument("--gen_repeats", type=int, default=3,
                    help="timed generations per model and mode; 0 skips generation (default: 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model for training, and the cached decoder's one-token step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast the forward passes to bf16 (CUDA only; default: float32)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per result row")
@@ -295,7 +298,8 @@ def run(args):
             bench.timed_step()
     train_rows = [b.row(common) for b in benches]
     del benches
-    gen_rows = bench_generation(configs, device, args.gen_length, args.gen_repeats, common) if args.gen_repeats else []
+    gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
+                if args.gen_repeats else [])
 
     print("\n| model | backend | graph | pos | ms/iter | tokens/s | peak MiB |\n" + "| --- " * 7 + "|")
     for r in train_rows:
@@ -303,7 +307,8 @@ def run(args):
         print(f"| {r['model']} | {r['backend']} | {r['graph']} | {r['pos']} | {r['ms_per_iter']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {peak} |")
     if gen_rows:
-        print(f"\n| generate {args.gen_length} chars | graph | pos | cached ms | cached chars/s | "
+        compiled = ", one-token step compiled" if args.compile else ""
+        print(f"\n| generate {args.gen_length} chars{compiled} | graph | pos | cached ms | cached chars/s | "
               f"lecture's sampler ms | lecture's sampler chars/s | speed-up |\n" + "| --- " * 8 + "|")
         for r in gen_rows:
             print(f"| {r['model']} {r['backend']} | {r['graph']} | {r['pos']} | {r['cached_ms']:.0f} | "

@@ -113,9 +113,14 @@ def chunked_gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None)
     chunks = []
     for q0 in range(0, Q, step):
         part = None if distance is None else distance[:, q0:q0 + step]
-        chunks.append(checkpoint(gatv2_scores_expression, xl, xr[:, :, :, q0:q0 + step], att, negative_slope,
-                                 edges, part, use_reentrant=False))
+        chunks.append(recomputed(gatv2_scores_expression, xl, xr[:, :, :, q0:q0 + step], att, negative_slope,
+                                 edges, part))
     return torch.cat(chunks, dim=3)
+
+
+def recomputed(function, *args):
+    """function(*args); with gradients on, its intermediates are recomputed in the backward pass, not kept."""
+    return checkpoint(function, *args, use_reentrant=False) if torch.is_grad_enabled() else function(*args)
 
 
 def compiler_available():

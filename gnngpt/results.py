@@ -11,7 +11,8 @@ from .graph import parse_graph
 from .models import model_from_checkpoint
 from .rundir import read_metrics, refuse_if_held
 
-EAGER_FLOAT32 = {"dtype": "float32", "compile": False}  # the settings every preset trains with unless told
+# the settings every preset trains with unless told: eager float32 on the original's graph and positions
+PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos": "abs"}
 
 
 def load_run_model(out_dir, device="cpu", backend=None):
@@ -109,7 +110,7 @@ def setting_notes(summaries):
     """"- KEY VALUE instead of PRESET_VALUE (models)" for each setting in which runs differ from their preset."""
     differences = {}  # key -> (value, preset value) -> names
     for s in summaries:
-        preset = {**EAGER_FLOAT32, **PRESETS[s["preset"]][s["arch"]]}
+        preset = {**PRESET_DEFAULTS, **PRESETS[s["preset"]][s["arch"]]}
         for key, value in s["settings"].items():
             if value != preset.get(key):
                 differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(s["name"])

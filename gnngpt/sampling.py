@@ -10,21 +10,24 @@ from .files import atomic_write_text
 SAMPLE_LENGTH = 500  # characters written to model_outputs/<name>.txt after training
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
+             compile=False):
     """Append max_new_tokens sampled tokens to idx (B, T) (see sample_tokens)."""
-    tokens = sample_tokens(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    tokens = sample_tokens(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, compile)
     return torch.cat((idx, *tokens), dim=1)
 
 
 @torch.no_grad()
-def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
+                  compile=False):
     """Yield max_new_tokens tokens (B, 1) sampled one after another after the tokens idx (B, T).
 
     Each token is drawn from the logits of one forward pass over the last context_size tokens (the lecture's
     sampler). With use_cache, where the model supports it, a CachedDecoder computes those same logits with less
-    work; use_cache=False runs the lecture's sampler itself.
+    work (compile: its one-token step compiled by torch.compile); use_cache=False runs the lecture's sampler.
     """
-    decoder = CachedDecoder(model) if use_cache and getattr(model, "supports_cache", False) else None
+    cached = use_cache and getattr(model, "supports_cache", False)
+    decoder = CachedDecoder(model, compile) if cached else None
     logits = decoder.start(idx) if decoder else full_logits(model, idx)
     for i in range(max_new_tokens):
         probs = next_token_probs(logits, temperature, top_k)

@@ -55,11 +55,11 @@ def train_losses(model, batches, lr, optimizer=make_optimizer):
     return losses
 
 
-def assert_cached_decoding_equals_full(model, prompt, tokens):
+def assert_cached_decoding_equals_full(model, prompt, tokens, compile=False):
     """Decode prompt (B, T), then each of tokens (N, B, 1), with a CachedDecoder: at every step its logits equal
     (1e-4) those of the lecture's sampler, a plain forward pass over the last block_size tokens of the sequence
     so far, kept here apart from the decoder. Returns the decoder."""
-    decoder = CachedDecoder(model)
+    decoder = CachedDecoder(model, compile)
     sequence = prompt
     logits = decoder.start(prompt)
     for token in [*tokens, None]:

@@ -52,6 +52,7 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
     image = matplotlib.image.imread(tmp_path / "plots" / "val_loss.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     results = (tmp_path / "plots" / "results.md").read_text()
+    assert "- graph " not in results and "- pos " not in results  # the original's graph and positions: no note
     rows = table_rows(results)
     assert [row[0] for row in rows] == ["bigram", "GATConv"]
     for row in rows:

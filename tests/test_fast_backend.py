@@ -240,6 +240,15 @@ def test_rolling_cache_with_relative_positions_equals_the_lectures_sampler_for_t
     assert decoder.rolling and decoder.capacities == capacities  # each layer holds its reach and one pass of 8
 
 
+@pytest.mark.skipif(not fast_gat.compiler_available(), reason="no C++ compiler for torch.compile")
+def test_a_compiled_one_token_step_decodes_as_the_lectures_sampler(device):
+    model = GPT(tiny_config("GATConv", graph="window:3", pos="rel", block_size=8)).eval()
+    randomize_distance_terms(model)
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 5)), torch.randint(0, 17, (20, 2, 1)),
+                                                 compile=True)
+    assert decoder.one_token_pass is not decoder.cached_pass or device.type == "cuda"
+
+
 def test_a_long_prompt_fills_the_rolling_buffers_in_pieces(monkeypatch, device):
     monkeypatch.setattr("gnngpt.decoder.PIECE", 3)
     model = GPT(tiny_config("GATv2Conv", graph="window:3", pos="rel", block_size=8)).eval()
