@@ -103,12 +103,14 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # scale hs^-0.5
         else:
             layout = cache if cache is not None else layout_for(self.graph, T, x.device)
-            k, v = layout.keys(k=k, v=v)  # (B, H, n, K, hs)
+            q, (k, v) = layout.queries(q), layout.keys(k=k, v=v)  # (B, H, n, Q or K, hs)
             mask = layout.bias
             if self.distance_bias is not None:
                 mask = mask + self.distance_bias[:, layout.distance]  # (H, n, Q, K)
-            y = layout.merge(F.scaled_dot_product_attention(layout.queries(q), k, v, attn_mask=mask.to(q.dtype),
-                                                            dropout_p=dropout))  # (B, H, T, hs)
+            if q.size(2) == 1:  # one block of queries: 4-D tensors, which the fused attention kernels take
+                q, k, v, mask = q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[..., 0, :, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
+            y = layout.merge(y.unsqueeze(2) if y.dim() == 4 else y)  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
