@@ -29,7 +29,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from gnngpt.cli import ArgumentParser, check_dtype, graph_list, position_list, resolve_device
+from gnngpt.cli import (
+    DEVICES,
+    ArgumentParser,
+    check_compile,
+    check_dtype,
+    graph_list,
+    position_list,
+    resolve_device,
+)
 from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.graph import graph_spec, parse_graph
@@ -224,7 +232,7 @@ def build_parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=("auto", "cpu", "paper"), default="auto",
                    help="model and batch shapes: auto picks paper on CUDA, cpu otherwise (default: auto)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     for flag in SHAPE_FLAGS:
         p.add_argument(f"--{flag}", type=int, help="overrides the preset's (default: the preset's)")
     p.add_argument("--models", default=",".join(dict.fromkeys(m for m, _ in MODELS)),
@@ -279,6 +287,7 @@ def run(args):
     check_counts(args)
     device = resolve_device(args.device)
     check_dtype(args.dtype, device)
+    check_compile(args.compile, device)
     preset = resolve_preset(args.preset, device)
     configs, bigram = configurations(args, preset)
     shape = configs[0]

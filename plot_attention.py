@@ -38,7 +38,7 @@ def run(args):
     text = read_prompt(args.prompt)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
-    agreement = [rank_agreement(m).tolist() for m in maps]
+    agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
     out = Path(args.out or Path("plots") / f"attention_{name}.png")
     plot_attention(maps, list(text), out,
                    f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, resolve_device
+from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, check_compile, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.results import load_run_model
@@ -62,6 +62,7 @@ def main(argv=None):
 def run(args):
     check_args(args)
     device = resolve_device(args.device)
+    check_compile(args.compile, device)
     model, tokenizer, _ = load_run_model(args.out_dir, device, args.backend)
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -76,18 +76,23 @@ def graph_attention_weights(mixer, x):
     return maps.permute(0, 3, 1, 2)  # (B, H, T, T)
 
 
-def rank_agreement(maps, tol=1e-6):
+def rank_agreement(maps, edges=None, tol=1e-6):
     """Per head of maps (H, T, T): the share of key pairs that each query orders as the last query does.
 
-    Static attention (GATv1) ranks keys the same way for every query, so it scores 1; dynamic attention
-    (GATv2, dot-product) can score less. Differences below tol count as ties, which always agree.
+    edges (T, T) bool marks the keys each query sees (default: the complete causal graph); only pairs of keys
+    that both the query and the last query see count. Static attention (GATv1) ranks keys the same way for every
+    query, so it scores 1; dynamic attention (GATv2, dot-product) can score less. Differences below tol count as
+    ties, which always agree.
     """
     H, T, _ = maps.shape
+    edges = (torch.ones(T, T, dtype=torch.bool).tril() if edges is None else edges).to(maps.device)
     diff = maps[:, :, :, None] - maps[:, :, None, :]  # (H, query, key j, key k)
     order = torch.where(diff.abs() > tol, diff.sign(), torch.zeros_like(diff))
-    discordant = order * order[:, -1:] < 0  # against the last query, which sees every key
-    q, j, k = torch.meshgrid(torch.arange(T), torch.arange(T), torch.arange(T), indexing="ij")
-    pairs = (j < k) & (k <= q) & (q < T - 1)  # distinct key pairs that both queries see
+    discordant = order * order[:, -1:] < 0  # against the last query
+    seen = edges & edges[-1:]  # (query, key): keys that the query and the last query both see
+    j, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    pairs = seen[:, :, None] & seen[:, None, :] & (j < k).to(maps.device)  # (query, key j, key k)
+    pairs[-1] = False  # the last query agrees with itself
     if not pairs.any():
         return torch.ones(H)
-    return 1 - (discordant & pairs.to(maps.device)).sum(dim=(1, 2, 3)) / pairs.sum()
+    return 1 - (discordant & pairs).sum(dim=(1, 2, 3)) / pairs.sum()

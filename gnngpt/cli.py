@@ -14,6 +14,7 @@ from . import distributed
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
+from .fast_gat import compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
@@ -98,6 +99,8 @@ def build_parser(script):
 
 def graph_list(text):
     """The graph specs of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph)."""
+    if re.sub(r"\[[^\[\]]*\]", "", text).count("[") or re.sub(r"\[[^\[\]]*\]", "", text).count("]"):
+        raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,window:16]")
     specs = [(listed or spec).strip() for listed, spec in re.findall(r"\[([^\]]*)\]|([^,\[\]]+)", text)]
     specs = [s for s in specs if s]
     if not specs:
@@ -123,6 +126,13 @@ def resolve_device(requested):
         raise UsageError(f"--device {requested} was requested but {DEVICE_NEEDS[requested]}; "
                          f"use --device cpu or auto")
     return torch.device(requested)
+
+
+def check_compile(compile, device):
+    """Refuse --compile on a CPU without the C++ compiler that torch.compile builds CPU kernels with."""
+    if compile and device.type == "cpu" and not compiler_available():
+        raise UsageError("--compile on a CPU needs a C++ compiler (g++ or clang++) and none was found; install one "
+                         "or drop --compile")
 
 
 def check_dtype(dtype, device):
@@ -151,6 +161,7 @@ def resolve_settings(script, args, device):
     if script.has_model_size:
         settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"])), pos=args.pos)
     check_dtype(args.dtype, device)
+    check_compile(args.compile, device)
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
 

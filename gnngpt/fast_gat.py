@@ -24,12 +24,13 @@ CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of the eager GATv2 kernel's (..., c
 
 
 def supports_dense(conv):
-    """Whether conv is a GATConv or GATv2Conv in a configuration the dense form computes exactly."""
-    if type(conv) is pyg_nn.GATConv:
-        return conv.lin is not None and conv.edge_dim in (None, 1)
-    if type(conv) is pyg_nn.GATv2Conv:
-        return conv.edge_dim in (None, 1)
-    return False
+    """Whether conv is a GATConv or GATv2Conv in a configuration the dense form computes exactly: with an edge
+    feature, that of one number (the distance), which re-added self-loops get as 0.0 (their distance)."""
+    if type(conv) is pyg_nn.GATConv and conv.lin is None:  # separate maps for sources and targets
+        return False
+    if type(conv) not in (pyg_nn.GATConv, pyg_nn.GATv2Conv):
+        return False
+    return conv.edge_dim is None or (conv.edge_dim == 1 and (not conv.add_self_loops or conv.fill_value == 0.0))
 
 
 def dense_gat(conv, x, layout, block_size, fused=True):

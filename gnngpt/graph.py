@@ -128,15 +128,6 @@ def causal_edge_index(batch_size, seq_len, device="cpu"):
     return FULL.edge_index(batch_size, seq_len, device)
 
 
-def causal_bias(T, device, dtype=torch.float32):
-    """(T, T) additive mask, 0 where query i sees key j <= i and -inf where the key comes after it.
-
-    Adding it to finite scores before a softmax masks them as masked_fill would, several times faster on a CPU,
-    forward and backward. Cached; treat it as read-only.
-    """
-    return FULL.bias(T, device, dtype)
-
-
 def parse_graph(spec, n_layer):
     """The graph of each of n_layer layers for a spec (see the module docstring); UsageError if malformed."""
     parts = [p.strip() for p in spec.split(",")]

@@ -130,15 +130,17 @@ def build_conv(cfg):
     """The token mixer for cfg.mixer: the raw PyG layer for GATConv/GATv2Conv, any other in a TokenMixer.
 
     With relative positions (cfg.pos "rel"), a layer whose constructor takes edge_dim gets edge_dim=1: each edge
-    then carries its distance. GATConv and GATv2Conv re-add every self-loop with the feature fill_value, which
-    is set to 0.0, the distance of a token to itself (PyG's default would be the mean of the incoming edges').
+    then carries its distance. GATConv and GATv2Conv with an edge_dim re-add every self-loop with the feature
+    fill_value, which is set to 0.0, the distance of a token to itself (PyG's default would be the mean of the
+    incoming edges'), unless --gnn_kwargs gives one.
     """
     layer_cls = getattr(pyg_nn, cfg.mixer)
     params = inspect.signature(layer_cls.__init__).parameters
     distances = {"edge_dim": 1} if cfg.pos == "rel" and "edge_dim" in params else {}
     if cfg.mixer in GAT_LAYERS:
-        distances |= {"fill_value": 0.0} if distances else {}
         kwargs = {"heads": cfg.n_head, "dropout": cfg.dropout, **distances, **cfg.mixer_kwargs}  # --gnn_kwargs last
+        if kwargs.get("edge_dim") is not None:
+            kwargs = {"fill_value": 0.0, **kwargs}
         return layer_cls(cfg.n_embd, cfg.n_embd // cfg.n_head, **kwargs)
     recipe = RECIPES.get(cfg.mixer, Recipe())
     kwargs = {**standard_arguments(layer_cls, cfg), **recipe.arguments(cfg), **distances, **cfg.mixer_kwargs}

@@ -203,7 +203,7 @@ def resumable_checkpoint(out_dir, config, vocab):
     if checkpoint["vocab"] != list(vocab):
         raise UsageError(f"cannot resume {path}: its vocabulary ({len(checkpoint['vocab'])} characters) is not "
                          f"the one of --data ({len(vocab)} characters); pass the --data of the original run")
-    differences = config_differences(checkpoint["config"], config)
+    differences = config_differences(with_original_graph(checkpoint["config"]), config)
     if differences:
         raise UsageError(f"cannot resume {path}: {'; '.join(differences)}; pass the flags of the original run "
                          f"or start again with --overwrite")
@@ -247,7 +247,17 @@ def read_config(out_dir):
         config = json.loads((Path(out_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return config if isinstance(config, dict) else None
+    return with_original_graph(config) if isinstance(config, dict) else None
+
+
+def with_original_graph(config):
+    """config, where it is a GPT's from before context graphs and positions were settings, with the original's
+    (the complete graph, absolute positions) filled in, as the model it describes has."""
+    if config.get("arch") != "gpt" or "graph" in config.get("settings", {}):
+        return config
+    original = {"graph": "full", "pos": "abs"}
+    return {**config, "settings": {**config.get("settings", {}), **original},
+            "model_config": {**config.get("model_config", {}), **original}}
 
 
 def is_finished(out_dir, config):

@@ -33,9 +33,11 @@ def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, gener
         probs = next_token_probs(logits, temperature, top_k)
         idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
         yield idx_next
-        if i + 1 < max_new_tokens:
+        if i + 1 < max_new_tokens and decoder:
+            logits = decoder.append(idx_next)
+        elif i + 1 < max_new_tokens:
             idx = torch.cat((idx, idx_next), dim=1)[:, -model.context_size:]
-            logits = decoder.append(idx_next) if decoder else full_logits(model, idx)
+            logits = full_logits(model, idx)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The published comparison at the published size on one GPU, with the checks that go with it. Each step runs
-# under a time limit, all within one budget (PAPER_BUDGET_S, default 570 s, under the 10 minutes one command
-# may take there), in this order:
+# under a time limit, all within one budget (PAPER_BUDGET_S, default 570 s: under 10 minutes in all), in this
+# order:
 #   tests    the fast backend's tests on CUDA (python -m pytest --device cuda tests/test_fast_backend.py);
 #   bench    bench.py at the paper shape on CUDA;
 #   compare  bigram, gpt, GATConv and GATv2Conv at --preset paper (the published hyperparameters, 5000 steps),

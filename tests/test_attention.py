@@ -6,6 +6,7 @@ import plot_attention
 from conftest import tiny_config
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.errors import UsageError
+from gnngpt.graph import parse_graph
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
 
 ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
@@ -89,6 +90,17 @@ def test_rank_agreement_on_hand_made_maps():
     reversed_rows = torch.softmax(torch.where(torch.arange(T)[:, None] == T - 1, scores, -scores)
                                   .masked_fill(~causal, float("-inf")), dim=-1)
     assert rank_agreement(reversed_rows[None]).item() == 0
+
+
+def test_rank_agreement_counts_only_key_pairs_that_both_queries_see_on_their_graph():
+    (window,) = parse_graph("window:3", 1)
+    edges = window.mask(5)  # query 3 sees keys 1-3, the last query keys 2-4: they share the pair (2, 3)
+    scores = torch.zeros(5, 5)
+    scores[3, 1:4] = torch.tensor([3.0, 2.0, 1.0])  # query 3 ranks key 2 above key 3
+    scores[4, 2:5] = torch.tensor([1.0, 2.0, 3.0])  # the last query ranks key 3 above key 2
+    maps = torch.softmax(scores.masked_fill(~edges, float("-inf")), dim=-1)[None]
+    assert rank_agreement(maps, edges).item() == 0
+    assert rank_agreement(maps).item() > 0  # as if the graph were complete: pairs the last query never sees
 
 
 def test_models_without_attention_or_too_long_prompts_are_refused():

@@ -8,9 +8,9 @@ import torch
 import gnngpt.fast_gat as fast_gat
 from conftest import assert_cached_decoding_equals_full, defined_edges, tiny_config, train_losses
 from gnngpt.decoder import KVCache
-from gnngpt.graph import FULL, causal_bias, causal_edge_index
+from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.layout import layout_for
-from gnngpt.mixers import pyg_nn
+from gnngpt.mixers import pyg_nn, run_conv
 from gnngpt.models import GPT
 from gnngpt.sampling import generate
 
@@ -21,6 +21,8 @@ LAYER_VARIANTS = [
     ("GATv2Conv", {}),
     ("GATv2Conv", {"share_weights": True, "concat": False}),
     ("GATv2Conv", {"residual": True, "negative_slope": 0.3}),
+    ("GATConv", {"edge_dim": 1, "fill_value": 0.0}),  # each edge's distance as its feature
+    ("GATv2Conv", {"edge_dim": 1, "add_self_loops": False}),
 ]
 SHAPES = [(1, 1, 8, 1), (3, 7, 16, 2), (2, 12, 24, 4)]  # (B, T, n_embd, n_head)
 
@@ -62,14 +64,6 @@ def assert_same_gradients(actual, expected, names, rel=1e-5):
         torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("T", [1, 3, 6])
-def test_causal_bias_blocks_exactly_the_keys_after_each_query(T, device):
-    bias = causal_bias(T, device)
-    for i in range(T):
-        for j in range(T):
-            assert bias[i, j] == (0 if j <= i else float("-inf"))
-
-
 def assert_same_outputs_and_grads(fast, pyg, idx, targets):
     out_fast, loss_fast = fast(idx, targets)
     out_pyg, loss_pyg = pyg(idx, targets)
@@ -89,7 +83,7 @@ def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B,
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(B, T, n_embd, requires_grad=True)
     dense = fast_gat.dense_gat(conv, x, layout_for(FULL, T, x.device), block_size=T)
-    ref = conv(x.reshape(B * T, n_embd), causal_edge_index(B, T, x.device)).view(B, T, -1)
+    ref = run_conv(conv, x.reshape(B * T, n_embd), causal_edge_index(B, T, x.device), block_size=T).view(B, T, -1)
     assert_close_relative(dense, ref)
     weights = torch.randn_like(ref)  # a random linear loss, so that every gradient entry matters
     grads_dense = torch.autograd.grad((dense * weights).sum(), [x, *conv.parameters()])
@@ -145,6 +139,19 @@ def test_transformer_masks_attention_by_the_graph(graph, pos, small_chunks):
     for j, i in defined_edges(graph, T):
         mask[i, j] = True
     torch.testing.assert_close(attn(x), boolean_mask_attention(attn, x, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+def test_an_edge_dim_of_the_gnn_kwargs_reads_distances_in_both_backends(mixer):
+    fast, pyg = model_pair(mixer, {"edge_dim": 1})  # absolute positions: the distances come from the kwargs
+    assert fast.blocks[0].mixer.conv.fill_value == 0.0
+    idx, targets = torch.randint(0, 17, (2, 2, 12))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+def test_a_self_loop_feature_other_than_distance_0_runs_on_pyg_alone():
+    model = GPT(tiny_config("GATConv", mixer_kwargs={"edge_dim": 1, "fill_value": "mean"}))
+    assert not model.blocks[0].mixer.dense and not model.supports_cache
 
 
 def test_chunked_gatv2_kernel_with_many_chunks(monkeypatch):
@@ -205,7 +212,7 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
 def test_cached_decoding_equals_the_lectures_sampler_at_every_step_over_three_windows(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     assert model.supports_cache
-    tokens = torch.randint(0, 17, (30, 2, 1))  # 3 + 30 tokens: over four windows of 8
+    tokens = torch.randint(0, 17, (30, 2, 1))  # 3 + 30 tokens: over three windows of 8 (four, begun)
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), tokens)
     # CUDA replays the one-token step and the full window's pass from graphs
     expected = {("cached_pass", (2, 1)), ("full_pass", (2, 8))} if device.type == "cuda" else set()
@@ -246,7 +253,30 @@ def test_a_compiled_one_token_step_decodes_as_the_lectures_sampler(device):
     randomize_distance_terms(model)
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 5)), torch.randint(0, 17, (20, 2, 1)),
                                                  compile=True)
-    assert decoder.one_token_pass is not decoder.cached_pass or device.type == "cuda"
+    assert (decoder.one_token_pass != decoder.cached_pass) == (device.type != "cuda")  # compiled off CUDA
+
+
+@pytest.mark.parametrize("graph,rolling", [("window:4,window:5", True), ("window:5,window:5", False)])
+def test_rolling_buffers_serve_up_to_a_reach_of_block_size_minus_one(graph, rolling, device):
+    model = GPT(tiny_config("attention", graph=graph, pos="rel", block_size=8)).eval()  # reach 7, then 8
+    randomize_distance_terms(model)
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, 3)), torch.randint(0, 17, (30, 1, 1)))
+    assert decoder.rolling == rolling
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+def test_decoding_equals_the_lectures_sampler_when_it_computes_in_bands(mixer, pos, small_chunks, device):
+    model = GPT(tiny_config(mixer, graph="sink:1:3", pos=pos, block_size=16)).eval()  # banded from 8 tokens on
+    randomize_distance_terms(model)
+    assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (20, 2, 1)))
+
+
+@pytest.mark.fused_kernel
+@pytest.mark.skipif(not fast_gat.compiler_available(), reason="no C++ compiler for torch.compile")
+def test_decoding_with_the_compiled_gatv2_kernel_equals_the_lectures_sampler(device):
+    model = GPT(tiny_config("GATv2Conv", block_size=8)).eval()  # its window passes run the compiled kernel
+    assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, 3)), torch.randint(0, 17, (12, 1, 1)))
 
 
 def test_a_long_prompt_fills_the_rolling_buffers_in_pieces(monkeypatch, device):

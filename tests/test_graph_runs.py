@@ -103,6 +103,7 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(args, message, in_tmp
 
 @pytest.mark.parametrize("args,message", [
     (["--graphs", ","], "--graphs ',' names no graph"),
+    (["--graphs", "full,[window:2,full"], "--graphs 'full,[window:2,full' has an unpaired bracket"),
     (["--graphs", "full,dilated:2"], "--graph 'dilated:2': dilated takes 2 number(s)"),
     (["--pos", "relative"], "--pos 'relative': give abs, rel or abs,rel"),
 ])
@@ -127,3 +128,21 @@ def test_rel_positions_reach_graph_layers_as_edge_features_and_others_see_the_st
     model = GPT(tiny_config("TransformerConv", pos="rel"))
     assert model.blocks[0].mixer.conv.conv.lin_edge is not None
     assert torch.all(torch.isfinite(model(torch.randint(0, 17, (2, 6)))[0]))
+
+
+def test_a_run_from_before_graphs_and_positions_is_reused_and_resumed(in_tmp_path, tiny_text_file, capsys):
+    args = [*TINY, "--data", str(tiny_text_file), "--out_dir", "runs/gpt"]
+    assert main(GPT_SCRIPT, args) == 0
+    run = in_tmp_path / "runs" / "gpt"
+    config = json.loads((run / "config.json").read_text())
+    checkpoint = torch.load(run / "ckpt.pt", weights_only=True)
+    for settings in (config["settings"], config["model_config"], checkpoint["model_config"]):
+        del settings["graph"], settings["pos"]  # as runs were written before these settings existed
+    checkpoint["config"] = config
+    (run / "config.json").write_text(json.dumps(config))
+    torch.save(checkpoint, run / "ckpt.pt")
+    capsys.readouterr()
+    assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt"]) == 0
+    assert "gpt: reusing the finished run" in capsys.readouterr().out
+    assert main(GPT_SCRIPT, [*args, "--resume", "--max_iters", "6"]) == 0
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 6
