@@ -130,6 +130,15 @@ def test_mps_without_mps_is_refused(tiny_text_file, monkeypatch, capsys):
                                        "silicon and a PyTorch built with MPS); use --device cpu or auto\n")
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused(tiny_text_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gnngpt.cli.compiler_available", lambda: False)
+    assert main(GPT_SCRIPT, ["--compile", "--device", "cpu", "--data", str(tiny_text_file)]) == 2
+    assert capsys.readouterr().err == ("error: --compile on a CPU needs a C++ compiler (g++ or clang++) and none was "
+                                       "found; install one or drop --compile\n")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bfloat16_without_cuda_is_refused(tiny_text_file, capsys):
     assert main(GPT_SCRIPT, ["--dtype", "bfloat16", "--data", str(tiny_text_file)]) == 2
