@@ -41,6 +41,26 @@ def tiny_text_file(tmp_path):
     return write_tiny_text(tmp_path / "tiny.txt")
 
 
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run in tmp_path, so that samples go to tmp_path/model_outputs, and keep them short."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    return tmp_path
+
+
+TINY_GPT_RUN = ["--eval_iters", "1", "--batch_size", "2", "--block_size", "8", "--device", "cpu",
+                "--n_embd", "8", "--n_head", "2", "--n_layer", "1"]
+
+
+def train_tiny_gpt(out, data, *args):
+    """gpt.py's main on data into out at TINY_GPT_RUN's sizes, with args after them; its exit status."""
+    from gnngpt.cli import main
+    from gnngpt.config import GPT
+
+    return main(GPT, ["--data", str(data), "--out_dir", str(out), *TINY_GPT_RUN, *args])
+
+
 def train_losses(model, batches, lr, optimizer=make_optimizer):
     """The training loss of each step of model over batches, a sequence of (x, y), with the project's AdamW
     or optimizer(model, lr)."""

@@ -18,13 +18,6 @@ TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--batc
         "--device", "cpu", *TINY_SIZES]
 
 
-@pytest.fixture
-def in_tmp_path(tmp_path, monkeypatch, tiny_text_file):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
-    return tmp_path
-
-
 @pytest.mark.parametrize("script,extra,name", [
     (PYG_GPT, ["--gat_version", "GATv2Conv"], "GATv2Conv_window-3+dilated-2-2_rel"),
     (GPT_SCRIPT, [], "gpt_window-3+dilated-2-2_rel"),

@@ -11,25 +11,13 @@ import pytest
 
 import compare
 import sample
+from conftest import TINY_GPT_RUN, train_tiny_gpt
 from gnngpt import checkpoint as ckpt_module
 from gnngpt.checkpoint import load_checkpoint
-from gnngpt.cli import main
-from gnngpt.config import GPT as GPT_SCRIPT
 from gnngpt.rundir import hold_run_dir, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--eval_iters", "1", "--batch_size", "2", "--block_size", "8", "--device", "cpu",
-        "--n_embd", "8", "--n_head", "2", "--n_layer", "1"]
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # samples go to tmp_path/model_outputs
-    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
-
-
-def train(out, data, *args):
-    return main(GPT_SCRIPT, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def snapshot(directory):
@@ -46,7 +34,7 @@ def error_line(capsys):
 def test_a_second_process_is_refused_while_a_training_runs_and_a_killed_one_blocks_nothing(tiny_text_file,
                                                                                            tmp_path, capsys):
     out = tmp_path / "runs" / "gpt"
-    args = ["--data", str(tiny_text_file), "--out_dir", str(out), *TINY, "--max_iters", "1000000",
+    args = ["--data", str(tiny_text_file), "--out_dir", str(out), *TINY_GPT_RUN, "--max_iters", "1000000",
             "--eval_interval", "20"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=env, text=True,
@@ -60,7 +48,7 @@ def test_a_second_process_is_refused_while_a_training_runs_and_a_killed_one_bloc
 
         config = (out / "config.json").read_bytes()
         for second in (["--resume"], ["--overwrite"]):  # this process is the second
-            assert train(out, tiny_text_file, "--max_iters", "20", "--eval_interval", "20", *second) == 2
+            assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "20", "--eval_interval", "20", *second) == 2
             assert error_line(capsys) == held + "wait for it to end or choose another --out_dir\n"
         assert (out / "config.json").read_bytes() == config and (out / "ckpt.pt").is_file()
 
@@ -77,28 +65,28 @@ def test_a_second_process_is_refused_while_a_training_runs_and_a_killed_one_bloc
     assert (out / ".lock").read_text() == f"{first.pid}\n"
 
     step = load_checkpoint(out / "ckpt.pt")["step"]
-    assert train(out, tiny_text_file, "--max_iters", str(step + 1), "--eval_interval", "20", "--resume") == 0
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", str(step + 1), "--eval_interval", "20", "--resume") == 0
     assert read_metrics(out)[-1]["step"] == step + 1
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_a_refused_training_writes_nothing(tiny_text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1") == 0
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1") == 0
     capsys.readouterr()
     with hold_run_dir(out):  # as a training in another process would
         before = snapshot(out)
         for args in ([], ["--overwrite"], ["--resume", "--max_iters", "4"]):
-            assert train(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1", *args) == 2
+            assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1", *args) == 2
             assert error_line(capsys).startswith(f"error: {out} is in use by a training in process {os.getpid()}; ")
         assert snapshot(out) == before
-    assert train(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "1", "--resume") == 0
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "1", "--resume") == 0
 
 
 @pytest.mark.parametrize("args", [[], ["--resume"]], ids=["new", "resume"])
 def test_out_dir_that_is_a_file_is_refused(args, tiny_text_file, tmp_path, capsys):
     before = snapshot(tmp_path)
-    assert train(tiny_text_file, tiny_text_file, *args) == 2
+    assert train_tiny_gpt(tiny_text_file, tiny_text_file, *args) == 2
     assert error_line(capsys) == (f"error: --out_dir {tiny_text_file} is a file, not a directory; choose another "
                                   f"--out_dir\n")
     assert snapshot(tmp_path) == before
@@ -140,7 +128,7 @@ def read_only_dir(tmp_path, monkeypatch):
 ], ids=["unwritable", "inside an unwritable one"])
 def test_unwritable_out_dir_is_refused(where, message, read_only_dir, tiny_text_file, capsys):
     out = Path(where.format(dir=read_only_dir))
-    assert train(out, tiny_text_file, "--max_iters", "2") == 2
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2") == 2
     assert error_line(capsys) == message.format(out=out)
     assert list(read_only_dir.iterdir()) == []
 
@@ -149,7 +137,7 @@ def test_a_run_directory_made_read_only_after_a_training_is_refused(read_only_di
     read_only_dir.chmod(0o755)
     (read_only_dir / ".lock").write_text("")  # left by an earlier training; the directory became read-only since
     read_only_dir.chmod(0o555)
-    assert train(read_only_dir, tiny_text_file, "--max_iters", "2") == 2
+    assert train_tiny_gpt(read_only_dir, tiny_text_file, "--max_iters", "2") == 2
     assert error_line(capsys) == (f"error: cannot write to --out_dir {read_only_dir} (Permission denied); make it "
                                   f"writable or choose another --out_dir\n")
     assert [p.name for p in read_only_dir.iterdir()] == [".lock"]
@@ -185,11 +173,11 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
                 append if path.name == "metrics.csv" and mode == "a" else real_open)(path, mode, *a, **k))
             message = (f"could not write {out / 'metrics.csv'} (No space left on device); free disk space or "
                        f"choose another --out_dir, then --resume from the last checkpoint")
-        assert train(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 2
+        assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"  # after the progress bar
     assert load_checkpoint(out / "ckpt.pt")["step"] == 0
     assert [p.name for p in out.iterdir() if p.name.startswith(".ckpt")] == []
 
-    assert train(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
     assert [row["step"] for row in read_metrics(out)] == [0, 2, 4]
     assert json.loads((out / "config.json").read_text())["settings"]["max_iters"] == 4

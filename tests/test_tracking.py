@@ -8,26 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tensorboard_scalars, wandb_runs
+from conftest import TINY_GPT_RUN, tensorboard_scalars, train_tiny_gpt, wandb_runs
 from gnngpt.checkpoint import load_checkpoint
-from gnngpt.cli import main
-from gnngpt.config import GPT as GPT_SCRIPT
 from gnngpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "8", "--device", "cpu",
-        "--n_embd", "8", "--n_head", "2", "--n_layer", "1"]
+TINY = ["--eval_interval", "2", *TINY_GPT_RUN]
 METRICS = {"train/loss": "train_loss", "val/loss": "val_loss", "tokens_per_s": "tokens_per_s"}  # tag: column
 
 
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # samples go to tmp_path/model_outputs
-    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def train(out, data, *args):
-    return main(GPT_SCRIPT, ["--data", str(data), "--out_dir", str(out), *TINY, *args])
+    return train_tiny_gpt(out, data, "--eval_interval", "2", *args)
 
 
 def test_wandb_offline_run_logs_the_metrics_at_their_steps_and_resume_continues_it(offline_wandb, tiny_text_file,
