@@ -29,7 +29,7 @@ from gnngpt.results import (
     run_summary,
     setting_notes,
 )
-from gnngpt.rundir import holds_run, is_finished, read_config, refuse_if_held, run_name
+from gnngpt.rundir import file_in_the_way, holds_run, is_finished, read_config, refuse_if_held, run_name
 from gnngpt.sampling import model_output_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
@@ -117,6 +117,9 @@ def main(argv=None):
 def run(args, extra, argv):
     if args.jobs < 1:
         raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    for flag, directory in (("--runs", args.runs), ("--out", args.out)):
+        if refusal := file_in_the_way(directory, flag):
+            raise UsageError(refusal)
     names, layer_records = model_names(args.models)
     graphs, positions = cli.graph_list(args.graphs), cli.position_list(args.pos)
     passed = pass_through_flags(extra)

@@ -9,7 +9,7 @@ from .data import CharTokenizer
 from .errors import UsageError
 from .graph import parse_graph
 from .models import model_from_checkpoint
-from .rundir import read_metrics, refuse_if_held
+from .rundir import file_in_the_way, read_metrics, refuse_if_held
 
 # the settings every preset trains with unless told: eager float32 on the original's graph and positions
 PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos": "abs"}
@@ -21,6 +21,8 @@ def load_run_model(out_dir, device="cpu", backend=None):
     backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
     a training holds (see rundir.hold_run_dir) is refused.
     """
+    if refusal := file_in_the_way(out_dir, "--out_dir"):
+        raise UsageError(refusal)
     refuse_if_held(out_dir, "try again once that training has ended")
     checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt")
     overrides = {}

@@ -29,6 +29,16 @@ def run_name(model, settings):
     return "_".join(p for p in parts if p)
 
 
+def file_in_the_way(path, flag):
+    """The one-line refusal when path, or a folder above it, is a file: then path can be no directory. "" else."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return ""
+    where = "is a file" if existing == path else f"lies under {existing}, a file"
+    return f"{flag} {path} {where}, not a directory; choose another {flag}"
+
+
 class MetricsLog:
     """metrics.csv in the run directory, one row per evaluation, flushed as it is written."""
 
@@ -79,8 +89,8 @@ class RunDirLock:
     def take(self, resume):
         """Take the lock; "" when it is taken, else why not (out_dir is then unchanged)."""
         out_dir = self.out_dir
-        if out_dir.exists() and not out_dir.is_dir():
-            return f"--out_dir {out_dir} is a file, not a directory; choose another --out_dir"
+        if refusal := file_in_the_way(out_dir, "--out_dir"):
+            return refusal
         if resume and not out_dir.exists():
             return nothing_to_resume(out_dir / "ckpt.pt")
         try:

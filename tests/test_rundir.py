@@ -84,12 +84,28 @@ def test_a_refused_training_writes_nothing(tiny_text_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [[], ["--resume"]], ids=["new", "resume"])
-def test_out_dir_that_is_a_file_is_refused(args, tiny_text_file, tmp_path, capsys):
+@pytest.mark.parametrize("under", [False, True], ids=["the file", "under the file"])
+def test_out_dir_that_is_a_file_or_lies_under_one_is_refused(args, under, tiny_text_file, tmp_path, capsys):
     before = snapshot(tmp_path)
-    assert train_tiny_gpt(tiny_text_file, tiny_text_file, *args) == 2
+    out = tiny_text_file / "run" if under else tiny_text_file
+    where = f"lies under {tiny_text_file}, a file" if under else "is a file"
+    assert train_tiny_gpt(out, tiny_text_file, *args) == 2
+    assert error_line(capsys) == f"error: --out_dir {out} {where}, not a directory; choose another --out_dir\n"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag", ["--runs", "--out"])
+def test_compare_refuses_a_file_as_its_runs_or_plots_directory(flag, tiny_text_file, tmp_path, capsys):
+    before = snapshot(tmp_path)
+    assert compare.main(["--models", "bigram", "--data", str(tiny_text_file), flag, str(tiny_text_file)]) == 2
+    assert error_line(capsys) == f"error: {flag} {tiny_text_file} is a file, not a directory; choose another {flag}\n"
+    assert snapshot(tmp_path) == before
+
+
+def test_sample_refuses_a_file_as_its_run_directory(tiny_text_file, capsys):
+    assert sample.main(["--out_dir", str(tiny_text_file), "--device", "cpu"]) == 2
     assert error_line(capsys) == (f"error: --out_dir {tiny_text_file} is a file, not a directory; choose another "
                                   f"--out_dir\n")
-    assert snapshot(tmp_path) == before
 
 
 @pytest.fixture
