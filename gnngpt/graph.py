@@ -19,6 +19,7 @@ import torch
 from .errors import UsageError
 
 KINDS = {"full": (), "window": ("W",), "dilated": ("W", "D"), "strided": ("W", "S"), "sink": ("G", "W")}
+MAX_PARAM = 2**31 - 1  # so that products of two parameters stay within int64
 GRAPH_HELP = "full, window:W, dilated:W:D, strided:W:S or sink:G:W, or a comma-separated list of one per layer"
 
 
@@ -101,15 +102,16 @@ def graph_bias(graph, T, device, dtype):
 @functools.lru_cache(maxsize=32)
 def graph_edge_index(graph, batch_size, seq_len, device):
     """The edges of one sequence, in order of target then source, repeated per sequence. A window-like graph
-    builds them from its candidate sources per target (reach + 1 of them, plus its sinks), so memory grows with
-    the edges; the others from the (T, T) mask."""
+    builds them from its candidate sources per target (reach + 1 of them, plus its sinks, neither more than the
+    sequence holds), so memory grows with the edges; the others from the (T, T) mask."""
     targets = torch.arange(seq_len, device=device)
     if graph.reach is not None or graph.kind == "sink":
-        window = torch.arange(graph.window + 1, device=device)
+        window = torch.arange(min(graph.window, seq_len - 1) + 1, device=device)
         candidates = targets[:, None] - window.flip(0)[None, :]  # (T, window + 1): the band, in ascending order
         if graph.sinks:
-            band = candidates >= graph.sinks  # sinks come from their own columns, once
-            sinks = torch.arange(graph.sinks, device=device).expand(seq_len, -1)
+            n_sinks = min(graph.sinks, seq_len)
+            band = candidates >= n_sinks  # sinks come from their own columns, once
+            sinks = torch.arange(n_sinks, device=device).expand(seq_len, -1)
             candidates = torch.cat((sinks, torch.where(band, candidates, -1)), dim=1)
         keep = graph.connects(targets[:, None], candidates)
         dst, src = targets[:, None].expand_as(candidates)[keep], candidates[keep]
@@ -148,8 +150,9 @@ def parse_one_graph(text, spec):
         raise UsageError(f"--graph {spec!r}: {kind} takes {len(names)} number(s), as in {usage}")
     params = []
     for name, value in zip(names, values):
-        if not value.isdigit() or int(value) < 1:
-            raise UsageError(f"--graph {spec!r}: {name} must be a positive integer, got {value!r} (in {usage})")
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PARAM:
+            raise UsageError(f"--graph {spec!r}: {name} must be an integer from 1 to {MAX_PARAM}, got {value!r} "
+                             f"(in {usage})")
         params.append(int(value))
     return ContextGraph(kind, tuple(params))
 

@@ -74,7 +74,7 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     (["--block_size", "-4"], "--block_size must be a positive integer, got -4"),
     (["--gen_repeats", "-1"], "--gen_repeats must be zero or more, got -1"),
     (["--models", "gpt,GATv3Conv"], "--models: unknown model 'GATv3Conv'; choose among bigram, gpt, GATConv"),
-    (["--graphs", "window:0"], "--graph 'window:0': W must be a positive integer, got '0' (in window:W)"),
+    (["--graphs", "window:0"], "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--pos", "abs,absolute"], "--pos 'abs,absolute': give abs, rel or abs,rel"),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
 ])

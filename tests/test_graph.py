@@ -6,7 +6,9 @@ from gnngpt.errors import UsageError
 from gnngpt.graph import FULL, causal_edge_index, graph_spec, parse_graph
 
 SPECS = ["full", "window:1", "window:3", "window:8", "dilated:3:2", "dilated:1:5", "dilated:4:3", "strided:2:3",
-         "strided:4:16", "sink:1:1", "sink:2:3", "sink:9:2"]
+         "strided:4:16", "sink:1:1", "sink:2:3", "sink:9:2",
+         "window:2147483647", "dilated:2:2147483647", "strided:2147483647:2147483647", "sink:2147483647:2",
+         "sink:2:2147483647"]  # the largest parameters: no more candidates than the sequence holds
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -59,9 +61,12 @@ BAD_SPECS = [
     ("window", "--graph 'window': window takes 1 number(s), as in window:W"),
     ("window:3:2", "--graph 'window:3:2': window takes 1 number(s), as in window:W"),
     ("full:3", "--graph 'full:3': full takes 0 number(s), as in full"),
-    ("window:0", "--graph 'window:0': W must be a positive integer, got '0' (in window:W)"),
-    ("dilated:4:x", "--graph 'dilated:4:x': D must be a positive integer, got 'x' (in dilated:W:D)"),
-    ("sink:-1:4", "--graph 'sink:-1:4': G must be a positive integer, got '-1' (in sink:G:W)"),
+    ("window:0", "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
+    ("dilated:4:x", "--graph 'dilated:4:x': D must be an integer from 1 to 2147483647, got 'x' (in dilated:W:D)"),
+    ("sink:-1:4", "--graph 'sink:-1:4': G must be an integer from 1 to 2147483647, got '-1' (in sink:G:W)"),
+    ("window:\u00b2", "--graph 'window:\u00b2': W must be an integer from 1 to 2147483647, got '\u00b2' (in window:W)"),
+    ("window:2147483648", "--graph 'window:2147483648': W must be an integer from 1 to 2147483647, got "
+                          "'2147483648' (in window:W)"),
     ("window:2,window:4", "--graph 'window:2,window:4' lists 2 graphs for 3 layers; give one graph for every layer "
                           "or one for each of the 3"),
 ]

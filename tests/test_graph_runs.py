@@ -82,7 +82,7 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--graph", "window:0"], "--graph 'window:0': W must be a positive integer, got '0' (in window:W)"),
+    (["--graph", "window:0"], "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--graph", "ring:4"], "--graph 'ring:4': unknown graph 'ring'"),
     (["--graph", "window:2,window:3,full"], "--graph 'window:2,window:3,full' lists 3 graphs for 2 layers"),
 ])
