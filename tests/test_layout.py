@@ -1,0 +1,57 @@
+"""Window-like graphs are computed on their bands: work and memory that grow with the edges, not with T * T."""
+import pytest
+import torch
+
+from conftest import defined_edges, tiny_config
+from gnngpt import graph as graph_module, layout
+from gnngpt.graph import ContextGraph, parse_graph
+from gnngpt.layout import BandedLayout, DenseLayout, layout_for
+from gnngpt.models import GPT
+
+T = 1024
+
+
+@pytest.mark.parametrize("spec,G,R", [("window:64", 0, 63), ("dilated:16:4", 0, 60), ("sink:4:16", 4, 15)])
+def test_window_like_graphs_at_a_long_block_take_a_band_of_keys(spec, G, R):
+    (graph,) = parse_graph(spec, 1)
+    arranged = layout_for(graph, T, "cpu")
+    assert isinstance(arranged, BandedLayout)
+    Q = max(layout.MIN_CHUNK, R + 1)
+    n = -(-T // Q)
+    assert arranged.edge.shape == (n, Q, G + Q + R)  # each query scores G + Q + R keys, not T
+    assert arranged.edge.numel() < T * T / 4
+    assert arranged.edge.sum().item() == len(defined_edges(spec, T)) + (n * Q - T)  # padding queries see themselves
+
+
+@pytest.mark.parametrize("spec", ["full", "strided:16:16", "window:1000"])
+def test_graphs_whose_band_is_the_whole_block_stay_dense(spec):
+    (graph,) = parse_graph(spec, 1)
+    assert isinstance(layout_for(graph, T, "cpu"), DenseLayout)
+
+
+def test_window_edges_are_built_without_the_T_by_T_mask(monkeypatch):
+    def no_mask(self, T, device="cpu"):
+        raise AssertionError("a window-like graph built a (T, T) mask")
+
+    graph = ContextGraph("sink", (2, 5))
+    graph_module.graph_edge_index.cache_clear()
+    monkeypatch.setattr(ContextGraph, "mask", no_mask)
+    edge_index = graph.edge_index(1, 300)
+    graph_module.graph_edge_index.cache_clear()
+    assert set(zip(edge_index[0].tolist(), edge_index[1].tolist())) == defined_edges("sink:2:5", 300)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+def test_models_on_a_window_never_arrange_all_keys(mixer, pos, monkeypatch):
+    def no_dense(self, graph, T, device):
+        raise AssertionError("a window-like graph took the dense T x T layout")
+
+    layout.cached_layout.cache_clear()
+    monkeypatch.setattr(DenseLayout, "__init__", no_dense)
+    model = GPT(tiny_config(mixer, block_size=128, graph="window:8", pos=pos, backend="fast")).eval()
+    x = torch.randint(0, 17, (2, 128))
+    logits, loss = model(x, x)
+    loss.backward()
+    assert logits.shape == (2, 128, 17)
+    layout.cached_layout.cache_clear()
