@@ -7,6 +7,7 @@ import torch
 
 import gnngpt.fast_gat as fast_gat
 from conftest import assert_cached_decoding_equals_full, defined_edges, tiny_config, train_losses
+from gnngpt import layout
 from gnngpt.decoder import KVCache
 from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.layout import layout_for
@@ -102,14 +103,24 @@ def test_fast_model_equals_pyg_model_in_outputs_and_gradients(mixer, B, T, n_emb
 GRAPHS = ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full"]  # the last: per layer
 
 
+@pytest.fixture(params=["banded", "dense"])
+def arrangement(request):
+    """Both arrangements of window-like graphs at test sizes: banded (chunks of 4 queries) and dense (all keys)."""
+    if request.param == "banded":
+        request.getfixturevalue("small_chunks")
+    else:
+        layout.cached_layout.cache_clear()
+    return request.param
+
+
 @pytest.mark.parametrize("pos", ["abs", "rel"])
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
-def test_fast_model_equals_pyg_model_on_every_graph(mixer, graph, pos, small_chunks):
+def test_fast_model_equals_pyg_model_on_every_graph(mixer, graph, pos, arrangement):
     fast, pyg = model_pair(mixer, {}, graph=graph, pos=pos, block_size=16)
     if pos == "rel":
         assert fast.position_embedding is None and all(b.mixer.conv.lin_edge is not None for b in fast.blocks)
-    idx, targets = torch.randint(0, 17, (2, 2, 14))  # chunks of 4 queries: banded for window-like graphs
+    idx, targets = torch.randint(0, 17, (2, 2, 14))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
@@ -127,7 +138,7 @@ def boolean_mask_attention(attn, x, spec_mask):
 
 @pytest.mark.parametrize("pos", ["abs", "rel"])
 @pytest.mark.parametrize("graph", ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3"])
-def test_transformer_masks_attention_by_the_graph(graph, pos, small_chunks):
+def test_transformer_masks_attention_by_the_graph(graph, pos, arrangement):
     model = GPT(tiny_config("attention", graph=graph, pos=pos, block_size=16)).eval()
     attn = model.blocks[0].mixer
     if pos == "rel":

@@ -29,15 +29,18 @@ def test_each_graph_equals_its_definition_and_is_causal(spec, B, T):
     assert graph.edges_per_token(T) == len(defined_edges(spec, T)) / T
 
 
-def test_a_per_layer_list_gives_each_layer_its_graph():
-    graphs = parse_graph("window:2, dilated:2:2,full", 3)
-    assert [g.spec for g in graphs] == ["window:2", "dilated:2:2", "full"]
-    for graph, spec in zip(graphs, ["window:2", "dilated:2:2", "full"]):
-        edges = graph.edge_index(1, 6)
-        assert set(zip(edges[0].tolist(), edges[1].tolist())) == defined_edges(spec, 6)
+@pytest.mark.parametrize("T", [1, 3, 6, 20])  # T below and above every W, D, G and S
+def test_a_per_layer_list_gives_each_layer_its_graph(T):
+    specs = ["window:2", "dilated:3:2", "full", "sink:4:5"]
+    graphs = parse_graph("window:2, dilated:3:2,full,sink:4:5", 4)
+    assert [g.spec for g in graphs] == specs
+    for graph, spec in zip(graphs, specs):
+        edges = graph.edge_index(2, T)
+        assert set(zip(edges[0].tolist(), edges[1].tolist())) == {
+            (b * T + j, b * T + i) for b in range(2) for j, i in defined_edges(spec, T)}
     assert parse_graph("window:4", 3) == parse_graph("window:4,window:4,window:4", 3)
     assert graph_spec(parse_graph("window:4,window:4", 2)) == "window:4"
-    assert graph_spec(graphs) == "window:2,dilated:2:2,full"
+    assert graph_spec(graphs) == "window:2,dilated:3:2,full,sink:4:5"
 
 
 def test_reach_is_the_longest_edge_of_window_like_graphs():
