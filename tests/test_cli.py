@@ -162,6 +162,9 @@ def test_bfloat16_autocast_evaluates_close_to_float32():
     (["pyg-gpt.py", "--gat_version", "GATv3Conv"], "error: unknown --gat_version"),
     (["gpt.py", "--n_embd", "many"], "error: argument --n_embd: invalid int value: 'many' (see --help)"),
     (["bigram.py", "--n_embd", "64"], "error: unrecognized arguments: --n_embd 64 (see --help)"),
+    (["gpt.py", "--pos", "xyz"], "error: argument --pos: invalid choice: 'xyz' (choose from 'abs', 'rel')"),
+    (["gpt.py", "--graph", "window:\u00b2"], "error: --graph 'window:\u00b2': W must be an integer from 1"),
+    (["bigram.py", "--graph", "window:4"], "error: unrecognized arguments: --graph window:4 (see --help)"),
 ])
 def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
     result = run_script(args, tmp_path)

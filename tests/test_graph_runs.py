@@ -86,9 +86,11 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
     (["--graph", "ring:4"], "--graph 'ring:4': unknown graph 'ring'"),
     (["--graph", "window:2,window:3,full"], "--graph 'window:2,window:3,full' lists 3 graphs for 2 layers"),
 ])
-def test_bad_graphs_exit_2_with_one_line_and_write_nothing(args, message, in_tmp_path, tiny_text_file, capsys):
+@pytest.mark.parametrize("script", [PYG_GPT, GPT_SCRIPT], ids=["pyg-gpt", "gpt"])
+def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message, in_tmp_path, tiny_text_file,
+                                                           capsys):
     before = set(in_tmp_path.iterdir())
-    assert main(PYG_GPT, [*TINY, "--data", str(tiny_text_file), *args]) == 2
+    assert main(script, [*TINY, "--data", str(tiny_text_file), *args]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err
     assert set(in_tmp_path.iterdir()) == before
