@@ -24,10 +24,8 @@ TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batc
 
 
 @pytest.fixture
-def trainings(monkeypatch, tmp_path, tiny_text_file):
+def trainings(monkeypatch, in_tmp_path, tiny_text_file):
     """Run compare.main in tmp_path (where tiny.txt is); the (script file, argv) of every training it starts."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
     calls = []
     real_main = cli.main
     monkeypatch.setattr(cli, "main",

@@ -7,7 +7,6 @@ import torch
 
 import gnngpt.fast_gat as fast_gat
 from conftest import assert_cached_decoding_equals_full, defined_edges, tiny_config, train_losses
-from gnngpt import layout
 from gnngpt.decoder import KVCache
 from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.layout import layout_for
@@ -107,9 +106,7 @@ GRAPHS = ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:
 def arrangement(request):
     """Both arrangements of window-like graphs at test sizes: banded (chunks of 4 queries) and dense (all keys)."""
     if request.param == "banded":
-        request.getfixturevalue("small_chunks")
-    else:
-        layout.cached_layout.cache_clear()
+        request.getfixturevalue("small_chunks")  # which clears the cached layouts after the test
     return request.param
 
 

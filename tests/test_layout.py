@@ -37,7 +37,6 @@ def test_window_edges_are_built_without_the_T_by_T_mask(monkeypatch):
     graph_module.graph_edge_index.cache_clear()
     monkeypatch.setattr(ContextGraph, "mask", no_mask)
     edge_index = graph.edge_index(1, 300)
-    graph_module.graph_edge_index.cache_clear()
     assert set(zip(edge_index[0].tolist(), edge_index[1].tolist())) == defined_edges("sink:2:5", 300)
 
 
@@ -54,4 +53,3 @@ def test_models_on_a_window_never_arrange_all_keys(mixer, pos, monkeypatch):
     logits, loss = model(x, x)
     loss.backward()
     assert logits.shape == (2, 128, 17)
-    layout.cached_layout.cache_clear()

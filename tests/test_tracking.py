@@ -13,7 +13,8 @@ from gnngpt.checkpoint import load_checkpoint
 from gnngpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--eval_interval", "2", *TINY_GPT_RUN]
+EVERY_2 = ["--eval_interval", "2"]
+TINY = [*EVERY_2, *TINY_GPT_RUN]
 METRICS = {"train/loss": "train_loss", "val/loss": "val_loss", "tokens_per_s": "tokens_per_s"}  # tag: column
 
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def train(out, data, *args):
-    return train_tiny_gpt(out, data, "--eval_interval", "2", *args)
+    return train_tiny_gpt(out, data, *EVERY_2, *args)
 
 
 def test_wandb_offline_run_logs_the_metrics_at_their_steps_and_resume_continues_it(offline_wandb, tiny_text_file,
