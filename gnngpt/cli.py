@@ -14,6 +14,7 @@ from . import distributed
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
+from .evaluation import describe as describe_exact_loss, timed_exact_loss, write_eval
 from .fast_gat import compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
@@ -254,10 +255,13 @@ def run(script, args):
             train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
             if not distributed.is_main_process():
                 return
+            result = timed_exact_loss(model, val_data, settings, device)
+            write_eval(out_dir, result, settings["max_iters"])
+            print(f"{describe_exact_loss(result)}, in {result['eval_s']:.1f} s")
             sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
             tracking.attach(out_dir / "ckpt.pt", sample_path)
     print(sample)
-    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
+    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json and {sample_path}")
 
 
 def model_config(script, name, args, settings, vocab_size, mixer_kwargs):

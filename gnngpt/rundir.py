@@ -12,8 +12,10 @@ from .checkpoint import load_checkpoint
 from .errors import UsageError
 from .files import atomic_write_text
 
-METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
-RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
+# train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
+METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
+EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
+RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
@@ -45,10 +47,10 @@ class MetricsLog:
     def __init__(self, path, rows=()):
         """Start the file with the header and rows (those of the checkpoint when resuming)."""
         self.path = Path(path)
-        self.write("w", [METRICS_FIELDS, *([row[k] for k in METRICS_FIELDS] for row in rows)])
+        self.write("w", [METRICS_FIELDS, *([row.get(k, "") for k in METRICS_FIELDS] for row in rows)])
 
     def append(self, row):
-        self.write("a", [[row[k] for k in METRICS_FIELDS]])
+        self.write("a", [[row.get(k, "") for k in METRICS_FIELDS]])
 
     def write(self, mode, lines):
         """Write lines of cells in mode "w" or "a"; UsageError when the disk refuses."""
@@ -159,13 +161,14 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 
 
 def start_run_dir(out_dir, config, overwrite=False):
-    """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included
-    (rank 0 writes)."""
+    """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included,
+    and eval.json in any case: it scores the final checkpoint, and a run that trains has none yet (rank 0 writes)."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
         return
     replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
+    replaced.append(out_dir / EVAL_FILE)
     try:
         for path in replaced:
             path.unlink(missing_ok=True)

@@ -66,10 +66,11 @@ class Trainer:
         self.tokens_per_step = settings["batch_size"] * settings["block_size"] * distributed.world_size()
         self.main = distributed.is_main_process()
         self.optimizer = make_optimizer(model, settings["learning_rate"])
-        self.step, self.rows, self.elapsed_before, self.saved_step = 0, [], 0.0, None
+        self.step, self.rows, self.elapsed_before, self.train_s, self.saved_step = 0, [], 0.0, 0.0, None
         self.resuming = resume_from is not None
         if self.resuming:
-            self.step, self.rows, self.elapsed_before = restore(resume_from, model, self.optimizer, sampler)
+            self.step, self.rows, self.elapsed_before, self.train_s = restore(resume_from, model, self.optimizer,
+                                                                              sampler)
             self.saved_step = self.step
         self.metrics = MetricsLog(Path(out_dir) / "metrics.csv", self.rows) if self.main else None
         self.train_model = distributed.wrap(model)
@@ -97,7 +98,7 @@ class Trainer:
                     self.evaluate_and_save()
                 if signum and self.step < max_iters:  # a signal during the last step lets the finished run end
                     if self.saved_step != self.step:
-                        self.save()
+                        self.save(time.perf_counter() - self.interval_start)
                     raise Interrupted(signum, self.step, self.ckpt_path)
         return self.rows
 
@@ -124,6 +125,7 @@ class Trainer:
         speed measurement."""
         synchronize(self.sampler.device)
         train_time = time.perf_counter() - self.interval_start
+        self.train_s += train_time if self.interval_steps else 0.0  # the time before the first step is no training
         losses = distributed.from_main(
             lambda: evaluate(self.model, self.sampler, self.settings["eval_iters"], self.dtype))
         if not all(map(math.isfinite, losses.values())):
@@ -136,6 +138,8 @@ class Trainer:
             "elapsed_s": round(self.elapsed(), 2),
             "tokens_per_s": round(self.interval_steps * self.tokens_per_step / train_time, 1)
             if self.interval_steps else "",
+            "train_s": round(self.train_s, 4),
+            "tokens": self.step * self.tokens_per_step,
         }
         self.rows.append(row)
         if self.main:
@@ -146,8 +150,9 @@ class Trainer:
         self.tracking.log(row, self.optimizer.param_groups[0]["lr"])
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
-    def save(self):
-        """Checkpoint the current step; every rank hands over its random states, rank 0 writes."""
+    def save(self, unrecorded_train_s=0.0):
+        """Checkpoint the current step, with unrecorded_train_s seconds of training since the last evaluation;
+        every rank hands over its random states, rank 0 writes."""
         rng = distributed.gather(rng_state(self.sampler))
         if self.main:
             save_checkpoint(self.ckpt_path, {
@@ -158,6 +163,7 @@ class Trainer:
                 "rng": rng,
                 "metrics": self.rows,
                 "elapsed_s": self.elapsed(),
+                "train_s": self.train_s + unrecorded_train_s,
             })
         self.saved_step = self.step
 
@@ -239,7 +245,8 @@ def rng_state(sampler):
 
 
 def restore(checkpoint, model, optimizer, sampler):
-    """Load the model, the optimizer and this rank's random states; returns (step, metrics rows, elapsed_s)."""
+    """Load the model, the optimizer and this rank's random states; returns (step, metrics rows, elapsed_s,
+    train_s). A checkpoint from before train_s was kept gives its elapsed_s, evaluations included, instead."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -253,7 +260,8 @@ def restore(checkpoint, model, optimizer, sampler):
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError(f"the checkpoint does not fit this run ({one_line(e)[:120]}); "
                          f"start again with --overwrite") from None
-    return checkpoint["step"], list(checkpoint["metrics"]), checkpoint["elapsed_s"]
+    elapsed_s = checkpoint["elapsed_s"]
+    return checkpoint["step"], list(checkpoint["metrics"]), elapsed_s, checkpoint.get("train_s", elapsed_s)
 
 
 def synchronize(device):

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,16 @@ def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp
     assert {"torch", "torch_geometric", "python"} <= set(config["versions"])
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s"]
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens"]
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
     assert float(rows[-1]["tokens_per_s"]) > 0
+    assert [int(r["tokens"]) for r in rows] == [0, 3 * 4 * 16, 6 * 4 * 16]  # steps x batch x block
+    train_s = [float(r["train_s"]) for r in rows]
+    assert train_s[0] == 0 < train_s[1] <= train_s[2] <= float(rows[-1]["elapsed_s"]) + 0.01
+    exact = json.loads((out / "eval.json").read_text())
+    assert exact["step"] == 6 and exact["val_bpc"] == pytest.approx(exact["val_loss"] / math.log(2), abs=1e-6)
+    assert f"exact validation loss {exact['val_loss']:.4f} nats, {exact['val_bpc']:.4f} bits per character" \
+        in result.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["name"] == name
     assert {"model", "optimizer", "config", "vocab", "model_config"} <= set(ckpt)

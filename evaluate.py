@@ -1,0 +1,56 @@
+"""The exact validation loss of a trained run: every character of its validation split predicted once.
+
+    python evaluate.py --out_dir runs/gpt                  # the run's validation split (the last 10% of its text)
+    python evaluate.py --out_dir runs/gpt --data other.txt # all of another UTF-8 file
+"""
+import json
+import sys
+
+from gnngpt import cli
+from gnngpt.data import load_text
+from gnngpt.errors import UsageError, exit_code
+from gnngpt.evaluation import describe, encode_whole, run_validation_split, timed_exact_loss
+from gnngpt.results import load_run_model
+from gnngpt.rundir import read_config
+
+
+def build_parser():
+    p = cli.ArgumentParser(description="Score a trained run exactly: consecutive windows of block_size characters, "
+                                       "every character after the first a target once, in nats and bits per "
+                                       "character.")
+    p.add_argument("--out_dir", required=True, metavar="DIR", help="the run directory (with ckpt.pt)")
+    p.add_argument("--data", metavar="FILE",
+                   help="evaluate all of this UTF-8 file instead of the run's validation split")
+    p.add_argument("--device", choices=cli.DEVICES, default="auto", help=f"{cli.AUTO_DEVICE_HELP} (default: auto)")
+    p.add_argument("--batch_size", type=int, help="windows per forward pass (default: the run's batch_size)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p
+
+
+def main(argv=None):
+    """Evaluate; bad input ends with a one-line error and exit code 2."""
+    return exit_code(run, build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(args):
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    device = cli.resolve_device(args.device)
+    model, tokenizer, name = load_run_model(args.out_dir, device)
+    config = read_config(args.out_dir)
+    if config is None:
+        raise UsageError(f"{args.out_dir} has no readable config.json; evaluate a run written by this project")
+    if args.data:
+        data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
+    else:
+        data, what = run_validation_split(config, tokenizer.chars), "its validation split"
+    result = timed_exact_loss(model, data, config["settings"], device, args.batch_size)
+    if args.json:
+        print(json.dumps({"run": str(args.out_dir), "name": name, "data": args.data or config["data"],
+                          "split": "all" if args.data else "val", **result}))
+    else:
+        print(f"{name} ({args.out_dir}) on {what}: {describe(result)}, in {result['eval_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
