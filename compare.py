@@ -4,6 +4,8 @@
     python compare.py --models all-layers --max_iters 500   # the layer leaderboard
     python compare.py --jobs 4                          # the four at once, each in a process of its own
     python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
+    python compare.py --seeds 3                         # each configuration with seeds 1337, 1338 and 1339
+    python compare.py --seeds 3 --report_only           # the tables and figures again, from the run files alone
 """
 import shlex
 import sys
@@ -16,11 +18,20 @@ from gnngpt import cli, guard
 from gnngpt.config import PUBLISHED_STEP, SCRIPTS, SEED, Script, script_for
 from gnngpt.data import DEFAULT_DATA, load_text
 from gnngpt.errors import UsageError, exit_code, one_line
+from gnngpt.evaluation import (
+    describe as describe_exact_loss,
+    read_eval,
+    run_validation_split,
+    timed_exact_loss,
+    write_eval,
+)
 from gnngpt.files import atomic_write_text
 from gnngpt.jobs import Job, run_jobs
 from gnngpt.mixers import parse_layer_kwargs
 from gnngpt.plots import plot_graph_study, plot_leaderboard, plot_val_loss
 from gnngpt.results import (
+    configurations,
+    graph_comparisons,
     graph_study_table,
     leaderboard_table,
     load_run_model,
@@ -28,6 +39,8 @@ from gnngpt.results import (
     results_table,
     run_summary,
     setting_notes,
+    target_table,
+    uncertainty_notes,
 )
 from gnngpt.rundir import file_in_the_way, holds_run, is_finished, read_config, refuse_if_held, run_name
 from gnngpt.sampling import model_output_path, write_model_output
@@ -61,7 +74,20 @@ def build_parser():
     p.add_argument("--device", choices=cli.DEVICES, default="auto",
                    help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
-    p.add_argument("--seed", type=int, default=SEED, help=f"random seed of every run (default: {SEED})")
+    p.add_argument("--seed", default=str(SEED), metavar="SEED[,SEED...]",
+                   help=f"the first seed of every configuration, or a comma-separated list of seeds (default: {SEED})")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every configuration with N seeds: --seed, --seed + 1, ..., each in a run directory of "
+                        "its own (default: 1)")
+    p.add_argument("--baseline", metavar="NAME",
+                   help="the configuration others are compared with, paired by seed (default: gpt when it is in the "
+                        "comparison)")
+    p.add_argument("--target_loss", type=float, metavar="X",
+                   help="also tabulate the steps, tokens and training seconds at which each configuration first "
+                        "reached validation loss X")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: rebuild the tables and figures from the finished runs' small files "
+                        "(config.json, metrics.csv, eval.json); no checkpoint is needed")
     p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<run name> (default: runs)")
     p.add_argument("--out", default="plots", metavar="DIR",
                    help="where val_loss.png, results.md and the leaderboard go (default: plots)")
@@ -76,8 +102,12 @@ def build_parser():
 
 @dataclass
 class Run:
-    """One model's training run: its script, its arguments, and the config a reusable run must have."""
+    """One training run of a configuration (a model on a graph with positions) and a seed: its script, its
+    arguments, and the config a reusable run must have. Its name is its directory's: the configuration's
+    name and the seed, as in gpt_s1337."""
     name: str
+    config_name: str
+    seed: int
     script: Script
     argv: list
     out_dir: Path
@@ -122,11 +152,15 @@ def run(args, extra, argv):
             raise UsageError(refusal)
     names, layer_records = model_names(args.models)
     graphs, positions = cli.graph_list(args.graphs), cli.position_list(args.pos)
+    seeds = seed_list(args.seed, args.seeds)
     passed = pass_through_flags(extra)
-    runs = [plan_run(name, graph, pos, args, passed[script_for(name)])  # checks everything before training
-            for name in names for graph, pos in placements(name, graphs, positions)]
+    runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)])  # checks everything before training
+            for name in names for graph, pos in placements(name, graphs, positions) for seed in seeds]
     runs = list({r.name: r for r in runs}.values())
+    baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     states = {r.name: r.state() for r in runs}
+    if args.report_only:
+        return report(runs, states, args, argv, baseline, layer_records, graphs, positions)
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
         raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
@@ -148,21 +182,45 @@ def run(args, extra, argv):
         return stopped
     done = [r for r in runs if r.name not in failed]
     for r in done:
-        write_missing_sample(r, args.seed)
-
-    summaries = [run_summary(r.out_dir) for r in done]
-    out = Path(args.out)
-    if summaries and layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
-        write_leaderboard(summaries, layer_records, failed, out, argv)
-    elif summaries and len(graphs) * len(positions) > 1:  # a graph study, likewise
-        write_graph_study(summaries, out, argv)
-    elif summaries:
-        write_comparison(summaries, out, argv, args.jobs)
+        write_missing_exact_loss(r)
+    for r in first_seeds(done):
+        write_missing_sample(r)
+    write_report(done, args, argv, baseline, layer_records, graphs, positions, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)
         return 1
     return 0
+
+
+def seed_list(seed, count):
+    """The seeds of --seed (one, or a comma-separated list) and --seeds N (N seeds from one --seed)."""
+    try:
+        seeds = [int(s) for s in seed.split(",")]
+    except ValueError:
+        raise UsageError(f"--seed {seed!r} is not an integer or a comma-separated list of integers") from None
+    if count < 1:
+        raise UsageError(f"--seeds must be a positive integer, got {count}")
+    if len(seeds) > 1 and count != 1:
+        raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seed {seed} names a seed twice; give each seed once")
+    return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
+
+
+def baseline_name(requested, names):
+    """The configuration that others are compared with: --baseline (checked), else gpt where it is planned."""
+    if requested is None:
+        return "gpt" if "gpt" in names else None
+    if requested not in names:
+        raise UsageError(f"--baseline {requested} is not in this comparison; choose one of "
+                         f"{', '.join(dict.fromkeys(names))}")
+    return requested
+
+
+def first_seeds(runs):
+    """The run of each configuration with its first seed (in the order of --seed), whose sample stands for it."""
+    return list({r.config_name: r for r in reversed(runs)}.values())[::-1]
 
 
 def training_argv(run, state):
@@ -247,13 +305,13 @@ def pass_through_flags(extra):
     return passed
 
 
-def plan_run(model, graph, pos, args, extra):
-    """The training run of one model on one graph with one kind of positions (None for the bigram), its arguments
-    checked as the training script would check them."""
+def plan_run(model, graph, pos, seed, args, extra):
+    """The training run of one model on one graph with one kind of positions (None for the bigram) and one seed,
+    its arguments checked as the training script would check them."""
     script = script_for(model)
     argv = [*(["--gat_version", model] if script.graph_layer else []),
             *(["--graph", graph, "--pos", pos] if script.has_model_size else []),
-            "--preset", args.preset, "--device", args.device, "--seed", str(args.seed),
+            "--preset", args.preset, "--device", args.device, "--seed", str(seed),
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
@@ -267,31 +325,73 @@ def plan_run(model, graph, pos, args, extra):
     device = cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
     name = run_name(model, settings)
-    out_dir = Path(args.runs) / name
-    expected = {"name": name, "settings": settings, "seed": args.seed, "preset": preset, "device": str(device),
+    out_dir = Path(args.runs) / f"{name}_s{seed}"
+    expected = {"name": name, "settings": settings, "seed": seed, "preset": preset, "device": str(device),
                 "data": str(args.data or DEFAULT_DATA)}
     if script.graph_layer:
         expected["model_config"] = {"mixer": model, "backend": training_args.backend,
                                     "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}
-    return Run(name, script, [*argv, "--out_dir", str(out_dir)], out_dir, expected)
+    return Run(out_dir.name, name, seed, script, [*argv, "--out_dir", str(out_dir)], out_dir, expected)
 
 
-def write_missing_sample(run, seed):
-    """Write model_outputs/<name>.txt from the run's checkpoint when a reused run has no sample there."""
-    path = model_output_path(run.name)
+def write_missing_exact_loss(run):
+    """Write the run's eval.json from its checkpoint when it has none of its last step (runs from before every
+    training ended with it)."""
+    config = read_config(run.out_dir)
+    if read_eval(run.out_dir, config["settings"]["max_iters"]) is not None:
+        return
+    device = torch.device(run.expected["device"])
+    model, tokenizer, _ = load_run_model(run.out_dir, device)
+    result = timed_exact_loss(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
+    write_eval(run.out_dir, result, config["settings"]["max_iters"])
+    print(f"{run.name}: {describe_exact_loss(result)} (computed from its checkpoint)")
+
+
+def write_missing_sample(run):
+    """Write model_outputs/<configuration>.txt from the run's checkpoint when there is no sample there."""
+    path = model_output_path(run.config_name)
     if path.exists():
         return
     device = torch.device(run.expected["device"])
     model, tokenizer, _ = load_run_model(run.out_dir, device)
-    torch.manual_seed(seed)
-    write_model_output(model, tokenizer, run.name, device)
+    torch.manual_seed(run.seed)
+    write_model_output(model, tokenizer, run.config_name, device)
     print(f"wrote {path}")
 
 
-def describe(summaries):
+def report(runs, states, args, argv, baseline, layer_records, graphs, positions):
+    """--report_only: the tables and figures of finished runs, from their small files; refused while any run
+    is unfinished or lacks its exact validation loss."""
+    missing = [f"{r.out_dir} ({'not finished' if states[r.name] != 'reuse' else 'no eval.json'})" for r in runs
+               if states[r.name] != "reuse" or read_eval(r.out_dir, r.expected["settings"]["max_iters"]) is None]
+    if missing:
+        raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only")
+    write_report(runs, args, argv, baseline, layer_records, graphs, positions, {})
+    return 0
+
+
+def write_report(runs, args, argv, baseline, layer_records, graphs, positions, failed):
+    """The comparison's tables and figures, from the small files of its finished runs."""
+    configs = configurations([run_summary(r.out_dir) for r in runs])
+    if not configs:
+        return
+    argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
+    baseline = next((c for c in configs if c["name"] == baseline), None)
+    seeds = {r.config_name: r.seed for r in first_seeds(runs)}
+    out = Path(args.out)
+    if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
+        write_leaderboard(configs, layer_records, failed, out, argv)
+    elif len(graphs) * len(positions) > 1:  # a graph study, likewise
+        write_graph_study(configs, baseline, args.target_loss, out, argv)
+    else:
+        write_comparison(configs, baseline, args.target_loss, seeds, out, argv, args.jobs)
+
+
+def describe(configs):
     """The presets and machines of the runs, for titles."""
-    presets = ", ".join(dict.fromkeys(s["preset"] for s in summaries))
-    machines = "; ".join(dict.fromkeys(s["machine"] for s in summaries))
+    presets = ", ".join(dict.fromkeys(c["preset"] for c in configs))
+    machines = "; ".join(dict.fromkeys(c["machine"] for c in configs))
     return f"preset {presets}, {machines}"
 
 
@@ -299,47 +399,58 @@ def command(argv):
     return shlex.join(["python", "compare.py", *argv])
 
 
-def write_comparison(summaries, out, argv, jobs):
+def statistics_text(configs, baseline, target_loss):
+    """What the loss columns mean and, with target_loss, the table of when each configuration reached it."""
+    text = uncertainty_notes(configs, baseline) + "\n"
+    if target_loss is not None:
+        text += (f"Time to a validation loss of {target_loss} (the random-batch estimates of each evaluation, "
+                 f"mean over seeds):\n\n{target_table(configs, target_loss)}\n")
+    return text
+
+
+def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
     """val_loss.png and results.md: the table, with the published values and any setting that is not the preset's."""
-    published = {s["name"]: published_val_loss(s) for s in summaries if published_val_loss(s) is not None}
-    plot_val_loss(summaries, out / "val_loss.png", f"Validation loss ({describe(summaries)})", published,
+    published = {c["name"]: published_val_loss(c) for c in configs if published_val_loss(c) is not None}
+    plot_val_loss(configs, out / "val_loss.png", f"Validation loss ({describe(configs)})", published,
                   PUBLISHED_STEP)
-    notes = ""
+    notes = statistics_text(configs, baseline, target_loss)
     if published:
         notes += (f"published: the original's validation loss after {PUBLISHED_STEP} steps of the paper preset on "
-                  f"an A100, read from its plot.\n\n")
-    differences = setting_notes(summaries)
+                  f"an A100, read from its plot (random batches, one seed).\n\n")
+    differences = setting_notes(configs)
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
     if jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
-    samples = ", ".join(f"`{model_output_path(s['name']).as_posix()}`" for s in summaries)
-    text = (f"# Results\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n{results_table(summaries)}\n"
-            f"{notes}Samples: {samples}.\n")
+    samples = ", ".join(f"`{model_output_path(c['name']).as_posix()}` (seed {seeds[c['name']]})" for c in configs)
+    text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{results_table(configs, baseline)}\n{notes}Samples: {samples}.\n")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'} and {out / 'results.md'}")
 
 
-def write_leaderboard(summaries, records, failed, out, argv):
+def write_leaderboard(configs, records, failed, out, argv):
     """The leaderboard table and figure, and the layers that could not take part with their reasons."""
-    plot_leaderboard(summaries, out / "leaderboard.png", f"Token-mixer leaderboard ({describe(summaries)})")
+    plot_leaderboard(configs, out / "leaderboard.png", f"Token-mixer leaderboard ({describe(configs)})")
     left_out = [(r.name, r.reason) for r in records if not r.works]
     left_out += [(name, f"training failed (exit code {code})") for name, code in failed.items()]
-    text = (f"# Layer leaderboard\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n"
-            f"{leaderboard_table(summaries)}")
+    text = (f"# Layer leaderboard\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{leaderboard_table(configs)}\n{uncertainty_notes(configs, None)}")
     if left_out:
         text += "\nNot ranked:\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in left_out)
     atomic_write_text(out / "leaderboard.md", text)
     print(f"wrote {out / 'leaderboard.png'} and {out / 'leaderboard.md'}")
 
 
-def write_graph_study(summaries, out, argv):
+def write_graph_study(configs, baseline, target_loss, out, argv):
     """Validation loss against edges per token and against training speed, one point per model, graph and
-    positions, with the table behind it."""
-    plot_graph_study(summaries, out / "graphs.png", f"Context graphs ({describe(summaries)})")
-    text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n"
-            f"{graph_study_table(summaries)}")
+    positions, with the table behind it and the paired differences the study draws."""
+    plot_graph_study(configs, out / "graphs.png", f"Context graphs ({describe(configs)})")
+    text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{graph_study_table(configs, baseline)}\n{statistics_text(configs, baseline, target_loss)}")
+    if comparisons := graph_comparisons(configs):
+        text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"
     atomic_write_text(out / "graphs.md", text)
     print(f"wrote {out / 'graphs.png'} and {out / 'graphs.md'}")
 

@@ -10,35 +10,66 @@ def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def plot_val_loss(summaries, path, title, published=None, published_step=None):
-    """Validation loss against step, one line per run (see results.run_summary), like the original figure.
+def mean_curve(runs, key):
+    """The steps every run evaluated at, and at each the mean, min and max over runs of key (a list per run
+    aligned with its steps); None where a run lacks key there (runs from before train_s was recorded)."""
+    steps = sorted(set.intersection(*(set(r["steps"]) for r in runs)))
+    values = [[dict(zip(r["steps"], r[key]))[step] for r in runs] for step in steps]
+    if any(v is None for row in values for v in row):
+        return None
+    values = np.array(values, dtype=float)
+    return steps, values.mean(axis=1), values.min(axis=1), values.max(axis=1)
 
-    published ({name: loss}) marks the original's values at published_step with a cross of each run's colour.
+
+def plot_val_loss(configs, path, title, published=None, published_step=None):
+    """Validation loss (the random-batch estimates) against step and against training seconds: one mean curve per
+    configuration (see results.configurations) with a band from the min to the max over its seeds.
+
+    published ({name: loss}) marks the original's values at published_step with a cross of each curve's colour.
     """
     published = published or {}
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
-    for s in summaries:
-        (line,) = ax.plot(s["steps"], s["val_loss"], label=f"{s['name']} ({s['final_val_loss']:.3f})", linewidth=1.8)
-        if s["name"] in published:
-            ax.plot([published_step], [published[s["name"]]], "x", color=line.get_color(), markersize=9)
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    step_ax, time_ax = fig.subplots(1, 2, sharey=True)
+    for c in configs:
+        steps, loss, low, high = mean_curve(c["runs"], "val_loss")
+        label = f"{c['name']} ({c['loss'].mean:.3f})"
+        (line,) = step_ax.plot(steps, loss, label=label, linewidth=1.8)
+        curves = [(step_ax, steps)]
+        timed = mean_curve(c["runs"], "train_s")
+        if timed is not None:
+            time_ax.plot(timed[1], loss, color=line.get_color(), linewidth=1.8)
+            curves.append((time_ax, timed[1]))
+        if c["loss"].n > 1:
+            for ax, x in curves:
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if c["name"] in published:
+            step_ax.plot([published_step], [published[c["name"]]], "x", color=line.get_color(), markersize=9)
     if published:
-        ax.plot([], [], "x", color="black", label=f"published, step {published_step}")
-    ax.set(xlabel="step", ylabel="validation loss", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(title="model (final val loss)")
+        step_ax.plot([], [], "x", color="black", label=f"published, step {published_step}")
+    seeds = max(c["loss"].n for c in configs)
+    if seeds > 1:
+        step_ax.fill_between([], [], [], color="gray", alpha=0.2, label="min to max over seeds")
+    step_ax.set(xlabel="step", ylabel="validation loss (random batches)")
+    time_ax.set(xlabel="training seconds (evaluation excluded)")
+    for ax in (step_ax, time_ax):
+        ax.grid(alpha=0.3)
+    mean = "mean of each step over seeds, " if seeds > 1 else ""
+    step_ax.legend(title=f"model ({mean}exact val loss)", fontsize=8)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
-def plot_leaderboard(summaries, path, title):
-    """Final validation loss and training speed per run, best loss on top."""
-    ranked = sorted(summaries, key=lambda s: s["final_val_loss"], reverse=True)
-    names = [s["name"] for s in ranked]
+def plot_leaderboard(configs, path, title):
+    """Exact validation loss (mean, with the sample deviation over seeds as error bars) and training speed per
+    configuration, best loss on top."""
+    ranked = sorted(configs, key=lambda c: c["loss"].mean, reverse=True)
+    names = [c["name"] for c in ranked]
     fig = Figure(figsize=(10, 1.5 + 0.3 * len(ranked)), layout="constrained")
     loss_ax, speed_ax = fig.subplots(1, 2, sharey=True)
-    loss_ax.plot([s["final_val_loss"] for s in ranked], names, "o", color="tab:blue")
-    loss_ax.set(xlabel="final validation loss (lower is better)")
-    speed_ax.barh(names, [s["tokens_per_s"] or 0 for s in ranked], color="tab:orange")
+    loss_ax.errorbar([c["loss"].mean for c in ranked], names, xerr=[c["loss"].sd or 0 for c in ranked], fmt="o",
+                     color="tab:blue", capsize=3)
+    loss_ax.set(xlabel="exact validation loss, nats (lower is better)")
+    speed_ax.barh(names, [c["tokens_per_s"].mean if c["tokens_per_s"] else 0 for c in ranked], color="tab:orange")
     speed_ax.set(xlabel="training tokens per second (log scale)", xscale="log")
     for ax in (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
@@ -47,34 +78,40 @@ def plot_leaderboard(summaries, path, title):
     save_figure(fig, path)
 
 
-def plot_graph_study(summaries, path, title):
-    """Final validation loss against edges per token and against training speed, one point per run: a marker per
-    model, filled for absolute positions, hollow for relative ones, each labelled with its graph. A run without
-    a graph (the bigram) is a dashed line across both."""
+def plot_graph_study(configs, path, title):
+    """Exact validation loss (mean, with the deviation over seeds as error bars) against edges per token and
+    against training speed, one point per configuration: a marker per model, filled for absolute positions,
+    hollow for relative ones, each labelled with its graph. A configuration without a graph (the bigram) is a
+    dashed line across both."""
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     edges_ax, speed_ax = fig.subplots(1, 2, sharey=True)
-    models = list(dict.fromkeys(s["model"] for s in summaries))
+    models = list(dict.fromkeys(c["model"] for c in configs))
     colors = {m: f"C{i}" for i, m in enumerate(models)}
-    for s in summaries:
-        if s["graph"] is None:
+    for c in configs:
+        loss = c["loss"].mean
+        if c["graph"] is None:
             for ax in (edges_ax, speed_ax):
-                ax.axhline(s["final_val_loss"], color=colors[s["model"]], linestyle="--", linewidth=1)
+                ax.axhline(loss, color=colors[c["model"]], linestyle="--", linewidth=1)
             continue
-        style = dict(marker="o", markersize=7, color=colors[s["model"]], linestyle="none",
-                     markerfacecolor=colors[s["model"]] if s["pos"] != "rel" else "none")
-        for ax, x in ((edges_ax, s["edges_per_token"]), (speed_ax, s["tokens_per_s"] or 0)):
-            ax.plot(x, s["final_val_loss"], **style)
-            ax.annotate(s["graph"], (x, s["final_val_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        style = dict(marker="o", markersize=7, color=colors[c["model"]], linestyle="none", capsize=3,
+                     markerfacecolor=colors[c["model"]] if c["pos"] != "rel" else "none")
+        speed = c["tokens_per_s"].mean if c["tokens_per_s"] else 0
+        for ax, x in ((edges_ax, c["edges_per_token"]), (speed_ax, speed)):
+            ax.errorbar(x, loss, yerr=c["loss"].sd or 0, **style)
+            ax.annotate(c["graph"], (x, loss), fontsize=7, xytext=(4, 3), textcoords="offset points")
     edges_ax.set(xlabel="edges per token (mean in-degree of a full block, log scale)", xscale="log",
-                 ylabel="final validation loss")
+                 ylabel="exact validation loss, nats")
     speed_ax.set(xlabel="training tokens per second")
     handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none", label=m) for m in models
-               if any(s["model"] == m and s["graph"] is not None for s in summaries)]
-    handles += [Line2D([], [], color=colors[s["model"]], linestyle="--", label=s["model"]) for s in summaries
-                if s["graph"] is None]
+               if any(c["model"] == m and c["graph"] is not None for c in configs)]
+    handles += [Line2D([], [], color=colors[c["model"]], linestyle="--", label=c["model"]) for c in configs
+                if c["graph"] is None]
     handles += [Line2D([], [], color="gray", marker="o", linestyle="none", label="absolute positions"),
                 Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",
                        label="relative positions")]
+    if max(c["loss"].n for c in configs) > 1:
+        handles.append(Line2D([], [], color="gray", marker="|", linestyle="none",
+                              label="bars: sample deviation over seeds"))
     speed_ax.legend(handles=handles, fontsize=8)
     for ax in (edges_ax, speed_ax):
         ax.grid(alpha=0.3)

@@ -7,9 +7,11 @@ from .checkpoint import load_checkpoint
 from .config import PRESETS, PUBLISHED_VAL_LOSS
 from .data import CharTokenizer
 from .errors import UsageError
+from .evaluation import read_eval
 from .graph import parse_graph
 from .models import model_from_checkpoint
 from .rundir import file_in_the_way, read_metrics, refuse_if_held
+from .stats import CONFIDENCE, paired_difference, spread
 
 # the settings every preset trains with unless told: eager float32 on the original's graph and positions
 PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos": "abs"}
@@ -36,14 +38,17 @@ def load_run_model(out_dir, device="cpu", backend=None):
 
 
 def run_summary(out_dir):
-    """What a finished run measured: its validation curve, final and best loss, size, speed and machine."""
+    """What a finished run measured, from its small files alone (config.json, metrics.csv, eval.json): its seed,
+    validation curve (random-batch estimates) against steps, tokens and training seconds, exact validation loss
+    (None without eval.json of its last step), size, speed and machine."""
     config = json.loads((Path(out_dir) / "config.json").read_text())
     settings = config["settings"]
     rows = read_metrics(out_dir)
-    best = min(rows, key=lambda r: r["val_loss"])
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
     return {
         "name": config["name"],
+        "seed": config["seed"],
+        "out_dir": str(out_dir),
         "model": trained_model(config),
         "graph": settings.get("graph"),
         "pos": settings.get("pos"),
@@ -52,9 +57,9 @@ def run_summary(out_dir):
         "settings": settings,
         "steps": [int(r["step"]) for r in rows],
         "val_loss": [r["val_loss"] for r in rows],
-        "final_val_loss": rows[-1]["val_loss"],
-        "best_val_loss": best["val_loss"],
-        "best_step": int(best["step"]),
+        "train_s": [r.get("train_s") for r in rows],
+        "tokens": [r.get("tokens") for r in rows],
+        "exact": read_eval(out_dir, int(rows[-1]["step"])),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
         "wall_s": rows[-1]["elapsed_s"],
@@ -62,6 +67,31 @@ def run_summary(out_dir):
         "device": config["device"],
         "machine": config["machine"],
     }
+
+
+def configurations(summaries):
+    """The runs grouped by configuration (model, graph, positions: their name), in order of first appearance,
+    each with its runs by seed and the spread over seeds of its exact loss (nats and bits), speed and time."""
+    groups = {}
+    for s in summaries:
+        groups.setdefault(s["name"], []).append(s)
+    configs = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        first = runs[0]
+        configs.append({
+            **{k: first[k] for k in ("name", "model", "graph", "pos", "edges_per_token", "arch", "settings",
+                                      "parameters", "preset", "device", "machine")},
+            "runs": runs,
+            "seeds": [r["seed"] for r in runs],
+            "loss_by_seed": {r["seed"]: r["exact"]["val_loss"] for r in runs},
+            "loss": spread(r["exact"]["val_loss"] for r in runs),
+            "bpc": spread(r["exact"]["val_bpc"] for r in runs),
+            "targets": first["exact"]["targets"],
+            "tokens_per_s": spread(r["tokens_per_s"] for r in runs) if all(r["tokens_per_s"] for r in runs) else None,
+            "wall_s": statistics.fmean(r["wall_s"] for r in runs),
+        })
+    return configs
 
 
 def trained_model(config):
@@ -83,56 +113,140 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
-def published_val_loss(summary):
-    """The original's validation loss for a run of the paper preset of one of its four models, else None."""
-    return PUBLISHED_VAL_LOSS.get(summary["name"]) if summary["preset"] == "paper" else None
+def published_val_loss(config):
+    """The original's validation loss for a configuration of the paper preset of one of its four models, else
+    None."""
+    return PUBLISHED_VAL_LOSS.get(config["name"]) if config["preset"] == "paper" else None
 
 
-def results_table(summaries):
-    """A markdown table with one row per run: losses, parameters, speed, time, preset, device and machine.
+def format_spread(spread, digits=4):
+    """mean +- sample deviation (n), or mean (1) for one seed."""
+    if spread.sd is None:
+        return f"{spread.mean:.{digits}f} (1)"
+    return f"{spread.mean:.{digits}f} ± {spread.sd:.{digits}f} ({spread.n})"
 
-    When a run has a published value (see published_val_loss), a "published" column follows the final loss.
+
+def format_difference(difference):
+    """The mean paired difference with its interval in brackets (none for one seed)."""
+    if difference is None:
+        return "no common seed"
+    if difference.low is None:
+        return f"{difference.mean:+.4f}"
+    return f"{difference.mean:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]"
+
+
+def verdict(difference):
+    """"higher" or "lower" where the interval excludes zero, else "not distinguishable" (or why there is none)."""
+    if difference is None or difference.low is None:
+        return "needs 2 seeds"
+    if not difference.distinguishable:
+        return "not distinguishable"
+    return "higher" if difference.mean > 0 else "lower"
+
+
+def baseline_columns(config, baseline):
+    """The difference from the baseline configuration (paired by seed) and its verdict; dashes for the baseline."""
+    if baseline is None or config is baseline:
+        return ["-", "-"]
+    difference = paired_difference(config["loss_by_seed"], baseline["loss_by_seed"])
+    return [format_difference(difference), verdict(difference)]
+
+
+def uncertainty_notes(configs, baseline):
+    """What the loss columns mean, and why a table of single seeds shows no deviation or interval."""
+    notes = [f"Validation loss: the exact loss over the whole validation split ({configs[0]['targets']:,} "
+             f"characters, each predicted once), in nats and in bits per character; mean ± sample standard "
+             f"deviation over seeds (number of seeds)."]
+    if baseline is not None:
+        notes.append(f"Δ: the mean over seeds of each seed's difference in nats from {baseline['name']} trained "
+                     f"with the same seed (the same batches), with its {CONFIDENCE:.0%} Student-t interval; a "
+                     f"difference is called one only where the interval excludes zero.")
+    if max(c["loss"].n for c in configs) < 2:
+        notes.append("One seed per configuration: no deviation or interval can be computed from one value, so no "
+                     "difference is called one; train more seeds with --seeds 3.")
+    return "".join(f"- {note}\n" for note in notes)
+
+
+def results_table(configs, baseline=None):
+    """A markdown table with one row per configuration: exact loss over seeds, the difference from the baseline,
+    parameters, speed, time, preset, device and machine.
+
+    When a configuration has a published value (see published_val_loss), a "published" column follows the loss.
     """
-    published = [published_val_loss(s) for s in summaries]
+    published = [published_val_loss(c) for c in configs]
     with_published = any(value is not None for value in published)
-    header = ["model", "final val loss", *(["published"] if with_published else []), "best val loss (step)",
-              "parameters", "tokens/s", "wall time", "preset", "device", "machine"]
+    against = [] if baseline is None else [f"Δ vs {baseline['name']} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
+    header = ["model", "val loss (nats)", "bits per character", *(["published"] if with_published else []),
+              *against, "parameters", "tokens/s", "wall time", "preset", "device", "machine"]
     rows = []
-    for s, value in zip(summaries, published):
-        row = [s["name"], f"{s['final_val_loss']:.4f}"]
+    for c, value in zip(configs, published):
+        row = [c["name"], format_spread(c["loss"]), format_spread(c["bpc"])]
         if with_published:
             row.append("-" if value is None else f"{value:.2f}")
-        rows.append(row + [f"{s['best_val_loss']:.4f} ({s['best_step']})", f"{s['parameters']:,}",
-                           format_rate(s["tokens_per_s"]), format_duration(s["wall_s"]), s["preset"], s["device"],
-                           s["machine"]])
+        if baseline is not None:
+            row += baseline_columns(c, baseline)
+        rows.append(row + [f"{c['parameters']:,}", format_rates(c["tokens_per_s"]), format_duration(c["wall_s"]),
+                           c["preset"], c["device"], c["machine"]])
     return markdown_table(header, rows)
 
 
-def setting_notes(summaries):
+def setting_notes(configs):
     """"- KEY VALUE instead of PRESET_VALUE (models)" for each setting in which runs differ from their preset."""
     differences = {}  # key -> (value, preset value) -> names
-    for s in summaries:
-        preset = {**PRESET_DEFAULTS, **PRESETS[s["preset"]][s["arch"]]}
-        for key, value in s["settings"].items():
+    for c in configs:
+        preset = {**PRESET_DEFAULTS, **PRESETS[c["preset"]][c["arch"]]}
+        for key, value in c["settings"].items():
             if value != preset.get(key):
-                differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(s["name"])
-    every_model = [s["name"] for s in summaries]
+                differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(c["name"])
+    every_model = [c["name"] for c in configs]
     return [f"- {key} {value} instead of {preset_value} "
             f"({'all models' if names == every_model else ', '.join(names)})"
             for key, variants in differences.items() for (value, preset_value), names in variants.items()]
 
 
-def leaderboard_table(summaries):
-    """A markdown table of runs ranked by final validation loss, with their training speed."""
-    ranked = sorted(summaries, key=lambda s: s["final_val_loss"])
-    return markdown_table(["rank", "model", "final val loss", "tokens/s", "parameters"], [
-        [rank, s["name"], f"{s['final_val_loss']:.4f}", format_rate(s["tokens_per_s"]), f"{s['parameters']:,}"]
-        for rank, s in enumerate(ranked, 1)
+def leaderboard_table(configs):
+    """A markdown table of configurations ranked by mean exact validation loss, with their training speed."""
+    ranked = sorted(configs, key=lambda c: c["loss"].mean)
+    return markdown_table(["rank", "model", "val loss (nats)", "bits per character", "tokens/s", "parameters"], [
+        [rank, c["name"], format_spread(c["loss"]), format_spread(c["bpc"]), format_rates(c["tokens_per_s"]),
+         f"{c['parameters']:,}"]
+        for rank, c in enumerate(ranked, 1)
     ])
+
+
+def target_table(configs, target):
+    """When each configuration's validation curve (the random-batch estimates) first reached target: steps,
+    tokens and training seconds, each the mean over seeds, or "not reached" (by how many seeds)."""
+    rows = []
+    for c in configs:
+        reached = [first_reaching(r, target) for r in c["runs"]]
+        if all(reached):
+            cells = [f"{statistics.fmean(r[key] for r in reached):,.{digits}f}"
+                     for key, digits in (("step", 0), ("tokens", 0), ("train_s", 1))]
+        else:
+            missed = sum(r is None for r in reached)
+            cells = [f"not reached ({missed} of {len(reached)} seeds)" if missed < len(reached) else "not reached"] * 3
+        rows.append([c["name"], *cells])
+    return markdown_table(["model", f"steps to val loss {target}", "tokens", "training seconds"], rows)
+
+
+def first_reaching(run, target):
+    """The step, tokens and training seconds of the run's first evaluation at or below target, or None."""
+    for step, loss, tokens, train_s in zip(run["steps"], run["val_loss"], run["tokens"], run["train_s"]):
+        if loss <= target and tokens is not None and train_s is not None:
+            return {"step": step, "tokens": tokens, "train_s": train_s}
+    return None
 
 
 def format_rate(tokens_per_s):
     return "n/a" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
+
+
+def format_rates(rates):
+    """The tokens/s of a configuration's seeds (a Spread, or None): mean +- sample deviation, or the mean."""
+    if rates is None or rates.sd is None:
+        return format_rate(rates and rates.mean)
+    return f"{rates.mean:,.0f} ± {rates.sd:,.0f}"
 
 
 def format_duration(seconds):
@@ -142,14 +256,40 @@ def format_duration(seconds):
     return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
 
 
-def graph_study_table(summaries):
-    """A markdown table of runs on context graphs: edges per token, final validation loss and speed."""
-    ranked = sorted(summaries, key=lambda s: (s["model"], s["edges_per_token"] or 0, s["pos"] or ""))
-    header = ["model", "graph", "positions", "edges per token", "final val loss", "best val loss (step)",
+def graph_study_table(configs, baseline=None):
+    """A markdown table of configurations on context graphs: edges per token, exact loss over seeds, the
+    difference from the baseline, and speed."""
+    ranked = sorted(configs, key=lambda c: (c["model"], c["edges_per_token"] or 0, c["pos"] or ""))
+    against = [] if baseline is None else [f"Δ vs {baseline['name']} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
+    header = ["model", "graph", "positions", "edges per token", "val loss (nats)", "bits per character", *against,
               "tokens/s", "parameters"]
     return markdown_table(header, [
-        [s["model"], s["graph"] or "-", s["pos"] or "-",
-         "-" if s["edges_per_token"] is None else f"{s['edges_per_token']:.1f}", f"{s['final_val_loss']:.4f}",
-         f"{s['best_val_loss']:.4f} ({s['best_step']})", format_rate(s["tokens_per_s"]), f"{s['parameters']:,}"]
-        for s in ranked
+        [c["model"], c["graph"] or "-", c["pos"] or "-",
+         "-" if c["edges_per_token"] is None else f"{c['edges_per_token']:.1f}", format_spread(c["loss"]),
+         format_spread(c["bpc"]), *([] if baseline is None else baseline_columns(c, baseline)),
+         format_rates(c["tokens_per_s"]), f"{c['parameters']:,}"]
+        for c in ranked
     ])
+
+
+def graph_comparisons(configs):
+    """The paired differences a graph study draws, each against its reference on the same seeds: every graph
+    against the complete one (same model and positions), relative positions against absolute ones (same model
+    and graph), and every graph layer against gpt (same graph and positions)."""
+    by_key = {(c["model"], c["graph"], c["pos"]): c for c in configs if c["graph"] is not None}
+    pairs = []
+    for (model, graph, pos), c in by_key.items():
+        references = [("full", by_key.get((model, "full", pos)), graph != "full"),
+                      ("abs", by_key.get((model, graph, "abs")), pos == "rel"),
+                      ("gpt", by_key.get(("gpt", graph, pos)), model != "gpt")]
+        pairs += [(kind, c, ref) for kind, ref, applies in references if applies and ref is not None]
+    order = {"full": 0, "abs": 1, "gpt": 2}
+    pairs.sort(key=lambda p: order[p[0]])
+    rows = []
+    for _, c, ref in pairs:
+        difference = paired_difference(c["loss_by_seed"], ref["loss_by_seed"])
+        rows.append([c["name"], ref["name"], format_difference(difference),
+                     "-" if difference is None else difference.n, verdict(difference)])
+    if not rows:
+        return ""
+    return markdown_table(["configuration", "against", f"Δ (nats) [{CONFIDENCE:.0%} CI]", "seeds", "difference"], rows)

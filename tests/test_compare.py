@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shutil
@@ -9,7 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.image
+import numpy as np
 import pytest
+import scipy.stats
+import torch
 
 import compare
 from conftest import tensorboard_scalars, wandb_runs
@@ -39,8 +43,10 @@ def compare_main(*args):
 
 def table_rows(markdown):
     """The cells of each row of the first markdown table, header and rule left out."""
-    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2:end]]
 
 
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
@@ -54,24 +60,25 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
     rows = table_rows(results)
     assert [row[0] for row in rows] == ["bigram", "GATConv"]
     for row in rows:
-        run = tmp_path / "runs" / row[0]
+        run = tmp_path / "runs" / f"{row[0]}_s1337"
         config = json.loads((run / "config.json").read_text())
-        metrics = read_metrics(run)
-        assert row[1] == f"{metrics[-1]['val_loss']:.4f}"
-        assert row[2].startswith(f"{min(m['val_loss'] for m in metrics):.4f} (")
+        exact = json.loads((run / "eval.json").read_text())
+        assert row[1:3] == [f"{exact['val_loss']:.4f} (1)", f"{exact['val_bpc']:.4f} (1)"]
         assert row[3] == f"{config['parameters']:,}"
         assert row[6] == "cpu" and row[7] == "cpu" and row[8] == config["machine"]
         assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 21
+    assert "One seed per configuration: no deviation or interval can be computed" in results
+    assert "`model_outputs/GATConv.txt` (seed 1337)" in results
     assert f"preset cpu, {config['machine']}" in results
     assert "python compare.py --data tiny.txt --max_iters 4" in results
 
     (tmp_path / "model_outputs" / "bigram.txt").unlink()
-    checkpoint = (tmp_path / "runs" / "GATConv" / "ckpt.pt").read_bytes()
+    checkpoint = (tmp_path / "runs" / "GATConv_s1337" / "ckpt.pt").read_bytes()
     (tmp_path / "plots" / "results.md").unlink()
     trainings.clear()
     assert compare_main("--models", "bigram,GATConv") == 0
     assert trainings == []
-    assert (tmp_path / "runs" / "GATConv" / "ckpt.pt").read_bytes() == checkpoint
+    assert (tmp_path / "runs" / "GATConv_s1337" / "ckpt.pt").read_bytes() == checkpoint
     assert len((tmp_path / "model_outputs" / "bigram.txt").read_text()) == 21  # written again from the checkpoint
     assert table_rows((tmp_path / "plots" / "results.md").read_text()) == rows
 
@@ -79,8 +86,8 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
 def test_paper_runs_show_the_published_losses_and_every_setting_that_is_not_the_presets(trainings, tmp_path):
     assert compare_main("--models", "gpt,GCNConv", "--preset", "paper") == 0
     results = (tmp_path / "plots" / "results.md").read_text()
-    assert "| model | final val loss | published | best val loss (step) |" in results
-    assert [(row[0], row[2]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
+    assert "| model | val loss (nats) | bits per character | published | Δ vs gpt (nats) [95% CI] |" in results
+    assert [(row[0], row[3]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
     assert "published: the original's validation loss after 5000 steps of the paper preset" in results
     assert "- eval_interval 2 instead of 50 (all models)\n- eval_iters 2 instead of 200 (all models)\n" in results
     assert "dropout" not in results  # TINY keeps the preset's
@@ -91,15 +98,16 @@ def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainin
     trainings.clear()
     capsys.readouterr()
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8") == 2
-    assert capsys.readouterr().err == ("error: runs/gpt already hold runs that do not match these settings; pass "
-                                       "--overwrite to replace them or --runs DIR to train elsewhere\n")
+    assert capsys.readouterr().err == ("error: runs/gpt_s1337 already hold runs that do not match these settings; "
+                                       "pass --overwrite to replace them or --runs DIR to train elsewhere\n")
     assert trainings == []
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--overwrite") == 0  # bigram has no width
     assert [script for script, _ in trainings] == ["gpt.py"]
-    assert json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())["settings"]["n_embd"] == 8
+    assert json.loads((tmp_path / "runs" / "gpt_s1337" / "config.json").read_text())["settings"]["n_embd"] == 8
     trainings.clear()
-    assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--seed", "3", "--overwrite") == 0
+    assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--seed", "3") == 0  # runs of their own
     assert [script for script, _ in trainings] == ["bigram.py", "gpt.py"]
+    assert (tmp_path / "runs" / "gpt_s3").is_dir()
 
 
 def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monkeypatch, capsys):
@@ -120,7 +128,7 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     monkeypatch.setattr(BatchSampler, "get", real_get)
     assert compare_main("--models", "gpt") == 0
     assert "--resume" in trainings[-1][1]
-    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "gpt")] == [0, 2, 4]
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "gpt_s1337")] == [0, 2, 4]
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
 
 
@@ -137,10 +145,11 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     assert image.ndim == 3 and image.shape[0] > 50
     board = (tmp_path / "board" / "leaderboard.md").read_text()
     rows = table_rows(board)
-    final = {name: read_metrics(tmp_path / "runs" / name)[-1]["val_loss"] for name in ("GATConv", "GATv2Conv")}
-    assert [row[1] for row in rows] == sorted(final, key=final.get)
+    exact = {name: json.loads((tmp_path / "runs" / f"{name}_s1337" / "eval.json").read_text())["val_loss"]
+             for name in ("GATConv", "GATv2Conv")}
+    assert [row[1] for row in rows] == sorted(exact, key=exact.get)
     assert [row[0] for row in rows] == ["1", "2"]
-    assert [float(row[2]) for row in rows] == sorted(final.values())
+    assert [row[2] for row in rows] == [f"{loss:.4f} (1)" for loss in sorted(exact.values())]
     assert "- DenseGCNConv: dense layer: takes a (B, N, N) adjacency" in board
     assert not (tmp_path / "board" / "val_loss.png").exists()  # the four-model comparison is left alone
 
@@ -149,8 +158,8 @@ def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp
     assert compare_main("--models", "bigram,gpt", "--block_size", "5000") == 1
     err = capsys.readouterr().err
     assert "block_size 5000 is longer than the validation split" in err
-    assert err.endswith("error: training failed for bigram, gpt (see the errors above); run compare.py again to "
-                        "retry them: finished runs are reused\n")
+    assert err.endswith("error: training failed for bigram_s1337, gpt_s1337 (see the errors above); run compare.py "
+                        "again to retry them: finished runs are reused\n")
     assert not (tmp_path / "plots").exists()
 
 
@@ -166,7 +175,7 @@ def test_a_crashing_training_is_reported_and_the_others_go_on(trainings, tiny_te
     monkeypatch.setattr(cli, "main", crash_gpt)
     assert compare_main("--models", "gpt,bigram") == 1
     err = capsys.readouterr().err
-    assert "error: gpt failed: out of memory\n" in err and "more details" not in err
+    assert "error: gpt_s1337 failed: out of memory\n" in err and "more details" not in err
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram"]
 
 
@@ -176,7 +185,7 @@ def test_tracking_flags_pass_through_and_each_model_is_one_tracked_run(offline_w
     flags = ["--wandb_log", "--wandb_project", "comparison", "--tensorboard"]
     assert all(argv[argv.index("--wandb_log"):][:4] == flags for _, argv in trainings)
     for name in ("bigram", "gpt"):
-        run = tmp_path / "runs" / name
+        run = tmp_path / "runs" / f"{name}_s1337"
         steps = [row["step"] for row in read_metrics(run)]
         (wandb_run,) = wandb_runs(run)
         assert (wandb_run["project"], wandb_run["name"], list(wandb_run["history"])) == ("comparison", name, steps)
@@ -204,6 +213,16 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--wandb_run", "x"], "error: a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name"),
     (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
     (["--jobs", "0"], "error: --jobs must be a positive integer, got 0"),
+    (["--seeds", "0"], "error: --seeds must be a positive integer, got 0"),
+    (["--seed", "1,x"], "error: --seed '1,x' is not an integer or a comma-separated list of integers"),
+    (["--seed", "1,2", "--seeds", "2"], "error: --seeds 2 and a list in --seed 1,2 exclude each other"),
+    (["--seed", "1,2,1"], "error: --seed 1,2,1 names a seed twice; give each seed once"),
+    (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
+                                                          "choose one of bigram, gpt"),
+    (["--report_only"], "error: --report_only needs every run finished with its eval.json, and "
+                        "runs/bigram_s1337 (not finished), runs/gpt_s1337 (not finished), "
+                        "runs/GATConv_s1337 (not finished), runs/GATv2Conv_s1337 (not finished) are not; run the "
+                        "same command without --report_only"),
 ])
 def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, trainings, tmp_path, capsys):
     assert compare_main(*args) == 2
@@ -225,18 +244,18 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
     assert trainings == []  # the training scripts ran in child processes
     out = capsys.readouterr().out
     for name in names:
-        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        one, two = tmp_path / "one" / f"{name}_s1337", tmp_path / "two" / f"{name}_s1337"
         assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
             [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
         assert json.loads((two / "config.json").read_text())["machine"].endswith(", 1 threads")
         assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
         assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
-        status = rf"^{name} +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
+        status = rf"^{name}_s1337 +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
     assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
-    assert capsys.readouterr().out.startswith("bigram: reusing the finished run in two/bigram\n"
-                                              "gpt: reusing the finished run in two/gpt\n")
+    assert capsys.readouterr().out.startswith("bigram_s1337: reusing the finished run in two/bigram_s1337\n"
+                                              "gpt_s1337: reusing the finished run in two/gpt_s1337\n")
 
 
 def test_script_fails_without_traceback(tmp_path):
@@ -245,3 +264,89 @@ def test_script_fails_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown --gat_version 'nope'")
     assert list(tmp_path.iterdir()) == []
+
+
+def exact_losses(runs_dir, name, seeds):
+    return [json.loads((runs_dir / f"{name}_s{seed}" / "eval.json").read_text())["val_loss"] for seed in seeds]
+
+
+def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_from_the_run_files(
+        trainings, tmp_path, monkeypatch):
+    real_get = BatchSampler.get
+    batches = {}  # (training, split) -> the x of every batch it drew
+
+    def recording_get(sampler, split):
+        x, y = real_get(sampler, split)
+        batches.setdefault((len(trainings), split), []).append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(BatchSampler, "get", recording_get)
+    assert compare_main("--models", "gpt,GATConv", "--seeds", "2", "--target_loss", "5") == 0
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["GATConv_s1337", "GATConv_s1338", "gpt_s1337", "gpt_s1338"]
+    order = [(argv[argv.index("--seed") + 1], "GATConv" if script == "pyg-gpt.py" else "gpt") for script, argv in
+             trainings]
+    assert order == [("1337", "gpt"), ("1338", "gpt"), ("1337", "GATConv"), ("1338", "GATConv")]
+    for split in ("train", "val"):
+        drawn = [batches[(i, split)] for i in range(1, 5)]
+        assert all(torch.equal(a, b) for a, b in zip(drawn[0], drawn[2]))  # gpt and GATConv, seed 1337
+        assert all(torch.equal(a, b) for a, b in zip(drawn[1], drawn[3]))  # seed 1338
+        assert not torch.equal(drawn[0][0], drawn[1][0])  # another seed, other batches
+
+    results = (tmp_path / "plots" / "results.md").read_text()
+    rows = {row[0]: row for row in table_rows(results)}
+    gpt, gat = exact_losses(runs, "gpt", (1337, 1338)), exact_losses(runs, "GATConv", (1337, 1338))
+    for name, losses in (("gpt", gpt), ("GATConv", gat)):
+        assert rows[name][1] == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} (2)"
+        bits = [loss / math.log(2) for loss in losses]
+        assert rows[name][2] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
+    d = np.subtract(gat, gpt)
+    low, high = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+    assert rows["GATConv"][4] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
+    assert rows["gpt"][3:5] == ["-", "-"]
+    assert "Δ: the mean over seeds of each seed's difference in nats from gpt" in results
+    reached = [next(r for r in read_metrics(runs / f"gpt_s{seed}") if r["val_loss"] <= 5) for seed in (1337, 1338)]
+    assert f"| gpt | {np.mean([r['step'] for r in reached]):,.0f} | " \
+           f"{np.mean([r['tokens'] for r in reached]):,.0f} | {np.mean([r['train_s'] for r in reached]):,.1f} |" \
+        in results
+    assert matplotlib.image.imread(tmp_path / "plots" / "val_loss.png").shape[1] > 1200  # steps and seconds
+
+    trainings.clear()
+    assert compare_main("--models", "gpt,GATConv", "--seeds", "3") == 0
+    assert [argv[argv.index("--seed") + 1] for _, argv in trainings] == ["1339", "1339"]
+    assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][1].endswith(" (3)")
+
+
+def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_path, capsys):
+    args = ["--models", "bigram,gpt", "--seed", "7,3", "--baseline", "bigram", "--target_loss", "4"]
+    assert compare_main(*args) == 0
+    results = (tmp_path / "plots" / "results.md").read_text()
+    assert "Δ vs bigram (nats) [95% CI]" in results and "(seed 7)" in results
+    for checkpoint in (tmp_path / "runs").glob("*/ckpt.pt"):
+        checkpoint.unlink()
+    (tmp_path / "plots" / "results.md").unlink()
+    trainings.clear()
+    assert compare_main(*args, "--report_only") == 0
+    assert trainings == []
+    assert (tmp_path / "plots" / "results.md").read_text() == results
+
+    (tmp_path / "runs" / "gpt_s3" / "eval.json").unlink()
+    capsys.readouterr()
+    assert compare_main(*args, "--report_only") == 2
+    assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
+                                       "runs/gpt_s3 (no eval.json) is not; run the same command without "
+                                       "--report_only\n")
+
+
+def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(trainings, tmp_path, capsys):
+    assert compare_main("--models", "gpt") == 0
+    run = tmp_path / "runs" / "gpt_s1337"
+    stored = (run / "eval.json").read_text()
+    (run / "eval.json").unlink()  # as a run trained before every training ended with it
+    capsys.readouterr()
+    assert compare_main("--models", "gpt") == 0
+    assert "gpt_s1337: exact validation loss " in capsys.readouterr().out
+    recomputed, original = json.loads((run / "eval.json").read_text()), json.loads(stored)
+    assert {k: recomputed[k] for k in ("step", "val_loss", "val_bpc", "targets")} == \
+        {k: original[k] for k in ("step", "val_loss", "val_bpc", "targets")}

@@ -61,17 +61,20 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
     assert compare.main(argv) == 0
     names = ["bigram", "gpt", "gpt_rel", "gpt_window-2+full", "gpt_window-2+full_rel", "GATConv", "GATConv_rel",
              "GATConv_window-2+full", "GATConv_window-2+full_rel"]
-    assert sorted(p.name for p in (in_tmp_path / "runs").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (in_tmp_path / "runs").iterdir()) == sorted(f"{name}_s1337" for name in names)
     table = (in_tmp_path / "plots" / "graphs.md").read_text()
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == len(names)
+    rows = rows[:len(names)]  # the study's table; the paired differences follow
     for model, graph, pos, edges, loss, *_ in (map(str.strip, row) for row in rows):
-        run = in_tmp_path / "runs" / ("bigram" if model == "bigram" else
-                                      "_".join(p for p in [model, "" if graph == "full" else "window-2+full",
-                                                           "" if pos == "abs" else "rel"] if p))
-        metrics = (run / "metrics.csv").read_text().splitlines()
-        assert loss == f"{float(metrics[-1].split(',')[2]):.4f}"
+        name = "bigram" if model == "bigram" else "_".join(
+            p for p in [model, "" if graph == "full" else "window-2+full", "" if pos == "abs" else "rel"] if p)
+        exact = json.loads((in_tmp_path / "runs" / f"{name}_s1337" / "eval.json").read_text())
+        assert loss == f"{exact['val_loss']:.4f} (1)"
         assert edges == {"-": "-", "full": "8.5", "window:2,full": "5.2"}[graph]  # (1.9 + 8.5) / 2 at block 16
+    assert sorted(row[0].strip() for row in rows) == sorted(["bigram"] + ["gpt"] * 4 + ["GATConv"] * 4)
+    assert "| GATConv_window-2+full_rel | GATConv_rel | " in table  # against the complete graph
+    assert "| GATConv_window-2+full_rel | GATConv_window-2+full | " in table  # against absolute positions
+    assert "| GATConv_window-2+full_rel | gpt_window-2+full_rel | " in table  # against gpt
     image = matplotlib.image.imread(in_tmp_path / "plots" / "graphs.png")
     assert image.ndim == 3 and image.shape[1] > 1000
     assert not (in_tmp_path / "plots" / "val_loss.png").exists()  # a graph study leaves the comparison's plot alone

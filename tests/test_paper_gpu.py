@@ -1,4 +1,5 @@
 """scripts/paper_gpu.sh, the published comparison on a GPU, run whole on the CPU at a tiny size."""
+import json
 import os
 import re
 import subprocess
@@ -27,13 +28,14 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
     assert matplotlib.image.imread(tmp_path / "plots" / "paper" / "val_loss.png").shape[0] > 100
     results = (tmp_path / "plots" / "paper" / "results.md").read_text()
     lines = [line for line in results.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| model | final val loss | published | best val loss (step) |")
+    assert lines[0].startswith("| model | val loss (nats) | bits per character | published |")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    assert [(row[0], row[2]) for row in rows] == [(name, f"{loss:.2f}") for name, loss in PUBLISHED_VAL_LOSS.items()]
+    assert [(row[0], row[3]) for row in rows] == [(name, f"{loss:.2f}") for name, loss in PUBLISHED_VAL_LOSS.items()]
     for row in rows:
-        metrics = read_metrics(tmp_path / "runs" / "paper" / row[0])
-        assert [m["step"] for m in metrics] == [0, 20]  # evaluated every 1000 steps, and after the last
-        assert row[1] == f"{metrics[-1]['val_loss']:.4f}" and row[7] == "paper"
+        run = tmp_path / "runs" / "paper" / f"{row[0]}_s1337"
+        assert [m["step"] for m in read_metrics(run)] == [0, 20]  # evaluated every 1000 steps, and after the last
+        exact = json.loads((run / "eval.json").read_text())
+        assert row[1] == f"{exact['val_loss']:.4f} (1)" and row[9] == "paper"
         assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 501
     assert "- eval_interval 1000 instead of 50 (all models)\n" in results
     assert "- max_iters 20 instead of 5000 (gpt, GATConv, GATv2Conv)\n" in results
