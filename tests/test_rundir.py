@@ -33,7 +33,7 @@ def error_line(capsys):
 
 def test_a_second_process_is_refused_while_a_training_runs_and_a_killed_one_blocks_nothing(tiny_text_file,
                                                                                            tmp_path, capsys):
-    out = tmp_path / "runs" / "gpt"
+    out = tmp_path / "runs" / "gpt_s1337"  # where compare.py keeps gpt with seed 1337
     args = ["--data", str(tiny_text_file), "--out_dir", str(out), *TINY_GPT_RUN, "--max_iters", "1000000",
             "--eval_interval", "20"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
