@@ -4,12 +4,13 @@
     python evaluate.py --out_dir runs/gpt --data other.txt # all of another UTF-8 file
 """
 import json
+import statistics
 import sys
 
 from gnngpt import cli
 from gnngpt.data import load_text
 from gnngpt.errors import UsageError, exit_code
-from gnngpt.evaluation import describe, encode_whole, run_validation_split, timed_exact_loss
+from gnngpt.evaluation import describe, encode_whole, random_estimates, run_validation_split, timed_exact_loss
 from gnngpt.results import load_run_model
 from gnngpt.rundir import read_config
 
@@ -23,6 +24,9 @@ def build_parser():
                    help="evaluate all of this UTF-8 file instead of the run's validation split")
     p.add_argument("--device", choices=cli.DEVICES, default="auto", help=f"{cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--batch_size", type=int, help="windows per forward pass (default: the run's batch_size)")
+    p.add_argument("--random_estimates", type=int, default=0, metavar="N",
+                   help="also draw N random-batch estimates as training's evaluations make them (eval_iters batches "
+                        "of the run), to see how far one falls from the exact loss (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
@@ -35,6 +39,9 @@ def main(argv=None):
 def run(args):
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if args.random_estimates < 0 or args.random_estimates == 1:
+        raise UsageError(f"--random_estimates must be 0 or at least 2 (a deviation needs two), got "
+                         f"{args.random_estimates}")
     device = cli.resolve_device(args.device)
     model, tokenizer, name = load_run_model(args.out_dir, device)
     config = read_config(args.out_dir)
@@ -45,11 +52,19 @@ def run(args):
     else:
         data, what = run_validation_split(config, tokenizer.chars), "its validation split"
     result = timed_exact_loss(model, data, config["settings"], device, args.batch_size)
+    if args.random_estimates:
+        estimates = random_estimates(model, data, config["settings"], device, args.random_estimates)
+        result["random_estimates"] = {"eval_iters": config["settings"]["eval_iters"], "values": estimates,
+                                      "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates)}
     if args.json:
         print(json.dumps({"run": str(args.out_dir), "name": name, "data": args.data or config["data"],
                           "split": "all" if args.data else "val", **result}))
-    else:
-        print(f"{name} ({args.out_dir}) on {what}: {describe(result)}, in {result['eval_s']:.1f} s")
+        return
+    print(f"{name} ({args.out_dir}) on {what}: {describe(result)}, in {result['eval_s']:.1f} s")
+    if args.random_estimates:
+        r = result["random_estimates"]
+        print(f"{len(estimates)} random-batch estimates of {r['eval_iters']} batches: mean {r['mean']:.4f} "
+              f"({r['mean'] - result['nats']:+.4f} from the exact loss), sample deviation {r['sd']:.4f}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .data import DEFAULT_DATA, CharTokenizer, load_text, split
+from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import UsageError
 from .files import atomic_write_text
 from .rundir import EVAL_FILE
+from .train import evaluate
 
 
 def windows(data, block_size):
@@ -54,6 +55,16 @@ def exact_loss(model, data, block_size, batch_size, device, progress=True):
     targets = len(data) - 1
     nats = total.item() / targets
     return {"nats": nats, "bits": nats / math.log(2), "targets": targets}
+
+
+def random_estimates(model, data, settings, device, repeats):
+    """The random-batch estimate of training's evaluations (settings' eval_iters batches of batch_size windows
+    drawn from data), repeats times with seeds 0, 1, ...: how far one such estimate falls from the exact loss."""
+    estimates = []
+    for seed in tqdm(range(repeats), desc="random-batch estimates", unit="estimate", leave=False):
+        sampler = BatchSampler(data, data, settings["block_size"], settings["batch_size"], device, seed)
+        estimates.append(evaluate(model, sampler, settings["eval_iters"], splits=("val",))["val"])
+    return estimates
 
 
 def validation_split(text, vocab):

@@ -21,12 +21,12 @@ def autocast(device, dtype):
 
 
 @torch.no_grad()
-def evaluate(model, sampler, eval_iters, dtype="float32"):
+def evaluate(model, sampler, eval_iters, dtype="float32", splits=("train", "val")):
     """Mean loss over eval_iters random batches of each split, with the model in eval mode."""
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
+    for split in splits:
         losses = torch.empty(eval_iters)
         for k in range(eval_iters):
             with autocast(sampler.device, dtype):

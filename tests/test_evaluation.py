@@ -1,6 +1,7 @@
 """The exact validation loss: equal to a plain loop over windows, deterministic, in nats and bits; evaluate.py."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     assert (printed["split"], printed["targets"]) == ("val", stored["targets"])
     assert round(printed["nats"], 6) == stored["val_loss"] and round(printed["bits"], 6) == stored["val_bpc"]
 
+    result = evaluate(["--out_dir", str(run), "--json", "--random_estimates", "3"], cwd=run.parent)
+    estimates = json.loads(result.stdout)["random_estimates"]
+    assert estimates["eval_iters"] == 1 and len(set(estimates["values"])) == 3  # each draw its own batches
+    assert estimates["sd"] == pytest.approx(statistics.stdev(estimates["values"]))
+    assert estimates["mean"] == pytest.approx(statistics.fmean(estimates["values"]))
+
     other = tmp_path / "other.txt"
     text = (run.parent / "tiny.txt").read_text()[:300]
     other.write_text(text)
@@ -73,6 +80,8 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     ("Tó be¿", [], "error: {other} has characters outside the model's vocabulary: 'ó' '¿'; evaluate a text made "
                    "only of characters of the training text\n"),
     ("To be", ["--batch_size", "0"], "error: --batch_size must be a positive integer, got 0\n"),
+    ("To be", ["--random_estimates", "1"], "error: --random_estimates must be 0 or at least 2 (a deviation needs "
+                                           "two), got 1\n"),
 ])
 def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, args, message):
     other = tmp_path / "other.txt"
