@@ -118,6 +118,20 @@ def capture_whose_replay_raises(run_pass, idx):
     return replay, logits
 
 
+CACHE_ERROR = "CUDA error: misaligned address"
+MULTINOMIAL_ERROR = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+def failing_cache(cache, T):
+    """A test double of KVCache.begin that raises: a failure inside the cached decoder."""
+    raise RuntimeError(f"{CACHE_ERROR}\nCUDA kernel errors might be asynchronously reported at some other API call")
+
+
+def failing_multinomial(*args, **kwargs):
+    """A test double of torch.multinomial that raises: a failure of sampling outside the cached decoder."""
+    raise RuntimeError(MULTINOMIAL_ERROR)
+
+
 @pytest.fixture
 def capture_anywhere(monkeypatch):
     """capture_anywhere(double): decoders decide to capture on any device (where the CUDA-graph path is chosen)
