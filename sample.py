@@ -9,9 +9,9 @@ import torch
 
 from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, check_compile, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import UsageError, exit_code
+from gnngpt.errors import Failure, UsageError, exit_code
 from gnngpt.results import load_run_model
-from gnngpt.sampling import generate
+from gnngpt.sampling import generate, sampling_failure
 
 SEPARATOR = "---------------"
 
@@ -55,7 +55,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    """Print num_samples continuations of the prompt; bad input ends with a one-line error and exit code 2."""
+    """Print num_samples continuations of the prompt; bad input ends with a one-line error and exit code 2, a
+    failure while sampling with one line and exit code 1."""
     return exit_code(run, build_parser().parse_args(argv))
 
 
@@ -66,9 +67,14 @@ def run(args):
     model, tokenizer, _ = load_run_model(args.out_dir, device, args.backend)
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, prompt.repeat(args.num_samples, 1), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, generator=generator,
-                   use_cache=not args.no_cache, compile=args.compile)  # (num_samples, T + max_new_tokens)
+    try:
+        out = generate(model, prompt.repeat(args.num_samples, 1), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, generator=generator,
+                       use_cache=not args.no_cache, compile=args.compile)  # (num_samples, T + max_new_tokens)
+    except Exception as e:  # whatever sampling raised, in one line
+        error, decoder_raised = sampling_failure(e)
+        advice = "; --no_cache samples without the cached decoder, which raised it" if decoder_raised else ""
+        raise Failure(f"sampling failed ({error}){advice}") from None
     for row in out.tolist():
         print(tokenizer.decode(row))
         print(SEPARATOR)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, sampling
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import UsageError
+from .errors import Failure, UsageError
 from .evaluation import describe as describe_exact_loss, timed_exact_loss, write_eval
 from .fast_gat import compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -21,7 +21,7 @@ from .guard import check_layer, check_layer_name, format_layer_table, layer_supp
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
 from .rundir import check_run_dir, hold_run_dir, run_name, start_run_dir
-from .sampling import write_model_output
+from .sampling import sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
 
@@ -177,6 +177,9 @@ def main(script, argv=None):
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except Failure as e:  # raised on rank 0 alone, after training
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         if distributed.is_main_process():
             print(f"{e}; resume with: {resume_command(script, argv)}", file=sys.stderr)
@@ -258,10 +261,25 @@ def run(script, args):
             result = timed_exact_loss(model, val_data, settings, device)
             write_eval(out_dir, result, settings["max_iters"])
             print(f"{describe_exact_loss(result)}, in {result['eval_s']:.1f} s")
-            sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
+            sample, sample_path = write_sample(model.eval(), tokenizer, name, device, out_dir)
             tracking.attach(out_dir / "ckpt.pt", sample_path)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json and {sample_path}")
+
+
+def write_sample(model, tokenizer, name, device, out_dir):
+    """write_model_output after training, whose checkpoint and metrics are on disk by then; where it raises, a
+    Failure that says the model is saved and gives the sample.py command that samples from it (with --no_cache
+    where the cached decoder raised)."""
+    try:
+        return write_model_output(model, tokenizer, name, device)
+    except Exception as e:  # whatever sampling or writing raised: the trained model is kept either way
+        error, decoder_raised = sampling_failure(e)
+        retry = ["python", "sample.py", "--out_dir", str(out_dir), "--device", device.type, "--num_samples", "1",
+                 "--max_new_tokens", str(sampling.SAMPLE_LENGTH), "--temperature", "1", "--top_k", "0",
+                 *(["--no_cache"] if decoder_raised else [])]
+        raise Failure(f"writing the sample failed ({error}); the trained model is saved in {out_dir / 'ckpt.pt'}; "
+                      f"sample from it with: {shlex.join(retry)}") from None
 
 
 def model_config(script, name, args, settings, vocab_size, mixer_kwargs):

@@ -9,11 +9,14 @@ import torch
 from tqdm import tqdm
 
 from .errors import UsageError
+from .fallback import Acceleration
 from .files import atomic_write
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = "input.txt"
+PINNED_BATCHES = Acceleration("copying a batch to the GPU through pinned memory",
+                              "batches are copied from ordinary memory (the same batches)")
 
 
 def download(url, dest, sha256, timeout=30.0):
@@ -139,12 +142,20 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(block_size + 1)
+        self.pin = self.device.type == "cuda"  # pinned memory lets the copy to the GPU run asynchronously
 
     def get(self, split):
         """A batch (x, y) of shape (batch_size, block_size) where y is x shifted by one."""
         data = self.data[split]
         ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
-        windows = data[ix[:, None] + self.offsets]  # (B, T+1)
-        if self.device.type == "cuda":
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        windows = self.to_device(data[ix[:, None] + self.offsets])  # (B, T+1)
         return windows[:, :-1], windows[:, 1:]
+
+    def to_device(self, windows):
+        """windows on the sampler's device: through pinned memory on CUDA while PINNED_BATCHES is on."""
+        if self.pin and PINNED_BATCHES.on:
+            try:
+                return windows.pin_memory().to(self.device, non_blocking=True)
+            except Exception as e:  # whatever pinning raised: the plain copy that follows decides
+                PINNED_BATCHES.fail(e)
+        return windows.to(self.device)

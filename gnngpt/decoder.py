@@ -12,8 +12,11 @@ rolling buffer of the tokens its graph reaches and decoding goes on token by tok
 import torch
 
 from .distributed import is_distributed
+from .fallback import Acceleration
 
 PIECE = 16  # tokens per pass when a prompt fills rolling buffers: each layer holds its reach plus one piece
+CUDA_GRAPHS = Acceleration("capturing or replaying a decoding pass as a CUDA graph",
+                           "decoding runs eagerly (the same logits)")
 
 
 class KVCache:
@@ -115,7 +118,9 @@ class CachedDecoder:
     On CUDA, with the model in eval mode and no autocast, a pass whose kind and input shape come a second time
     (the one-token step, the full window) is captured as a CUDA graph and replayed from then on: one launch
     instead of one per operator. A graph keeps reading the parameters it was captured with, so a decoder serves
-    one generation of a model that does not change meanwhile (generate makes a new one each call). Elsewhere,
+    one generation of a model that does not change meanwhile (generate makes a new one each call). Where a capture
+    or a replay raises, CUDA_GRAPHS warns once and goes off, and the decoder refills its cache from the window
+    eagerly, whatever state the failure left: the logits stay those of the eager passes. Elsewhere,
     with compile, the one-token step is compiled by torch.compile: on a CPU, where a step is hundreds of
     operator calls on one token, compiled code runs it several times faster, after seconds of compiling.
     """
@@ -135,25 +140,38 @@ class CachedDecoder:
             self.capacities = [self.context] * len(model.graphs)
         self.cache = None
         self.shapes_seen = set()
-        self.graphs = {}  # (pass, input shape) -> (graph, its input, its output)
+        self.graphs = {}  # (pass, input shape) -> the replay of its CUDA graph
 
     def start(self, idx):
         """Take in the prompt idx (B, T), of which the last context_size tokens count; the next-token logits."""
         self.window = idx[:, -self.context:]
-        if self.cache is None:
-            self.cache = KVCache(self.model.graphs, self.capacities, idx.device)
-        self.cache.reset()
-        for piece in self.window.split(self.piece, dim=1):
-            logits = self.forward(self.cached_pass, piece)
-        return logits
+        return self.eager_on_failure(self.take_window)
 
     def append(self, idx_next):
         """Take in the tokens idx_next (B, 1); the next-token logits."""
         if self.rolling or self.window.size(1) < self.context:
             self.window = torch.cat((self.window, idx_next), dim=1)[:, -self.context:]
-            return self.forward(self.one_token_pass, idx_next)
+            return self.eager_on_failure(self.forward, self.one_token_pass, idx_next)
         self.window = torch.cat((self.window[:, 1:], idx_next), dim=1)
-        return self.forward(self.full_pass, self.window)
+        return self.eager_on_failure(self.forward, self.full_pass, self.window)
+
+    def take_window(self):
+        """Fill the cache afresh with the window, in pieces; the next-token logits."""
+        if self.cache is None:
+            self.cache = KVCache(self.model.graphs, self.capacities, self.window.device)
+        self.cache.reset()
+        for piece in self.window.split(self.piece, dim=1):
+            logits = self.forward(self.cached_pass, piece)
+        return logits
+
+    def eager_on_failure(self, step, *args):
+        """step(*args); where a CUDA graph failed in it, the logits of the window taken in again eagerly."""
+        try:
+            return step(*args)
+        except CUDAGraphFailed as failure:
+            CUDA_GRAPHS.fail(failure.__cause__)
+            self.graphs.clear()
+            return self.take_window()
 
     def cached_pass(self, idx):
         """The next-token logits after the tokens idx (B, T), which the cache takes in."""
@@ -167,13 +185,14 @@ class CachedDecoder:
     @torch.no_grad()
     def forward(self, run_pass, idx):
         key = (run_pass.__name__, idx.shape)
-        if key in self.graphs:
-            graph, graph_input, graph_output = self.graphs[key]
-            graph_input.copy_(idx)
-            graph.replay()
-            return graph_output.clone()
-        if key in self.shapes_seen and self.can_capture(idx):
-            return self.capture(key, run_pass, idx)
+        try:
+            if key in self.graphs:
+                return self.graphs[key](idx)
+            if key in self.shapes_seen and CUDA_GRAPHS.on and self.can_capture(idx):
+                self.graphs[key], logits = capture(run_pass, idx)
+                return logits
+        except Exception as e:  # whatever the graph machinery raised: the eager pass that follows decides
+            raise CUDAGraphFailed from e
         self.shapes_seen.add(key)
         return run_pass(idx)
 
@@ -182,27 +201,38 @@ class CachedDecoder:
         return (idx.is_cuda and not self.model.training and not torch.is_autocast_enabled("cuda")
                 and not is_distributed())
 
-    def capture(self, key, run_pass, idx):
-        """Run the pass on a side stream, as the warm-up that capturing needs, then record it there as a CUDA graph
-        (recording runs nothing). Returns the pass's logits.
 
-        capture_begin and capture_end are called directly, not through torch.cuda.graph, which first runs
-        gc.collect() (250 ms in a bench.py process on a 2-core CPU) and empty_cache().
-        """
-        stream = torch.cuda.Stream(idx.device)
-        stream.wait_stream(torch.cuda.current_stream(idx.device))
-        graph, graph_input = torch.cuda.CUDAGraph(), idx.clone()
-        with torch.cuda.stream(stream):
-            logits = run_pass(idx)
-            graph.capture_begin()
-            try:
-                graph_output = run_pass(graph_input)
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(idx.device).wait_stream(stream)
-        logits.record_stream(torch.cuda.current_stream(idx.device))  # made on the side stream, used on this one
-        self.graphs[key] = graph, graph_input, graph_output
-        return logits
+class CUDAGraphFailed(Exception):
+    """Capturing or replaying a pass as a CUDA graph raised (the error is its __cause__)."""
+
+
+def capture(run_pass, idx):
+    """Run the pass on a side stream, as the warm-up that capturing needs, then record it there as a CUDA graph
+    (recording runs nothing). Returns the graph's replay, a function of the input like run_pass, and the logits
+    of the warm-up.
+
+    capture_begin and capture_end are called directly, not through torch.cuda.graph, which first runs
+    gc.collect() (250 ms in a bench.py process on a 2-core CPU) and empty_cache().
+    """
+    stream = torch.cuda.Stream(idx.device)
+    stream.wait_stream(torch.cuda.current_stream(idx.device))
+    graph, graph_input = torch.cuda.CUDAGraph(), idx.clone()
+    with torch.cuda.stream(stream):
+        logits = run_pass(idx)
+        graph.capture_begin()
+        try:
+            graph_output = run_pass(graph_input)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(idx.device).wait_stream(stream)
+    logits.record_stream(torch.cuda.current_stream(idx.device))  # made on the side stream, used on this one
+
+    def replay(new_idx):
+        graph_input.copy_(new_idx)
+        graph.replay()
+        return graph_output.clone()
+
+    return replay, logits
 
 
 def full_logits(model, idx):

@@ -1,9 +1,14 @@
-"""The one error type the command-line scripts turn into a one-line message and exit code 2."""
+"""The error types the command-line scripts turn into a one-line message: exit code 2 for bad input, 1 for a
+failure of the run itself."""
 import sys
 
 
 class UsageError(Exception):
     """Bad input from the user: the message names the problem and the fix."""
+
+
+class Failure(Exception):
+    """A step of a run failed, not its input: the one-line message says what is kept and how to go on."""
 
 
 def one_line(error):
@@ -13,9 +18,10 @@ def one_line(error):
 
 
 def exit_code(run, *args):
-    """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2."""
+    """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
+    Failure one line and code 1."""
     try:
         return run(*args) or 0
-    except UsageError as e:
+    except (UsageError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UsageError) else 1

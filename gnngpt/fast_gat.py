@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .fallback import Acceleration
 from .mixers import pyg_nn
 
 CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of the eager GATv2 kernel's (..., chunk, K, C) temporaries
@@ -89,12 +90,17 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     xl (B, H, n, K, C); edges (D, H, C) and distance (n, Q, K) are None without an edge term.
 
     Returns (B, H, n, Q, K). Inside torch.compile, and with fused=True through fused_gatv2_scores where a compiler
-    is available, the broadcast sum is fused into one loop; otherwise it is computed in chunks of queries.
+    is available, the broadcast sum is fused into one loop; otherwise it is computed in chunks of queries. Where
+    the fused kernel raises (compiling it for a new shape, say), FUSED_GATV2 warns once and goes off: the chunked
+    kernel, which computes the same scores, runs from then on.
     """
     if torch.compiler.is_compiling():
         return gatv2_scores_expression(xl, xr, att, negative_slope, edges, distance)
-    if fused and FUSED_KERNEL:
-        return fused_gatv2_scores()(xl, xr, att, negative_slope, edges, distance)
+    if fused and FUSED_KERNEL and FUSED_GATV2.on:
+        try:
+            return fused_gatv2_scores()(xl, xr, att, negative_slope, edges, distance)
+        except Exception as e:  # whatever compiling or running the kernel raised: the chunked kernel decides
+            FUSED_GATV2.fail(e)
     return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
 
 
@@ -137,3 +143,5 @@ def fused_gatv2_scores():
 
 
 FUSED_KERNEL = compiler_available()  # whether GATv2Conv's scores use the compiled kernel outside torch.compile
+FUSED_GATV2 = Acceleration("the compiled GATv2 score kernel", "GATv2 scores are computed by the chunked kernel "
+                           "(the same scores)")

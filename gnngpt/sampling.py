@@ -1,10 +1,12 @@
 """Autoregressive sampling from a trained model: the lecture's sampler, and the same distribution with a cache."""
+import traceback
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from .decoder import CachedDecoder, full_logits
+from .errors import one_line
 from .files import atomic_write_text
 
 SAMPLE_LENGTH = 500  # characters written to model_outputs/<name>.txt after training
@@ -64,3 +66,12 @@ def write_model_output(model, tokenizer, name, device):
     path = model_output_path(name)
     atomic_write_text(path, text)
     return text, path
+
+
+def sampling_failure(error):
+    """An error raised while sampling in one line, and whether the cached decoder raised it: then the lecture's
+    sampler (use_cache=False, sample.py --no_cache) may get around it. The decoder raised it where its innermost
+    frame in decoder.py is not full_logits, which the lecture's sampler runs too."""
+    in_decoder = full_logits.__code__.co_filename
+    frames = [f.name for f in traceback.extract_tb(error.__traceback__) if f.filename == in_decoder]
+    return f"{type(error).__name__}: {one_line(error)}", bool(frames) and frames[-1] != full_logits.__name__

@@ -2,7 +2,9 @@
 # The published comparison at the published size on one GPU, with the checks that go with it. Each step runs
 # under a time limit, all within one budget (PAPER_BUDGET_S, default 570 s: under 10 minutes in all), in this
 # order:
-#   tests    the fast backend's tests on CUDA (python -m pytest --device cuda tests/test_fast_backend.py);
+#   tests    the fast backend's, decoding's and batches' tests on CUDA (python -m pytest --device cuda
+#            tests/test_fast_backend.py tests/test_data.py), with GNNGPT_NO_FALLBACK=1: a fast path that raises
+#            fails them instead of stepping aside (the comparison keeps the fallbacks, so that no run is lost);
 #   bench    bench.py at the paper shape on CUDA;
 #   compare  bigram, gpt, GATConv and GATv2Conv at --preset paper (the published hyperparameters, 5000 steps),
 #            four at once on the GPU, evaluated every 1000 steps (the preset: 50) on 200 batches per split, into
@@ -49,7 +51,8 @@ step() {
     "$python" -c "from importlib.metadata import version as v; print('torch', v('torch'), 'pyg', v('torch_geometric'))"
 } >"$logs/summary.txt" 2>&1
 
-step tests 120 "$python" -m pytest -q --device cuda "$root/tests/test_fast_backend.py"
+step tests 120 env GNNGPT_NO_FALLBACK=1 "$python" -m pytest -q --device cuda "$root/tests/test_fast_backend.py" \
+    "$root/tests/test_data.py"
 step bench 90 "$python" "$root/bench.py" --preset paper --device cuda --json
 left=$((budget - SECONDS - grace))
 step compare $((left > 1 ? left : 1)) "$python" "$root/compare.py" --models bigram,gpt,GATConv,GATv2Conv \

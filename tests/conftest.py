@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnngpt.decoder import CachedDecoder
+from gnngpt.decoder import CUDA_GRAPHS, CachedDecoder
 from gnngpt.models import GPTConfig
 from gnngpt.train import make_optimizer
 
@@ -89,6 +89,60 @@ def assert_cached_decoding_equals_full(model, prompt, tokens, compile=False):
             sequence = torch.cat((sequence, token), dim=1)
             logits = decoder.append(token)
     return decoder
+
+
+CAPTURE_ERROR = "CUDA error: operation not permitted when stream is capturing"
+REPLAY_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+def cuda_graph_warning(error):
+    """The one line a decoder prints where a CUDA graph raised error."""
+    return (f"warning: capturing or replaying a decoding pass as a CUDA graph failed (RuntimeError: {error}); "
+            f"decoding runs eagerly (the same logits) from now on\n")
+
+
+def capture_that_raises(run_pass, idx):
+    """A test double of decoder.capture that raises, as a capture does when a pass does what no capture allows."""
+    raise RuntimeError(f"{CAPTURE_ERROR}\nCUDA kernel errors might be asynchronously reported at some other API call")
+
+
+def capture_whose_replay_raises(run_pass, idx):
+    """A test double of decoder.capture that runs the pass as the warm-up, then once more, as if its recording had
+    run (the cache is a pass ahead of the tokens), and returns a replay that raises."""
+    logits = run_pass(idx)
+    run_pass(idx.clone())
+
+    def replay(new_idx):
+        raise RuntimeError(REPLAY_ERROR)
+
+    return replay, logits
+
+
+CACHE_ERROR = "CUDA error: misaligned address"
+MULTINOMIAL_ERROR = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+def failing_cache(cache, T):
+    """A test double of KVCache.begin that raises: a failure inside the cached decoder."""
+    raise RuntimeError(f"{CACHE_ERROR}\nCUDA kernel errors might be asynchronously reported at some other API call")
+
+
+def failing_multinomial(*args, **kwargs):
+    """A test double of torch.multinomial that raises: a failure of sampling outside the cached decoder."""
+    raise RuntimeError(MULTINOMIAL_ERROR)
+
+
+@pytest.fixture
+def capture_anywhere(monkeypatch):
+    """capture_anywhere(double): decoders decide to capture on any device (where the CUDA-graph path is chosen)
+    and capture with double; CUDA_GRAPHS is on, and is put back as it was after the test."""
+
+    def use(double):
+        monkeypatch.setattr(CachedDecoder, "can_capture", lambda self, idx: True)
+        monkeypatch.setattr("gnngpt.decoder.capture", double)
+        monkeypatch.setattr(CUDA_GRAPHS, "on", True)
+
+    return use
 
 
 def defined_edges(spec, T):

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from gnngpt.data import BatchSampler, CharTokenizer, download, load_text, split
+from gnngpt.data import PINNED_BATCHES, BatchSampler, CharTokenizer, download, load_text, split
 from gnngpt.errors import UsageError
 
 PAYLOAD = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200).encode()
@@ -103,6 +103,42 @@ def test_batches_are_shifted_windows_and_seeded():
     assert torch.equal(x, b.get("train")[0])
     xv, _ = a.get("val")
     assert xv.min() >= 900
+
+
+def test_batches_on_cuda_come_through_pinned_memory_and_equal_those_on_the_cpu(device):
+    if device.type != "cuda":
+        pytest.skip("batches are pinned on CUDA alone: python -m pytest --device cuda runs this test")
+    data = torch.arange(1000)
+    on_device = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device=device, seed=1)
+    on_cpu = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device="cpu", seed=1)
+    assert on_device.pin
+    for part in ("train", "val", "train"):
+        for a, b in zip(on_device.get(part), on_cpu.get(part)):
+            assert a.is_cuda and torch.equal(a.cpu(), b)
+    assert PINNED_BATCHES.on  # no fallback
+
+
+def test_batches_that_cannot_be_pinned_are_copied_from_ordinary_memory(monkeypatch, capsys):
+    pins = []
+
+    def failing_pin_memory(tensor):
+        pins.append(tensor)
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", failing_pin_memory)
+    monkeypatch.setattr(PINNED_BATCHES, "on", True)
+    data = torch.arange(1000)
+    pinned = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device="cpu", seed=1)
+    plain = BatchSampler(data[:900], data[900:], block_size=8, batch_size=4, device="cpu", seed=1)
+    assert not pinned.pin
+    pinned.pin = True  # as on CUDA
+    for part in ("train", "val", "train"):
+        for a, b in zip(pinned.get(part), plain.get(part)):
+            assert torch.equal(a, b)
+    assert len(pins) == 1 and not PINNED_BATCHES.on  # tried once
+    assert capsys.readouterr().err == (
+        "warning: copying a batch to the GPU through pinned memory failed (RuntimeError: CUDA error: out of memory); "
+        "batches are copied from ordinary memory (the same batches) from now on\n")
 
 
 def test_block_size_longer_than_validation_split_is_refused():

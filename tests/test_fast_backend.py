@@ -6,8 +6,19 @@ import pytest
 import torch
 
 import gnngpt.fast_gat as fast_gat
-from conftest import assert_cached_decoding_equals_full, defined_edges, tiny_config, train_losses
-from gnngpt.decoder import KVCache
+from conftest import (
+    CAPTURE_ERROR,
+    REPLAY_ERROR,
+    assert_cached_decoding_equals_full,
+    capture_that_raises,
+    capture_whose_replay_raises,
+    cuda_graph_warning,
+    defined_edges,
+    tiny_config,
+    train_losses,
+)
+from gnngpt.decoder import CUDA_GRAPHS, CachedDecoder, KVCache
+from gnngpt.fallback import NO_FALLBACK
 from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.layout import layout_for
 from gnngpt.mixers import pyg_nn, run_conv
@@ -177,6 +188,25 @@ def test_fused_gatv2_kernel_equals_pyg():
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
+def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys):
+    model = GPT(tiny_config("GATv2Conv", block_size=8))
+    idx = torch.randint(0, 17, (2, 8))
+    expected, _ = model(idx)  # the chunked kernel: the tests run without the fused one
+
+    def failing_kernel(*args):
+        raise RuntimeError("triton: out of resources: shared memory\nrequired 262144, hardware limit 232448")
+
+    monkeypatch.setattr(fast_gat, "FUSED_KERNEL", True)
+    monkeypatch.setattr(fast_gat, "fused_gatv2_scores", lambda: failing_kernel)
+    monkeypatch.setattr(fast_gat.FUSED_GATV2, "on", True)
+    for _ in range(2):
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=0)
+    assert capsys.readouterr().err == (
+        "warning: the compiled GATv2 score kernel failed (RuntimeError: triton: out of resources: shared memory); "
+        "GATv2 scores are computed by the chunked kernel (the same scores) from now on\n")
+    assert not fast_gat.FUSED_GATV2.on
+
+
 @pytest.mark.parametrize("backend", ["fast", "pyg"])
 @pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
 def test_attention_dropout_keeps_both_backends_causal(mixer, backend, device):
@@ -306,6 +336,35 @@ def test_relative_positions_on_graphs_that_reach_the_whole_context_decode_exactl
 def test_a_prompt_of_a_full_window_or_more_decodes_as_the_lectures_sampler(prompt_len, device):
     model = GPT(tiny_config("GATv2Conv", block_size=8)).eval()
     assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, prompt_len)), torch.randint(0, 17, (12, 1, 1)))
+
+
+@pytest.mark.parametrize("double,error", [(capture_that_raises, CAPTURE_ERROR),
+                                          (capture_whose_replay_raises, REPLAY_ERROR)], ids=["capture", "replay"])
+@pytest.mark.parametrize("mixer,graph,pos,prompt_len", [
+    ("attention", "full", "abs", 3),  # the one-token step fails
+    ("GATv2Conv", "full", "abs", 8),  # the pass over the full window fails
+    ("GATConv", "window:3", "rel", 5),  # the rolling buffers' one-token step fails
+])
+def test_a_cuda_graph_that_raises_gives_way_to_eager_decoding_with_the_same_logits(
+        mixer, graph, pos, prompt_len, double, error, capture_anywhere, capsys, device):
+    capture_anywhere(double)
+    model = GPT(tiny_config(mixer, graph=graph, pos=pos, block_size=8)).eval()
+    randomize_distance_terms(model)
+    decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, prompt_len)),
+                                                 torch.randint(0, 17, (20, 2, 1)))
+    assert capsys.readouterr().err == cuda_graph_warning(error)  # once, in one line
+    assert not CUDA_GRAPHS.on and decoder.graphs == {}
+
+
+def test_with_no_fallback_a_cuda_graph_that_raises_fails_the_decoding(capture_anywhere, monkeypatch, device):
+    capture_anywhere(capture_that_raises)
+    monkeypatch.setenv(NO_FALLBACK, "1")  # as the CUDA checks run
+    decoder = CachedDecoder(GPT(tiny_config("attention", block_size=8)).eval())
+    decoder.start(torch.randint(0, 17, (1, 3)))
+    decoder.append(torch.randint(0, 17, (1, 1)))
+    with pytest.raises(RuntimeError, match=CAPTURE_ERROR):
+        decoder.append(torch.randint(0, 17, (1, 1)))  # the one-token step's shape comes a second time
+    assert CUDA_GRAPHS.on
 
 
 def test_cache_refuses_more_tokens_than_it_holds(device):

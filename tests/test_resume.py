@@ -1,6 +1,7 @@
 import contextlib
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import sample
+from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.decoder import KVCache
 from gnngpt.guard import one_thread
 from gnngpt.models import GPT, BigramLanguageModel
 
@@ -133,6 +137,40 @@ def test_resume_with_more_iterations_equals_a_longer_run(tiny_text_file, tmp_pat
     assert run(extended, tiny_text_file, "--resume", "--max_iters", "18") == 0
     assert losses(extended) == losses(longer)
     assert_same_state(extended, longer)
+
+
+@pytest.mark.parametrize("target,double,error,retry", [
+    ((KVCache, "begin"), failing_cache, CACHE_ERROR, " --no_cache"),  # the cached decoder raised it
+    ((torch, "multinomial"), failing_multinomial, MULTINOMIAL_ERROR, ""),
+], ids=["decoder", "sampler"])
+def test_a_failed_sample_keeps_the_trained_model_which_samples_and_resumes(target, double, error, retry,
+                                                                           tiny_text_file, tmp_path, monkeypatch,
+                                                                           capsys):
+    longer, out = tmp_path / "longer", tmp_path / "run"
+    assert run(longer, tiny_text_file, "--max_iters", "18") == 0
+    on_disk = []
+
+    def failing(*args, **kwargs):  # sampling starts: what is on disk by then?
+        on_disk.append((load_checkpoint(out / "ckpt.pt")["step"], losses(out)))
+        return double(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(*target, failing)
+        capsys.readouterr()
+        assert run(out, tiny_text_file) == 1
+    err = capsys.readouterr().err
+    command = (f"python sample.py --out_dir {out} --device cpu --num_samples 1 --max_new_tokens 500 --temperature 1 "
+               f"--top_k 0{retry}")
+    assert err.endswith(f"\nerror: writing the sample failed (RuntimeError: {error}); the trained model is saved in "
+                        f"{out / 'ckpt.pt'}; sample from it with: {command}\n")
+    assert "Traceback" not in err
+    assert on_disk[0] == (12, losses(longer)[:5])  # the last checkpoint and evaluation, those of step 12
+
+    assert sample.main(shlex.split(command)[2:]) == 0
+    assert len(capsys.readouterr().out.split(f"\n{sample.SEPARATOR}\n")[0]) == 1 + 500
+    assert run(out, tiny_text_file, "--resume", "--max_iters", "18") == 0
+    assert losses(out) == losses(longer)
+    assert_same_state(out, longer)
 
 
 @pytest.mark.parametrize("nan_at,training,message", [

@@ -6,6 +6,16 @@ import pytest
 import torch
 
 import sample
+from conftest import (
+    CACHE_ERROR,
+    CAPTURE_ERROR,
+    MULTINOMIAL_ERROR,
+    capture_that_raises,
+    cuda_graph_warning,
+    failing_cache,
+    failing_multinomial,
+)
+from gnngpt.decoder import KVCache
 from gnngpt.results import load_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +84,33 @@ def test_greedy_text_is_the_same_with_and_without_the_cache_over_three_windows(n
     cached = run_sample(capsys, *args)
     assert len(cached[0]) == 52
     assert run_sample(capsys, *args, "--no_cache") == cached
+
+
+def test_a_capture_that_raises_warns_once_and_samples_what_no_cache_samples(tiny_run, capture_anywhere, capsys):
+    args = ["--out_dir", str(tiny_run("GATConv")), "--prompt", "To", "--num_samples", "2", "--max_new_tokens", "40"]
+    capsys.readouterr()
+    assert sample.main([*args, "--no_cache"]) == 0
+    expected = capsys.readouterr().out
+    capture_anywhere(capture_that_raises)
+    assert sample.main(args) == 0
+    fallback = capsys.readouterr()
+    assert fallback.out == expected and len(fallback.out) > 80
+    assert fallback.err == cuda_graph_warning(CAPTURE_ERROR)
+
+
+def test_a_failure_while_sampling_ends_with_one_line_and_exit_code_1(tiny_run, monkeypatch, capsys):
+    args = ["--out_dir", str(tiny_run("gpt")), "--num_samples", "1", "--max_new_tokens", "5"]
+    monkeypatch.setattr(KVCache, "begin", failing_cache)
+    capsys.readouterr()
+    assert sample.main(args) == 1
+    assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {CACHE_ERROR}); "
+                                       "--no_cache samples without the cached decoder, which raised it\n")
+    assert sample.main([*args, "--no_cache"]) == 0  # which does not decode with a CachedDecoder
+
+    monkeypatch.setattr("gnngpt.sampling.torch.multinomial", failing_multinomial)
+    capsys.readouterr()
+    assert sample.main([*args, "--no_cache"]) == 1
+    assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {MULTINOMIAL_ERROR})\n")
 
 
 @pytest.mark.parametrize("name", ["GATConv", "GATv2Conv"])

@@ -1,0 +1,25 @@
+"""Optimisations that step aside when they raise: their portable path computes the same values, only slower."""
+import os
+import sys
+
+from .errors import one_line
+
+NO_FALLBACK = "GNNGPT_NO_FALLBACK"  # set to 1, an optimisation that raises fails the run: checks of the fast paths
+
+
+class Acceleration:
+    """An optimisation used while on. fail(error) turns it off for the rest of the process and says so once, in
+    one line on stderr: what failed, the error, and what runs instead; with GNNGPT_NO_FALLBACK=1 in the
+    environment it raises the error instead. Only an optimisation whose portable path computes the same values
+    gets one: a fallback must never change a result, only its speed."""
+
+    def __init__(self, name, instead):
+        self.name, self.instead, self.on = name, instead, True
+
+    def fail(self, error):
+        if os.environ.get(NO_FALLBACK) == "1":
+            raise error
+        if self.on:
+            print(f"warning: {self.name} failed ({type(error).__name__}: {one_line(error)}); "
+                  f"{self.instead} from now on", file=sys.stderr)
+        self.on = False
