@@ -6,6 +6,7 @@
     python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
     python compare.py --seeds 3                         # each configuration with seeds 1337, 1338 and 1339
     python compare.py --seeds 3 --report_only           # the tables and figures again, from the run files alone
+    python compare.py --launcher slurm --slurm_gpus 1 --slurm_time 4:00:00   # each run a SLURM job (docs/slurm.md)
 """
 import shlex
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gnngpt import cli, guard
+from gnngpt import cli, guard, slurm
 from gnngpt.config import PUBLISHED_STEP, SCRIPTS, SEED, Script, script_for
 from gnngpt.data import DEFAULT_DATA, load_text
 from gnngpt.errors import UsageError, exit_code, one_line
@@ -97,6 +98,19 @@ def build_parser():
                    help="train up to N models at once, each in a process of its own with its output in "
                         "<run dir>/train.log and one status line here; with several visible GPUs each gets one "
                         "(default: 1: one after the other, in this process)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="where the runs train: local, on this machine (with --jobs), or slurm, each unfinished run a "
+                        "SLURM job submitted through submitit, with its files in the slurm folder of --runs (see "
+                        "docs/slurm.md) (default: local)")
+    p.add_argument("--slurm_partition", metavar="NAME", help="the partition of the jobs (default: the cluster's)")
+    p.add_argument("--slurm_time", metavar="TIME",
+                   help="the time limit of each job: minutes, H:MM:SS or D-HH:MM (default: the partition's)")
+    p.add_argument("--slurm_gpus", type=int, metavar="N",
+                   help="GPUs of each job; with N > 0, --device auto is cuda (default: 0, and cpu)")
+    p.add_argument("--slurm_cpus", type=int, metavar="N",
+                   help="CPU cores of each job, and the torch threads of its training (default: the cluster's)")
+    p.add_argument("--slurm_args", metavar="KEY=VALUE,...",
+                   help="further sbatch options of every job, as in account=abc,constraint=a100")
     return p
 
 
@@ -147,6 +161,9 @@ def main(argv=None):
 def run(args, extra, argv):
     if args.jobs < 1:
         raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    launcher = slurm.options(args)  # None for --launcher local
+    if launcher:
+        args.device = launcher.device  # that of each job, checked by its training on its node
     for flag, directory in (("--runs", args.runs), ("--out", args.out)):
         if refusal := file_in_the_way(directory, flag):
             raise UsageError(refusal)
@@ -158,7 +175,8 @@ def run(args, extra, argv):
             for name in names for graph, pos in placements(name, graphs, positions) for seed in seeds]
     runs = list({r.name: r for r in runs}.values())
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
-    states = {r.name: r.state() for r in runs}
+    waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
+    states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, argv, baseline, layer_records, graphs, positions)
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
@@ -172,7 +190,9 @@ def run(args, extra, argv):
     pending = [r for r in runs if states[r.name] != "reuse"]
     if pending:
         load_text(args.data)  # checked (and downloaded when missing) once, before any training reads it
-    if args.jobs == 1:
+    if launcher:
+        stopped, failed = slurm.train_as_jobs(pending, states, training_command, launcher)
+    elif args.jobs == 1:
         stopped, failed = train_here(pending, states)
     else:
         stopped, failed = train_in_processes(pending, states, args.jobs)
@@ -248,14 +268,18 @@ def train_here(runs, states):
     return 0, failed
 
 
+def training_command(run, state):
+    """The command line that trains a run by its training script in a process of its own."""
+    return [sys.executable, str(ROOT / run.script.filename), *training_argv(run, state)]
+
+
 def train_in_processes(runs, states, at_once):
     """Train the runs by their training scripts in child processes, at_once at a time (see jobs.run_jobs).
 
     Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
     """
-    jobs = [Job(r.name, [sys.executable, str(ROOT / r.script.filename), *training_argv(r, states[r.name])],
-                r.out_dir, r.expected["settings"]["max_iters"], resume=states[r.name] == "resume",
-                device=r.expected["device"])
+    jobs = [Job(r.name, training_command(r, states[r.name]), r.out_dir, r.expected["settings"]["max_iters"],
+                resume=states[r.name] == "resume", device=r.expected["device"])
             for r in runs]
     stopped = run_jobs(jobs, at_once)
     return stopped, {job.name: job.exit_code for job in jobs if job.state == "failed"}
@@ -322,7 +346,8 @@ def plan_run(model, graph, pos, seed, args, extra):
                          "compare.py sets itself; write training flags in full")
     if script.graph_layer:
         guard.check_layer_name(model)
-    device = cli.resolve_device(training_args.device)
+    # a SLURM job's device is that of its node, where its training checks it
+    device = torch.device(args.device) if args.launcher == "slurm" else cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
     name = run_name(model, settings)
     out_dir = Path(args.runs) / f"{name}_s{seed}"

@@ -1,6 +1,5 @@
 """Training runs in child processes, up to N at once, each shown by one live status line (compare.py --jobs N)."""
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .processes import start_logged
 from .results import format_duration, format_rate
 from .rundir import read_metrics
 
@@ -87,15 +87,10 @@ def run_jobs(jobs, at_once, stream=None):
 
 def start(job, gpu):
     """Start job's command with its output in its train.log (appended to when resuming)."""
-    job.out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    with job.log_path.open("a" if job.resume else "w") as log:
-        log.write(f"$ {shlex.join(job.command)}\n")
-        log.flush()
-        job.process = subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, start_new_session=True)
+    job.process = start_logged(job.command, job.log_path, job.resume, env=env, start_new_session=True)
     job.state, job.gpu, job.started = "training", gpu, time.time()
 
 
@@ -120,8 +115,13 @@ def check(job, signals, board):
         job.state = "stopped"
     else:
         job.state = "failed"
-        board.message(f"error: {job.name} failed: {last_line(job.log_path)} (exit code {job.exit_code}; "
-                      f"its output is in {job.log_path})", sys.stderr)
+        board.message(failure_message(job), sys.stderr)
+
+
+def failure_message(job):
+    """The error line of a job that failed with an exit code: the last line of its log, the code, the log's path."""
+    return (f"error: {job.name} failed: {last_line(job.log_path)} (exit code {job.exit_code}; its output is in "
+            f"{job.log_path})")
 
 
 def latest_metrics(job):
@@ -177,7 +177,7 @@ def status_line(job, name_width):
     if job.gpu is not None:
         parts.append(f"GPU {job.gpu}")
     if job.state in ("failed", "stopped"):
-        parts.append(f"exit code {job.exit_code}, log {job.log_path}")
+        parts.append(f"{'' if job.exit_code is None else f'exit code {job.exit_code}, '}log {job.log_path}")
     return "  ".join(parts).rstrip()
 
 
