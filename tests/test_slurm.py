@@ -85,49 +85,53 @@ def test_jobs_give_the_metrics_of_one_at_a_time_and_only_missing_runs_are_submit
     assert compare_main(*as_jobs) == 0
     out = capsys.readouterr().out
     jobs = record("jobs")
-    assert local_jobs("jobs") == sorted(f"{jobs[name]['job']}_submitted.pkl" for name in names)
+    assert local_jobs("jobs") == sorted(f"{jobs[f'{name}_s1337']['job']}_submitted.pkl" for name in names)
     for name in names:
-        run = tmp_path / "jobs" / name
-        assert losses(run) == losses(tmp_path / "one" / name)
+        run_name = f"{name}_s1337"  # the run of seed 1337
+        run = tmp_path / "jobs" / run_name
+        assert losses(run) == losses(tmp_path / "one" / run_name)
         assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
         assert f"step 4: train loss {read_metrics(run)[-1]['train_loss']:.4f}" in (run / "train.log").read_text()
-        assert (tmp_path / "jobs" / "slurm" / f"{jobs[name]['job']}_0_log.out").is_file()
-        assert f"{name}: submitted as job {jobs[name]['job']}, training in jobs/{name}\n" in out
-        status = rf"^{name} +done +step 4/4 +val loss {read_metrics(run)[-1]['val_loss']:.4f} "
+        assert (tmp_path / "jobs" / "slurm" / f"{jobs[run_name]['job']}_0_log.out").is_file()
+        assert f"{run_name}: submitted as job {jobs[run_name]['job']}, training in jobs/{run_name}\n" in out
+        status = rf"^{run_name} +done +step 4/4 +val loss {read_metrics(run)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
 
     assert compare_main(*as_jobs) == 0
-    assert capsys.readouterr().out.startswith("bigram: reusing the finished run in jobs/bigram\n"
-                                              "gpt: reusing the finished run in jobs/gpt\n")
+    assert capsys.readouterr().out.startswith("bigram_s1337: reusing the finished run in jobs/bigram_s1337\n"
+                                              "gpt_s1337: reusing the finished run in jobs/gpt_s1337\n")
     assert len(local_jobs("jobs")) == 2  # nothing submitted
 
-    shutil.rmtree(tmp_path / "jobs" / "gpt")
+    shutil.rmtree(tmp_path / "jobs" / "gpt_s1337")
     assert compare_main(*as_jobs) == 0
     out = capsys.readouterr().out
     again = record("jobs")
-    assert again["bigram"] == jobs["bigram"] and again["gpt"]["job"] != jobs["gpt"]["job"]
+    assert again["bigram_s1337"] == jobs["bigram_s1337"] and again["gpt_s1337"]["job"] != jobs["gpt_s1337"]["job"]
     assert len(local_jobs("jobs")) == 3
-    assert out.startswith(f"bigram: reusing the finished run in jobs/bigram\n"
-                          f"gpt: submitted as job {again['gpt']['job']}, training in jobs/gpt\n")
-    assert losses(tmp_path / "jobs" / "gpt") == losses(tmp_path / "one" / "gpt")
+    assert out.startswith(f"bigram_s1337: reusing the finished run in jobs/bigram_s1337\n"
+                          f"gpt_s1337: submitted as job {again['gpt_s1337']['job']}, training in jobs/gpt_s1337\n")
+    assert losses(tmp_path / "jobs" / "gpt_s1337") == losses(tmp_path / "one" / "gpt_s1337")
 
 
 def test_a_failed_job_is_reported_with_its_log_and_the_others_results_are_kept(local_jobs, tmp_path, monkeypatch,
                                                                                 capsys):
     real_command = compare.training_command
-    monkeypatch.setattr(compare, "training_command",  # gpt's training refuses its arguments
-                        lambda run, state: real_command(run, state) + ["--n_head", "3"] * (run.name == "gpt"))
+
+    def refused_for_gpt(run, state):  # gpt's training refuses its arguments
+        return real_command(run, state) + ["--n_head", "3"] * (run.config_name == "gpt")
+
+    monkeypatch.setattr(compare, "training_command", refused_for_gpt)
     assert compare_main("--models", "bigram,gpt", "--launcher", "slurm") == 1
     captured = capsys.readouterr()
-    log = Path("runs") / "gpt" / "train.log"
-    assert (f"error: gpt failed: n_embd 16 is not divisible by n_head 3; choose --n_embd as a multiple of --n_head "
-            f"(exit code 2; its output is in {log})\n") in captured.err
-    assert re.search(rf"^gpt +failed .*exit code 2, log {log}$", captured.out, re.MULTILINE), captured.out
-    assert captured.err.endswith("error: training failed for gpt (see the errors above); run compare.py again to "
-                                 "retry them: finished runs are reused\n")
+    log = Path("runs") / "gpt_s1337" / "train.log"
+    assert (f"error: gpt_s1337 failed: n_embd 16 is not divisible by n_head 3; choose --n_embd as a multiple of "
+            f"--n_head (exit code 2; its output is in {log})\n") in captured.err
+    assert re.search(rf"^gpt_s1337 +failed .*exit code 2, log {log}$", captured.out, re.MULTILINE), captured.out
+    assert captured.err.endswith("error: training failed for gpt_s1337 (see the errors above); run compare.py again "
+                                 "to retry them: finished runs are reused\n")
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram"]
-    assert read_metrics(tmp_path / "runs" / "bigram")[-1]["step"] == 4
+    assert read_metrics(tmp_path / "runs" / "bigram_s1337")[-1]["step"] == 4
 
 
 def test_on_slurm_a_stopped_wait_leaves_the_jobs_and_the_same_command_gathers_them(slurm_commands, in_tmp_path,
@@ -160,9 +164,9 @@ def test_on_slurm_a_stopped_wait_leaves_the_jobs_and_the_same_command_gathers_th
     assert compare_main(*args) == 130
     captured = capsys.readouterr()
     assert captured.err.endswith(stop)
-    assert captured.out.startswith("bigram: submitted as job 42_0, training in runs/bigram\n"
-                                   "gpt: submitted as job 42_1, training in runs/gpt\n")
-    assert re.search(r"^bigram +queued ", captured.out, re.MULTILINE), captured.out
+    assert captured.out.startswith("bigram_s1337: submitted as job 42_0, training in runs/bigram_s1337\n"
+                                   "gpt_s1337: submitted as job 42_1, training in runs/gpt_s1337\n")
+    assert re.search(r"^bigram_s1337 +queued ", captured.out, re.MULTILINE), captured.out
     script = (slurm_commands / "submission_1.sh").read_text().splitlines()
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --time=1440",
                  "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --account=abc",
@@ -171,38 +175,39 @@ def test_on_slurm_a_stopped_wait_leaves_the_jobs_and_the_same_command_gathers_th
                  f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"):
         assert line in script
     assert not any(line.startswith("#SBATCH --error") for line in script)  # one log per job
-    assert {name: entry["job"] for name, entry in record(runs).items()} == {"bigram": "42_0", "gpt": "42_1"}
+    assert {name: entry["job"] for name, entry in record(runs).items()} == {"bigram_s1337": "42_0", "gpt_s1337": "42_1"}
     submission = DelayedSubmission.load(runs / "slurm" / "42_1_submitted.pkl")
     command, cwd, log, resume, threads = submission.args
     assert submission.function is slurm.run_training
     assert command[:2] == [sys.executable, str(ROOT / "gpt.py")]
     assert "--device cuda" in " ".join(command) and "--dtype bfloat16" in " ".join(command)  # planned for the node
-    assert (cwd, log, resume, threads) == (str(in_tmp_path), str(Path("runs") / "gpt" / "train.log"), False, 8)
-    assert not (runs / "gpt").exists()
+    assert (cwd, log, resume, threads) == (str(in_tmp_path), str(Path("runs") / "gpt_s1337" / "train.log"), False,
+                                           8)
+    assert not (runs / "gpt_s1337").exists()
 
     slurm_says("RUNNING")
     assert compare_main(*args) == 130
     captured = capsys.readouterr()
-    assert captured.out.startswith("bigram: waiting for job 42_0, training in runs/bigram\n"
-                                   "gpt: waiting for job 42_1, training in runs/gpt\n")
-    assert re.search(r"^gpt +training ", captured.out, re.MULTILINE), captured.out
+    assert captured.out.startswith("bigram_s1337: waiting for job 42_0, training in runs/bigram_s1337\n"
+                                   "gpt_s1337: waiting for job 42_1, training in runs/gpt_s1337\n")
+    assert re.search(r"^gpt_s1337 +training ", captured.out, re.MULTILINE), captured.out
     assert captured.err.endswith(stop)
     assert (slurm_commands / "submissions").read_text() == "1\n"
 
     assert compare_main(*args, "--n_embd", "8") == 2
-    assert capsys.readouterr().err == ("error: job 42_1 (running) trains runs/gpt with other settings; wait for it "
-                                       "to end or cancel it with scancel 42_1\n")
+    assert capsys.readouterr().err == ("error: job 42_1 (running) trains runs/gpt_s1337 with other settings; wait for "
+                                       "it to end or cancel it with scancel 42_1\n")
 
     slurm_says("TIMEOUT")  # the jobs submitted from now on too: they end without a result
     monkeypatch.setattr(slurm, "follow", real_follow)
     assert compare_main(*args) == 1
     err = capsys.readouterr().err
     assert (slurm_commands / "submissions").read_text() == "2\n"
-    for name, job in (("bigram", "43_0"), ("gpt", "43_1")):
+    for name, job in (("bigram_s1337", "43_0"), ("gpt_s1337", "43_1")):
         assert (f"error: {name} failed: job {job} ended TIMEOUT without a result (its log: "
                 f"{runs}/slurm/{job}_0_log.out)\n") in err
-    assert err.endswith("error: training failed for bigram, gpt (see the errors above); run compare.py again to "
-                        "retry them: finished runs are reused\n")
+    assert err.endswith("error: training failed for bigram_s1337, gpt_s1337 (see the errors above); run compare.py "
+                        "again to retry them: finished runs are reused\n")
 
 
 def test_jobs_that_sbatch_refuses_end_in_its_first_line(slurm_commands, in_tmp_path, tiny_text_file, capsys):
