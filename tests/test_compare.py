@@ -187,10 +187,10 @@ def test_tracking_flags_pass_through_and_each_model_is_one_tracked_run(offline_w
 
 
 def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 2}') == 0
     assert len(trainings) == 1
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
 
 
 @pytest.mark.parametrize("args,message", [
