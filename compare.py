@@ -212,6 +212,9 @@ def model_names(models):
     names = []
     for m in requested:
         names += [r.name for r in records if r.works] if m == ALL_LAYERS else [m]
+    for name in names:
+        if script_for(name).graph_layer:
+            guard.check_layer_name(name, f"model {name!r} in --models", other_models=("bigram", "gpt", ALL_LAYERS))
     return list(dict.fromkeys(names)), records
 
 
@@ -262,8 +265,6 @@ def plan_run(model, graph, pos, args, extra):
     if set_by_compare != (None, model, False, None):
         raise UsageError("a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name, which "
                          "compare.py sets itself; write training flags in full")
-    if script.graph_layer:
-        guard.check_layer_name(model)
     device = cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
     name = run_name(model, settings)

@@ -8,7 +8,7 @@ from pathlib import Path
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.cli import DEVICES, ArgumentParser, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import exit_code
+from gnngpt.errors import UsageError, exit_code
 from gnngpt.plots import plot_attention
 from gnngpt.results import load_run_model
 
@@ -33,6 +33,9 @@ def main(argv=None):
 
 
 def run(args):
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a file name, such as "
+                         f"{Path(args.out) / 'attention.png'}")
     device = resolve_device(args.device)
     model, tokenizer, name = load_run_model(args.out_dir, device)
     text = read_prompt(args.prompt)
@@ -40,9 +43,12 @@ def run(args):
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
     agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
     out = Path(args.out or Path("plots") / f"attention_{name}.png")
-    plot_attention(maps, list(text), out,
-                   f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",
-                   agreement)
+    try:
+        plot_attention(maps, list(text), out,
+                       f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",
+                       agreement)
+    except OSError as e:
+        raise UsageError(f"cannot write --out {out} ({e.strerror or e}); choose another --out") from None
     print(f"wrote {out}")
     print("rank agreement per layer (heads): " + "; ".join(" ".join(f"{a:.2f}" for a in layer) for layer in agreement))
 

@@ -199,6 +199,9 @@ def run(script, args):
     if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in --out_dir, "
+                         "--overwrite replaces it; pass one of them")
     import_trackers(args)  # a tracker whose package is missing ends here, before anything is written
     model_name = script.model_name(args)
     if script.graph_layer:

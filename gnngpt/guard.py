@@ -53,14 +53,19 @@ def static_refusal(name):
     return DENSE if name.startswith("Dense") else REFUSED.get(name, "")
 
 
-def check_layer_name(name):
-    """Refuse a name that is not a PyG convolution or that names a layer that can never serve."""
+def check_layer_name(name, given=None, other_models=()):
+    """Refuse a name that is not a PyG convolution or that names a layer that can never serve.
+
+    given says where the user wrote name (default: --gat_version); other_models are the names besides PyG's
+    accepted there (compare.py's bigram and gpt), suggested and listed as choices too.
+    """
     names = conv_layer_names()
     if name not in names:
-        close = suggestion(name, names)
+        close = suggestion(name, [*other_models, *names])
         hint = f"did you mean {close}? " if close else ""
-        raise UsageError(f"unknown --gat_version {name!r}; {hint}choose a PyG convolution such as "
-                         f"{' or '.join(GAT_LAYERS)} (--list_layers shows all)")
+        choices = f"{', '.join(other_models)} or " if other_models else ""
+        raise UsageError(f"unknown {given or f'--gat_version {name!r}'}; {hint}choose {choices}a PyG convolution "
+                         f"such as {' or '.join(GAT_LAYERS)} (python pyg-gpt.py --list_layers shows all)")
     if static_refusal(name):
         raise UsageError(f"{name} cannot replace attention: {static_refusal(name)}; "
                          f"choose a layer that --list_layers marks as working")

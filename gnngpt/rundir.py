@@ -146,11 +146,10 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     or None. Writes nothing.
 
     Without resume or overwrite, a directory that holds a run (finished, unfinished or of another
-    configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe.
+    configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe (the
+    scripts refuse resume with overwrite before this).
     """
     out_dir = Path(out_dir)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pass one of them")
     if resume:
         return resumable_checkpoint(out_dir, config, vocab)
     if not overwrite and holds_run(out_dir):

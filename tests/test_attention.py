@@ -134,6 +134,21 @@ def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tin
         assert torch.all(layer_maps.triu(diagonal=1) == 0)
 
 
+@pytest.mark.parametrize("out,message", [
+    ("plots", "error: --out plots is a directory; give a file name, such as plots/attention.png\n"),
+    ("/proc/attention.png", "error: cannot write --out /proc/attention.png (No such file or directory); choose "
+                            "another --out\n"),
+])
+def test_an_out_that_cannot_be_written_is_one_line(out, message, tiny_run, tmp_path, monkeypatch, capsys):
+    run = tiny_run("gpt")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plots").mkdir()
+    capsys.readouterr()
+    assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", out]) == 2
+    assert capsys.readouterr().err == message
+    assert list(tmp_path.rglob("*")) == [tmp_path / "plots"]
+
+
 @pytest.mark.parametrize("name,prompt,message", [
     ("bigram", "To be", "error: a bigram model has no attention weights to draw"),
     ("gpt", "To be!", "error: the prompt has characters outside the model's vocabulary: '!'"),

@@ -148,7 +148,7 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
 def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, capsys):
     assert compare_main("--models", "bigram,gpt", "--block_size", "5000") == 1
     err = capsys.readouterr().err
-    assert "block_size 5000 is longer than the validation split" in err
+    assert "--data has too little text for block_size 5000" in err
     assert err.endswith("error: training failed for bigram, gpt (see the errors above); run compare.py again to "
                         "retry them: finished runs are reused\n")
     assert not (tmp_path / "plots").exists()
@@ -194,7 +194,10 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--models", "bigram,GATv3Conv"], "error: unknown --gat_version 'GATv3Conv'"),
+    (["--models", "bigram,GATv3Conv"], "error: unknown model 'GATv3Conv' in --models; did you mean GATv2Conv? "
+                                       "choose bigram, gpt, all-layers or a PyG convolution such as GATConv or "
+                                       "GATv2Conv (python pyg-gpt.py --list_layers shows all)\n"),
+    (["--models", "gpt,Bigram"], "error: unknown model 'Bigram' in --models; did you mean bigram? "),
     (["--models", " , "], "error: --models is empty"),
     (["--frobnicate", "3"], "error: unknown flag --frobnicate"),
     (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
@@ -243,5 +246,5 @@ def test_script_fails_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--models", "bigram,nope"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown --gat_version 'nope'")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown model 'nope' in --models")
     assert list(tmp_path.iterdir()) == []
