@@ -220,9 +220,14 @@ def resumable_checkpoint(out_dir, config, vocab):
     if processes != distributed.world_size():
         raise UsageError(f"cannot resume {path}: it was trained by {processes} process(es), this run has "
                          f"{distributed.world_size()}; resume it with {processes} process(es) in all")
-    if checkpoint["step"] >= config["settings"]["max_iters"]:
-        raise UsageError(f"the run in {out_dir} finished at step {checkpoint['step']}; pass a --max_iters above "
-                         f"{checkpoint['step']} to train it further")
+    step, rows, max_iters = checkpoint["step"], checkpoint["metrics"], config["settings"]["max_iters"]
+    # at max_iters, a run is finished once evaluated there; stopped before that evaluation, it resumes to run it
+    if step == max_iters and rows and rows[-1]["step"] == step:
+        raise UsageError(f"the run in {out_dir} finished at step {step}; pass a --max_iters above {step} to train it "
+                         f"further")
+    if step > max_iters:
+        raise UsageError(f"the run in {out_dir} is at step {step}, past --max_iters {max_iters}; pass a --max_iters "
+                         f"above {step} to train it further")
     return checkpoint
 
 

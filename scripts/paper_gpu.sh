@@ -27,7 +27,7 @@ shift $(($# > 0 ? 1 : 0))
 steps=" ${PAPER_STEPS:-tests bench compare} "
 budget=${PAPER_BUDGET_S:-570}
 python=${PYTHON:-python3}
-grace=30  # seconds between a step's SIGTERM at its limit and SIGKILL: a run finishes its step (and evaluation)
+grace=30  # seconds between a step's SIGTERM at its limit and SIGKILL: a run finishes its step (or stops its evaluation)
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 
