@@ -29,8 +29,16 @@ from gnngpt.results import (
     run_summary,
     setting_notes,
 )
-from gnngpt.rundir import file_in_the_way, holds_run, is_finished, read_config, refuse_if_held, run_name
-from gnngpt.sampling import model_output_path, write_model_output
+from gnngpt.rundir import (
+    file_in_the_way,
+    holds_run,
+    is_default_runs_dir,
+    is_finished,
+    read_config,
+    refuse_if_held,
+    run_name,
+)
+from gnngpt.sampling import sample_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
@@ -62,9 +70,12 @@ def build_parser():
                    help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed of every run (default: {SEED})")
-    p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<run name> (default: runs)")
-    p.add_argument("--out", default="plots", metavar="DIR",
-                   help="where val_loss.png, results.md and the leaderboard go (default: plots)")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="each run goes to DIR/<run name>, with its sample in model_outputs/<run name>.txt when DIR "
+                        "is runs, else in DIR/<run name>/sample.txt (default: runs)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where val_loss.png, results.md and the leaderboard go (default: plots when --runs is "
+                        "runs, else the --runs DIR, so that a comparison elsewhere leaves the committed plots alone)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -117,7 +128,8 @@ def main(argv=None):
 def run(args, extra, argv):
     if args.jobs < 1:
         raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
-    for flag, directory in (("--runs", args.runs), ("--out", args.out)):
+    out = Path(args.out or ("plots" if is_default_runs_dir(args.runs) else args.runs))
+    for flag, directory in (("--runs", args.runs), ("--out", out)):
         if refusal := file_in_the_way(directory, flag):
             raise UsageError(refusal)
     names, layer_records = model_names(args.models)
@@ -151,7 +163,6 @@ def run(args, extra, argv):
         write_missing_sample(r, args.seed)
 
     summaries = [run_summary(r.out_dir) for r in done]
-    out = Path(args.out)
     if summaries and layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
         write_leaderboard(summaries, layer_records, failed, out, argv)
     elif summaries and len(graphs) * len(positions) > 1:  # a graph study, likewise
@@ -278,14 +289,14 @@ def plan_run(model, graph, pos, args, extra):
 
 
 def write_missing_sample(run, seed):
-    """Write model_outputs/<name>.txt from the run's checkpoint when a reused run has no sample there."""
-    path = model_output_path(run.name)
+    """Write the run's sample (see sampling.sample_path) from its checkpoint when a reused run has none."""
+    path = sample_path(run.out_dir, run.name)
     if path.exists():
         return
     device = torch.device(run.expected["device"])
     model, tokenizer, _ = load_run_model(run.out_dir, device)
     torch.manual_seed(seed)
-    write_model_output(model, tokenizer, run.name, device)
+    write_model_output(model, tokenizer, path, device)
     print(f"wrote {path}")
 
 
@@ -315,7 +326,7 @@ def write_comparison(summaries, out, argv, jobs):
     if jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
-    samples = ", ".join(f"`{model_output_path(s['name']).as_posix()}`" for s in summaries)
+    samples = ", ".join(f"`{sample_path(s['out_dir'], s['name']).as_posix()}`" for s in summaries)
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(summaries)}).\n\n{results_table(summaries)}\n"
             f"{notes}Samples: {samples}.\n")
     atomic_write_text(out / "results.md", text)

@@ -21,7 +21,8 @@ def build_parser():
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"text to draw the attention over, or FILE:path (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--out", metavar="PNG", help="where the figure goes (default: plots/attention_<name>.png)")
+    p.add_argument("--out", metavar="PNG", help="where the figure goes (default: attention.png in --out_dir, beside "
+                                                "the checkpoint)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where to run the model (default: cpu)")
     return p
@@ -42,7 +43,7 @@ def run(args):
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
     agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
-    out = Path(args.out or Path("plots") / f"attention_{name}.png")
+    out = Path(args.out or Path(args.out_dir) / "attention.png")
     try:
         plot_attention(maps, list(text), out,
                        f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",

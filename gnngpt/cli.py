@@ -19,8 +19,8 @@ from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, hold_run_dir, run_name, start_run_dir
-from .sampling import write_model_output
+from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
+from .sampling import sample_path, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
 
@@ -231,7 +231,7 @@ def run(script, args):
     if script.has_model_size:
         print(f"graph: {settings['graph']}, positions: {settings['pos']}")
 
-    out_dir = Path(args.out_dir or Path("runs") / name)
+    out_dir = Path(args.out_dir or default_run_dir(name))
     config = {
         "name": name,
         "arch": script.arch,
@@ -257,10 +257,11 @@ def run(script, args):
             train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
             if not distributed.is_main_process():
                 return
-            sample, sample_path = write_model_output(model.eval(), tokenizer, name, device)
-            tracking.attach(out_dir / "ckpt.pt", sample_path)
+            sample_file = sample_path(out_dir, name)
+            sample = write_model_output(model.eval(), tokenizer, sample_file, device)
+            tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)
-    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_path}")
+    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt and {sample_file}")
 
 
 def model_config(script, name, args, settings, vocab_size, mixer_kwargs):

@@ -44,6 +44,7 @@ def run_summary(out_dir):
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
     return {
         "name": config["name"],
+        "out_dir": Path(out_dir),
         "model": trained_model(config),
         "graph": settings.get("graph"),
         "pos": settings.get("pos"),

@@ -16,6 +16,7 @@ METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s")
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt")
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
+RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>, in the working directory
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
@@ -27,6 +28,16 @@ def run_name(model, settings):
     graph, pos = settings.get("graph", "full"), settings.get("pos", "abs")
     parts = [model, graph.replace(":", "-").replace(",", "+") if graph != "full" else "", pos if pos != "abs" else ""]
     return "_".join(p for p in parts if p)
+
+
+def default_run_dir(name):
+    """The run directory of the run called name when no --out_dir is given."""
+    return RUNS / name
+
+
+def is_default_runs_dir(path):
+    """Whether path is RUNS, the directory of the scripts' own runs, however it is written."""
+    return Path(path).resolve() == RUNS.resolve()
 
 
 def file_in_the_way(path, flag):

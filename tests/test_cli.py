@@ -53,8 +53,10 @@ def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["name"] == name
     assert {"model", "optimizer", "config", "vocab", "model_config"} <= set(ckpt)
-    sample = (tmp_path / "model_outputs" / f"{name}.txt").read_text()
+    sample = (out / "sample.txt").read_text()  # --out_dir is not the default: the sample goes there
     assert len(sample) == 501 and sample in result.stdout
+    assert f"wrote out/config.json, metrics.csv, ckpt.pt and {Path('out') / 'sample.txt'}\n" in result.stdout
+    assert not (tmp_path / "model_outputs").exists()
     assert set(sample) <= set(ckpt["vocab"])
 
 
@@ -62,6 +64,8 @@ def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(GPT_SCRIPT, ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
     config = json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())
+    assert len((tmp_path / "model_outputs" / "gpt.txt").read_text()) == 501  # the default run's shipped sample
+    assert not (tmp_path / "runs" / "gpt" / "sample.txt").exists()
     assert config["preset"] == "paper"
     assert config["settings"]["dropout"] == 0.2  # from the preset
     assert config["settings"]["n_embd"] == 16  # from the flag

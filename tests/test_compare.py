@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -220,8 +219,6 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
     names = ["bigram", "gpt"]
     with one_thread():  # the children must train on this process's thread count, not on every core as they would
         assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
-        samples = {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in names}
-        shutil.rmtree(tmp_path / "model_outputs")
         trainings.clear()
         capsys.readouterr()
         assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
@@ -232,11 +229,12 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
         assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
             [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
         assert json.loads((two / "config.json").read_text())["machine"].endswith(", 1 threads")
-        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
+        assert (two / "sample.txt").read_text() == (one / "sample.txt").read_text()
         assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
         status = rf"^{name} +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
-    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
+    assert [row[0] for row in table_rows((tmp_path / "two" / "results.md").read_text())] == names
+    assert not (tmp_path / "plots").exists() and not (tmp_path / "model_outputs").exists()
     assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
     assert capsys.readouterr().out.startswith("bigram: reusing the finished run in two/bigram\n"
                                               "gpt: reusing the finished run in two/gpt\n")

@@ -34,9 +34,11 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
         metrics = read_metrics(tmp_path / "runs" / "paper" / row[0])
         assert [m["step"] for m in metrics] == [0, 20]  # evaluated every 1000 steps, and after the last
         assert row[1] == f"{metrics[-1]['val_loss']:.4f}" and row[7] == "paper"
-        assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 501
+        assert len((tmp_path / "runs" / "paper" / row[0] / "sample.txt").read_text()) == 501
     assert "- eval_interval 1000 instead of 50 (all models)\n" in results
     assert "- max_iters 20 instead of 5000 (gpt, GATConv, GATv2Conv)\n" in results
+    assert "Samples: `runs/paper/bigram/sample.txt`, `runs/paper/gpt/sample.txt`, " in results
+    assert not (tmp_path / "model_outputs").exists()
 
     summary = (tmp_path / "logs" / "summary.txt").read_text()
     assert re.search(r"^compare: exit 0 after \d+ s \(limit \d+ s\): .*/compare.py .* --preset paper .* "
