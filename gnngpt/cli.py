@@ -1,6 +1,7 @@
 """Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
 import argparse
 import math
+import os
 import platform
 import re
 import shlex
@@ -276,12 +277,14 @@ def model_config(script, name, args, settings, vocab_size, mixer_kwargs):
 
 
 def machine_description(device):
-    """The accelerator's name, or the CPU architecture and thread count."""
+    """The accelerator's name, or the CPU as the README names it (cores, architecture) and the threads torch
+    trained with on it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple {platform.machine()} GPU (MPS)"
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def versions():

@@ -2,6 +2,7 @@
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .files import atomic_write
 
@@ -47,39 +48,51 @@ def plot_leaderboard(summaries, path, title):
     save_figure(fig, path)
 
 
+GRAPH_MARKERS = "sD^vP*XhpH<>d8"  # one per graph of a graph study, in order (after 14 they repeat); circles
+# stand for the positions in its legend
+
+
 def plot_graph_study(summaries, path, title):
-    """Final validation loss against edges per token and against training speed, one point per run: a marker per
-    model, filled for absolute positions, hollow for relative ones, each labelled with its graph. A run without
-    a graph (the bigram) is a dashed line across both."""
+    """Write graph_study_figure(summaries, title) to path."""
+    save_figure(graph_study_figure(summaries, title), path)
+
+
+def graph_study_figure(summaries, title):
+    """Final validation loss against edges per token and against training speed, one point per run: a colour per
+    model, a marker per graph, filled for absolute positions and hollow for relative ones, all named in a legend
+    beside the plots (labels at the points would print over each other where runs lie close). A run without a
+    graph (the bigram) is a dashed line across both."""
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     edges_ax, speed_ax = fig.subplots(1, 2, sharey=True)
     models = list(dict.fromkeys(s["model"] for s in summaries))
     colors = {m: f"C{i}" for i, m in enumerate(models)}
+    graphs = list(dict.fromkeys(s["graph"] for s in summaries if s["graph"] is not None))
+    markers = {g: GRAPH_MARKERS[i % len(GRAPH_MARKERS)] for i, g in enumerate(graphs)}
     for s in summaries:
         if s["graph"] is None:
             for ax in (edges_ax, speed_ax):
                 ax.axhline(s["final_val_loss"], color=colors[s["model"]], linestyle="--", linewidth=1)
             continue
-        style = dict(marker="o", markersize=7, color=colors[s["model"]], linestyle="none",
+        style = dict(marker=markers[s["graph"]], markersize=8, color=colors[s["model"]], linestyle="none",
                      markerfacecolor=colors[s["model"]] if s["pos"] != "rel" else "none")
         for ax, x in ((edges_ax, s["edges_per_token"]), (speed_ax, s["tokens_per_s"] or 0)):
             ax.plot(x, s["final_val_loss"], **style)
-            ax.annotate(s["graph"], (x, s["final_val_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     edges_ax.set(xlabel="edges per token (mean in-degree of a full block, log scale)", xscale="log",
                  ylabel="final validation loss")
     speed_ax.set(xlabel="training tokens per second")
-    handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none", label=m) for m in models
+    handles = [Patch(color=colors[m], label=m) for m in models
                if any(s["model"] == m and s["graph"] is not None for s in summaries)]
     handles += [Line2D([], [], color=colors[s["model"]], linestyle="--", label=s["model"]) for s in summaries
                 if s["graph"] is None]
+    handles += [Line2D([], [], color="gray", marker=markers[g], linestyle="none", label=g) for g in graphs]
     handles += [Line2D([], [], color="gray", marker="o", linestyle="none", label="absolute positions"),
                 Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",
                        label="relative positions")]
-    speed_ax.legend(handles=handles, fontsize=8)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     for ax in (edges_ax, speed_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    save_figure(fig, path)
+    return fig
 
 
 def plot_attention(maps, tokens, path, title, agreement=None):

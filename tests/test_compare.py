@@ -228,7 +228,7 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
         assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
             [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
-        assert json.loads((two / "config.json").read_text())["machine"].endswith(", 1 threads")
+        assert json.loads((two / "config.json").read_text())["machine"].endswith(" CPU, 1 torch thread")
         assert (two / "sample.txt").read_text() == (one / "sample.txt").read_text()
         assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
         status = rf"^{name} +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
