@@ -2,6 +2,7 @@ import hashlib
 import http.server
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_load_text_rejects_bad_files(tmp_path, content, message):
     with pytest.raises(UsageError) as e:
         load_text(path)
     assert str(e.value) == message.format(path=path)
+
+
+def test_an_unreadable_data_file_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "data.txt"
+    path.write_text("text")
+
+    def refuse(self):  # as a file without read permission does for a user other than root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(UsageError) as e:
+        load_text(path)
+    assert str(e.value) == f"cannot read data file {path} (Permission denied); make it readable or pass another --data"
 
 
 def test_tokenizer_round_trip_and_split():
