@@ -43,8 +43,16 @@ from gnngpt.results import (
     target_table,
     uncertainty_notes,
 )
-from gnngpt.rundir import file_in_the_way, holds_run, is_finished, read_config, refuse_if_held, run_name
-from gnngpt.sampling import model_output_path, write_model_output
+from gnngpt.rundir import (
+    file_in_the_way,
+    holds_run,
+    is_default_runs_dir,
+    is_finished,
+    read_config,
+    refuse_if_held,
+    run_name,
+)
+from gnngpt.sampling import sample_path, write_model_output
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
@@ -89,9 +97,12 @@ def build_parser():
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: rebuild the tables and figures from the finished runs' small files "
                         "(config.json, metrics.csv, eval.json); no checkpoint is needed")
-    p.add_argument("--runs", default="runs", metavar="DIR", help="each run goes to DIR/<run name> (default: runs)")
-    p.add_argument("--out", default="plots", metavar="DIR",
-                   help="where val_loss.png, results.md and the leaderboard go (default: plots)")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="each run goes to DIR/<run name>, with its sample in model_outputs/<run name>.txt when DIR "
+                        "is runs, else in DIR/<run name>/sample.txt (default: runs)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where val_loss.png, results.md and the leaderboard go (default: plots when --runs is "
+                        "runs, else the --runs DIR, so that a comparison elsewhere leaves the committed plots alone)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -164,7 +175,8 @@ def run(args, extra, argv):
     launcher = slurm.options(args)  # None for --launcher local
     if launcher:
         args.device = launcher.device  # that of each job, checked by its training on its node
-    for flag, directory in (("--runs", args.runs), ("--out", args.out)):
+    out = Path(args.out or ("plots" if is_default_runs_dir(args.runs) else args.runs))
+    for flag, directory in (("--runs", args.runs), ("--out", out)):
         if refusal := file_in_the_way(directory, flag):
             raise UsageError(refusal)
     names, layer_records = model_names(args.models)
@@ -178,7 +190,7 @@ def run(args, extra, argv):
     waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
-        return report(runs, states, args, argv, baseline, layer_records, graphs, positions)
+        return report(runs, states, args, out, argv, baseline, layer_records, graphs, positions)
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
         raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
@@ -203,9 +215,8 @@ def run(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         write_missing_exact_loss(r)
-    for r in first_seeds(done):
-        write_missing_sample(r)
-    write_report(done, args, argv, baseline, layer_records, graphs, positions, failed)
+    write_model_samples(done, out)
+    write_report(done, args, out, argv, baseline, layer_records, graphs, positions, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)
@@ -294,6 +305,9 @@ def model_names(models):
     names = []
     for m in requested:
         names += [r.name for r in records if r.works] if m == ALL_LAYERS else [m]
+    for name in names:
+        if script_for(name).graph_layer:
+            guard.check_layer_name(name, f"model {name!r} in --models", other_models=("bigram", "gpt", ALL_LAYERS))
     return list(dict.fromkeys(names)), records
 
 
@@ -372,19 +386,32 @@ def write_missing_exact_loss(run):
     print(f"{run.name}: {describe_exact_loss(result)} (computed from its checkpoint)")
 
 
-def write_missing_sample(run):
-    """Write model_outputs/<configuration>.txt from the run's checkpoint when there is no sample there."""
-    path = model_output_path(run.config_name)
-    if path.exists():
-        return
+def model_samples_dir(out):
+    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, when its figures go
+    to plots/, the shipped figures; else the model_outputs folder of its --out."""
+    return Path("model_outputs") if Path(out) == Path("plots") else Path(out) / "model_outputs"
+
+
+def write_model_samples(runs, out):
+    """Each model's sample, its first seed's, in model_samples_dir(out)/<model>.txt; a run without a sample of
+    its own (see sampling.sample_path) gets one from its checkpoint first."""
+    for run in first_seeds(runs):
+        source = sample_path(run.out_dir, run.config_name)
+        if not source.exists():
+            write_missing_sample(run, source)
+        atomic_write_text(model_samples_dir(out) / f"{run.config_name}.txt", source.read_text(encoding="utf-8"))
+
+
+def write_missing_sample(run, path):
+    """Write the run's sample to path from its checkpoint."""
     device = torch.device(run.expected["device"])
     model, tokenizer, _ = load_run_model(run.out_dir, device)
     torch.manual_seed(run.seed)
-    write_model_output(model, tokenizer, run.config_name, device)
+    write_model_output(model, tokenizer, path, device)
     print(f"wrote {path}")
 
 
-def report(runs, states, args, argv, baseline, layer_records, graphs, positions):
+def report(runs, states, args, out, argv, baseline, layer_records, graphs, positions):
     """--report_only: the tables and figures of finished runs, from their small files; refused while any run
     is unfinished or lacks its exact validation loss."""
     missing = [f"{r.out_dir} ({'not finished' if states[r.name] != 'reuse' else 'no eval.json'})" for r in runs
@@ -392,11 +419,11 @@ def report(runs, states, args, argv, baseline, layer_records, graphs, positions)
     if missing:
         raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only")
-    write_report(runs, args, argv, baseline, layer_records, graphs, positions, {})
+    write_report(runs, args, out, argv, baseline, layer_records, graphs, positions, {})
     return 0
 
 
-def write_report(runs, args, argv, baseline, layer_records, graphs, positions, failed):
+def write_report(runs, args, out, argv, baseline, layer_records, graphs, positions, failed):
     """The comparison's tables and figures, from the small files of its finished runs."""
     configs = configurations([run_summary(r.out_dir) for r in runs])
     if not configs:
@@ -404,7 +431,6 @@ def write_report(runs, args, argv, baseline, layer_records, graphs, positions, f
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
     baseline = next((c for c in configs if c["name"] == baseline), None)
     seeds = {r.config_name: r.seed for r in first_seeds(runs)}
-    out = Path(args.out)
     if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
         write_leaderboard(configs, layer_records, failed, out, argv)
     elif len(graphs) * len(positions) > 1:  # a graph study, likewise
@@ -448,7 +474,8 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
     if jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
-    samples = ", ".join(f"`{model_output_path(c['name']).as_posix()}` (seed {seeds[c['name']]})" for c in configs)
+    samples = ", ".join(f"`{(model_samples_dir(out) / (c['name'] + '.txt')).as_posix()}` (seed {seeds[c['name']]})"
+                        for c in configs)
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
             f"{results_table(configs, baseline)}\n{notes}Samples: {samples}.\n")
     atomic_write_text(out / "results.md", text)

@@ -8,7 +8,7 @@ from pathlib import Path
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.cli import DEVICES, ArgumentParser, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import exit_code
+from gnngpt.errors import UsageError, exit_code
 from gnngpt.plots import plot_attention
 from gnngpt.results import load_run_model
 
@@ -21,7 +21,8 @@ def build_parser():
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"text to draw the attention over, or FILE:path (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--out", metavar="PNG", help="where the figure goes (default: plots/attention_<name>.png)")
+    p.add_argument("--out", metavar="PNG", help="where the figure goes (default: attention.png in --out_dir, beside "
+                                                "the checkpoint)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where to run the model (default: cpu)")
     return p
@@ -33,16 +34,22 @@ def main(argv=None):
 
 
 def run(args):
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a file name, such as "
+                         f"{Path(args.out) / 'attention.png'}")
     device = resolve_device(args.device)
     model, tokenizer, name = load_run_model(args.out_dir, device)
     text = read_prompt(args.prompt)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
     agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
-    out = Path(args.out or Path("plots") / f"attention_{name}.png")
-    plot_attention(maps, list(text), out,
-                   f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",
-                   agreement)
+    out = Path(args.out or Path(args.out_dir) / "attention.png")
+    try:
+        plot_attention(maps, list(text), out,
+                       f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",
+                       agreement)
+    except OSError as e:
+        raise UsageError(f"cannot write --out {out} ({e.strerror or e}); choose another --out") from None
     print(f"wrote {out}")
     print("rank agreement per layer (heads): " + "; ".join(" ".join(f"{a:.2f}" for a in layer) for layer in agreement))
 

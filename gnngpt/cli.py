@@ -1,6 +1,7 @@
 """Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
 import argparse
 import math
+import os
 import platform
 import re
 import shlex
@@ -20,8 +21,8 @@ from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, hold_run_dir, run_name, start_run_dir
-from .sampling import sampling_failure, write_model_output
+from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
+from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
 
@@ -205,6 +206,9 @@ def run(script, args):
     if script.graph_layer and args.list_layers:
         print(format_layer_table(layer_support()))
         return
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in --out_dir, "
+                         "--overwrite replaces it; pass one of them")
     import_trackers(args)  # a tracker whose package is missing ends here, before anything is written
     model_name = script.model_name(args)
     if script.graph_layer:
@@ -234,7 +238,7 @@ def run(script, args):
     if script.has_model_size:
         print(f"graph: {settings['graph']}, positions: {settings['pos']}")
 
-    out_dir = Path(args.out_dir or Path("runs") / name)
+    out_dir = Path(args.out_dir or default_run_dir(name))
     config = {
         "name": name,
         "arch": script.arch,
@@ -263,18 +267,19 @@ def run(script, args):
             result = timed_exact_loss(model, val_data, settings, device)
             write_eval(out_dir, result, settings["max_iters"])
             print(f"{describe_exact_loss(result)}, in {result['eval_s']:.1f} s")
-            sample, sample_path = write_sample(model.eval(), tokenizer, name, device, out_dir)
-            tracking.attach(out_dir / "ckpt.pt", sample_path)
+            sample_file = sample_path(out_dir, name)
+            sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
+            tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)
-    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json and {sample_path}")
+    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json and {sample_file}")
 
 
-def write_sample(model, tokenizer, name, device, out_dir):
+def write_sample(model, tokenizer, path, device, out_dir):
     """write_model_output after training, whose checkpoint and metrics are on disk by then; where it raises, a
     Failure that says the model is saved and gives the sample.py command that samples from it (with --no_cache
     where the cached decoder raised)."""
     try:
-        return write_model_output(model, tokenizer, name, device)
+        return write_model_output(model, tokenizer, path, device)
     except Exception as e:  # whatever sampling or writing raised: the trained model is kept either way
         error, decoder_raised = sampling_failure(e)
         retry = ["python", "sample.py", "--out_dir", str(out_dir), "--device", device.type, "--num_samples", "1",
@@ -296,12 +301,14 @@ def model_config(script, name, args, settings, vocab_size, mixer_kwargs):
 
 
 def machine_description(device):
-    """The accelerator's name, or the CPU architecture and thread count."""
+    """The accelerator's name, or the CPU as the README names it (cores, architecture) and the threads torch
+    trained with on it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple {platform.machine()} GPU (MPS)"
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def versions():

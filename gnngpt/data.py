@@ -54,9 +54,15 @@ def load_text(path=None):
         if not path.exists():
             download(DATA_URL, path, DATA_SHA256)
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"data file {path} is a directory; pass --data PATH to a UTF-8 text file in it")
     if not path.is_file():
         raise UsageError(f"data file {path} does not exist; pass --data PATH to a UTF-8 text file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); make it readable or pass another --data") \
+            from None
     if not raw:
         raise UsageError(f"data file {path} is empty; pass --data PATH to a non-empty UTF-8 text file")
     try:
@@ -130,12 +136,12 @@ class BatchSampler:
     """Random windows of block_size + 1 tokens from each split, drawn from its own generator."""
 
     def __init__(self, train_data, val_data, block_size, batch_size, device, seed):
-        for name, data in (("training", train_data), ("validation", val_data)):
-            if len(data) <= block_size:
-                raise UsageError(
-                    f"block_size {block_size} is longer than the {name} split ({len(data) - 1} tokens "
-                    f"after the first); use a smaller --block_size or a longer --data text"
-                )
+        if min(len(train_data), len(val_data)) <= block_size:
+            raise UsageError(
+                f"--data has too little text for block_size {block_size}: {len(train_data) + len(val_data):,} "
+                f"token(s), {len(train_data):,} for training and {len(val_data):,} for validation, where each split "
+                f"needs at least block_size + 1; use a smaller --block_size or a longer --data text"
+            )
         self.data = {"train": train_data, "val": val_data}
         self.block_size = block_size
         self.batch_size = batch_size

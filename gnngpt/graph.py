@@ -132,6 +132,9 @@ def causal_edge_index(batch_size, seq_len, device="cpu"):
 
 def parse_graph(spec, n_layer):
     """The graph of each of n_layer layers for a spec (see the module docstring); UsageError if malformed."""
+    if "[" in spec or "]" in spec:
+        raise UsageError(f"--graph {spec!r} has a bracket; write a per-layer list without brackets, as in "
+                         f"window:4,window:16 (only compare.py's --graphs groups one in brackets)")
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) not in (1, n_layer):
         raise UsageError(f"--graph {spec!r} lists {len(parts)} graphs for {n_layer} layers; give one graph for "

@@ -14,6 +14,7 @@ from .mixers import GAT_LAYERS, build_conv, conv_layer_names, reads_distances_wh
 from .models import GPTConfig
 
 PROBE_BATCH, PROBE_LEN = 2, 8  # sequences and tokens of the causality probe
+PREFIX_RTOL = 1e-4  # a prefix's outputs alone may differ from theirs in the whole sequence by float rounding only
 SUPPORT_SIZES = dict(n_embd=16, n_head=2, block_size=PROBE_LEN, dropout=0.1)  # sizes of the --list_layers table
 
 HETEROGENEOUS = "heterogeneous: needs several node and edge types; tokens have one"
@@ -52,14 +53,19 @@ def static_refusal(name):
     return DENSE if name.startswith("Dense") else REFUSED.get(name, "")
 
 
-def check_layer_name(name):
-    """Refuse a name that is not a PyG convolution or that names a layer that can never serve."""
+def check_layer_name(name, given=None, other_models=()):
+    """Refuse a name that is not a PyG convolution or that names a layer that can never serve.
+
+    given says where the user wrote name (default: --gat_version); other_models are the names besides PyG's
+    accepted there (compare.py's bigram and gpt), suggested and listed as choices too.
+    """
     names = conv_layer_names()
     if name not in names:
-        close = suggestion(name, names)
+        close = suggestion(name, [*other_models, *names])
         hint = f"did you mean {close}? " if close else ""
-        raise UsageError(f"unknown --gat_version {name!r}; {hint}choose a PyG convolution such as "
-                         f"{' or '.join(GAT_LAYERS)} (--list_layers shows all)")
+        choices = f"{', '.join(other_models)} or " if other_models else ""
+        raise UsageError(f"unknown {given or f'--gat_version {name!r}'}; {hint}choose {choices}a PyG convolution "
+                         f"such as {' or '.join(GAT_LAYERS)} (python pyg-gpt.py --list_layers shows all)")
     if static_refusal(name):
         raise UsageError(f"{name} cannot replace attention: {static_refusal(name)}; "
                          f"choose a layer that --list_layers marks as working")
@@ -83,11 +89,13 @@ def run_seeded(module, *inputs):
 
 
 def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH, block_size=None):
-    """How layer sees the future, or "": changing token t must leave every output before t exactly equal.
+    """How layer sees the future, or "": changing token t must leave every output before t exactly equal, and the
+    outputs of the first t tokens alone must equal theirs in the whole sequence (to PREFIX_RTOL of their size).
 
     The probe runs on the complete causal graph (every other context graph is a part of it), in training mode
-    (dropout, batch statistics) and in eval mode, on a copy of the layer. A layer that reads edge features gets
-    each edge's distance over block_size (default seq_len), as in the model.
+    (dropout, batch statistics) and in eval mode, on a copy of the layer; the prefixes in eval mode only, since
+    the dropout masks drawn for a shorter sequence differ. A layer that reads edge features gets each edge's
+    distance over block_size (default seq_len), as in the model.
     """
     B, T, C = batch_size, seq_len, n_embd
     edge_index = causal_edge_index(B, T)
@@ -111,6 +119,14 @@ def future_leak(layer, n_embd, seq_len=PROBE_LEN, batch_size=PROBE_BATCH, block_
             if not torch.equal(out[:, :t], base[:, :t]):
                 return (f"sees the future: changing token {t} changed the outputs of earlier tokens "
                         f"({mode} mode)")
+        if training:
+            continue  # the dropout masks drawn for a shorter sequence differ: prefixes are compared in eval mode
+        for t in reversed(range(1, T)):
+            prefix = functools.partial(run_conv, probe, edge_index=causal_edge_index(B, t), block_size=block_size)
+            alone = run_seeded(prefix, x[:, :t].reshape(B * t, C)).view(B, t, C)
+            if (alone - base[:, :t]).abs().max() > PREFIX_RTOL * base[:, :t].abs().max():
+                return (f"depends on how many tokens follow: the outputs of the first {t} tokens alone differ from "
+                        f"theirs in a sequence of {T} ({mode} mode)")
     return ""
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .files import atomic_write
 
@@ -78,45 +79,57 @@ def plot_leaderboard(configs, path, title):
     save_figure(fig, path)
 
 
+GRAPH_MARKERS = "sD^vP*XhpH<>d8"  # one per graph of a graph study, in order (after 14 they repeat); circles
+# stand for the positions in its legend
+
+
 def plot_graph_study(configs, path, title):
-    """Exact validation loss (mean, with the deviation over seeds as error bars) against edges per token and
-    against training speed, one point per configuration: a marker per model, filled for absolute positions,
-    hollow for relative ones, each labelled with its graph. A configuration without a graph (the bigram) is a
-    dashed line across both."""
+    """Write graph_study_figure(configs, title) to path."""
+    save_figure(graph_study_figure(configs, title), path)
+
+
+def graph_study_figure(configs, title):
+    """Exact validation loss (mean, with the sample deviation over seeds as error bars) against edges per token
+    and against training speed, one point per configuration: a colour per model, a marker per graph, filled for
+    absolute positions and hollow for relative ones, all named in a legend beside the plots (labels at the points
+    would print over each other where runs lie close). A configuration without a graph (the bigram) is a dashed
+    line across both."""
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     edges_ax, speed_ax = fig.subplots(1, 2, sharey=True)
     models = list(dict.fromkeys(c["model"] for c in configs))
     colors = {m: f"C{i}" for i, m in enumerate(models)}
+    graphs = list(dict.fromkeys(c["graph"] for c in configs if c["graph"] is not None))
+    markers = {g: GRAPH_MARKERS[i % len(GRAPH_MARKERS)] for i, g in enumerate(graphs)}
     for c in configs:
         loss = c["loss"].mean
         if c["graph"] is None:
             for ax in (edges_ax, speed_ax):
                 ax.axhline(loss, color=colors[c["model"]], linestyle="--", linewidth=1)
             continue
-        style = dict(marker="o", markersize=7, color=colors[c["model"]], linestyle="none", capsize=3,
-                     markerfacecolor=colors[c["model"]] if c["pos"] != "rel" else "none")
+        style = dict(marker=markers[c["graph"]], markersize=8, color=colors[c["model"]], linestyle="none",
+                     capsize=3, markerfacecolor=colors[c["model"]] if c["pos"] != "rel" else "none")
         speed = c["tokens_per_s"].mean if c["tokens_per_s"] else 0
         for ax, x in ((edges_ax, c["edges_per_token"]), (speed_ax, speed)):
             ax.errorbar(x, loss, yerr=c["loss"].sd or 0, **style)
-            ax.annotate(c["graph"], (x, loss), fontsize=7, xytext=(4, 3), textcoords="offset points")
     edges_ax.set(xlabel="edges per token (mean in-degree of a full block, log scale)", xscale="log",
                  ylabel="exact validation loss, nats")
     speed_ax.set(xlabel="training tokens per second")
-    handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none", label=m) for m in models
+    handles = [Patch(color=colors[m], label=m) for m in models
                if any(c["model"] == m and c["graph"] is not None for c in configs)]
     handles += [Line2D([], [], color=colors[c["model"]], linestyle="--", label=c["model"]) for c in configs
                 if c["graph"] is None]
+    handles += [Line2D([], [], color="gray", marker=markers[g], linestyle="none", label=g) for g in graphs]
     handles += [Line2D([], [], color="gray", marker="o", linestyle="none", label="absolute positions"),
                 Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",
                        label="relative positions")]
     if max(c["loss"].n for c in configs) > 1:
         handles.append(Line2D([], [], color="gray", marker="|", linestyle="none",
                               label="bars: sample deviation over seeds"))
-    speed_ax.legend(handles=handles, fontsize=8)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     for ax in (edges_ax, speed_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    save_figure(fig, path)
+    return fig
 
 
 def plot_attention(maps, tokens, path, title, agreement=None):

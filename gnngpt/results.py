@@ -48,7 +48,7 @@ def run_summary(out_dir):
     return {
         "name": config["name"],
         "seed": config["seed"],
-        "out_dir": str(out_dir),
+        "out_dir": Path(out_dir),
         "model": trained_model(config),
         "graph": settings.get("graph"),
         "pos": settings.get("pos"),

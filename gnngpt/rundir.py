@@ -18,6 +18,7 @@ EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (se
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
+RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>, in the working directory
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
@@ -29,6 +30,16 @@ def run_name(model, settings):
     graph, pos = settings.get("graph", "full"), settings.get("pos", "abs")
     parts = [model, graph.replace(":", "-").replace(",", "+") if graph != "full" else "", pos if pos != "abs" else ""]
     return "_".join(p for p in parts if p)
+
+
+def default_run_dir(name):
+    """The run directory of the run called name when no --out_dir is given."""
+    return RUNS / name
+
+
+def is_default_runs_dir(path):
+    """Whether path is RUNS, the directory of the scripts' own runs, however it is written."""
+    return Path(path).resolve() == RUNS.resolve()
 
 
 def file_in_the_way(path, flag):
@@ -148,11 +159,10 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     or None. Writes nothing.
 
     Without resume or overwrite, a directory that holds a run (finished, unfinished or of another
-    configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe.
+    configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe (the
+    scripts refuse resume with overwrite before this).
     """
     out_dir = Path(out_dir)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pass one of them")
     if resume:
         return resumable_checkpoint(out_dir, config, vocab)
     if not overwrite and holds_run(out_dir):
@@ -224,9 +234,14 @@ def resumable_checkpoint(out_dir, config, vocab):
     if processes != distributed.world_size():
         raise UsageError(f"cannot resume {path}: it was trained by {processes} process(es), this run has "
                          f"{distributed.world_size()}; resume it with {processes} process(es) in all")
-    if checkpoint["step"] >= config["settings"]["max_iters"]:
-        raise UsageError(f"the run in {out_dir} finished at step {checkpoint['step']}; pass a --max_iters above "
-                         f"{checkpoint['step']} to train it further")
+    step, rows, max_iters = checkpoint["step"], checkpoint["metrics"], config["settings"]["max_iters"]
+    # at max_iters, a run is finished once evaluated there; stopped before that evaluation, it resumes to run it
+    if step == max_iters and rows and rows[-1]["step"] == step:
+        raise UsageError(f"the run in {out_dir} finished at step {step}; pass a --max_iters above {step} to train it "
+                         f"further")
+    if step > max_iters:
+        raise UsageError(f"the run in {out_dir} is at step {step}, past --max_iters {max_iters}; pass a --max_iters "
+                         f"above {step} to train it further")
     return checkpoint
 
 

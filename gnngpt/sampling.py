@@ -8,8 +8,9 @@ from torch.nn import functional as F
 from .decoder import CachedDecoder, full_logits
 from .errors import one_line
 from .files import atomic_write_text
+from .rundir import default_run_dir
 
-SAMPLE_LENGTH = 500  # characters written to model_outputs/<name>.txt after training
+SAMPLE_LENGTH = 500  # characters sampled into sample_path(...) after training
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
@@ -51,21 +52,21 @@ def next_token_probs(logits, temperature=1.0, top_k=None):
     return F.softmax(logits, dim=-1)
 
 
-def model_output_path(name):
-    """Where the sample of the model called name goes: model_outputs/<name>.txt in the working directory."""
-    return Path("model_outputs") / f"{name}.txt"
+def sample_path(out_dir, name):
+    """Where the sample of the run called name in out_dir goes: model_outputs/<name>.txt in the working directory
+    when out_dir is the scripts' default, runs/<name> (the runs whose samples the project ships), else
+    out_dir/sample.txt, so that a run anywhere else never writes over a shipped sample."""
+    if Path(out_dir).resolve() == default_run_dir(name).resolve():
+        return Path("model_outputs") / f"{name}.txt"
+    return Path(out_dir) / "sample.txt"
 
 
-def write_model_output(model, tokenizer, name, device):
-    """Sample SAMPLE_LENGTH characters after a token 0 and write them to model_outputs/<name>.txt.
-
-    Returns the text and the path.
-    """
+def write_model_output(model, tokenizer, path, device):
+    """Sample SAMPLE_LENGTH characters after a token 0 and write them to path (see sample_path); returns the text."""
     context = torch.zeros((1, 1), dtype=torch.long, device=device)
     text = tokenizer.decode(generate(model, context, SAMPLE_LENGTH)[0].tolist())
-    path = model_output_path(name)
     atomic_write_text(path, text)
-    return text, path
+    return text
 
 
 def sampling_failure(error):

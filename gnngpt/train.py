@@ -21,19 +21,27 @@ def autocast(device, dtype):
 
 
 @torch.no_grad()
-def evaluate(model, sampler, eval_iters, dtype="float32", splits=("train", "val")):
-    """Mean loss over eval_iters random batches of each split, with the model in eval mode."""
+def evaluate(model, sampler, eval_iters, dtype="float32", stop=None, splits=("train", "val")):
+    """Mean loss over eval_iters random batches of each split, with the model in eval mode.
+
+    stop (a StopSignals) is looked at before each batch: once it has caught a signal, the evaluation ends there
+    and returns None.
+    """
     was_training = model.training
     model.eval()
     out = {}
-    for split in splits:
-        losses = torch.empty(eval_iters)
-        for k in range(eval_iters):
-            with autocast(sampler.device, dtype):
-                _, loss = model(*sampler.get(split))
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
-    model.train(was_training)
+    try:
+        for split in splits:
+            losses = torch.empty(eval_iters)
+            for k in range(eval_iters):
+                if stop is not None and stop.signum:
+                    return None
+                with autocast(sampler.device, dtype):
+                    _, loss = model(*sampler.get(split))
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -48,8 +56,9 @@ def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
     metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
     of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row. resume_from (such a
-    checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step with a checkpoint and
-    raises Interrupted; a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
+    checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step, or within one batch of
+    an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an evaluation stopped so
+    runs whole on resuming); a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
     model trains in DistributedDataParallel; rank 0 alone evaluates and writes files. Returns the metrics rows.
     """
     return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking).run(log_interval)
@@ -67,8 +76,7 @@ class Trainer:
         self.main = distributed.is_main_process()
         self.optimizer = make_optimizer(model, settings["learning_rate"])
         self.step, self.rows, self.elapsed_before, self.train_s, self.saved_step = 0, [], 0.0, 0.0, None
-        self.resuming = resume_from is not None
-        if self.resuming:
+        if resume_from is not None:
             self.step, self.rows, self.elapsed_before, self.train_s = restore(resume_from, model, self.optimizer,
                                                                               sampler)
             self.saved_step = self.step
@@ -77,21 +85,22 @@ class Trainer:
         self.start = self.interval_start = time.perf_counter()
         self.interval_steps = 0
         self.unchecked = []  # losses of the steps not yet checked for NaN and infinity
-        self.bar = None
+        self.bar = self.stop = None
 
     def run(self, log_interval):
-        """Train to max_iters: evaluate first (unless resuming), then step, report, evaluate and stop on a signal."""
-        max_iters, eval_interval = self.settings["max_iters"], self.settings["eval_interval"]
+        """Train to max_iters: evaluate first (step 0, or a resumed step whose evaluation a signal stopped), then
+        step, report, evaluate and stop on a signal."""
+        max_iters = self.settings["max_iters"]
         self.model.train()
-        with StopSignals(second_aborts=not distributed.launched_by_torchrun()) as stop, \
+        with StopSignals(second_aborts=not distributed.launched_by_torchrun()) as self.stop, \
                 tqdm(initial=self.step, total=max_iters, desc="training", unit="step", dynamic_ncols=True,
                      disable=not self.main) as self.bar:
-            if not self.resuming:
+            if self.eval_due() and (not self.rows or self.rows[-1]["step"] < self.step):
                 self.evaluate_and_save()
             while self.step < max_iters:
                 self.train_step()
-                eval_due = self.step % eval_interval == 0 or self.step == max_iters
-                signum = distributed.max_over_ranks(stop.signum or 0)  # every rank stops after the same step
+                eval_due = self.eval_due()
+                signum = distributed.max_over_ranks(self.stop.signum or 0)  # every rank stops after the same step
                 if eval_due or signum or self.step % log_interval == 0:
                     self.report_progress()
                 if eval_due:
@@ -101,6 +110,10 @@ class Trainer:
                         self.save(time.perf_counter() - self.interval_start)
                     raise Interrupted(signum, self.step, self.ckpt_path)
         return self.rows
+
+    def eval_due(self):
+        """Whether the current step is one to evaluate: step 0, every eval_interval steps and the last."""
+        return self.step % self.settings["eval_interval"] == 0 or self.step == self.settings["max_iters"]
 
     def train_step(self):
         with autocast(self.sampler.device, self.dtype):
@@ -122,12 +135,19 @@ class Trainer:
 
     def evaluate_and_save(self):
         """Evaluate on rank 0, append the metrics row, checkpoint, log the row to the trackers, and restart the
-        speed measurement."""
+        speed measurement. A signal during the evaluation stops it within a batch: the checkpoint of this step
+        then holds the random states from before it, so that resuming runs the same evaluation, and Interrupted
+        is raised."""
         synchronize(self.sampler.device)
         train_time = time.perf_counter() - self.interval_start
         self.train_s += train_time if self.interval_steps else 0.0  # the time before the first step is no training
+        before = rng_state(self.sampler)
         losses = distributed.from_main(
-            lambda: evaluate(self.model, self.sampler, self.settings["eval_iters"], self.dtype))
+            lambda: evaluate(self.model, self.sampler, self.settings["eval_iters"], self.dtype, self.stop))
+        if losses is None:
+            set_rng_state(before, self.sampler)
+            self.save()
+            raise Interrupted(distributed.from_main(lambda: self.stop.signum), self.step, self.ckpt_path)
         if not all(map(math.isfinite, losses.values())):
             raise UsageError(f"the evaluation loss is not finite at step {self.step} ({losses}); "
                              f"{kept_checkpoint(self.ckpt_path, self.saved_step)}")
@@ -182,7 +202,8 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask training to stop after the current step (signum is set).
+    """While active, SIGINT and SIGTERM ask training to stop after the current step, and an evaluation (see
+    evaluate) before its next batch: signum is set.
 
     A second signal then acts as usual (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process), except
     under torchrun, which forwards a Ctrl-C to workers that have already seen it.
@@ -203,8 +224,10 @@ class StopSignals:
 
     def request(self, signum, frame):
         if self.signum is None and distributed.is_main_process():
-            again = "; press Ctrl-C again to stop at once, without a checkpoint" if self.second_aborts else ""
-            print(f"\n{signal.Signals(signum).name}: stopping after this step{again}", file=sys.stderr)
+            again = ("; press Ctrl-C again to stop at once, keeping the checkpoint of the last evaluation"
+                     if self.second_aborts else "")
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, or within this evaluation, with a "
+                  f"checkpoint{again}", file=sys.stderr)
         self.signum = self.signum or signum
         if self.second_aborts:
             self.restore()
@@ -244,19 +267,23 @@ def rng_state(sampler):
     }
 
 
+def set_rng_state(state, sampler):
+    """Set the random states of this process to state (an rng_state)."""
+    torch.set_rng_state(state["cpu"])
+    for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, device)
+    if state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+    sampler.generator.set_state(state["sampler"])
+
+
 def restore(checkpoint, model, optimizer, sampler):
     """Load the model, the optimizer and this rank's random states; returns (step, metrics rows, elapsed_s,
     train_s). A checkpoint from before train_s was kept gives its elapsed_s, evaluations included, instead."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["rng"][distributed.rank()]
-        torch.set_rng_state(state["cpu"])
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-        if state.get("mps") is not None:
-            torch.mps.set_rng_state(state["mps"])
-        sampler.generator.set_state(state["sampler"])
+        set_rng_state(checkpoint["rng"][distributed.rank()], sampler)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError(f"the checkpoint does not fit this run ({one_line(e)[:120]}); "
                          f"start again with --overwrite") from None

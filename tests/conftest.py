@@ -43,7 +43,8 @@ def tiny_text_file(tmp_path):
 
 @pytest.fixture
 def in_tmp_path(tmp_path, monkeypatch):
-    """Run in tmp_path, so that samples go to tmp_path/model_outputs, and keep them short."""
+    """Run in tmp_path, so that runs in the default runs/<name> and their samples in model_outputs go there, and
+    keep samples short."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
     return tmp_path
@@ -195,8 +196,7 @@ def tiny_run(tmp_path_factory):
                 "--block_size", "16", "--device", "cpu", "--data", str(data), "--out_dir", str(root / name)]
         argv += ["--n_embd", "16", "--n_head", "2", "--n_layer", "2"] if script.has_model_size else []
         argv += ["--gat_version", name] if script.graph_layer else []
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(root)  # the run's sample goes to root/model_outputs
+        with pytest.MonkeyPatch.context() as mp:  # the run's sample goes to its directory, as sample.txt
             mp.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)  # a short one: these runs are for reading back
             assert main(script, argv) == 0
         return root / name

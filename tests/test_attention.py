@@ -1,3 +1,5 @@
+import shutil
+
 import matplotlib.image
 import pytest
 import torch
@@ -115,7 +117,7 @@ def test_models_without_attention_or_too_long_prompts_are_refused():
 @pytest.mark.parametrize("name", ["gpt", "GATConv", "GATv2Conv"])
 def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tiny_run, tmp_path, monkeypatch,
                                                                        capsys):
-    run = tiny_run(name)
+    run = shutil.copytree(tiny_run(name), tmp_path / name)  # the figure goes beside the checkpoint
     monkeypatch.chdir(tmp_path)
     plotted = []
     real_plot = plot_attention.plot_attention
@@ -123,8 +125,9 @@ def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tin
                         lambda maps, tokens, *args: plotted.append((maps, tokens)) or real_plot(maps, tokens, *args))
     capsys.readouterr()
     assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be or\nnot"]) == 0
-    png = tmp_path / "plots" / f"attention_{name}.png"
-    assert f"wrote plots/attention_{name}.png" in capsys.readouterr().out
+    png = run / "attention.png"
+    assert f"wrote {png}\n" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     maps, tokens = plotted[0]
@@ -132,6 +135,21 @@ def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tin
     for layer_maps in maps:  # (H, T, T)
         torch.testing.assert_close(layer_maps.sum(-1), torch.ones(2, 12))
         assert torch.all(layer_maps.triu(diagonal=1) == 0)
+
+
+@pytest.mark.parametrize("out,message", [
+    ("plots", "error: --out plots is a directory; give a file name, such as plots/attention.png\n"),
+    ("/proc/attention.png", "error: cannot write --out /proc/attention.png (No such file or directory); choose "
+                            "another --out\n"),
+])
+def test_an_out_that_cannot_be_written_is_one_line(out, message, tiny_run, tmp_path, monkeypatch, capsys):
+    run = tiny_run("gpt")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plots").mkdir()
+    capsys.readouterr()
+    assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", out]) == 2
+    assert capsys.readouterr().err == message
+    assert list(tmp_path.rglob("*")) == [tmp_path / "plots"]
 
 
 @pytest.mark.parametrize("name,prompt,message", [

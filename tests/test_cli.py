@@ -61,8 +61,10 @@ def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["name"] == name
     assert {"model", "optimizer", "config", "vocab", "model_config"} <= set(ckpt)
-    sample = (tmp_path / "model_outputs" / f"{name}.txt").read_text()
+    sample = (out / "sample.txt").read_text()  # --out_dir is not the default: the sample goes there
     assert len(sample) == 501 and sample in result.stdout
+    assert f"wrote out/config.json, metrics.csv, ckpt.pt and {Path('out') / 'sample.txt'}\n" in result.stdout
+    assert not (tmp_path / "model_outputs").exists()
     assert set(sample) <= set(ckpt["vocab"])
 
 
@@ -70,6 +72,8 @@ def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(GPT_SCRIPT, ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
     config = json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())
+    assert len((tmp_path / "model_outputs" / "gpt.txt").read_text()) == 501  # the default run's shipped sample
+    assert not (tmp_path / "runs" / "gpt" / "sample.txt").exists()
     assert config["preset"] == "paper"
     assert config["settings"]["dropout"] == 0.2  # from the preset
     assert config["settings"]["n_embd"] == 16  # from the flag
@@ -89,8 +93,16 @@ BAD_INPUTS = [
     (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),
     (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
-    (["--block_size", "5000"], "block_size 5000 is longer than the validation split"),
+    (["--block_size", "5000"], "--data has too little text for block_size 5000: 11,781 token(s), 10,602 for training "
+                               "and 1,179 for validation"),
+    (["--data", "one.txt"], "--data has too little text for block_size 16: 1 token(s), 0 for training and 1 for "
+                            "validation, where each split needs at least block_size + 1; use a smaller --block_size "
+                            "or a longer --data text"),
     (["--data", "missing.txt"], "data file missing.txt does not exist"),
+    (["--data", "."], "data file . is a directory; pass --data PATH to a UTF-8 text file in it"),
+    (["--resume", "--overwrite"], "error: --resume and --overwrite exclude each other: --resume continues the run in "
+                                  "--out_dir, --overwrite replaces it; pass one of them\n"),
+    (["--graph", "[window:4"], "error: --graph '[window:4' has a bracket; write a per-layer list without brackets"),
     (["--data", "empty.txt"], "data file empty.txt is empty"),
     (["--data", "latin1.txt"], "data file latin1.txt is not UTF-8"),
 ]
@@ -102,6 +114,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_t
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("àéî".encode("latin-1"))
+    (tmp_path / "one.txt").write_text("a")
     before = set(tmp_path.iterdir())
     argv = ["--data", str(tiny_text_file), *TINY_GPT, *args]
     assert main(PYG_GPT, argv) == 2

@@ -2,7 +2,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +156,7 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
 def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, capsys):
     assert compare_main("--models", "bigram,gpt", "--block_size", "5000") == 1
     err = capsys.readouterr().err
-    assert "block_size 5000 is longer than the validation split" in err
+    assert "--data has too little text for block_size 5000" in err
     assert err.endswith("error: training failed for bigram_s1337, gpt_s1337 (see the errors above); run compare.py "
                         "again to retry them: finished runs are reused\n")
     assert not (tmp_path / "plots").exists()
@@ -196,14 +195,17 @@ def test_tracking_flags_pass_through_and_each_model_is_one_tracked_run(offline_w
 
 
 def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 2}') == 0
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 2}') == 0
     assert len(trainings) == 1
-    assert compare_main("--models", "ChebConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
+    assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--models", "bigram,GATv3Conv"], "error: unknown --gat_version 'GATv3Conv'"),
+    (["--models", "bigram,GATv3Conv"], "error: unknown model 'GATv3Conv' in --models; did you mean GATv2Conv? "
+                                       "choose bigram, gpt, all-layers or a PyG convolution such as GATConv or "
+                                       "GATv2Conv (python pyg-gpt.py --list_layers shows all)\n"),
+    (["--models", "gpt,Bigram"], "error: unknown model 'Bigram' in --models; did you mean bigram? "),
     (["--models", " , "], "error: --models is empty"),
     (["--frobnicate", "3"], "error: unknown flag --frobnicate"),
     (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
@@ -236,8 +238,6 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
     names = ["bigram", "gpt"]
     with one_thread():  # the children must train on this process's thread count, not on every core as they would
         assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
-        samples = {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in names}
-        shutil.rmtree(tmp_path / "model_outputs")
         trainings.clear()
         capsys.readouterr()
         assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
@@ -247,12 +247,13 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
         one, two = tmp_path / "one" / f"{name}_s1337", tmp_path / "two" / f"{name}_s1337"
         assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
             [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
-        assert json.loads((two / "config.json").read_text())["machine"].endswith(", 1 threads")
-        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
+        assert json.loads((two / "config.json").read_text())["machine"].endswith(" CPU, 1 torch thread")
+        assert (two / "sample.txt").read_text() == (one / "sample.txt").read_text()
         assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
         status = rf"^{name}_s1337 +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
-    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
+    assert [row[0] for row in table_rows((tmp_path / "two" / "results.md").read_text())] == names
+    assert not (tmp_path / "plots").exists() and not (tmp_path / "model_outputs").exists()
     assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
     assert capsys.readouterr().out.startswith("bigram_s1337: reusing the finished run in two/bigram_s1337\n"
                                               "gpt_s1337: reusing the finished run in two/gpt_s1337\n")
@@ -262,7 +263,7 @@ def test_script_fails_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--models", "bigram,nope"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown --gat_version 'nope'")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: unknown model 'nope' in --models")
     assert list(tmp_path.iterdir()) == []
 
 

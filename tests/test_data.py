@@ -2,6 +2,7 @@ import hashlib
 import http.server
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,16 +73,33 @@ def test_download_missing_file_on_server_leaves_nothing(server, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    (b"", "is empty"),
-    (b"caf\xe9 au lait", "is not UTF-8"),
+    (None, "data file {path} does not exist; pass --data PATH to a UTF-8 text file"),
+    ("dir", "data file {path} is a directory; pass --data PATH to a UTF-8 text file in it"),
+    (b"", "data file {path} is empty; pass --data PATH to a non-empty UTF-8 text file"),
+    (b"caf\xe9 au lait", "data file {path} is not UTF-8 text (byte 3); convert it to UTF-8 or pass another --data"),
 ])
 def test_load_text_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "data.txt"
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError) as e:
         load_text(path)
+    assert str(e.value) == message.format(path=path)
+
+
+def test_an_unreadable_data_file_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "data.txt"
+    path.write_text("text")
+
+    def refuse(self):  # as a file without read permission does for a user other than root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(UsageError) as e:
+        load_text(path)
+    assert str(e.value) == f"cannot read data file {path} (Permission denied); make it readable or pass another --data"
 
 
 def test_tokenizer_round_trip_and_split():
@@ -141,10 +159,14 @@ def test_batches_that_cannot_be_pinned_are_copied_from_ordinary_memory(monkeypat
         "batches are copied from ordinary memory (the same batches) from now on\n")
 
 
-def test_block_size_longer_than_validation_split_is_refused():
+def test_block_size_longer_than_a_split_is_refused_with_the_sizes_of_both():
     data = torch.arange(100)
-    with pytest.raises(UsageError, match="longer than the validation split"):
+    BatchSampler(data[:90], data[90:], block_size=9, batch_size=2, device="cpu", seed=1)  # 10 tokens: 9 + 1
+    with pytest.raises(UsageError) as e:
         BatchSampler(data[:90], data[90:], block_size=10, batch_size=2, device="cpu", seed=1)
+    assert str(e.value) == ("--data has too little text for block_size 10: 100 token(s), 90 for training and 10 for "
+                            "validation, where each split needs at least block_size + 1; use a smaller --block_size "
+                            "or a longer --data text")
 
 
 def test_missing_default_file_is_downloaded(server, tmp_path, monkeypatch):

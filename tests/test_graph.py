@@ -72,6 +72,10 @@ BAD_SPECS = [
                           "'2147483648' (in window:W)"),
     ("window:2,window:4", "--graph 'window:2,window:4' lists 2 graphs for 3 layers; give one graph for every layer "
                           "or one for each of the 3"),
+    ("[window:2,window:4", "--graph '[window:2,window:4' has a bracket; write a per-layer list without brackets, as "
+                           "in window:4,window:16 (only compare.py's --graphs groups one in brackets)"),
+    ("[window:2,window:4,full]", "--graph '[window:2,window:4,full]' has a bracket; write a per-layer list without "
+                                 "brackets"),
 ]
 
 

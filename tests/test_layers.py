@@ -47,6 +47,15 @@ def earlier_logits_change(model, T):
     return not torch.equal(run_seeded(model, idx)[0][:, :-1], run_seeded(model, changed)[0][:, :-1])
 
 
+def prefixes_change(model, T):
+    """Whether the logits of the first t tokens alone differ from theirs in a sequence of T tokens, for some t,
+    beyond float rounding (eval mode)."""
+    idx = torch.randint(0, 17, (2, T))
+    whole = run_seeded(model.eval(), idx)[0]
+    return any(not torch.allclose(run_seeded(model, idx[:, :t])[0], whole[:, :t], rtol=1e-4, atol=1e-5)
+               for t in range(1, T))
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_every_pyg_layer_trains_causally_or_is_refused_with_a_reason(name):
     cfg = support_config(name)
@@ -59,8 +68,12 @@ def test_every_pyg_layer_trains_causally_or_is_refused_with_a_reason(name):
         assert "\n" not in str(e.value) and reason in str(e.value)
         if reason.startswith("sees the future"):  # the probe's verdict holds for the whole model too
             assert earlier_logits_change(GPT(cfg).train(), T)
+        if reason.startswith("depends on how many tokens follow"):
+            assert prefixes_change(GPT(cfg), T)
         return
-    model = GPT(cfg).train()
+    model = GPT(cfg)
+    assert not prefixes_change(model, T)
+    model.train()
     assert not earlier_logits_change(model, T)
     seq = torch.arange(T + 1) % 5  # a periodic sequence: the next token follows from the current one
     x, y = seq[:T].repeat(2, 1), seq[1:].repeat(2, 1)
@@ -71,7 +84,7 @@ def test_every_pyg_layer_trains_causally_or_is_refused_with_a_reason(name):
 def test_at_least_35_layers_work_including_those_with_recipes(support):
     working = {name for name, r in support.items() if r.works}
     assert len(working) >= 35
-    with_recipes = {"APPNP", "ChebConv", "SSGConv", "GCN2Conv", "PNAConv", "GINConv", "GINEConv", "EdgeConv",
+    with_recipes = {"APPNP", "SSGConv", "GCN2Conv", "PNAConv", "GINConv", "GINEConv", "EdgeConv",
                     "NNConv", "FiLMConv", "MixHopConv", "GENConv", "GMMConv", "DNAConv", "PDNConv"}
     assert {*GAT_LAYERS, *with_recipes} <= working
 
@@ -113,9 +126,41 @@ class NextTokenPeek(nn.Module):
         return x + peek.view_as(x)
 
 
+class NeighbourMean(nn.Module):
+    """Each token receives the mean of its incoming messages; by_out_degree divides each message by its sender's
+    out-degree, as a symmetric Laplacian does: later tokens then change no value of an earlier one, but their
+    number does."""
+
+    def __init__(self, by_out_degree):
+        super().__init__()
+        self.by_out_degree = by_out_degree
+
+    def forward(self, x, edge_index):
+        source, target = edge_index
+        messages = x[source]
+        if self.by_out_degree:
+            messages = messages / torch.bincount(source, minlength=x.size(0)).to(x.dtype)[source, None]
+        summed = torch.zeros_like(x).index_add_(0, target, messages)
+        return summed / torch.bincount(target, minlength=x.size(0)).to(x.dtype)[:, None]
+
+
 def test_probe_catches_global_mixing_and_a_leak_that_skips_the_last_token():
     assert future_leak(EveryTokenMixer(), 8).startswith("sees the future: changing token 7")
     assert future_leak(NextTokenPeek(), 8).startswith("sees the future: changing token 6")
+
+
+def test_probe_catches_a_normalisation_by_out_degree():
+    assert future_leak(NeighbourMean(by_out_degree=True), 8) == (
+        "depends on how many tokens follow: the outputs of the first 7 tokens alone differ from theirs in a sequence "
+        "of 8 (eval mode)")
+    assert future_leak(NeighbourMean(by_out_degree=False), 8) == ""
+
+
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+def test_chebconv_is_refused_in_every_normalisation_pyg_offers(normalization):
+    """PyG's Laplacians weigh each token by its out-degree, which counts the tokens after it."""
+    reason = refusal_reason(support_config("ChebConv", normalization=normalization))
+    assert reason.startswith("depends on how many tokens follow: the outputs of the first 7 tokens alone differ")
 
 
 class FirstChannels(nn.Module):
@@ -166,13 +211,13 @@ def test_pna_gets_the_in_degree_histogram_of_the_causal_graph():
 
 def test_gnn_flag_and_kwargs_train_end_to_end(tiny_text_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["--gnn", "ChebConv", "--gnn_kwargs", '{"K": 3}', "--data", str(tiny_text_file), "--out_dir", "out", *TINY]
+    argv = ["--gnn", "TAGConv", "--gnn_kwargs", '{"K": 2}', "--data", str(tiny_text_file), "--out_dir", "out", *TINY]
     assert main(PYG_GPT, argv) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["name"] == "ChebConv"
-    assert config["model_config"]["mixer"] == "ChebConv" and config["model_config"]["mixer_kwargs"] == {"K": 3}
+    assert config["name"] == "TAGConv"
+    assert config["model_config"]["mixer"] == "TAGConv" and config["model_config"]["mixer_kwargs"] == {"K": 2}
     model = model_from_checkpoint(load_checkpoint(tmp_path / "out" / "ckpt.pt"))
-    assert len(model.blocks[0].mixer.conv.conv.lins) == 3  # K = 3 Chebyshev terms
+    assert model.blocks[0].mixer.conv.conv.K == 2 and len(model.blocks[0].mixer.conv.conv.lins) == 3  # hops 0, 1, 2
 
 
 BAD_LAYER_INPUTS = [
@@ -181,7 +226,8 @@ BAD_LAYER_INPUTS = [
     (["--gat_version", "GPSConv"], "GPSConv cannot replace attention: sees the future"),
     (["--gnn", "HANConv"], "HANConv cannot replace attention: heterogeneous"),
     (["--gnn", "GCNconv"], "unknown --gat_version 'GCNconv'; did you mean GCNConv?"),
-    (["--gnn", "ChebConv", "--gnn_kwargs", '{"bogus": 1}'], "ChebConv cannot replace attention: cannot be built"),
+    (["--gnn", "TAGConv", "--gnn_kwargs", '{"bogus": 1}'], "TAGConv cannot replace attention: cannot be built"),
+    (["--gnn", "ChebConv"], "ChebConv cannot replace attention: depends on how many tokens follow"),
     (["--gnn", "GCNConv", "--gnn_kwargs", '{"cached": true}'], "cached=True reuses the graph of the first batch"),
     (["--gnn_kwargs", "{K: 2}"], "--gnn_kwargs is not valid JSON"),
     (["--gnn_kwargs", "[2]"], "--gnn_kwargs must be a JSON object, got [2]"),

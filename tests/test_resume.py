@@ -5,6 +5,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,42 @@ def test_stop_at_any_step_then_resume_equals_the_run_never_stopped(stop_step, si
                           f"checkpoint written to {out / 'ckpt.pt'}; resume with: python gpt.py ")
     assert err.endswith(f"--out_dir {out} {' '.join(TINY)} --resume")
     assert load_checkpoint(out / "ckpt.pt")["step"] == stop_step
-    assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step + 1, 3))
+    assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step, 3))  # step 6's evaluation: on --resume
 
     assert run(out, tiny_text_file, "--resume") == 0
     assert losses(out) == losses(reference)
     assert_same_state(out, reference)
+
+
+@pytest.mark.parametrize("stop_step,eval_forward", [(0, 2), (6, 10), (12, 18)])  # 4 forward passes an evaluation
+def test_stop_during_an_evaluation_keeps_its_step_and_resume_runs_it_whole(stop_step, eval_forward, reference,
+                                                                           tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    later = []
+    with at_forward(eval_forward, send(signal.SIGINT), training=False), \
+            at_forward(eval_forward + 1, later.append, training=False):
+        assert run(out, tiny_text_file) == 130
+    assert later == []  # the evaluation stopped before its next batch
+    err = capsys.readouterr().err
+    assert ("SIGINT: stopping after this step, or within this evaluation, with a checkpoint; press Ctrl-C again to "
+            "stop at once, keeping the checkpoint of the last evaluation\n") in err
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGINT after step {stop_step}; checkpoint written to "
+                                                   f"{out / 'ckpt.pt'}; resume with: python gpt.py ")
+    assert load_checkpoint(out / "ckpt.pt")["step"] == stop_step
+    assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step, 3))
+
+    assert run(out, tiny_text_file, "--resume") == 0
+    assert losses(out) == losses(reference)
+    assert_same_state(out, reference)
+
+
+def test_a_run_stopped_between_evaluations_and_resumed_to_that_step_ends_evaluated_there(stopped, tiny_text_file,
+                                                                                         tmp_path):
+    assert run(tmp_path / "five", tiny_text_file, "--max_iters", "5") == 0
+    assert run(stopped, tiny_text_file, "--resume", "--max_iters", "5") == 0
+    assert [int(s) for s, _, _ in losses(stopped)] == [0, 3, 5]
+    assert losses(stopped) == losses(tmp_path / "five")
+    assert_same_state(stopped, tmp_path / "five")
 
 
 def test_two_stops_and_resumes_equal_the_run_never_stopped(reference, stopped, tiny_text_file):
@@ -200,7 +232,8 @@ REFUSED = [
     (["--resume", "--learning_rate", "0.1"], "cannot resume {ckpt}: learning_rate was 0.01, now 0.1"),
     (["--resume", "--seed", "7"], "cannot resume {ckpt}: seed was 1337, now 7"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
-    (["--resume", "--max_iters", "5"], "the run in {out} finished at step 5; pass a --max_iters above 5"),
+    (["--resume", "--max_iters", "4"], "the run in {out} is at step 5, past --max_iters 4; pass a --max_iters above 5 "
+                                       "to train it further"),
 ]
 
 
@@ -218,6 +251,9 @@ def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_
     before = snapshot(reference)
     assert run(reference, tiny_text_file) == 2
     assert f"error: {reference} holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert run(reference, tiny_text_file, "--resume") == 2
+    assert capsys.readouterr().err == (f"error: the run in {reference} finished at step 12; pass a --max_iters above "
+                                       f"12 to train it further\n")
     assert snapshot(reference) == before
 
     assert run(reference, tiny_text_file, "--overwrite", "--max_iters", "3") == 0
@@ -286,3 +322,26 @@ def test_sigint_to_a_training_process_then_resume_equals_the_run_never_stopped(t
     assert finish(reference)[0] == 0
     assert losses(tmp_path / "stopped") == losses(tmp_path / "reference")
     assert_same_state(tmp_path / "stopped", tmp_path / "reference")
+
+
+def test_sigint_during_a_slow_evaluation_of_a_training_process_stops_it_at_once(tiny_text_file, tmp_path):
+    """An evaluation of a million batches takes minutes: the process must end within a batch of the signal."""
+    args = ["--data", str(tiny_text_file), "--out_dir", "slow", *TINY, "--eval_iters", "1000000"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while "training:" not in (tmp_path / "stderr.txt").read_text():  # the progress bar: step 0's evaluation
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 130
+        finally:
+            process.kill()
+    err = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    assert err.startswith(f"stopped by SIGINT after step 0; checkpoint written to {Path('slow') / 'ckpt.pt'}; resume "
+                          f"with: python gpt.py ") and err.endswith(" --resume")
+    checkpoint = load_checkpoint(tmp_path / "slow" / "ckpt.pt")
+    assert checkpoint["step"] == 0 and checkpoint["metrics"] == []

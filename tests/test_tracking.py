@@ -45,7 +45,7 @@ def test_wandb_offline_run_logs_the_metrics_at_their_steps_and_resume_continues_
     for row in read_metrics(out):
         expected = {tag: row[column] for tag, column in METRICS.items() if row[column] is not None}
         assert logged[row["step"]] == {**expected, "lr": learning_rate}
-    assert {"ckpt.pt", "gpt.txt"} <= first["files"] and {"ckpt.pt", "gpt.txt"} <= resumed["files"]
+    assert {"ckpt.pt", "sample.txt"} <= first["files"] and {"ckpt.pt", "sample.txt"} <= resumed["files"]
 
 
 def assert_tensorboard_equals_metrics(out):
@@ -92,7 +92,8 @@ def test_without_a_tracker_flag_neither_package_is_imported_and_no_network_is_us
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ast.literal_eval(result.stdout.splitlines()[-1]) == (0, [], [])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "ckpt.pt", "config.json", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "ckpt.pt", "config.json", "metrics.csv",
+                                                              "sample.txt"]
 
 
 @pytest.mark.parametrize("flag,package", [("--wandb_log", "wandb"), ("--tensorboard", "tensorboard")])

@@ -1,0 +1,69 @@
+"""Runs outside the default run directory, and comparisons and figures of them, leave what the project ships alone."""
+import hashlib
+import subprocess
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+import compare
+import plot_attention
+from conftest import train_tiny_gpt
+from gnngpt.sampling import sample_path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE_TINY = ["--models", "bigram,gpt", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+                "--batch_size", "2", "--block_size", "8", "--n_embd", "8", "--n_head", "2", "--n_layer", "1",
+                "--device", "cpu"]
+
+
+def repository_files():
+    """{path: sha256 or None when deleted} of every file that git tracks in the repository or would add (untracked
+    and not ignored)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs the repository as a git work tree")
+    paths = [ROOT / name for name in listed.decode().split("\0") if name]
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None for path in paths}
+
+
+def test_runs_comparisons_and_figures_elsewhere_change_no_file_of_the_repository(tiny_text_file, tmp_path,
+                                                                                 monkeypatch, capsys):
+    before = repository_files()
+    monkeypatch.chdir(ROOT)  # where model_outputs/ and plots/ are the committed ones
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    trial, runs = tmp_path / "trial", tmp_path / "runs"
+    assert train_tiny_gpt(trial, tiny_text_file, "--max_iters", "2") == 0
+    assert repository_files() == before
+    comparison = ["--data", str(tiny_text_file), "--runs", str(runs), *COMPARE_TINY]
+    assert compare.main(comparison) == 0
+    assert repository_files() == before
+    (runs / "gpt" / "sample.txt").unlink()
+    assert compare.main(comparison) == 0  # reuses both runs and writes gpt's sample again, from its checkpoint
+    assert repository_files() == before
+    assert plot_attention.main(["--out_dir", str(trial), "--prompt", "To be"]) == 0
+    assert repository_files() == before
+
+    assert len((trial / "sample.txt").read_text()) == 21
+    assert all(len((runs / name / "sample.txt").read_text()) == 21 for name in ("bigram", "gpt"))
+    assert f"wrote {runs / 'gpt' / 'sample.txt'}\n" in capsys.readouterr().out
+    results = (runs / "results.md").read_text()  # --out defaults to the --runs directory
+    assert f"Samples: `{(runs / 'bigram' / 'sample.txt').as_posix()}`, `{(runs / 'gpt' / 'sample.txt').as_posix()}`" \
+        in results
+    assert matplotlib.image.imread(runs / "val_loss.png").ndim == 3
+    assert matplotlib.image.imread(trial / "attention.png").ndim == 3
+
+
+@pytest.mark.parametrize("out_dir,name,expected", [
+    ("runs/gpt", "gpt", "model_outputs/gpt.txt"),  # the scripts' default directory: the shipped samples
+    ("./runs/../runs/gpt", "gpt", "model_outputs/gpt.txt"),
+    ("{cwd}/runs/GATv2Conv_window-16_rel", "GATv2Conv_window-16_rel", "model_outputs/GATv2Conv_window-16_rel.txt"),
+    ("runs/leaderboard/gpt", "gpt", "runs/leaderboard/gpt/sample.txt"),  # anywhere else: beside the run
+    ("runs/gpt", "GATConv", "runs/gpt/sample.txt"),
+    ("/tmp/trial", "gpt", "/tmp/trial/sample.txt"),
+])
+def test_a_sample_is_shipped_only_from_the_default_run_directory(out_dir, name, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sample_path(out_dir.format(cwd=tmp_path), name) == Path(expected)

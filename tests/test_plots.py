@@ -1,0 +1,69 @@
+"""The figures read well: in a graph study no text is printed over another, and the machine is named as the README
+names it."""
+import itertools
+
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
+
+from gnngpt.cli import machine_description
+from gnngpt.plots import GRAPH_MARKERS, graph_study_figure
+
+# (model, graph, positions, edges per token, final val loss, tokens/s) of runs that lie close together in the
+# committed graph study: two dilated:16:4 runs at the same edges per token and almost the same loss, sink:4:16
+# beside window:16; and a bigram, drawn as a line
+CLOSE_RUNS = [
+    ("GATv2Conv", "dilated:16:4", "abs", 14.1, 2.4825, 8968),
+    ("GATv2Conv", "dilated:16:4", "rel", 14.1, 2.4795, 5203),
+    ("GATv2Conv", "window:16", "abs", 15.5, 2.3337, 18796),
+    ("GATv2Conv", "sink:4:16", "abs", 19.3, 2.3374, 18406),
+    ("gpt", "window:16", "rel", 15.5, 1.9550, 25623),
+    ("gpt", "sink:4:16", "rel", 19.3, 2.0047, 24697),
+    ("gpt", "full", "abs", 128.5, 2.3219, 26438),
+    ("bigram", None, None, None, 2.4904, 1_476_400),
+]
+
+
+def drawn_texts(fig):
+    """The texts a drawn figure shows: titles, labels, legend entries and the tick labels within each axis's view."""
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            hidden |= {id(label) for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+                       if not low <= tick.get_loc() <= high for label in (tick.label1, tick.label2)}
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
+
+
+def test_graph_study_prints_no_text_over_another_and_gives_each_graph_its_marker():
+    summaries = [dict(model=m, graph=g, pos=p, edges_per_token=e, final_val_loss=loss, tokens_per_s=rate)
+                 for m, g, p, e, loss, rate in CLOSE_RUNS]
+    fig = graph_study_figure(summaries, "Context graphs (preset cpu, 2-core x86_64 CPU, 1 torch thread)")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    texts = drawn_texts(fig)
+    labels = [t.get_text() for t in texts]
+    assert [labels.count(graph) for graph in ("dilated:16:4", "window:16", "sink:4:16", "full")] == [1, 1, 1, 1]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    assert [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2) if box_a.overlaps(box_b)] == []
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+    graphs = list(dict.fromkeys(g for _, g, *_ in CLOSE_RUNS if g))
+    for ax in fig.axes:
+        points = {line.get_ydata()[0]: line for line in ax.lines if line.get_marker() != "None"}
+        for _, graph, pos, _, loss, _ in CLOSE_RUNS[:-1]:
+            assert points[loss].get_marker() == GRAPH_MARKERS[graphs.index(graph)]
+            assert (points[loss].get_markerfacecolor() == "none") == (pos == "rel")
+        assert [line.get_linestyle() for line in ax.lines if line.get_marker() == "None"] == ["--"]  # the bigram
+    assert len(set(GRAPH_MARKERS)) == len(GRAPH_MARKERS) and "o" not in GRAPH_MARKERS  # circles: the positions
+
+
+@pytest.mark.parametrize("threads,description", [(1, "2-core x86_64 CPU, 1 torch thread"),
+                                                 (2, "2-core x86_64 CPU, 2 torch threads")])
+def test_a_cpu_is_named_by_its_cores_and_architecture_as_in_the_readme(threads, description, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert machine_description(torch.device("cpu")) == description
