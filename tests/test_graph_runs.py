@@ -129,9 +129,9 @@ def test_rel_positions_reach_graph_layers_as_edge_features_and_others_see_the_st
 
 
 def test_a_run_from_before_graphs_and_positions_is_reused_and_resumed(in_tmp_path, tiny_text_file, capsys):
-    args = [*TINY, "--data", str(tiny_text_file), "--out_dir", "runs/gpt"]
+    args = [*TINY, "--data", str(tiny_text_file), "--out_dir", "runs/gpt_s1337"]  # where compare.py keeps it
     assert main(GPT_SCRIPT, args) == 0
-    run = in_tmp_path / "runs" / "gpt"
+    run = in_tmp_path / "runs" / "gpt_s1337"
     config = json.loads((run / "config.json").read_text())
     checkpoint = torch.load(run / "ckpt.pt", weights_only=True)
     for settings in (config["settings"], config["model_config"], checkpoint["model_config"]):
@@ -141,6 +141,6 @@ def test_a_run_from_before_graphs_and_positions_is_reused_and_resumed(in_tmp_pat
     torch.save(checkpoint, run / "ckpt.pt")
     capsys.readouterr()
     assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt"]) == 0
-    assert "gpt: reusing the finished run" in capsys.readouterr().out
+    assert "gpt_s1337: reusing the finished run" in capsys.readouterr().out
     assert main(GPT_SCRIPT, [*args, "--resume", "--max_iters", "6"]) == 0
     assert load_checkpoint(run / "ckpt.pt")["step"] == 6

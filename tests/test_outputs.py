@@ -40,18 +40,20 @@ def test_runs_comparisons_and_figures_elsewhere_change_no_file_of_the_repository
     comparison = ["--data", str(tiny_text_file), "--runs", str(runs), *COMPARE_TINY]
     assert compare.main(comparison) == 0
     assert repository_files() == before
-    (runs / "gpt" / "sample.txt").unlink()
+    (runs / "gpt_s1337" / "sample.txt").unlink()
     assert compare.main(comparison) == 0  # reuses both runs and writes gpt's sample again, from its checkpoint
     assert repository_files() == before
     assert plot_attention.main(["--out_dir", str(trial), "--prompt", "To be"]) == 0
     assert repository_files() == before
 
     assert len((trial / "sample.txt").read_text()) == 21
-    assert all(len((runs / name / "sample.txt").read_text()) == 21 for name in ("bigram", "gpt"))
-    assert f"wrote {runs / 'gpt' / 'sample.txt'}\n" in capsys.readouterr().out
+    for name in ("bigram", "gpt"):
+        sample = (runs / f"{name}_s1337" / "sample.txt").read_text()
+        assert len(sample) == 21 and (runs / "model_outputs" / f"{name}.txt").read_text() == sample
+    assert f"wrote {runs / 'gpt_s1337' / 'sample.txt'}\n" in capsys.readouterr().out
     results = (runs / "results.md").read_text()  # --out defaults to the --runs directory
-    assert f"Samples: `{(runs / 'bigram' / 'sample.txt').as_posix()}`, `{(runs / 'gpt' / 'sample.txt').as_posix()}`" \
-        in results
+    assert f"Samples: `{(runs / 'model_outputs' / 'bigram.txt').as_posix()}` (seed 1337), " \
+           f"`{(runs / 'model_outputs' / 'gpt.txt').as_posix()}` (seed 1337)" in results
     assert matplotlib.image.imread(runs / "val_loss.png").ndim == 3
     assert matplotlib.image.imread(trial / "attention.png").ndim == 3
 

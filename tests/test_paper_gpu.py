@@ -32,7 +32,7 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
     assert [(row[0], row[3]) for row in rows] == [(name, f"{loss:.2f}") for name, loss in PUBLISHED_VAL_LOSS.items()]
     for row in rows:
-        run = tmp_path / "runs" / "paper" / f"{row[0]}_s1337"
+        run = tmp_path / "plots" / "paper" / "runs" / f"{row[0]}_s1337"  # its small files kept beside the results
         assert [m["step"] for m in read_metrics(run)] == [0, 20]  # evaluated every 1000 steps, and after the last
         exact = json.loads((run / "eval.json").read_text())
         assert row[1] == f"{exact['val_loss']:.4f} (1)" and row[9] == "paper"
@@ -41,7 +41,8 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
             == sample
     assert "- eval_interval 1000 instead of 50 (all models)\n" in results
     assert "- max_iters 20 instead of 5000 (gpt, GATConv, GATv2Conv)\n" in results
-    assert "Samples: `runs/paper/bigram/sample.txt`, `runs/paper/gpt/sample.txt`, " in results
+    assert "Samples: `plots/paper/model_outputs/bigram.txt` (seed 1337), `plots/paper/model_outputs/gpt.txt` " \
+        "(seed 1337), " in results
     assert not (tmp_path / "model_outputs").exists()
 
     summary = (tmp_path / "logs" / "summary.txt").read_text()

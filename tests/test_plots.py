@@ -9,8 +9,9 @@ from matplotlib.text import Text
 
 from gnngpt.cli import machine_description
 from gnngpt.plots import GRAPH_MARKERS, graph_study_figure
+from gnngpt.stats import Spread
 
-# (model, graph, positions, edges per token, final val loss, tokens/s) of runs that lie close together in the
+# (model, graph, positions, edges per token, val loss, tokens/s) of runs that lie close together in the
 # committed graph study: two dilated:16:4 runs at the same edges per token and almost the same loss, sink:4:16
 # beside window:16; and a bigram, drawn as a line
 CLOSE_RUNS = [
@@ -37,9 +38,9 @@ def drawn_texts(fig):
 
 
 def test_graph_study_prints_no_text_over_another_and_gives_each_graph_its_marker():
-    summaries = [dict(model=m, graph=g, pos=p, edges_per_token=e, final_val_loss=loss, tokens_per_s=rate)
-                 for m, g, p, e, loss, rate in CLOSE_RUNS]
-    fig = graph_study_figure(summaries, "Context graphs (preset cpu, 2-core x86_64 CPU, 1 torch thread)")
+    configs = [dict(model=m, graph=g, pos=p, edges_per_token=e, loss=Spread(loss, 0.01, 3),
+                    tokens_per_s=Spread(rate, 100.0, 3)) for m, g, p, e, loss, rate in CLOSE_RUNS]
+    fig = graph_study_figure(configs, "Context graphs (preset cpu, 2-core x86_64 CPU, 1 torch thread)")
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
     texts = drawn_texts(fig)

@@ -79,8 +79,7 @@ def test_jobs_give_the_metrics_of_one_at_a_time_and_only_missing_runs_are_submit
     as_jobs = ["--models", "bigram,gpt", "--runs", "jobs", "--launcher", "slurm", "--slurm_cpus", "1"]
     with one_thread():  # the thread count of each job's training: --slurm_cpus 1
         assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
-    samples = {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in names}
-    shutil.rmtree(tmp_path / "model_outputs")
+    samples = {name: (tmp_path / "one" / "model_outputs" / f"{name}.txt").read_text() for name in names}
     capsys.readouterr()
     assert compare_main(*as_jobs) == 0
     out = capsys.readouterr().out
@@ -90,13 +89,13 @@ def test_jobs_give_the_metrics_of_one_at_a_time_and_only_missing_runs_are_submit
         run_name = f"{name}_s1337"  # the run of seed 1337
         run = tmp_path / "jobs" / run_name
         assert losses(run) == losses(tmp_path / "one" / run_name)
-        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == samples[name]
+        assert (tmp_path / "jobs" / "model_outputs" / f"{name}.txt").read_text() == samples[name]
         assert f"step 4: train loss {read_metrics(run)[-1]['train_loss']:.4f}" in (run / "train.log").read_text()
         assert (tmp_path / "jobs" / "slurm" / f"{jobs[run_name]['job']}_0_log.out").is_file()
         assert f"{run_name}: submitted as job {jobs[run_name]['job']}, training in jobs/{run_name}\n" in out
         status = rf"^{run_name} +done +step 4/4 +val loss {read_metrics(run)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
-    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == names
+    assert [row[0] for row in table_rows((tmp_path / "jobs" / "results.md").read_text())] == names
 
     assert compare_main(*as_jobs) == 0
     assert capsys.readouterr().out.startswith("bigram_s1337: reusing the finished run in jobs/bigram_s1337\n"
