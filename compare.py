@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parent  # where the training scripts are
 
 def build_parser():
     p = cli.ArgumentParser(
+        allow_abbrev=False,  # an abbreviated flag would differ from the one a rebuilt report's command line keeps
         description="Train models under one budget (or reuse their finished runs) and write a validation-loss "
                     "plot, a results table and samples.",
         epilog="Any other training flag (such as --batch_size 8, --n_embd 64, --wandb_log or --tensorboard) is "
@@ -215,7 +216,7 @@ def run(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         write_missing_exact_loss(r)
-    write_model_samples(done, out)
+    write_model_samples(done, out, shipped=layer_records is None and len(graphs) * len(positions) == 1)
     write_report(done, args, out, argv, baseline, layer_records, graphs, positions, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
@@ -360,8 +361,9 @@ def plan_run(model, graph, pos, seed, args, extra):
                          "compare.py sets itself; write training flags in full")
     if script.graph_layer:
         guard.check_layer_name(model)
-    # a SLURM job's device is that of its node, where its training checks it
-    device = torch.device(args.device) if args.launcher == "slurm" else cli.resolve_device(training_args.device)
+    # a SLURM job's device is that of its node, where its training checks it; a report reads runs made elsewhere
+    named = args.launcher == "slurm" or (args.report_only and args.device != "auto")
+    device = torch.device(args.device) if named else cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
     name = run_name(model, settings)
     out_dir = Path(args.runs) / f"{name}_s{seed}"
@@ -379,32 +381,44 @@ def write_missing_exact_loss(run):
     config = read_config(run.out_dir)
     if read_eval(run.out_dir, config["settings"]["max_iters"]) is not None:
         return
-    device = torch.device(run.expected["device"])
+    device = reading_device(run)
     model, tokenizer, _ = load_run_model(run.out_dir, device)
     result = timed_exact_loss(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
     write_eval(run.out_dir, result, config["settings"]["max_iters"])
     print(f"{run.name}: {describe_exact_loss(result)} (computed from its checkpoint)")
 
 
-def model_samples_dir(out):
-    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, when its figures go
-    to plots/, the shipped figures; else the model_outputs folder of its --out."""
-    return Path("model_outputs") if Path(out) == Path("plots") else Path(out) / "model_outputs"
+def model_samples_dir(out, shipped=True):
+    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the comparison of
+    models (shipped) whose figures go to plots/, the shipped figures; else the model_outputs folder of its
+    --out."""
+    return Path("model_outputs") if shipped and Path(out).resolve() == Path("plots").resolve() else \
+        Path(out) / "model_outputs"
 
 
-def write_model_samples(runs, out):
-    """Each model's sample, its first seed's, in model_samples_dir(out)/<model>.txt; a run without a sample of
-    its own (see sampling.sample_path) gets one from its checkpoint first."""
+def write_model_samples(runs, out, shipped):
+    """Each model's sample, its first seed's, in model_samples_dir(out, shipped)/<model>.txt; a run without a
+    sample of its own (see sampling.sample_path) gets one from its checkpoint first."""
     for run in first_seeds(runs):
         source = sample_path(run.out_dir, run.config_name)
         if not source.exists():
             write_missing_sample(run, source)
-        atomic_write_text(model_samples_dir(out) / f"{run.config_name}.txt", source.read_text(encoding="utf-8"))
+        atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",
+                          source.read_text(encoding="utf-8"))
+
+
+def reading_device(run):
+    """The device a reused run's checkpoint is read on: the run's own, or the CPU where this machine lacks it (as
+    a login node lacks the GPU of a SLURM job)."""
+    try:
+        return cli.resolve_device(torch.device(run.expected["device"]).type)
+    except UsageError:
+        return torch.device("cpu")
 
 
 def write_missing_sample(run, path):
     """Write the run's sample to path from its checkpoint."""
-    device = torch.device(run.expected["device"])
+    device = reading_device(run)
     model, tokenizer, _ = load_run_model(run.out_dir, device)
     torch.manual_seed(run.seed)
     write_model_output(model, tokenizer, path, device)
@@ -414,7 +428,8 @@ def write_missing_sample(run, path):
 def report(runs, states, args, out, argv, baseline, layer_records, graphs, positions):
     """--report_only: the tables and figures of finished runs, from their small files; refused while any run
     is unfinished or lacks its exact validation loss."""
-    missing = [f"{r.out_dir} ({'not finished' if states[r.name] != 'reuse' else 'no eval.json'})" for r in runs
+    why = {"new": "not there", "resume": "not finished", "replace": "other settings", "submitted": "not finished"}
+    missing = [f"{r.out_dir} ({why.get(states[r.name], 'no eval.json')})" for r in runs
                if states[r.name] != "reuse" or read_eval(r.out_dir, r.expected["settings"]["max_iters"]) is None]
     if missing:
         raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "

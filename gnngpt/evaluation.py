@@ -46,14 +46,14 @@ def exact_loss(model, data, block_size, batch_size, device, progress=True):
     (x, y), tail = windows(data, block_size)
     batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     batches += [tail] if tail is not None else []
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0.0  # summed in Python's double precision (MPS has no float64)
     for xb, yb in tqdm(batches, desc="exact evaluation", unit="batch", disable=not progress, leave=False):
         xb, yb = xb.to(device), yb.to(device)
         logits, _ = model(xb)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum")
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum").item()
     model.train(was_training)
     targets = len(data) - 1
-    nats = total.item() / targets
+    nats = total / targets
     return {"nats": nats, "bits": nats / math.log(2), "targets": targets}
 
 

@@ -57,8 +57,10 @@ def run_summary(out_dir):
         "settings": settings,
         "steps": [int(r["step"]) for r in rows],
         "val_loss": [r["val_loss"] for r in rows],
-        "train_s": [r.get("train_s") for r in rows],
-        "tokens": [r.get("tokens") for r in rows],
+        "train_s": [r.get("train_s") for r in rows],  # None in runs from before it was recorded
+        "tokens": [r["tokens"] if r.get("tokens") is not None else
+                   int(r["step"]) * settings["batch_size"] * settings["block_size"] * config.get("processes", 1)
+                   for r in rows],
         "exact": read_eval(out_dir, int(rows[-1]["step"])),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
@@ -136,10 +138,14 @@ def format_difference(difference):
 
 
 def verdict(difference):
-    """"higher" or "lower" where the interval excludes zero, else "not distinguishable" (or why there is none)."""
-    if difference is None or difference.low is None:
+    """"higher" or "lower" where the interval, as the table prints it, excludes zero, else "not distinguishable"
+    (or why there is no interval)."""
+    if difference is None:
+        return "no common seed"
+    if difference.low is None:
         return "needs 2 seeds"
-    if not difference.distinguishable:
+    low, high = round(difference.low, 4), round(difference.high, 4)
+    if low <= 0 <= high:
         return "not distinguishable"
     return "higher" if difference.mean > 0 else "lower"
 
@@ -159,8 +165,9 @@ def uncertainty_notes(configs, baseline):
              f"deviation over seeds (number of seeds)."]
     if baseline is not None:
         notes.append(f"Δ: the mean over seeds of each seed's difference in nats from {baseline['name']} trained "
-                     f"with the same seed (the same batches), with its {CONFIDENCE:.0%} Student-t interval; a "
-                     f"difference is called one only where the interval excludes zero.")
+                     f"with the same seed (the same batches where batch and block size agree), with its "
+                     f"{CONFIDENCE:.0%} Student-t interval; a difference is called one only where the interval "
+                     f"excludes zero.")
     if max(c["loss"].n for c in configs) < 2:
         notes.append("One seed per configuration: no deviation or interval can be computed from one value, so no "
                      "difference is called one; train more seeds with --seeds 3.")
@@ -216,12 +223,14 @@ def leaderboard_table(configs):
 
 def target_table(configs, target):
     """When each configuration's validation curve (the random-batch estimates) first reached target: steps,
-    tokens and training seconds, each the mean over seeds, or "not reached" (by how many seeds)."""
+    tokens and training seconds, each the mean over seeds (n/a for runs from before training seconds were
+    recorded), or "not reached" (by how many seeds)."""
     rows = []
     for c in configs:
         reached = [first_reaching(r, target) for r in c["runs"]]
         if all(reached):
             cells = [f"{statistics.fmean(r[key] for r in reached):,.{digits}f}"
+                     if all(r[key] is not None for r in reached) else "n/a"
                      for key, digits in (("step", 0), ("tokens", 0), ("train_s", 1))]
         else:
             missed = sum(r is None for r in reached)
@@ -233,7 +242,7 @@ def target_table(configs, target):
 def first_reaching(run, target):
     """The step, tokens and training seconds of the run's first evaluation at or below target, or None."""
     for step, loss, tokens, train_s in zip(run["steps"], run["val_loss"], run["tokens"], run["train_s"]):
-        if loss <= target and tokens is not None and train_s is not None:
+        if loss <= target:
             return {"step": step, "tokens": tokens, "train_s": train_s}
     return None
 

@@ -15,6 +15,7 @@ from .files import atomic_write_text
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
 EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
+SAMPLE_FILE = "sample.txt"  # the sample of a run outside the default directory (see sampling.sample_path)
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
@@ -172,13 +173,14 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 
 def start_run_dir(out_dir, config, overwrite=False):
     """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included,
-    and eval.json in any case: it scores the final checkpoint, and a run that trains has none yet (rank 0 writes)."""
+    and eval.json and sample.txt in any case: they come from the final checkpoint, and a run that trains has none
+    yet (rank 0 writes)."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
         return
     replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
-    replaced.append(out_dir / EVAL_FILE)
+    replaced += [out_dir / EVAL_FILE, out_dir / SAMPLE_FILE]
     try:
         for path in replaced:
             path.unlink(missing_ok=True)

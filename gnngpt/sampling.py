@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from .decoder import CachedDecoder, full_logits
 from .errors import one_line
 from .files import atomic_write_text
-from .rundir import default_run_dir
+from .rundir import SAMPLE_FILE, default_run_dir
 
 SAMPLE_LENGTH = 500  # characters sampled into sample_path(...) after training
 
@@ -58,7 +58,7 @@ def sample_path(out_dir, name):
     out_dir/sample.txt, so that a run anywhere else never writes over a shipped sample."""
     if Path(out_dir).resolve() == default_run_dir(name).resolve():
         return Path("model_outputs") / f"{name}.txt"
-    return Path(out_dir) / "sample.txt"
+    return Path(out_dir) / SAMPLE_FILE
 
 
 def write_model_output(model, tokenizer, path, device):

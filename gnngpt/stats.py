@@ -31,11 +31,6 @@ class Difference:
     high: float | None
     n: int
 
-    @property
-    def distinguishable(self):
-        """Whether the interval excludes zero: only then is the difference called one."""
-        return self.low is not None and (self.low > 0 or self.high < 0)
-
 
 def paired_difference(values, baseline):
     """values[s] - baseline[s] over the seeds s both have ({seed: value} each): the mean and its Student-t

@@ -105,7 +105,7 @@ class Trainer:
                     self.report_progress()
                 if eval_due:
                     self.evaluate_and_save()
-                if signum and self.step < max_iters:  # a signal during the last step lets the finished run end
+                if signum and self.step < max_iters:  # after a step that evaluated, evaluate_and_save has stopped
                     if self.saved_step != self.step:
                         self.save(time.perf_counter() - self.interval_start)
                     raise Interrupted(signum, self.step, self.ckpt_path)

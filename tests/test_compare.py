@@ -16,10 +16,11 @@ import torch
 
 import compare
 from conftest import tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard
+from gnngpt import cli, guard, results
 from gnngpt.data import BatchSampler
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
+from gnngpt.stats import Difference
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
@@ -137,8 +138,12 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
                SimpleNamespace(name="DenseGCNConv", works=False, reason="dense layer: takes a (B, N, N) adjacency"),
                SimpleNamespace(name="GATv2Conv", works=True, reason="")]
     monkeypatch.setattr(guard, "layer_support", lambda: records, raising=False)
-    assert compare_main("--models", "all-layers", "--out", "board") == 0
+    assert compare_main("--models", "all-layers", "--out", "plots") == 0
     assert [argv[argv.index("--gat_version") + 1] for _, argv in trainings] == ["GATConv", "GATv2Conv"]
+    assert not (tmp_path / "model_outputs").exists()  # the shipped samples are the comparison's, not the board's
+    assert (tmp_path / "plots" / "model_outputs" / "GATConv.txt").read_text() == \
+        (tmp_path / "runs" / "GATConv_s1337" / "sample.txt").read_text()
+    (tmp_path / "plots").rename(tmp_path / "board")
 
     image = matplotlib.image.imread(tmp_path / "board" / "leaderboard.png")
     assert image.ndim == 3 and image.shape[0] > 50
@@ -339,6 +344,12 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
                                        "runs/gpt_s3 (no eval.json) is not; run the same command without "
                                        "--report_only\n")
 
+    args = ["--models", "bigram,gpt", "--seed", "7"]
+    for config_file in (tmp_path / "runs").glob("*_s7/config.json"):  # as runs trained on a GPU, read on this CPU
+        config_file.write_text(config_file.read_text().replace('"device": "cpu"', '"device": "cuda"'))
+    assert compare_main(*args, "--preset", "cpu", "--device", "cuda", "--report_only") == 0
+    assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram", "gpt"]
+
 
 def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(trainings, tmp_path, capsys):
     assert compare_main("--models", "gpt") == 0
@@ -351,3 +362,15 @@ def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(training
     recomputed, original = json.loads((run / "eval.json").read_text()), json.loads(stored)
     assert {k: recomputed[k] for k in ("step", "val_loss", "val_bpc", "targets")} == \
         {k: original[k] for k in ("step", "val_loss", "val_bpc", "targets")}
+
+
+@pytest.mark.parametrize("difference,verdict", [
+    (Difference(0.02, 0.01, 0.03, 3), "higher"),
+    (Difference(-0.02, -0.03, -0.01, 3), "lower"),
+    (Difference(0.01, 0.00004, 0.02, 3), "not distinguishable"),  # printed as [+0.0000, +0.0200]
+    (Difference(0.01, -0.01, 0.03, 3), "not distinguishable"),
+    (Difference(0.01, None, None, 1), "needs 2 seeds"),
+    (None, "no common seed"),
+])
+def test_a_difference_is_called_one_only_where_its_printed_interval_excludes_zero(difference, verdict):
+    assert results.verdict(difference) == verdict

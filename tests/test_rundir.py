@@ -14,7 +14,7 @@ import sample
 from conftest import TINY_GPT_RUN, train_tiny_gpt
 from gnngpt import checkpoint as ckpt_module
 from gnngpt.checkpoint import load_checkpoint
-from gnngpt.rundir import hold_run_dir, read_metrics
+from gnngpt.rundir import hold_run_dir, read_metrics, start_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("in_tmp_path")
@@ -197,3 +197,13 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
     assert [row["step"] for row in read_metrics(out)] == [0, 2, 4]
     assert json.loads((out / "config.json").read_text())["settings"]["max_iters"] == 4
+
+
+def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_checkpoint(tiny_text_file, tmp_path):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
+    assert (out / "eval.json").is_file() and (out / "sample.txt").is_file()
+    config = json.loads((out / "config.json").read_text())
+    start_run_dir(out, config)  # as --resume does, before training goes on
+    assert not (out / "eval.json").exists() and not (out / "sample.txt").exists()
+    assert (out / "ckpt.pt").is_file() and (out / "metrics.csv").is_file()
