@@ -227,8 +227,8 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
                                                           "choose one of bigram, gpt"),
     (["--report_only"], "error: --report_only needs every run finished with its eval.json, and "
-                        "runs/bigram_s1337 (not finished), runs/gpt_s1337 (not finished), "
-                        "runs/GATConv_s1337 (not finished), runs/GATv2Conv_s1337 (not finished) are not; run the "
+                        "runs/bigram_s1337 (not there), runs/gpt_s1337 (not there), "
+                        "runs/GATConv_s1337 (not there), runs/GATv2Conv_s1337 (not there) are not; run the "
                         "same command without --report_only"),
 ])
 def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, trainings, tmp_path, capsys):
