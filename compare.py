@@ -400,7 +400,7 @@ def write_model_samples(runs, out, shipped):
     """Each model's sample, its first seed's, in model_samples_dir(out, shipped)/<model>.txt; a run without a
     sample of its own (see sampling.sample_path) gets one from its checkpoint first."""
     for run in first_seeds(runs):
-        source = sample_path(run.out_dir, run.config_name)
+        source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
         atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",

@@ -267,7 +267,7 @@ def run(script, args):
             result = timed_exact_loss(model, val_data, settings, device)
             write_eval(out_dir, result, settings["max_iters"])
             print(f"{describe_exact_loss(result)}, in {result['eval_s']:.1f} s")
-            sample_file = sample_path(out_dir, name)
+            sample_file = sample_path(out_dir)
             sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
             tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)

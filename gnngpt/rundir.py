@@ -15,7 +15,7 @@ from .files import atomic_write_text
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
 EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
-SAMPLE_FILE = "sample.txt"  # the sample of a run outside the default directory (see sampling.sample_path)
+SAMPLE_FILE = "sample.txt"  # the sample the training writes at its end (see sampling.sample_path)
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from .decoder import CachedDecoder, full_logits
 from .errors import one_line
 from .files import atomic_write_text
-from .rundir import SAMPLE_FILE, default_run_dir
+from .rundir import SAMPLE_FILE
 
 SAMPLE_LENGTH = 500  # characters sampled into sample_path(...) after training
 
@@ -52,12 +52,9 @@ def next_token_probs(logits, temperature=1.0, top_k=None):
     return F.softmax(logits, dim=-1)
 
 
-def sample_path(out_dir, name):
-    """Where the sample of the run called name in out_dir goes: model_outputs/<name>.txt in the working directory
-    when out_dir is the scripts' default, runs/<name> (the runs whose samples the project ships), else
-    out_dir/sample.txt, so that a run anywhere else never writes over a shipped sample."""
-    if Path(out_dir).resolve() == default_run_dir(name).resolve():
-        return Path("model_outputs") / f"{name}.txt"
+def sample_path(out_dir):
+    """Where the sample of the run in out_dir goes: out_dir/sample.txt, beside the run, so that no training writes
+    over a shipped sample (compare.py copies its models' samples to model_outputs/)."""
     return Path(out_dir) / SAMPLE_FILE
 
 

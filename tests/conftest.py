@@ -43,8 +43,8 @@ def tiny_text_file(tmp_path):
 
 @pytest.fixture
 def in_tmp_path(tmp_path, monkeypatch):
-    """Run in tmp_path, so that runs in the default runs/<name> and their samples in model_outputs go there, and
-    keep samples short."""
+    """Run in tmp_path, so that runs in the default runs/<name> and comparisons' samples in model_outputs go
+    there, and keep samples short."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
     return tmp_path

@@ -72,8 +72,8 @@ def test_explicit_flags_override_the_paper_preset(tiny_text_file, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(GPT_SCRIPT, ["--preset", "paper", *TINY_GPT, "--data", str(tiny_text_file)]) == 0
     config = json.loads((tmp_path / "runs" / "gpt" / "config.json").read_text())
-    assert len((tmp_path / "model_outputs" / "gpt.txt").read_text()) == 501  # the default run's shipped sample
-    assert not (tmp_path / "runs" / "gpt" / "sample.txt").exists()
+    assert len((tmp_path / "runs" / "gpt" / "sample.txt").read_text()) == 501  # beside the run, as any other's
+    assert not (tmp_path / "model_outputs").exists()  # the shipped samples are compare.py's
     assert config["preset"] == "paper"
     assert config["settings"]["dropout"] == 0.2  # from the preset
     assert config["settings"]["n_embd"] == 16  # from the flag

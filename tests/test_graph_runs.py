@@ -27,12 +27,12 @@ def test_a_run_stores_its_graph_and_positions_and_every_reader_rebuilds_the_same
                                                                                         capsys):
     args = [*TINY, *extra, "--data", str(tiny_text_file), "--graph", "window:3,dilated:2:2", "--pos", "rel"]
     assert main(script, args) == 0
-    run = in_tmp_path / "runs" / name  # the default directory and the sample are named after graph and positions
+    run = in_tmp_path / "runs" / name  # the default directory is named after graph and positions
     config = json.loads((run / "config.json").read_text())
     assert (config["settings"]["graph"], config["settings"]["pos"]) == ("window:3,dilated:2:2", "rel")
     checkpoint = load_checkpoint(run / "ckpt.pt")
     assert (checkpoint["model_config"]["graph"], checkpoint["model_config"]["pos"]) == ("window:3,dilated:2:2", "rel")
-    assert (in_tmp_path / "model_outputs" / f"{name}.txt").is_file()
+    assert (run / "sample.txt").is_file()
 
     model, _, _ = load_run_model(run)
     assert model.graphs == parse_graph("window:3,dilated:2:2", 2) and model.position_embedding is None

@@ -9,7 +9,6 @@ import pytest
 import compare
 import plot_attention
 from conftest import train_tiny_gpt
-from gnngpt.sampling import sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE_TINY = ["--models", "bigram,gpt", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
@@ -56,16 +55,3 @@ def test_runs_comparisons_and_figures_elsewhere_change_no_file_of_the_repository
            f"`{(runs / 'model_outputs' / 'gpt.txt').as_posix()}` (seed 1337)" in results
     assert matplotlib.image.imread(runs / "val_loss.png").ndim == 3
     assert matplotlib.image.imread(trial / "attention.png").ndim == 3
-
-
-@pytest.mark.parametrize("out_dir,name,expected", [
-    ("runs/gpt", "gpt", "model_outputs/gpt.txt"),  # the scripts' default directory: the shipped samples
-    ("./runs/../runs/gpt", "gpt", "model_outputs/gpt.txt"),
-    ("{cwd}/runs/GATv2Conv_window-16_rel", "GATv2Conv_window-16_rel", "model_outputs/GATv2Conv_window-16_rel.txt"),
-    ("runs/leaderboard/gpt", "gpt", "runs/leaderboard/gpt/sample.txt"),  # anywhere else: beside the run
-    ("runs/gpt", "GATConv", "runs/gpt/sample.txt"),
-    ("/tmp/trial", "gpt", "/tmp/trial/sample.txt"),
-])
-def test_a_sample_is_shipped_only_from_the_default_run_directory(out_dir, name, expected, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert sample_path(out_dir.format(cwd=tmp_path), name) == Path(expected)
