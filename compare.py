@@ -46,7 +46,6 @@ from gnngpt.results import (
 from gnngpt.rundir import (
     file_in_the_way,
     holds_run,
-    is_default_runs_dir,
     is_finished,
     read_config,
     refuse_if_held,
@@ -102,8 +101,8 @@ def build_parser():
                    help="each run goes to DIR/<run name>, with its sample in model_outputs/<run name>.txt when DIR "
                         "is runs, else in DIR/<run name>/sample.txt (default: runs)")
     p.add_argument("--out", metavar="DIR",
-                   help="where val_loss.png, results.md and the leaderboard go (default: plots when --runs is "
-                        "runs, else the --runs DIR, so that a comparison elsewhere leaves the committed plots alone)")
+                   help="where val_loss.png, results.md and the leaderboard go (default: the --runs DIR; --out plots "
+                        "writes the figures and samples this repository ships)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -176,7 +175,7 @@ def run(args, extra, argv):
     launcher = slurm.options(args)  # None for --launcher local
     if launcher:
         args.device = launcher.device  # that of each job, checked by its training on its node
-    out = Path(args.out or ("plots" if is_default_runs_dir(args.runs) else args.runs))
+    out = Path(args.out or args.runs)
     for flag, directory in (("--runs", args.runs), ("--out", out)):
         if refusal := file_in_the_way(directory, flag):
             raise UsageError(refusal)

@@ -38,11 +38,6 @@ def default_run_dir(name):
     return RUNS / name
 
 
-def is_default_runs_dir(path):
-    """Whether path is RUNS, the directory of the scripts' own runs, however it is written."""
-    return Path(path).resolve() == RUNS.resolve()
-
-
 def file_in_the_way(path, flag):
     """The one-line refusal when path, or a folder above it, is a file: then path can be no directory. "" else."""
     path = Path(path)

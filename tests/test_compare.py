@@ -38,7 +38,8 @@ def trainings(monkeypatch, in_tmp_path, tiny_text_file):
 
 
 def compare_main(*args):
-    return compare.main(["--data", "tiny.txt", *TINY, *args])
+    """compare.py on tiny models, its tables and figures in plots/ as the shipped ones are (a later --out wins)."""
+    return compare.main(["--data", "tiny.txt", *TINY, "--out", "plots", *args])
 
 
 def table_rows(markdown):
@@ -242,10 +243,11 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 500)  # the length the child processes write
     names = ["bigram", "gpt"]
     with one_thread():  # the children must train on this process's thread count, not on every core as they would
-        assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
+        assert compare_main("--models", "bigram,gpt", "--runs", "one", "--out", "one") == 0
         trainings.clear()
         capsys.readouterr()
-        assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
+        assert compare.main(["--data", "tiny.txt", *TINY, "--models", "bigram,gpt", "--runs", "two", "--jobs", "2"]) \
+            == 0  # without --out: the tables go to the --runs directory
     assert trainings == []  # the training scripts ran in child processes
     out = capsys.readouterr().out
     for name in names:

@@ -61,8 +61,9 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
     assert compare.main(argv) == 0
     names = ["bigram", "gpt", "gpt_rel", "gpt_window-2+full", "gpt_window-2+full_rel", "GATConv", "GATConv_rel",
              "GATConv_window-2+full", "GATConv_window-2+full_rel"]
-    assert sorted(p.name for p in (in_tmp_path / "runs").iterdir()) == sorted(f"{name}_s1337" for name in names)
-    table = (in_tmp_path / "plots" / "graphs.md").read_text()
+    assert sorted(p.parent.name for p in (in_tmp_path / "runs").glob("*/config.json")) == \
+        sorted(f"{name}_s1337" for name in names)
+    table = (in_tmp_path / "runs" / "graphs.md").read_text()  # --out is --runs unless given
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     rows = rows[:len(names)]  # the study's table; the paired differences follow
     for model, graph, pos, edges, loss, *_ in (map(str.strip, row) for row in rows):
@@ -75,9 +76,10 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
     assert "| GATConv_window-2+full_rel | GATConv_rel | " in table  # against the complete graph
     assert "| GATConv_window-2+full_rel | GATConv_window-2+full | " in table  # against absolute positions
     assert "| GATConv_window-2+full_rel | gpt_window-2+full_rel | " in table  # against gpt
-    image = matplotlib.image.imread(in_tmp_path / "plots" / "graphs.png")
+    image = matplotlib.image.imread(in_tmp_path / "runs" / "graphs.png")
     assert image.ndim == 3 and image.shape[1] > 1000
-    assert not (in_tmp_path / "plots" / "val_loss.png").exists()  # a graph study leaves the comparison's plot alone
+    assert not (in_tmp_path / "runs" / "val_loss.png").exists()  # a graph study leaves the comparison's plot alone
+    assert not (in_tmp_path / "plots").exists()  # nor the shipped figures
 
     capsys.readouterr()
     assert compare.main(argv) == 0

@@ -76,9 +76,10 @@ def test_jobs_give_the_metrics_of_one_at_a_time_and_only_missing_runs_are_submit
                                                                                          monkeypatch, capsys):
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 500)  # the length the jobs' trainings write
     names = ["bigram", "gpt"]
-    as_jobs = ["--models", "bigram,gpt", "--runs", "jobs", "--launcher", "slurm", "--slurm_cpus", "1"]
+    as_jobs = ["--models", "bigram,gpt", "--runs", "jobs", "--out", "jobs", "--launcher", "slurm",
+               "--slurm_cpus", "1"]
     with one_thread():  # the thread count of each job's training: --slurm_cpus 1
-        assert compare_main("--models", "bigram,gpt", "--runs", "one") == 0
+        assert compare_main("--models", "bigram,gpt", "--runs", "one", "--out", "one") == 0
     samples = {name: (tmp_path / "one" / "model_outputs" / f"{name}.txt").read_text() for name in names}
     capsys.readouterr()
     assert compare_main(*as_jobs) == 0
