@@ -251,7 +251,10 @@ def baseline_name(requested, names):
 
 def first_seeds(runs):
     """The run of each configuration with its first seed (in the order of --seed), whose sample stands for it."""
-    return list({r.config_name: r for r in reversed(runs)}.values())[::-1]
+    first = {}
+    for r in runs:
+        first.setdefault(r.config_name, r)
+    return list(first.values())
 
 
 def training_argv(run, state):

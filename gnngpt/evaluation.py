@@ -107,7 +107,6 @@ def write_eval(out_dir, result, step):
     record = {"step": step, "val_loss": round(result["nats"], 6), "val_bpc": round(result["bits"], 6),
               "targets": result["targets"], "eval_s": result["eval_s"]}
     atomic_write_text(Path(out_dir) / EVAL_FILE, json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def read_eval(out_dir, step=None):

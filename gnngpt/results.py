@@ -48,7 +48,6 @@ def run_summary(out_dir):
     return {
         "name": config["name"],
         "seed": config["seed"],
-        "out_dir": Path(out_dir),
         "model": trained_model(config),
         "graph": settings.get("graph"),
         "pos": settings.get("pos"),
