@@ -19,7 +19,6 @@ kernel for the shapes of decoding); the time of the first and last fifth of the 
 a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does;
 --compile compiles the cached decoder's one-token step too (sample.py --compile), not the lecture's sampler.
 """
-import itertools
 import json
 import statistics
 import sys
@@ -34,8 +33,7 @@ from gnngpt.cli import (
     ArgumentParser,
     check_compile,
     check_dtype,
-    graph_list,
-    position_list,
+    placement_list,
     resolve_device,
 )
 from gnngpt.config import PRESETS, resolve_preset
@@ -239,7 +237,8 @@ def build_parser():
                    help="comma-separated: bigram, gpt, GATConv, GATv2Conv (both backends), GATConv/fast, "
                         "GATConv/pyg, GATv2Conv/fast, GATv2Conv/pyg, no-mixer (default: all)")
     p.add_argument("--graphs", default="full", metavar="SPEC,...",
-                   help="context graphs, comma-separated, a per-layer list in brackets (default: full)")
+                   help="context graphs, comma-separated, a per-layer list in brackets, each with every kind of "
+                        "--pos or with the one after an @, as in full@abs (default: full)")
     p.add_argument("--pos", default="abs", metavar="abs,rel", help="positions, comma-separated (default: abs)")
     p.add_argument("--iters", type=int, default=10, help="timed training steps per model (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default: 3)")
@@ -275,7 +274,7 @@ def configurations(args, preset):
                          f"choose --n_embd as a multiple of --n_head")
     models = selected_models(args.models)
     configs = []
-    for i, (graph, pos) in enumerate(itertools.product(graph_list(args.graphs), position_list(args.pos))):
+    for i, (graph, pos) in enumerate(placement_list(args.graphs, args.pos)):
         runs = [m for m in models if i == 0 or m[0] not in GRAPHLESS]  # graphless models: once
         configs.append(dict(base, graph=graph_spec(parse_graph(graph, base["n_layer"])), pos=pos, models=runs))
     bigram = dict(PRESETS[preset]["bigram"], **{f: getattr(args, f) for f in ("block_size", "batch_size")

@@ -74,9 +74,11 @@ def build_parser():
                         f"(default: {DEFAULT_MODELS})")
     p.add_argument("--graphs", default="full", metavar="SPEC,...",
                    help="comma-separated context graphs, each model (but the bigram) trained on each; a per-layer "
-                        "list goes in brackets, as in full,window:16,[window:4,window:16] (default: full)")
+                        "list goes in brackets, as in full,window:16,[window:4,window:16]; a graph with @abs or @rel "
+                        "after it trains with those positions only, whatever --pos says (default: full)")
     p.add_argument("--pos", default="abs", metavar="abs,rel",
-                   help="comma-separated positions (abs, rel), each model trained with each (default: abs)")
+                   help="comma-separated positions (abs, rel), each model trained with each on every graph that "
+                        "names none after an @ (default: abs)")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="hyperparameters of every run, as in the training scripts (default: auto)")
     p.add_argument("--max_iters", type=int, help="training steps of every run (default: from --preset)")
@@ -180,17 +182,17 @@ def run(args, extra, argv):
         if refusal := file_in_the_way(directory, flag):
             raise UsageError(refusal)
     names, layer_records = model_names(args.models)
-    graphs, positions = cli.graph_list(args.graphs), cli.position_list(args.pos)
+    pairs = cli.placement_list(args.graphs, args.pos)
     seeds = seed_list(args.seed, args.seeds)
     passed = pass_through_flags(extra)
     runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)])  # checks everything before training
-            for name in names for graph, pos in placements(name, graphs, positions) for seed in seeds]
+            for name in names for graph, pos in placements(name, pairs) for seed in seeds]
     runs = list({r.name: r for r in runs}.values())
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
-        return report(runs, states, args, out, argv, baseline, layer_records, graphs, positions)
+        return report(runs, states, args, out, argv, baseline, layer_records, pairs)
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
         raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
@@ -215,8 +217,8 @@ def run(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         write_missing_exact_loss(r)
-    write_model_samples(done, out, shipped=layer_records is None and len(graphs) * len(positions) == 1)
-    write_report(done, args, out, argv, baseline, layer_records, graphs, positions, failed)
+    write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
+    write_report(done, args, out, argv, baseline, layer_records, pairs, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)
@@ -314,11 +316,12 @@ def model_names(models):
     return list(dict.fromkeys(names)), records
 
 
-def placements(name, graphs, positions):
-    """The (graph, positions) pairs a model trains with: each of them, or none for the bigram, which has neither."""
+def placements(name, pairs):
+    """The (graph, positions) pairs a model trains with: those of --graphs and --pos, or none for the bigram,
+    which has neither."""
     if not script_for(name).has_model_size:
         return [(None, None)]
-    return [(graph, pos) for graph in graphs for pos in positions]
+    return pairs
 
 
 def pass_through_flags(extra):
@@ -427,7 +430,7 @@ def write_missing_sample(run, path):
     print(f"wrote {path}")
 
 
-def report(runs, states, args, out, argv, baseline, layer_records, graphs, positions):
+def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     """--report_only: the tables and figures of finished runs, from their small files; refused while any run
     is unfinished or lacks its exact validation loss."""
     why = {"new": "not there", "resume": "not finished", "replace": "other settings", "submitted": "not finished"}
@@ -436,11 +439,11 @@ def report(runs, states, args, out, argv, baseline, layer_records, graphs, posit
     if missing:
         raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only")
-    write_report(runs, args, out, argv, baseline, layer_records, graphs, positions, {})
+    write_report(runs, args, out, argv, baseline, layer_records, pairs, {})
     return 0
 
 
-def write_report(runs, args, out, argv, baseline, layer_records, graphs, positions, failed):
+def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     """The comparison's tables and figures, from the small files of its finished runs."""
     configs = configurations([run_summary(r.out_dir) for r in runs])
     if not configs:
@@ -450,7 +453,7 @@ def write_report(runs, args, out, argv, baseline, layer_records, graphs, positio
     seeds = {r.config_name: r.seed for r in first_seeds(runs)}
     if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
         write_leaderboard(configs, layer_records, failed, out, argv)
-    elif len(graphs) * len(positions) > 1:  # a graph study, likewise
+    elif len(pairs) > 1:  # a graph study, likewise
         write_graph_study(configs, baseline, args.target_loss, out, argv)
     else:
         write_comparison(configs, baseline, args.target_loss, seeds, out, argv, args.jobs)

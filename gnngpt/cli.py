@@ -100,14 +100,15 @@ def build_parser(script):
 
 
 def graph_list(text):
-    """The graph specs of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph)."""
+    """The entries of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph), each
+    perhaps with @abs or @rel after it."""
     if re.sub(r"\[[^\[\]]*\]", "", text).count("[") or re.sub(r"\[[^\[\]]*\]", "", text).count("]"):
         raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,window:16]")
-    specs = [(listed or spec).strip() for listed, spec in re.findall(r"\[([^\]]*)\]|([^,\[\]]+)", text)]
-    specs = [s for s in specs if s]
-    if not specs:
+    entries = [e.strip() for e in re.findall(r"(?:\[[^\]]*\]|[^,\[\]])+", text)]
+    entries = [e for e in entries if e]
+    if not entries:
         raise UsageError(f"--graphs {text!r} names no graph; give a comma-separated list such as full,window:16")
-    return list(dict.fromkeys(specs))
+    return entries
 
 
 def position_list(text):
@@ -117,6 +118,22 @@ def position_list(text):
     if bad or not positions:
         raise UsageError(f"--pos {text!r}: give abs, rel or abs,rel")
     return list(dict.fromkeys(positions))
+
+
+def placement_list(graphs, pos):
+    """The (graph, positions) pairs of --graphs and --pos: each graph with each kind of positions of --pos, or
+    with the one kind it names after an @, as in full@abs,window:8 --pos rel."""
+    positions = position_list(pos)
+    pairs = []
+    for entry in graph_list(graphs):
+        spec, at, named = entry.partition("@")
+        if at and named.strip() not in ("abs", "rel"):
+            raise UsageError(f"--graphs entry {entry!r}: after @ give abs or rel, as in full@abs")
+        spec = spec.strip()
+        if spec.startswith("[") and spec.endswith("]"):
+            spec = spec[1:-1].strip()
+        pairs += [(spec, p) for p in ([named.strip()] if at else positions)]
+    return list(dict.fromkeys(pairs))
 
 
 def resolve_device(requested):

@@ -76,6 +76,7 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     (["--models", "gpt,GATv3Conv"], "--models: unknown model 'GATv3Conv'; choose among bigram, gpt, GATConv"),
     (["--graphs", "window:0"], "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--pos", "abs,absolute"], "--pos 'abs,absolute': give abs, rel or abs,rel"),
+    (["--graphs", "full@rel,window:2@pos"], "--graphs entry 'window:2@pos': after @ give abs or rel, as in full@abs"),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
 ])
 def test_bench_refuses_bad_input_with_one_line(args, message, capsys):

@@ -86,6 +86,16 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
     assert capsys.readouterr().out.count("reusing the finished run") == len(names)
 
 
+def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, tiny_text_file):
+    argv = ["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--graphs", "full@abs,[window:2,full]@rel,full",
+            "--pos", "rel"]
+    assert compare.main(argv) == 0
+    assert sorted(p.parent.name for p in (in_tmp_path / "runs").glob("*/config.json")) == \
+        ["gpt_rel_s1337", "gpt_s1337", "gpt_window-2+full_rel_s1337"]
+    table = (in_tmp_path / "runs" / "graphs.md").read_text()
+    assert "| gpt_rel | gpt | " in table and "| gpt_window-2+full_rel | gpt_rel | " in table
+
+
 @pytest.mark.parametrize("args,message", [
     (["--graph", "window:0"], "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--graph", "ring:4"], "--graph 'ring:4': unknown graph 'ring'"),
@@ -106,6 +116,8 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message
     (["--graphs", "full,[window:2,full"], "--graphs 'full,[window:2,full' has an unpaired bracket"),
     (["--graphs", "full,dilated:2"], "--graph 'dilated:2': dilated takes 2 number(s)"),
     (["--pos", "relative"], "--pos 'relative': give abs, rel or abs,rel"),
+    (["--graphs", "full@relative"], "--graphs entry 'full@relative': after @ give abs or rel, as in full@abs"),
+    (["--graphs", "window:2@"], "--graphs entry 'window:2@': after @ give abs or rel, as in full@abs"),
 ])
 def test_compare_refuses_bad_graphs_and_positions_before_training(args, message, in_tmp_path, tiny_text_file,
                                                                   capsys):
