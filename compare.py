@@ -39,6 +39,7 @@ from gnngpt.results import (
     published_val_loss,
     results_table,
     run_summary,
+    seconds_to_target,
     setting_notes,
     target_table,
     uncertainty_notes,
@@ -523,6 +524,10 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
             f"{graph_study_table(configs, baseline)}\n{statistics_text(configs, baseline, target_loss)}")
     if comparisons := graph_comparisons(configs):
         text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"
+    if target_loss is not None and (comparisons := graph_comparisons(
+            configs, lambda c: seconds_to_target(c, target_loss), "Δ training seconds", 1)):
+        text += (f"\nThe same pairs in training seconds to a validation loss of {target_loss} (seeds that reached "
+                 f"it in both):\n\n{comparisons}")
     atomic_write_text(out / "graphs.md", text)
     print(f"wrote {out / 'graphs.png'} and {out / 'graphs.md'}")
 

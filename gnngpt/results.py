@@ -127,23 +127,23 @@ def format_spread(spread, digits=4):
     return f"{spread.mean:.{digits}f} ± {spread.sd:.{digits}f} ({spread.n})"
 
 
-def format_difference(difference):
+def format_difference(difference, digits=4):
     """The mean paired difference with its interval in brackets (none for one seed)."""
     if difference is None:
         return "no common seed"
     if difference.low is None:
-        return f"{difference.mean:+.4f}"
-    return f"{difference.mean:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]"
+        return f"{difference.mean:+.{digits}f}"
+    return f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
 
 
-def verdict(difference):
+def verdict(difference, digits=4):
     """"higher" or "lower" where the interval, as the table prints it, excludes zero, else "not distinguishable"
     (or why there is no interval)."""
     if difference is None:
         return "no common seed"
     if difference.low is None:
         return "needs 2 seeds"
-    low, high = round(difference.low, 4), round(difference.high, 4)
+    low, high = round(difference.low, digits), round(difference.high, digits)
     if low <= 0 <= high:
         return "not distinguishable"
     return "higher" if difference.mean > 0 else "lower"
@@ -280,10 +280,11 @@ def graph_study_table(configs, baseline=None):
     ])
 
 
-def graph_comparisons(configs):
+def graph_comparisons(configs, value=lambda c: c["loss_by_seed"], quantity="Δ (nats)", digits=4):
     """The paired differences a graph study draws, each against its reference on the same seeds: every graph
     against the complete one (same model and positions), relative positions against absolute ones (same model
-    and graph), and every graph layer against gpt (same graph and positions)."""
+    and graph), and every graph layer against gpt (same graph and positions). value gives a configuration's
+    {seed: value}: its exact loss unless told."""
     by_key = {(c["model"], c["graph"], c["pos"]): c for c in configs if c["graph"] is not None}
     pairs = []
     for (model, graph, pos), c in by_key.items():
@@ -295,9 +296,17 @@ def graph_comparisons(configs):
     pairs.sort(key=lambda p: order[p[0]])
     rows = []
     for _, c, ref in pairs:
-        difference = paired_difference(c["loss_by_seed"], ref["loss_by_seed"])
-        rows.append([c["name"], ref["name"], format_difference(difference),
-                     "-" if difference is None else difference.n, verdict(difference)])
+        difference = paired_difference(value(c), value(ref))
+        rows.append([c["name"], ref["name"], format_difference(difference, digits),
+                     "-" if difference is None else difference.n, verdict(difference, digits)])
     if not rows:
         return ""
-    return markdown_table(["configuration", "against", f"Δ (nats) [{CONFIDENCE:.0%} CI]", "seeds", "difference"], rows)
+    return markdown_table(["configuration", "against", f"{quantity} [{CONFIDENCE:.0%} CI]", "seeds", "difference"],
+                          rows)
+
+
+def seconds_to_target(config, target):
+    """{seed: training seconds at the run's first evaluation at or below target} over the seeds whose runs reached
+    it and recorded their training seconds."""
+    reached = {r["seed"]: first_reaching(r, target) for r in config["runs"]}
+    return {seed: at["train_s"] for seed, at in reached.items() if at and at["train_s"] is not None}

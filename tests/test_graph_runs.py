@@ -1,8 +1,11 @@
 """Context graphs and positions end to end: the flags, what runs store, and everything that rebuilds a model."""
+import csv
 import json
 
 import matplotlib.image
+import numpy
 import pytest
+import scipy.stats
 import torch
 
 import compare
@@ -88,12 +91,28 @@ def test_compare_runs_every_model_on_every_graph_and_reuses_them(in_tmp_path, ti
 
 def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, tiny_text_file):
     argv = ["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--graphs", "full@abs,[window:2,full]@rel,full",
-            "--pos", "rel"]
+            "--pos", "rel", "--seeds", "2"]
     assert compare.main(argv) == 0
-    assert sorted(p.parent.name for p in (in_tmp_path / "runs").glob("*/config.json")) == \
-        ["gpt_rel_s1337", "gpt_s1337", "gpt_window-2+full_rel_s1337"]
-    table = (in_tmp_path / "runs" / "graphs.md").read_text()
+    runs = in_tmp_path / "runs"
+    names = ["gpt", "gpt_rel", "gpt_window-2+full_rel"]
+    assert sorted(p.parent.name for p in runs.glob("*/config.json")) == \
+        sorted(f"{name}_s{seed}" for name in names for seed in (1337, 1338))
+    table = (runs / "graphs.md").read_text()
     assert "| gpt_rel | gpt | " in table and "| gpt_window-2+full_rel | gpt_rel | " in table
+
+    # every run reaches the highest of their last validation estimates; rebuilt with it as the target
+    metrics = {run.name: list(csv.DictReader((run / "metrics.csv").open())) for run in runs.glob("gpt*")}
+    target = max(float(rows[-1]["val_loss"]) for rows in metrics.values())
+    assert compare.main([*argv, "--report_only", "--target_loss", str(target)]) == 0
+    table = (runs / "graphs.md").read_text().split("training seconds to a validation loss")[1]
+
+    def seconds(name, seed):
+        return next(float(r["train_s"]) for r in metrics[f"{name}_s{seed}"] if float(r["val_loss"]) <= target)
+
+    for name, against in (("gpt_rel", "gpt"), ("gpt_window-2+full_rel", "gpt_rel")):
+        d = numpy.array([seconds(name, seed) - seconds(against, seed) for seed in (1337, 1338)])
+        low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+        assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] | 2 | " in table
 
 
 @pytest.mark.parametrize("args,message", [
