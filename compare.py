@@ -101,8 +101,8 @@ def build_parser():
                    help="train nothing: rebuild the tables and figures from the finished runs' small files "
                         "(config.json, metrics.csv, eval.json); no checkpoint is needed")
     p.add_argument("--runs", default="runs", metavar="DIR",
-                   help="each run goes to DIR/<run name>, with its sample in model_outputs/<run name>.txt when DIR "
-                        "is runs, else in DIR/<run name>/sample.txt (default: runs)")
+                   help="each run goes to DIR/<run name>, with its sample in DIR/<run name>/sample.txt "
+                        "(default: runs)")
     p.add_argument("--out", metavar="DIR",
                    help="where val_loss.png, results.md and the leaderboard go (default: the --runs DIR; --out plots "
                         "writes the figures and samples this repository ships)")

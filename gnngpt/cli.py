@@ -126,13 +126,12 @@ def placement_list(graphs, pos):
     positions = position_list(pos)
     pairs = []
     for entry in graph_list(graphs):
-        spec, at, named = entry.partition("@")
-        if at and named.strip() not in ("abs", "rel"):
+        spec, at, named = (part.strip() for part in entry.partition("@"))
+        if at and named not in ("abs", "rel"):
             raise UsageError(f"--graphs entry {entry!r}: after @ give abs or rel, as in full@abs")
-        spec = spec.strip()
         if spec.startswith("[") and spec.endswith("]"):
             spec = spec[1:-1].strip()
-        pairs += [(spec, p) for p in ([named.strip()] if at else positions)]
+        pairs += [(spec, p) for p in ([named] if at else positions)]
     return list(dict.fromkeys(pairs))
 
 
