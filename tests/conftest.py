@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gnngpt.decoder import CUDA_GRAPHS, CachedDecoder
+from gnngpt.fallback import NO_FALLBACK
 from gnngpt.models import GPTConfig
 from gnngpt.train import make_optimizer
 
@@ -131,6 +132,13 @@ def failing_cache(cache, T):
 def failing_multinomial(*args, **kwargs):
     """A test double of torch.multinomial that raises: a failure of sampling outside the cached decoder."""
     raise RuntimeError(MULTINOMIAL_ERROR)
+
+
+@pytest.fixture
+def with_fallbacks(monkeypatch):
+    """An optimisation that raises steps aside in this test, even where the suite runs with GNNGPT_NO_FALLBACK=1
+    (as the CUDA checks run it): for the tests of the fallbacks themselves."""
+    monkeypatch.delenv(NO_FALLBACK, raising=False)
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_batches_on_cuda_come_through_pinned_memory_and_equal_those_on_the_cpu(d
     assert PINNED_BATCHES.on  # no fallback
 
 
-def test_batches_that_cannot_be_pinned_are_copied_from_ordinary_memory(monkeypatch, capsys):
+def test_batches_that_cannot_be_pinned_are_copied_from_ordinary_memory(monkeypatch, capsys, with_fallbacks):
     pins = []
 
     def failing_pin_memory(tensor):

@@ -188,7 +188,7 @@ def test_fused_gatv2_kernel_equals_pyg():
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
-def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys):
+def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys, with_fallbacks):
     model = GPT(tiny_config("GATv2Conv", block_size=8))
     idx = torch.randint(0, 17, (2, 8))
     expected, _ = model(idx)  # the chunked kernel: the tests run without the fused one
@@ -346,7 +346,7 @@ def test_a_prompt_of_a_full_window_or_more_decodes_as_the_lectures_sampler(promp
     ("GATConv", "window:3", "rel", 5),  # the rolling buffers' one-token step fails
 ])
 def test_a_cuda_graph_that_raises_gives_way_to_eager_decoding_with_the_same_logits(
-        mixer, graph, pos, prompt_len, double, error, capture_anywhere, capsys, device):
+        mixer, graph, pos, prompt_len, double, error, capture_anywhere, capsys, device, with_fallbacks):
     capture_anywhere(double)
     model = GPT(tiny_config(mixer, graph=graph, pos=pos, block_size=8)).eval()
     randomize_distance_terms(model)
