@@ -396,9 +396,9 @@ def write_missing_exact_loss(run):
 
 def model_samples_dir(out, shipped=True):
     """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the comparison of
-    models (shipped) whose figures go to plots/, the shipped figures; else the model_outputs folder of its
-    --out."""
-    return Path("model_outputs") if shipped and Path(out).resolve() == Path("plots").resolve() else \
+    models (shipped) whose figures go to plots/paper/, the published comparison's; else the model_outputs folder
+    of its --out."""
+    return Path("model_outputs") if shipped and Path(out).resolve() == Path("plots/paper").resolve() else \
         Path(out) / "model_outputs"
 
 

@@ -9,16 +9,17 @@
 #   compare  bigram, gpt, GATConv and GATv2Conv at --preset paper (the published hyperparameters, 5000 steps),
 #            four at once on the GPU, evaluated every 1000 steps (the preset: 50) on 200 batches per split, into
 #            plots/paper/runs (whose small files are kept beside the results); it writes plots/paper/val_loss.png
-#            and plots/paper/results.md, and each model's sample to plots/paper/model_outputs. It comes last and gets what is left of the budget: stopped at its
-#            limit, every run keeps a checkpoint, and PAPER_STEPS=compare with the same flags resumes them.
+#            and plots/paper/results.md, and each model's sample to model_outputs/ (the shipped samples). It comes
+#            last and gets what is left of the budget: stopped at its limit, every run keeps a checkpoint, and
+#            PAPER_STEPS=compare with the same flags resumes them.
 # docs/paper.md says how the evaluation interval was sized.
 #
 # Usage: bash scripts/paper_gpu.sh [LOG_DIR [COMPARE_FLAG...]]
-#   Run it in the repository root with input.txt there: plots/paper is written in the
+#   Run it in the repository root with input.txt there: plots/paper and model_outputs are written in the
 #   current directory. LOG_DIR (default: paper_logs) gets one log per step and summary.txt. COMPARE_FLAGs
 #   follow the script's own compare.py flags and so override them. Environment: PAPER_STEPS (default:
 #   "tests bench compare") picks the steps, PAPER_BUDGET_S the budget, PYTHON the interpreter (default: python3).
-#   Its comparison on a CPU at a tiny size (in the repository root it writes plots/paper
+#   Its comparison on a CPU at a tiny size (in the repository root it writes plots/paper and model_outputs
 #   there; tests/test_paper_gpu.py runs it in a scratch directory):
 #     PAPER_STEPS=compare bash scripts/paper_gpu.sh /tmp/paper_logs --device cpu --max_iters 20 --batch_size 4 \
 #         --block_size 16 --n_embd 16 --n_head 2 --n_layer 1 --eval_iters 2

@@ -67,26 +67,30 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
         assert row[1:3] == [f"{exact['val_loss']:.4f} (1)", f"{exact['val_bpc']:.4f} (1)"]
         assert row[3] == f"{config['parameters']:,}"
         assert row[6] == "cpu" and row[7] == "cpu" and row[8] == config["machine"]
-        assert len((tmp_path / "model_outputs" / f"{row[0]}.txt").read_text()) == 21
+        assert len((tmp_path / "plots" / "model_outputs" / f"{row[0]}.txt").read_text()) == 21
     assert "One seed per configuration: no deviation or interval can be computed" in results
-    assert "`model_outputs/GATConv.txt` (seed 1337)" in results
+    assert "`plots/model_outputs/GATConv.txt` (seed 1337)" in results
     assert f"preset cpu, {config['machine']}" in results
     assert "python compare.py --data tiny.txt --max_iters 4" in results
 
-    (tmp_path / "model_outputs" / "bigram.txt").unlink()
+    (tmp_path / "plots" / "model_outputs" / "bigram.txt").unlink()
     checkpoint = (tmp_path / "runs" / "GATConv_s1337" / "ckpt.pt").read_bytes()
     (tmp_path / "plots" / "results.md").unlink()
     trainings.clear()
     assert compare_main("--models", "bigram,GATConv") == 0
     assert trainings == []
     assert (tmp_path / "runs" / "GATConv_s1337" / "ckpt.pt").read_bytes() == checkpoint
-    assert len((tmp_path / "model_outputs" / "bigram.txt").read_text()) == 21  # written again from the checkpoint
+    assert len((tmp_path / "plots" / "model_outputs" / "bigram.txt").read_text()) == 21  # again, from the checkpoint
     assert table_rows((tmp_path / "plots" / "results.md").read_text()) == rows
 
 
 def test_paper_runs_show_the_published_losses_and_every_setting_that_is_not_the_presets(trainings, tmp_path):
-    assert compare_main("--models", "gpt,GCNConv", "--preset", "paper") == 0
-    results = (tmp_path / "plots" / "results.md").read_text()
+    assert compare_main("--models", "gpt,GCNConv", "--preset", "paper", "--out", "plots/paper") == 0
+    results = (tmp_path / "plots" / "paper" / "results.md").read_text()
+    assert "Samples: `model_outputs/gpt.txt` (seed 1337), `model_outputs/GCNConv.txt` (seed 1337)." in results
+    for name in ("gpt", "GCNConv"):  # the published comparison's samples are the shipped ones
+        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == \
+            (tmp_path / "runs" / f"{name}_s1337" / "sample.txt").read_text()
     assert "| model | val loss (nats) | bits per character | published | Δ vs gpt (nats) [95% CI] |" in results
     assert [(row[0], row[3]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
     assert "published: the original's validation loss after 5000 steps of the paper preset" in results
