@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from test_compare import compare_main, table_rows
 
-import compare
-from gnngpt import slurm
+from gnngpt import runner, slurm
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
 
@@ -116,12 +115,12 @@ def test_jobs_give_the_metrics_of_one_at_a_time_and_only_missing_runs_are_submit
 
 def test_a_failed_job_is_reported_with_its_log_and_the_others_results_are_kept(local_jobs, tmp_path, monkeypatch,
                                                                                 capsys):
-    real_command = compare.training_command
+    real_command = runner.training_command
 
     def refused_for_gpt(run, state):  # gpt's training refuses its arguments
         return real_command(run, state) + ["--n_head", "3"] * (run.config_name == "gpt")
 
-    monkeypatch.setattr(compare, "training_command", refused_for_gpt)
+    monkeypatch.setattr(runner, "training_command", refused_for_gpt)
     assert compare_main("--models", "bigram,gpt", "--launcher", "slurm") == 1
     captured = capsys.readouterr()
     log = Path("runs") / "gpt_s1337" / "train.log"

@@ -1,0 +1,183 @@
+"""The runs of a comparison (compare.py): every model of --models on every (graph, positions) pair of --graphs and
+--pos with every seed, each checked as its training script would check it, and the state of its run directory."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import cli, guard
+from .config import SCRIPTS, Script, script_for
+from .data import DEFAULT_DATA
+from .errors import UsageError
+from .mixers import parse_layer_kwargs
+from .rundir import holds_run, is_finished, read_config, refuse_if_held, run_name
+
+DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
+ALL_LAYERS = "all-layers"
+# compare.py decides these itself; each run's W&B run is named after the run
+NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers", "--wandb_run_name")
+
+
+@dataclass
+class Run:
+    """One training run of a configuration (a model on a graph with positions) and a seed: its script, its
+    arguments, and the config a reusable run must have. Its name is its directory's: the configuration's
+    name and the seed, as in gpt_s1337."""
+    name: str
+    config_name: str
+    seed: int
+    script: Script
+    argv: list
+    out_dir: Path
+    expected: dict
+
+    def state(self):
+        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace".
+
+        A run that a training holds is refused."""
+        refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
+        if not holds_run(self.out_dir):
+            return "new"
+        config = read_config(self.out_dir)
+        same = config is not None and has_values(config, self.expected)
+        if same and is_finished(self.out_dir, config):
+            return "reuse"
+        if same and (self.out_dir / "ckpt.pt").is_file():
+            return "resume"
+        return "replace"
+
+
+def has_values(config, expected):
+    """Whether config holds each value of expected; nested dicts are compared key by key."""
+    return all(
+        has_values(config.get(key, {}), value) if isinstance(value, dict) else config.get(key) == value
+        for key, value in expected.items()
+    )
+
+
+
+def plan_comparison(args, extra):
+    """The runs of compare.py's args (one per run name, in the order of --models, graphs, positions and seeds),
+    checked before anything trains, with extra the training flags passed through; the baseline (see
+    baseline_name), the layer_support records of all-layers (None without it) and the (graph, positions) pairs."""
+    names, layer_records = model_names(args.models)
+    pairs = cli.placement_list(args.graphs, args.pos)
+    seeds = seed_list(args.seed, args.seeds)
+    passed = pass_through_flags(extra)
+    runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)])  # checks everything before training
+            for name in names for graph, pos in placements(name, pairs) for seed in seeds]
+    runs = list({r.name: r for r in runs}.values())
+    baseline = baseline_name(args.baseline, [r.config_name for r in runs])
+    return runs, baseline, layer_records, pairs
+
+
+def seed_list(seed, count):
+    """The seeds of --seed (one, or a comma-separated list) and --seeds N (N seeds from one --seed)."""
+    try:
+        seeds = [int(s) for s in seed.split(",")]
+    except ValueError:
+        raise UsageError(f"--seed {seed!r} is not an integer or a comma-separated list of integers") from None
+    if count < 1:
+        raise UsageError(f"--seeds must be a positive integer, got {count}")
+    if len(seeds) > 1 and count != 1:
+        raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seed {seed} names a seed twice; give each seed once")
+    return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
+
+
+def baseline_name(requested, names):
+    """The configuration that others are compared with: --baseline (checked), else gpt where it is planned."""
+    if requested is None:
+        return "gpt" if "gpt" in names else None
+    if requested not in names:
+        raise UsageError(f"--baseline {requested} is not in this comparison; choose one of "
+                         f"{', '.join(dict.fromkeys(names))}")
+    return requested
+
+
+def first_seeds(runs):
+    """The run of each configuration with its first seed (in the order of --seed), whose sample stands for it."""
+    first = {}
+    for r in runs:
+        first.setdefault(r.config_name, r)
+    return list(first.values())
+
+
+def model_names(models):
+    """The model names of --models, all-layers expanded, and the layer_support records when it was asked for."""
+    requested = [m.strip() for m in models.split(",") if m.strip()]
+    if not requested:
+        raise UsageError(f"--models is empty; give a comma-separated list such as {DEFAULT_MODELS}")
+    records = guard.layer_support() if ALL_LAYERS in requested else None
+    names = []
+    for m in requested:
+        names += [r.name for r in records if r.works] if m == ALL_LAYERS else [m]
+    for name in names:
+        if script_for(name).graph_layer:
+            guard.check_layer_name(name, f"model {name!r} in --models", other_models=("bigram", "gpt", ALL_LAYERS))
+    return list(dict.fromkeys(names)), records
+
+
+def placements(name, pairs):
+    """The (graph, positions) pairs a model trains with: those of --graphs and --pos, or none for the bigram,
+    which has neither."""
+    if not script_for(name).has_model_size:
+        return [(None, None)]
+    return pairs
+
+
+def pass_through_flags(extra):
+    """For each training script, the extra training flags (with their values) that its parser accepts."""
+    groups = []
+    for token in extra:
+        if token.startswith("--"):
+            groups.append([token])
+        elif groups:
+            groups[-1].append(token)
+        else:
+            raise UsageError(f"unexpected argument {token!r}; see python compare.py --help")
+    parsers = {script: cli.build_parser(script) for script in SCRIPTS}
+    passed = {script: [] for script in SCRIPTS}
+    for group in groups:
+        flag = group[0].split("=")[0]
+        if flag in NOT_PASSED:
+            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer, directory and "
+                             f"W&B run name and resumes unfinished runs itself; see python compare.py --help")
+        accepting = [script for script, parser in parsers.items() if not parser.parse_known_args(group)[1]]
+        if not accepting:
+            raise UsageError(f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
+        for script in accepting:
+            passed[script] += group
+    return passed
+
+
+def plan_run(model, graph, pos, seed, args, extra):
+    """The training run of one model on one graph with one kind of positions (None for the bigram) and one seed,
+    its arguments checked as the training script would check them."""
+    script = script_for(model)
+    argv = [*(["--gat_version", model] if script.graph_layer else []),
+            *(["--graph", graph, "--pos", pos] if script.has_model_size else []),
+            "--preset", args.preset, "--device", args.device, "--seed", str(seed),
+            *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
+            *(["--data", args.data] if args.data else []), *extra]
+    training_args = cli.build_parser(script).parse_args(argv)
+    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume,
+                      training_args.wandb_run_name)
+    if set_by_compare != (None, model, False, None):
+        raise UsageError("a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name, which "
+                         "compare.py sets itself; write training flags in full")
+    if script.graph_layer:
+        guard.check_layer_name(model)
+    # a SLURM job's device is that of its node, where its training checks it; a report reads runs made elsewhere
+    named = args.launcher == "slurm" or (args.report_only and args.device != "auto")
+    device = torch.device(args.device) if named else cli.resolve_device(training_args.device)
+    preset, settings = cli.resolve_settings(script, training_args, device)
+    name = run_name(model, settings)
+    out_dir = Path(args.runs) / f"{name}_s{seed}"
+    expected = {"name": name, "settings": settings, "seed": seed, "preset": preset, "device": str(device),
+                "data": str(args.data or DEFAULT_DATA)}
+    if script.graph_layer:
+        expected["model_config"] = {"mixer": model, "backend": training_args.backend,
+                                    "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}
+    return Run(out_dir.name, name, seed, script, [*argv, "--out_dir", str(out_dir)], out_dir, expected)

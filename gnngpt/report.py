@@ -1,0 +1,146 @@
+"""The outputs of a comparison (compare.py), from the small files of its finished runs: results.md and
+val_loss.png, the layer leaderboard, or the graph study; and one sample per model."""
+import shlex
+from pathlib import Path
+
+from .config import PUBLISHED_STEP
+from .errors import UsageError
+from .evaluation import read_eval
+from .files import atomic_write_text
+from .plan import first_seeds
+from .plots import plot_graph_study, plot_leaderboard, plot_val_loss
+from .results import (
+    configurations,
+    graph_comparisons,
+    graph_study_table,
+    leaderboard_table,
+    published_val_loss,
+    results_table,
+    run_summary,
+    seconds_to_target,
+    setting_notes,
+    target_table,
+    uncertainty_notes,
+)
+from .runner import write_missing_sample
+from .sampling import sample_path
+
+
+def model_samples_dir(out, shipped=True):
+    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the comparison of
+    models (shipped) whose figures go to plots/paper/, the published comparison's; else the model_outputs folder
+    of its --out."""
+    return Path("model_outputs") if shipped and Path(out).resolve() == Path("plots/paper").resolve() else \
+        Path(out) / "model_outputs"
+
+
+def write_model_samples(runs, out, shipped):
+    """Each model's sample, its first seed's, in model_samples_dir(out, shipped)/<model>.txt; a run without a
+    sample of its own (see sampling.sample_path) gets one from its checkpoint first."""
+    for run in first_seeds(runs):
+        source = sample_path(run.out_dir)
+        if not source.exists():
+            write_missing_sample(run, source)
+        atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",
+                          source.read_text(encoding="utf-8"))
+
+
+def report(runs, states, args, out, argv, baseline, layer_records, pairs):
+    """--report_only: the tables and figures of finished runs, from their small files; refused while any run
+    is unfinished or lacks its exact validation loss."""
+    why = {"new": "not there", "resume": "not finished", "replace": "other settings", "submitted": "not finished"}
+    missing = [f"{r.out_dir} ({why.get(states[r.name], 'no eval.json')})" for r in runs
+               if states[r.name] != "reuse" or read_eval(r.out_dir, r.expected["settings"]["max_iters"]) is None]
+    if missing:
+        raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only")
+    write_report(runs, args, out, argv, baseline, layer_records, pairs, {})
+    return 0
+
+
+def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
+    """The comparison's tables and figures, from the small files of its finished runs."""
+    configs = configurations([run_summary(r.out_dir) for r in runs])
+    if not configs:
+        return
+    argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
+    baseline = next((c for c in configs if c["name"] == baseline), None)
+    seeds = {r.config_name: r.seed for r in first_seeds(runs)}
+    if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
+        write_leaderboard(configs, layer_records, failed, out, argv)
+    elif len(pairs) > 1:  # a graph study, likewise
+        write_graph_study(configs, baseline, args.target_loss, out, argv)
+    else:
+        write_comparison(configs, baseline, args.target_loss, seeds, out, argv, args.jobs)
+
+
+def describe(configs):
+    """The presets and machines of the runs, for titles."""
+    presets = ", ".join(dict.fromkeys(c["preset"] for c in configs))
+    machines = "; ".join(dict.fromkeys(c["machine"] for c in configs))
+    return f"preset {presets}, {machines}"
+
+
+def command(argv):
+    return shlex.join(["python", "compare.py", *argv])
+
+
+def statistics_text(configs, baseline, target_loss):
+    """What the loss columns mean and, with target_loss, the table of when each configuration reached it."""
+    text = uncertainty_notes(configs, baseline) + "\n"
+    if target_loss is not None:
+        text += (f"Time to a validation loss of {target_loss} (the random-batch estimates of each evaluation, "
+                 f"mean over seeds):\n\n{target_table(configs, target_loss)}\n")
+    return text
+
+
+def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
+    """val_loss.png and results.md: the table, with the published values and any setting that is not the preset's."""
+    published = {c["name"]: published_val_loss(c) for c in configs if published_val_loss(c) is not None}
+    plot_val_loss(configs, out / "val_loss.png", f"Validation loss ({describe(configs)})", published,
+                  PUBLISHED_STEP)
+    notes = statistics_text(configs, baseline, target_loss)
+    if published:
+        notes += (f"published: the original's validation loss after {PUBLISHED_STEP} steps of the paper preset on "
+                  f"an A100, read from its plot (random batches, one seed).\n\n")
+    differences = setting_notes(configs)
+    if differences:
+        notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
+    if jobs > 1:
+        notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
+                  f"by this command were measured while they shared the machine.\n\n")
+    samples = ", ".join(f"`{(model_samples_dir(out) / (c['name'] + '.txt')).as_posix()}` (seed {seeds[c['name']]})"
+                        for c in configs)
+    text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{results_table(configs, baseline)}\n{notes}Samples: {samples}.\n")
+    atomic_write_text(out / "results.md", text)
+    print(f"wrote {out / 'val_loss.png'} and {out / 'results.md'}")
+
+
+def write_leaderboard(configs, records, failed, out, argv):
+    """The leaderboard table and figure, and the layers that could not take part with their reasons."""
+    plot_leaderboard(configs, out / "leaderboard.png", f"Token-mixer leaderboard ({describe(configs)})")
+    left_out = [(r.name, r.reason) for r in records if not r.works]
+    left_out += [(name, f"training failed (exit code {code})") for name, code in failed.items()]
+    text = (f"# Layer leaderboard\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{leaderboard_table(configs)}\n{uncertainty_notes(configs, None)}")
+    if left_out:
+        text += "\nNot ranked:\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in left_out)
+    atomic_write_text(out / "leaderboard.md", text)
+    print(f"wrote {out / 'leaderboard.png'} and {out / 'leaderboard.md'}")
+
+
+def write_graph_study(configs, baseline, target_loss, out, argv):
+    """Validation loss against edges per token and against training speed, one point per model, graph and
+    positions, with the table behind it and the paired differences the study draws."""
+    plot_graph_study(configs, out / "graphs.png", f"Context graphs ({describe(configs)})")
+    text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{graph_study_table(configs, baseline)}\n{statistics_text(configs, baseline, target_loss)}")
+    if comparisons := graph_comparisons(configs):
+        text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"
+    if target_loss is not None and (comparisons := graph_comparisons(
+            configs, lambda c: seconds_to_target(c, target_loss), "Δ training seconds", 1)):
+        text += (f"\nThe same pairs in training seconds to a validation loss of {target_loss} (seeds that reached "
+                 f"it in both):\n\n{comparisons}")
+    atomic_write_text(out / "graphs.md", text)
+    print(f"wrote {out / 'graphs.png'} and {out / 'graphs.md'}")

@@ -1,0 +1,96 @@
+"""Training the planned runs of a comparison (compare.py): in this process one after the other, or by their
+training scripts in child processes (gnngpt/jobs.py; gnngpt/slurm.py takes training_command for its jobs); and
+the exact loss and sample that a reused run lacks, from its checkpoint."""
+import sys
+from pathlib import Path
+
+import torch
+
+from . import cli
+from .errors import UsageError, one_line
+from .evaluation import (
+    describe as describe_exact_loss,
+    read_eval,
+    run_validation_split,
+    timed_exact_loss,
+    write_eval,
+)
+from .jobs import Job, run_jobs
+from .results import load_run_model
+from .rundir import read_config
+from .sampling import write_model_output
+
+ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
+
+
+def training_argv(run, state):
+    """The training script's arguments for a run in state "new", "resume" or "replace"."""
+    return run.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, [])
+
+
+def train_here(runs, states):
+    """Train the runs in this process, one after the other.
+
+    Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
+    """
+    failed = {}
+    for r in runs:
+        print(f"{r.name}: {'resuming' if states[r.name] == 'resume' else 'training'} in {r.out_dir}")
+        try:
+            code = cli.main(r.script, training_argv(r, states[r.name]))
+        except Exception as e:  # noqa: BLE001 - a layer failing at this size must not stop the other models
+            print(f"error: {r.name} failed: {one_line(e)}", file=sys.stderr)
+            code = 1
+        if code > 128:  # stopped by SIGINT or SIGTERM: stop comparing too
+            return code, failed
+        if code:
+            failed[r.name] = code
+    return 0, failed
+
+
+def training_command(run, state):
+    """The command line that trains a run by its training script in a process of its own."""
+    return [sys.executable, str(ROOT / run.script.filename), *training_argv(run, state)]
+
+
+def train_in_processes(runs, states, at_once):
+    """Train the runs by their training scripts in child processes, at_once at a time (see jobs.run_jobs).
+
+    Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
+    """
+    jobs = [Job(r.name, training_command(r, states[r.name]), r.out_dir, r.expected["settings"]["max_iters"],
+                resume=states[r.name] == "resume", device=r.expected["device"])
+            for r in runs]
+    stopped = run_jobs(jobs, at_once)
+    return stopped, {job.name: job.exit_code for job in jobs if job.state == "failed"}
+
+
+def write_missing_exact_loss(run):
+    """Write the run's eval.json from its checkpoint when it has none of its last step (runs from before every
+    training ended with it)."""
+    config = read_config(run.out_dir)
+    if read_eval(run.out_dir, config["settings"]["max_iters"]) is not None:
+        return
+    device = reading_device(run)
+    model, tokenizer, _ = load_run_model(run.out_dir, device)
+    result = timed_exact_loss(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
+    write_eval(run.out_dir, result, config["settings"]["max_iters"])
+    print(f"{run.name}: {describe_exact_loss(result)} (computed from its checkpoint)")
+
+
+def reading_device(run):
+    """The device a reused run's checkpoint is read on: the run's own, or the CPU where this machine lacks it (as
+    a login node lacks the GPU of a SLURM job)."""
+    try:
+        return cli.resolve_device(torch.device(run.expected["device"]).type)
+    except UsageError:
+        return torch.device("cpu")
+
+
+def write_missing_sample(run, path):
+    """Write the run's sample to path from its checkpoint."""
+    device = reading_device(run)
+    model, tokenizer, _ = load_run_model(run.out_dir, device)
+    torch.manual_seed(run.seed)
+    write_model_output(model, tokenizer, path, device)
+    print(f"wrote {path}")

@@ -1,0 +1,64 @@
+"""A comparison (compare.py) from its parsed flags: the checks and the plan (gnngpt/plan.py), the state of each
+run, their training (gnngpt/runner.py, or gnngpt/slurm.py) and the tables, figures and samples
+(gnngpt/report.py)."""
+import sys
+from pathlib import Path
+
+from . import runner, slurm
+from .data import load_text
+from .errors import UsageError
+from .plan import plan_comparison
+from .report import report, write_model_samples, write_report
+from .rundir import file_in_the_way
+
+
+def compare(args, extra, argv):
+    """compare.py with its parsed flags, extra the training flags to pass through and argv its command line (for
+    the report): the runs planned and checked, then trained (here, in child processes or as SLURM jobs) and
+    reported, or --report_only's report alone. The exit code: 0, 1 when a training failed, or that of a stop by
+    SIGINT or SIGTERM."""
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    launcher = slurm.options(args)  # None for --launcher local
+    if launcher:
+        args.device = launcher.device  # that of each job, checked by its training on its node
+    out = Path(args.out or args.runs)
+    for flag, directory in (("--runs", args.runs), ("--out", out)):
+        if refusal := file_in_the_way(directory, flag):
+            raise UsageError(refusal)
+    runs, baseline, layer_records, pairs = plan_comparison(args, extra)
+    waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
+    states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
+    if args.report_only:
+        return report(runs, states, args, out, argv, baseline, layer_records, pairs)
+    taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
+    if taken and not args.overwrite:
+        raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
+                         f"to replace them or --runs DIR to train elsewhere")
+
+    for r in runs:
+        if states[r.name] == "reuse":
+            print(f"{r.name}: reusing the finished run in {r.out_dir}")
+    pending = [r for r in runs if states[r.name] != "reuse"]
+    if pending:
+        load_text(args.data)  # checked (and downloaded when missing) once, before any training reads it
+    if launcher:
+        stopped, failed = slurm.train_as_jobs(pending, states, runner.training_command, launcher)
+    elif args.jobs == 1:
+        stopped, failed = runner.train_here(pending, states)
+    else:
+        stopped, failed = runner.train_in_processes(pending, states, args.jobs)
+    if stopped:  # by SIGINT or SIGTERM
+        print("compare.py stopped; run the same command again to go on: finished runs are reused and "
+              "stopped ones resume", file=sys.stderr)
+        return stopped
+    done = [r for r in runs if r.name not in failed]
+    for r in done:
+        runner.write_missing_exact_loss(r)
+    write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
+    write_report(done, args, out, argv, baseline, layer_records, pairs, failed)
+    if failed:
+        print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
+              f"retry them: finished runs are reused", file=sys.stderr)
+        return 1
+    return 0
