@@ -1,6 +1,7 @@
 """The exact validation loss of a trained run: every character of its validation split predicted once.
 
     python evaluate.py --out_dir runs/gpt                  # the run's validation split (the last 10% of its text)
+    python evaluate.py --out_dir runs/gpt --write          # the same, written to the run's eval.json
     python evaluate.py --out_dir runs/gpt --data other.txt # all of another UTF-8 file
 """
 import json
@@ -10,9 +11,16 @@ import sys
 from gnngpt import cli
 from gnngpt.data import load_text
 from gnngpt.errors import UsageError, exit_code
-from gnngpt.evaluation import describe, encode_whole, random_estimates, run_validation_split, timed_exact_loss
+from gnngpt.evaluation import (
+    describe_evaluation,
+    encode_whole,
+    exact_evaluation,
+    random_estimates,
+    run_validation_split,
+    write_eval,
+)
 from gnngpt.results import load_run_model
-from gnngpt.rundir import read_config
+from gnngpt.rundir import read_config, read_metrics
 
 
 def build_parser():
@@ -27,6 +35,9 @@ def build_parser():
     p.add_argument("--random_estimates", type=int, default=0, metavar="N",
                    help="also draw N random-batch estimates as training's evaluations make them (eval_iters batches "
                         "of the run), to see how far one falls from the exact loss (default: 0)")
+    p.add_argument("--write", action="store_true",
+                   help="write the result to the run's eval.json and loss_by_position.csv, as its training does at "
+                        "its end (not with --data)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
@@ -42,6 +53,8 @@ def run(args):
     if args.random_estimates < 0 or args.random_estimates == 1:
         raise UsageError(f"--random_estimates must be 0 or at least 2 (a deviation needs two), got "
                          f"{args.random_estimates}")
+    if args.write and args.data:
+        raise UsageError("--write records the run's own validation split in its eval.json; drop --data or --write")
     device = cli.resolve_device(args.device)
     model, tokenizer, name = load_run_model(args.out_dir, device)
     config = read_config(args.out_dir)
@@ -51,20 +64,28 @@ def run(args):
         data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
     else:
         data, what = run_validation_split(config, tokenizer.chars), "its validation split"
-    result = timed_exact_loss(model, data, config["settings"], device, args.batch_size)
+    result = exact_evaluation(model, data, config["settings"], device, args.batch_size, with_halves=not args.data)
     if args.random_estimates:
         estimates = random_estimates(model, data, config["settings"], device, args.random_estimates)
         result["random_estimates"] = {"eval_iters": config["settings"]["eval_iters"], "values": estimates,
                                       "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates)}
+    if args.write:
+        try:
+            write_eval(args.out_dir, result, int(read_metrics(args.out_dir)[-1]["step"]))  # the checkpoint's step
+        except OSError as e:
+            raise UsageError(f"cannot write {args.out_dir}/eval.json ({e.strerror}); make the run directory "
+                             f"writable") from None
     if args.json:
         print(json.dumps({"run": str(args.out_dir), "name": name, "data": args.data or config["data"],
                           "split": "all" if args.data else "val", **result}))
         return
-    print(f"{name} ({args.out_dir}) on {what}: {describe(result)}, in {result['eval_s']:.1f} s")
+    print(f"{name} ({args.out_dir}) on {what}: {describe_evaluation(result)}; in {result['eval_s']:.1f} s")
     if args.random_estimates:
         r = result["random_estimates"]
         print(f"{len(estimates)} random-batch estimates of {r['eval_iters']} batches: mean {r['mean']:.4f} "
               f"({r['mean'] - result['nats']:+.4f} from the exact loss), sample deviation {r['sd']:.4f}")
+    if args.write:
+        print(f"wrote {args.out_dir}/eval.json and loss_by_position.csv")
 
 
 if __name__ == "__main__":

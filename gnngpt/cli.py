@@ -15,7 +15,7 @@ from . import distributed, sampling
 from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import Failure, UsageError
-from .evaluation import describe as describe_exact_loss, timed_exact_loss, write_eval
+from .evaluation import describe_evaluation, exact_evaluation, write_eval
 from .fast_gat import compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
@@ -267,6 +267,7 @@ def run(script, args):
         "data": str(args.data or DEFAULT_DATA),
         "parameters": n_params,
         "processes": distributed.world_size(),
+        "torch_threads": torch.get_num_threads(),
         "versions": versions(),
     }
     with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
@@ -280,14 +281,14 @@ def run(script, args):
             train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
             if not distributed.is_main_process():
                 return
-            result = timed_exact_loss(model, val_data, settings, device)
+            result = exact_evaluation(model, val_data, settings, device)
             write_eval(out_dir, result, settings["max_iters"])
-            print(f"{describe_exact_loss(result)}, in {result['eval_s']:.1f} s")
+            print(f"{describe_evaluation(result)}; in {result['eval_s']:.1f} s")
             sample_file = sample_path(out_dir)
             sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
             tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)
-    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json and {sample_file}")
+    print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and {sample_file}")
 
 
 def write_sample(model, tokenizer, path, device, out_dir):

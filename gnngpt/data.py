@@ -132,6 +132,12 @@ def split(data, train_fraction=0.9):
     return data[:n], data[n:]
 
 
+def halves(val_data):
+    """The validation tokens cut in two: the first half tunes settings, the second reports ("tune", "test")."""
+    n = len(val_data) // 2
+    return val_data[:n], val_data[n:]
+
+
 class BatchSampler:
     """Random windows of block_size + 1 tokens from each split, drawn from its own generator."""
 

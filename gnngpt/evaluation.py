@@ -1,4 +1,5 @@
 """The exact validation loss: every character of a split predicted once, from consecutive windows, in eval mode."""
+import csv
 import json
 import math
 import time
@@ -8,11 +9,13 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
+from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
 from .errors import UsageError
 from .files import atomic_write_text
-from .rundir import EVAL_FILE
+from .rundir import EVAL_FILE, POSITION_FILE
 from .train import evaluate
+
+HALVES = ("tune", "test")  # the validation split's halves, in order: data.halves
 
 
 def windows(data, block_size):
@@ -31,12 +34,12 @@ def windows(data, block_size):
 
 
 @torch.no_grad()
-def exact_loss(model, data, block_size, batch_size, device, progress=True):
-    """The mean cross-entropy over every target of data (a 1-D tensor of token ids), in nats and in bits.
+def losses_by_offset(model, data, block_size, batch_size, device, progress=True, part="val"):
+    """The summed cross-entropy of the targets at each offset t = 0 .. block_size - 1 of the windows of `windows`
+    (the target at offset t is predicted from the t earlier characters of its window), and how many there are.
 
-    The windows of `windows` go through the model batch_size at a time, in eval mode (no dropout) and in float32
-    whatever the training's dtype; each target is predicted from the earlier tokens of its window, as in
-    training. Returns {"nats", "bits", "targets"}.
+    The windows go through the model batch_size at a time, in eval mode (no dropout) and in float32 whatever the
+    training's dtype, as in training. Returns (sums, counts): (block_size,) tensors, float64 and int64, on the CPU.
     """
     if len(data) < 2:
         raise UsageError(f"the text to evaluate has {len(data)} character(s); it needs at least two")
@@ -46,15 +49,49 @@ def exact_loss(model, data, block_size, batch_size, device, progress=True):
     (x, y), tail = windows(data, block_size)
     batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     batches += [tail] if tail is not None else []
-    total = 0.0  # summed in Python's double precision (MPS has no float64)
-    for xb, yb in tqdm(batches, desc="exact evaluation", unit="batch", disable=not progress, leave=False):
+    sums = torch.zeros(block_size, dtype=torch.float64)  # summed on the CPU in double precision (MPS has no float64)
+    counts = torch.zeros(block_size, dtype=torch.long)
+    for xb, yb in tqdm(batches, desc=f"exact evaluation ({part})", unit="batch", disable=not progress, leave=False):
         xb, yb = xb.to(device), yb.to(device)
         logits, _ = model(xb)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum").item()
+        losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")  # (B, t)
+        sums[:yb.size(1)] += losses.sum(0).cpu().double()
+        counts[:yb.size(1)] += yb.size(0)
     model.train(was_training)
-    targets = len(data) - 1
+    return sums, counts
+
+
+def mean_loss(total, targets):
+    """{"nats", "bits", "targets"}: the mean of a summed cross-entropy over its targets, in nats and in bits."""
     nats = total / targets
     return {"nats": nats, "bits": nats / math.log(2), "targets": targets}
+
+
+def exact_loss(model, data, block_size, batch_size, device, progress=True, part="val"):
+    """The mean cross-entropy over every target of data (a 1-D tensor of token ids), in nats and in bits, from the
+    windows of `windows` (see losses_by_offset). Returns {"nats", "bits", "targets"}."""
+    sums, counts = losses_by_offset(model, data, block_size, batch_size, device, progress, part)
+    return mean_loss(sums.sum().item(), int(counts.sum()))
+
+
+def exact_evaluation(model, data, settings, device, batch_size=None, with_halves=True):
+    """The exact loss of data (a run's validation split) at the run's block_size and batch_size (unless given),
+    with its loss at each offset of the windows and, with_halves, the exact loss of each half of data windowed on
+    its own (data.halves: "tune" chooses settings, "test" reports them).
+
+    Returns exact_loss's keys for the whole of data, "by_position" ({"loss": [...], "targets": [...]} per offset
+    t = 0, 1, ...), "tune" and "test" (each as exact_loss returns; with_halves only), and its seconds as eval_s.
+    """
+    start = time.perf_counter()
+    block_size, batch_size = settings["block_size"], batch_size or settings["batch_size"]
+    sums, counts = losses_by_offset(model, data, block_size, batch_size, device)
+    result = mean_loss(sums.sum().item(), int(counts.sum()))
+    seen = counts > 0  # every offset, unless data is shorter than one window
+    result["by_position"] = {"loss": (sums[seen] / counts[seen]).tolist(), "targets": counts[seen].tolist()}
+    if with_halves:
+        for part, half in zip(HALVES, halves(data)):
+            result[part] = exact_loss(model, half, block_size, batch_size, device, part=f"{part} half")
+    return {**result, "eval_s": round(time.perf_counter() - start, 2)}
 
 
 def random_estimates(model, data, settings, device, repeats):
@@ -86,13 +123,6 @@ def encode_whole(text, vocab, path):
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
-def timed_exact_loss(model, data, settings, device, batch_size=None):
-    """exact_loss at a run's block_size and batch_size (unless given), with its seconds as eval_s."""
-    start = time.perf_counter()
-    result = exact_loss(model, data, settings["block_size"], batch_size or settings["batch_size"], device)
-    return {**result, "eval_s": round(time.perf_counter() - start, 2)}
-
-
 def run_validation_split(config, vocab):
     """The validation split of the text a run was trained on (its config's data), with its vocabulary."""
     path = Path(config["data"])
@@ -103,10 +133,20 @@ def run_validation_split(config, vocab):
 
 
 def write_eval(out_dir, result, step):
-    """Write eval.json: the exact validation loss (nats, bits per character) of the run's checkpoint at step."""
+    """Write a run's exact evaluation at step (exact_evaluation's result, of its validation split): the loss at
+    each position to loss_by_position.csv, then eval.json, the losses of the whole split and of its halves in
+    nats and bits per character."""
+    out_dir = Path(out_dir)
+    by_position = result["by_position"]
+    rows = "".join(f"{t},{loss:.6f},{n}\n" for t, (loss, n) in enumerate(zip(by_position["loss"],
+                                                                          by_position["targets"])))
+    atomic_write_text(out_dir / POSITION_FILE, "offset,loss,targets\n" + rows)
     record = {"step": step, "val_loss": round(result["nats"], 6), "val_bpc": round(result["bits"], 6),
-              "targets": result["targets"], "eval_s": result["eval_s"]}
-    atomic_write_text(Path(out_dir) / EVAL_FILE, json.dumps(record, indent=2) + "\n")
+              "targets": result["targets"]}
+    for part in HALVES:
+        record.update({f"{part}_loss": round(result[part]["nats"], 6), f"{part}_bpc": round(result[part]["bits"], 6),
+                       f"{part}_targets": result[part]["targets"]})
+    atomic_write_text(out_dir / EVAL_FILE, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")
 
 
 def read_eval(out_dir, step=None):
@@ -120,7 +160,38 @@ def read_eval(out_dir, step=None):
     return record
 
 
+def has_halves(record):
+    """Whether an eval.json record holds the losses of the validation split's halves (runs from before it did not)."""
+    return record is not None and all(f"{part}_loss" in record for part in HALVES)
+
+
+def read_loss_by_position(out_dir):
+    """A run's loss_by_position.csv as {"loss": [...], "targets": [...]} per offset, or None when it is missing or
+    unreadable."""
+    try:
+        with open(Path(out_dir) / POSITION_FILE, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {"loss": [float(r["loss"]) for r in rows], "targets": [int(r["targets"]) for r in rows]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def describe(result):
     """One line for a person: the exact loss in nats and bits per character, over how many characters."""
     return (f"exact validation loss {result['nats']:.4f} nats, {result['bits']:.4f} bits per character "
             f"({result['targets']:,} characters)")
+
+
+def describe_evaluation(result):
+    """describe(result), then the halves' losses where there are any, and the loss at a few positions."""
+    text = describe(result)
+    if all(part in result for part in HALVES):
+        text += "; " + ", ".join(f"{part} half {result[part]['nats']:.4f}" for part in HALVES)
+    return f"{text}; {describe_positions(result['by_position'])}"
+
+
+def describe_positions(by_position):
+    """The loss at offsets 1, 8, 32 and the last (those the windows have), as "by position 1: 2.4051, ..."."""
+    last = len(by_position["loss"]) - 1
+    offsets = sorted({t for t in (1, 8, 32) if t < last} | {last})
+    return "by position " + ", ".join(f"{t}: {by_position['loss'][t]:.4f}" for t in offsets)

@@ -5,6 +5,7 @@ import csv
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from . import distributed
@@ -15,6 +16,7 @@ from .files import atomic_write_text
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
 EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
+POSITION_FILE = "loss_by_position.csv"  # the same loss at each offset of the windows (see evaluation.py)
 SAMPLE_FILE = "sample.txt"  # the sample the training writes at its end (see sampling.sample_path)
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
@@ -36,6 +38,20 @@ def run_name(model, settings):
 def default_run_dir(name):
     """The run directory of the run called name when no --out_dir is given."""
     return RUNS / name
+
+
+def unwritable(path, flag):
+    """The one-line refusal when path cannot be a directory this process writes in: a file in the way (see
+    file_in_the_way), or a nearest existing folder in which no file can be made. "" else; nothing is left behind."""
+    if refusal := file_in_the_way(path, flag):
+        return refusal
+    existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"{flag} {path} cannot be written ({existing}: {e.strerror}); choose a directory you can write"
+    return ""
 
 
 def file_in_the_way(path, flag):
@@ -168,14 +184,14 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 
 def start_run_dir(out_dir, config, overwrite=False):
     """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included,
-    and eval.json and sample.txt in any case: they come from the final checkpoint, and a run that trains has none
-    yet (rank 0 writes)."""
+    and eval.json, loss_by_position.csv and sample.txt in any case: they come from the final checkpoint, and a run
+    that trains has none yet (rank 0 writes)."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
         return
     replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
-    replaced += [out_dir / EVAL_FILE, out_dir / SAMPLE_FILE]
+    replaced += [out_dir / EVAL_FILE, out_dir / POSITION_FILE, out_dir / SAMPLE_FILE]
     try:
         for path in replaced:
             path.unlink(missing_ok=True)

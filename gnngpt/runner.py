@@ -9,10 +9,12 @@ import torch
 from . import cli
 from .errors import UsageError, one_line
 from .evaluation import (
-    describe as describe_exact_loss,
+    describe_evaluation,
+    exact_evaluation,
+    has_halves,
     read_eval,
+    read_loss_by_position,
     run_validation_split,
-    timed_exact_loss,
     write_eval,
 )
 from .jobs import Job, run_jobs
@@ -66,16 +68,23 @@ def train_in_processes(runs, states, at_once):
 
 
 def write_missing_exact_loss(run):
-    """Write the run's eval.json from its checkpoint when it has none of its last step (runs from before every
-    training ended with it)."""
+    """Write the run's eval.json and loss_by_position.csv from its checkpoint when it has no eval.json of its last
+    step, or one without the halves of the validation split or without the loss by position (runs from before
+    trainings wrote them). A run without its checkpoint keeps what it has, as long as it has an eval.json."""
     config = read_config(run.out_dir)
-    if read_eval(run.out_dir, config["settings"]["max_iters"]) is not None:
+    record = read_eval(run.out_dir, config["settings"]["max_iters"])
+    if record is not None and (complete_eval(run.out_dir, record) or not (run.out_dir / "ckpt.pt").is_file()):
         return
     device = reading_device(run)
     model, tokenizer, _ = load_run_model(run.out_dir, device)
-    result = timed_exact_loss(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
+    result = exact_evaluation(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
     write_eval(run.out_dir, result, config["settings"]["max_iters"])
-    print(f"{run.name}: {describe_exact_loss(result)} (computed from its checkpoint)")
+    print(f"{run.name}: {describe_evaluation(result)} (computed from its checkpoint)")
+
+
+def complete_eval(out_dir, record):
+    """Whether a run's exact evaluation has all that trainings write now: the halves and the loss by position."""
+    return has_halves(record) and read_loss_by_position(out_dir) is not None
 
 
 def reading_device(run):

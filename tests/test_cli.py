@@ -63,7 +63,8 @@ def test_script_end_to_end_writes_run_files_and_sample(name, tiny_text_file, tmp
     assert {"model", "optimizer", "config", "vocab", "model_config"} <= set(ckpt)
     sample = (out / "sample.txt").read_text()  # --out_dir is not the default: the sample goes there
     assert len(sample) == 501 and sample in result.stdout
-    assert f"wrote out/config.json, metrics.csv, ckpt.pt, eval.json and {Path('out') / 'sample.txt'}\n" in result.stdout
+    assert f"wrote out/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and " \
+        f"{Path('out') / 'sample.txt'}\n" in result.stdout
     assert not (tmp_path / "model_outputs").exists()
     assert set(sample) <= set(ckpt["vocab"])
 

@@ -39,7 +39,7 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
     tracked = [p.name for p in out.iterdir() if p.name == "wandb" or p.name.startswith("events.out.tfevents.")]
     assert len(tracked) == len(TRACKERS)
     assert sorted({p.name for p in out.iterdir()} - set(tracked)) == \
-        [".lock", "ckpt.pt", "config.json", "eval.json", "metrics.csv", "sample.txt"]
+        [".lock", "ckpt.pt", "config.json", "eval.json", "loss_by_position.csv", "metrics.csv", "sample.txt"]
     with open(out / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["0", "1"]
     if TRACKERS:

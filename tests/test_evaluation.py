@@ -10,25 +10,32 @@ import torch
 from torch.nn import functional as F
 
 from conftest import tiny_config, train_tiny_gpt
-from gnngpt.evaluation import exact_loss
+from gnngpt.data import split
+from gnngpt.evaluation import exact_evaluation, exact_loss, read_loss_by_position
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loss_one_window_at_a_time(model, data, T):
-    """The mean over every target of data of its cross-entropy in nats and of -log2 of its probability, one window
-    of at most T targets per forward pass."""
-    nats, bits, targets = 0.0, 0.0, 0
+def losses_one_window_at_a_time(model, data, T):
+    """The cross-entropy in nats and -log2 of the probability of every target of data, each with its offset in its
+    window, one window of at most T targets per forward pass: [(offset, nats, bits), ...]."""
+    losses = []
     for i in range(0, len(data) - 1, T):
         x, y = data[i:i + T], data[i + 1:i + T + 1]
         x = x[:len(y)]
         logits, _ = model(x[None])
-        nats += F.cross_entropy(logits[0].double(), y, reduction="sum").item()
-        bits -= torch.log2(torch.softmax(logits[0].double(), dim=-1)[torch.arange(len(y)), y]).sum().item()
-        targets += len(y)
-    assert targets == len(data) - 1
-    return nats / targets, bits / targets
+        for t in range(len(y)):
+            nats = F.cross_entropy(logits[0, t].double(), y[t]).item()
+            losses.append((t, nats, -torch.log2(torch.softmax(logits[0, t].double(), dim=-1)[y[t]]).item()))
+    assert len(losses) == len(data) - 1
+    return losses
+
+
+def loss_one_window_at_a_time(model, data, T):
+    """The mean over every target of data of its cross-entropy in nats and of -log2 of its probability."""
+    losses = losses_one_window_at_a_time(model, data, T)
+    return statistics.fmean(n for _, n, _ in losses), statistics.fmean(b for _, _, b in losses)
 
 
 @pytest.mark.parametrize("length", [49, 50, 8])  # a tail of 0 targets, of 1, and a single shorter window
@@ -48,6 +55,30 @@ def test_exact_loss_equals_a_loop_over_windows_and_is_deterministic(model, lengt
     assert exact_loss(net, data, 12, 3, "cpu", progress=False) == result
 
 
+@pytest.mark.parametrize("length", [61, 50])  # halves of 30 and 31 tokens (a tail in each), of 25 and 25
+def test_each_half_and_each_position_equal_a_loop_over_their_own_windows(length):
+    net = GPT(tiny_config("GATv2Conv", block_size=12)).eval()
+    data = torch.randint(0, 17, (length,))
+    result = exact_evaluation(net, data, {"block_size": 12, "batch_size": 3}, "cpu")
+
+    assert (result["nats"], result["bits"]) == pytest.approx(loss_one_window_at_a_time(net, data, 12), rel=1e-6)
+    cut = length // 2  # the first half tunes, the second reports; each windowed on its own
+    for part, half in (("tune", data[:cut]), ("test", data[cut:])):
+        assert result[part]["targets"] == len(half) - 1
+        expected = loss_one_window_at_a_time(net, half, 12)
+        assert (result[part]["nats"], result[part]["bits"]) == pytest.approx(expected, rel=1e-6)
+
+    losses = losses_one_window_at_a_time(net, data, 12)
+    by_position = result["by_position"]
+    assert by_position["targets"] == [sum(t == offset for t, _, _ in losses) for offset in range(12)]
+    assert sum(by_position["targets"]) == result["targets"] == length - 1
+    for offset in range(12):
+        expected = statistics.fmean(n for t, n, _ in losses if t == offset)
+        assert by_position["loss"][offset] == pytest.approx(expected, rel=1e-6)
+    weighted = sum(loss * n for loss, n in zip(by_position["loss"], by_position["targets"])) / result["targets"]
+    assert weighted == pytest.approx(result["nats"], rel=1e-9)
+
+
 def evaluate(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
@@ -61,6 +92,11 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     printed = json.loads(result.stdout)
     assert (printed["split"], printed["targets"]) == ("val", stored["targets"])
     assert round(printed["nats"], 6) == stored["val_loss"] and round(printed["bits"], 6) == stored["val_bpc"]
+    for part in ("tune", "test"):
+        assert (round(printed[part]["nats"], 6), printed[part]["targets"]) == \
+            (stored[f"{part}_loss"], stored[f"{part}_targets"])
+    assert printed["by_position"]["targets"] == read_loss_by_position(run)["targets"]
+    assert printed["by_position"]["loss"] == pytest.approx(read_loss_by_position(run)["loss"], abs=1e-6)
 
     result = evaluate(["--out_dir", str(run), "--json", "--random_estimates", "3"], cwd=run.parent)
     estimates = json.loads(result.stdout)["random_estimates"]
@@ -83,12 +119,31 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     ("To be", ["--batch_size", "0"], "error: --batch_size must be a positive integer, got 0\n"),
     ("To be", ["--random_estimates", "1"], "error: --random_estimates must be 0 or at least 2 (a deviation needs "
                                            "two), got 1\n"),
+    ("To be", ["--write"], "error: --write records the run's own validation split in its eval.json; drop --data or "
+                           "--write\n"),
 ])
 def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, args, message):
     other = tmp_path / "other.txt"
     other.write_text(content)
     result = evaluate(["--out_dir", str(tiny_run("gpt")), "--data", str(other), *args], cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message.format(other=other))
+
+
+def test_evaluate_py_writes_the_eval_json_a_training_writes(in_tmp_path, tiny_text_file):
+    assert train_tiny_gpt("run", "tiny.txt", "--max_iters", "3") == 0
+    trained = {name: (in_tmp_path / "run" / name).read_text() for name in ("eval.json", "loss_by_position.csv")}
+    for name in trained:
+        (in_tmp_path / "run" / name).unlink()
+    result = evaluate(["--out_dir", "run", "--write"], cwd=in_tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("wrote run/eval.json and loss_by_position.csv\n")
+    assert (in_tmp_path / "run" / "loss_by_position.csv").read_text() == trained["loss_by_position.csv"]
+    written, expected = (json.loads(text) for text in ((in_tmp_path / "run" / "eval.json").read_text(),
+                                                        trained["eval.json"]))
+    assert written.pop("eval_s") >= 0 and expected.pop("eval_s") >= 0
+    assert written == expected and written["step"] == 3
+    val = split(torch.tensor([0] * len(tiny_text_file.read_text())))[1]
+    assert written["tune_targets"] + written["test_targets"] == written["targets"] - 1 == len(val) - 2
 
 
 def test_evaluate_py_without_the_runs_text_says_how_to_go_on(in_tmp_path, tiny_text_file):

@@ -93,7 +93,7 @@ def test_without_a_tracker_flag_neither_package_is_imported_and_no_network_is_us
     assert result.returncode == 0, result.stderr[-2000:]
     assert ast.literal_eval(result.stdout.splitlines()[-1]) == (0, [], [])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
-        [".lock", "ckpt.pt", "config.json", "eval.json", "metrics.csv", "sample.txt"]
+        [".lock", "ckpt.pt", "config.json", "eval.json", "loss_by_position.csv", "metrics.csv", "sample.txt"]
 
 
 @pytest.mark.parametrize("flag,package", [("--wandb_log", "wandb"), ("--tensorboard", "tensorboard")])
