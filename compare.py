@@ -6,6 +6,8 @@
     python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
     python compare.py --seeds 3                         # each configuration with seeds 1337, 1338 and 1339
     python compare.py --seeds 3 --report_only           # the tables and figures again, from the run files alone
+    python compare.py --seeds 3 --learning_rate 5e-4,1e-3,2e-3 --learning_rate bigram=3e-3,1e-2,3e-2
+                                                        # each model at its own best rate, chosen on held-out text
     python compare.py --launcher slurm --slurm_gpus 1 --slurm_time 4:00:00   # each run a SLURM job (docs/slurm.md)
 """
 import sys
@@ -39,6 +41,11 @@ def build_parser():
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="hyperparameters of every run, as in the training scripts (default: auto)")
     p.add_argument("--max_iters", type=int, help="training steps of every run (default: from --preset)")
+    p.add_argument("--learning_rate", action="append", metavar="[MODEL=]RATE,...",
+                   help="train every configuration at each of these learning rates, each in a run directory whose "
+                        "name carries the rate, and report each at the rate with the lowest loss on the first half "
+                        "of the validation split, measured on the second half; MODEL=RATE,... gives one model a grid "
+                        "of its own; repeat the flag for several (default: the preset's rate, no tuning)")
     p.add_argument("--device", choices=cli.DEVICES, default="auto",
                    help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")

@@ -44,18 +44,18 @@ class Job:
 def run_jobs(jobs, at_once, stream=None):
     """Run every job, at most at_once at a time, showing their status; the exit code of a stop, or 0.
 
-    Each child gets as many torch threads as this process has (so it computes what this process would), its
-    own GPU where this process sees several, and a session of its own: a Ctrl-C at the terminal reaches it only
-    through here. SIGINT or SIGTERM here goes to every running child, once per signal received, and no queued
-    job starts; the result is then 128 + the first signal's number. A failure is printed with its log's last line.
+    Each child gets its share of the CPU cores (see child_threads), its own GPU where this process sees several,
+    and a session of its own: a Ctrl-C at the terminal reaches it only through here. SIGINT or SIGTERM here goes
+    to every running child, once per signal received, and no queued job starts; the result is then 128 + the
+    first signal's number. A failure is printed with its log's last line.
     """
     stream = stream or sys.stdout
     gpus = visible_gpus() if any(job.device == "cuda" for job in jobs) else []
-    threads, cores, together = torch.get_num_threads(), os.cpu_count() or 1, min(at_once, len(jobs))
-    if any(job.device == "cpu" for job in jobs) and together * threads > cores:
-        print(f"note: each training runs on {threads} threads, as this process does, so that it computes what one "
-              f"at a time would; {together} at once on {cores} CPU cores wait for each other: set OMP_NUM_THREADS="
-              f"{max(1, cores // together)} to share the cores", file=stream)
+    together = min(at_once, len(jobs))
+    threads = child_threads(together)
+    if any(job.device == "cpu" for job in jobs) and together * threads > cpu_cores():
+        print(f"note: OMP_NUM_THREADS={threads} gives each training {threads} threads; {together} at once on "
+              f"{cpu_cores()} CPU cores wait for each other: unset it to share the cores", file=stream)
     board = StatusBoard(jobs, stream)
     with SignalsReceived() as received, StoppedOnError(jobs):
         noted = 0
@@ -72,7 +72,7 @@ def run_jobs(jobs, at_once, stream=None):
             queued = [job for job in jobs if job.state == "queued"]
             if not signals:
                 for job in queued[:at_once - len(running)]:
-                    start(job, least_loaded(gpus, running))
+                    start(job, least_loaded(gpus, running), threads)
                     running.append(job)
             if not running and (signals or not queued):
                 break
@@ -85,9 +85,22 @@ def run_jobs(jobs, at_once, stream=None):
     return 128 + signals[0] if signals else 0
 
 
-def start(job, gpu):
-    """Start job's command with its output in its train.log (appended to when resuming)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+def cpu_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def child_threads(together):
+    """The torch threads of each of `together` trainings at once: the value of OMP_NUM_THREADS where it is set,
+    else an equal share of the cores (cores // together, at least 1), so that they do not wait for each other."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "")
+    return int(explicit) if explicit.isdigit() and int(explicit) > 0 else max(1, cpu_cores() // together)
+
+
+def start(job, gpu, threads):
+    """Start job's command on threads torch threads with its output in its train.log (appended to when
+    resuming)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     job.process = start_logged(job.command, job.log_path, job.resume, env=env, start_new_session=True)

@@ -1,5 +1,6 @@
 """The runs of a comparison (compare.py): every model of --models on every (graph, positions) pair of --graphs and
 --pos with every seed, each checked as its training script would check it, and the state of its run directory."""
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,10 @@ NOT_PASSED = ("--out_dir", "--gat_version", "--gnn", "--resume", "--list_layers"
 
 @dataclass
 class Run:
-    """One training run of a configuration (a model on a graph with positions) and a seed: its script, its
-    arguments, and the config a reusable run must have. Its name is its directory's: the configuration's
-    name and the seed, as in gpt_s1337."""
+    """One training run of a configuration (a model on a graph with positions), a learning rate and a seed: its
+    script, its arguments, and the config a reusable run must have. Its name is its directory's: the
+    configuration's name, the rate where compare.py was given rates, and the seed, as in gpt_s1337 or
+    gpt_lr0.001_s1337."""
     name: str
     config_name: str
     seed: int
@@ -55,7 +57,6 @@ def has_values(config, expected):
     )
 
 
-
 def plan_comparison(args, extra):
     """The runs of compare.py's args (one per run name, in the order of --models, graphs, positions and seeds),
     checked before anything trains, with extra the training flags passed through; the baseline (see
@@ -63,9 +64,14 @@ def plan_comparison(args, extra):
     names, layer_records = model_names(args.models)
     pairs = cli.placement_list(args.graphs, args.pos)
     seeds = seed_list(args.seed, args.seeds)
+    grids = rate_grids(args.learning_rate, names)
+    if grids and max(map(len, grids.values())) > 1 and (layer_records is not None or len(pairs) > 1):
+        raise UsageError("several learning rates compare models on one graph with one kind of positions; a graph "
+                         "study or a leaderboard trains at one rate: give one rate per model, or one graph")
     passed = pass_through_flags(extra)
-    runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)])  # checks everything before training
-            for name in names for graph, pos in placements(name, pairs) for seed in seeds]
+    runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)], rate)  # checks everything first
+            for name in names for graph, pos in placements(name, pairs)
+            for rate in (grids[name] if grids else [None]) for seed in seeds]
     runs = list({r.name: r for r in runs}.values())
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     return runs, baseline, layer_records, pairs
@@ -84,6 +90,45 @@ def seed_list(seed, count):
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"--seed {seed} names a seed twice; give each seed once")
     return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
+
+
+def rate_grids(values, names):
+    """The learning rates each model trains at, from compare.py's --learning_rate flags (None without any): a
+    list RATE,... for every model, MODEL=RATE,... for one, which replaces the list for it; a model named in none
+    trains at its preset's rate (its grid: [None])."""
+    if not values:
+        return None
+    shared, own = [None], {}
+    for value in values:
+        model, _, rates = value.rpartition("=")
+        if model and model not in names:
+            raise UsageError(f"--learning_rate {value}: {model} is not in --models; name one of {', '.join(names)}")
+        if model in own or (not model and shared != [None]):
+            raise UsageError(f"--learning_rate gives {'the rates of ' + model if model else 'a list for every model'} "
+                             f"twice; give each once")
+        parsed = rate_list(rates, value)
+        if model:
+            own[model] = parsed
+        else:
+            shared = parsed
+    return {name: own.get(name, shared) for name in names}
+
+
+def rate_list(rates, value):
+    """The positive finite learning rates of a comma-separated list, each once, in increasing order."""
+    parsed = []
+    for item in rates.split(","):
+        try:
+            rate = float(item)
+        except ValueError:
+            rate = None
+        if rate is None or not 0 < rate < math.inf:
+            raise UsageError(f"--learning_rate {value}: {item.strip()!r} is not a positive number; give rates as "
+                             f"in 5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model")
+        parsed.append(rate)
+    if len(set(parsed)) < len(parsed):
+        raise UsageError(f"--learning_rate {value} names a rate twice; give each rate once")
+    return sorted(parsed)
 
 
 def baseline_name(requested, names):
@@ -152,14 +197,16 @@ def pass_through_flags(extra):
     return passed
 
 
-def plan_run(model, graph, pos, seed, args, extra):
-    """The training run of one model on one graph with one kind of positions (None for the bigram) and one seed,
-    its arguments checked as the training script would check them."""
+def plan_run(model, graph, pos, seed, args, extra, rate=None):
+    """The training run of one model on one graph with one kind of positions (None for the bigram), one learning
+    rate (None: the preset's, and a run name without it) and one seed, its arguments checked as the training
+    script would check them."""
     script = script_for(model)
     argv = [*(["--gat_version", model] if script.graph_layer else []),
             *(["--graph", graph, "--pos", pos] if script.has_model_size else []),
             "--preset", args.preset, "--device", args.device, "--seed", str(seed),
             *(["--max_iters", str(args.max_iters)] if args.max_iters is not None else []),
+            *(["--learning_rate", repr(rate)] if rate is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
     set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume,
@@ -174,7 +221,8 @@ def plan_run(model, graph, pos, seed, args, extra):
     device = torch.device(args.device) if named else cli.resolve_device(training_args.device)
     preset, settings = cli.resolve_settings(script, training_args, device)
     name = run_name(model, settings)
-    out_dir = Path(args.runs) / f"{name}_s{seed}"
+    with_rate = "" if args.learning_rate is None else f"_lr{settings['learning_rate']:g}"
+    out_dir = Path(args.runs) / f"{name}{with_rate}_s{seed}"
     expected = {"name": name, "settings": settings, "seed": seed, "preset": preset, "device": str(device),
                 "data": str(args.data or DEFAULT_DATA)}
     if script.graph_layer:

@@ -79,6 +79,54 @@ def plot_leaderboard(configs, path, title):
     save_figure(fig, path)
 
 
+def plot_rates(choices, path, title):
+    """The test-half exact loss against learning rate (log axis): one line per configuration (see
+    tuning.Choice) through the mean over seeds at each rate, with the sample deviation as error bars, and its
+    chosen rate (lowest mean tune-half loss) marked by a star."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for choice in choices:
+        tests = [c["halves"]["test"]["loss"] for c in choice.by_rate]
+        line = ax.errorbar(choice.rates, [t.mean for t in tests], yerr=[t.sd or 0 for t in tests], marker="o",
+                           capsize=3, label=choice.name)
+        chosen = choice.chosen["halves"]["test"]["loss"].mean
+        ax.plot([choice.chosen["learning_rate"]], [chosen], "*", markersize=16, color=line.lines[0].get_color(),
+                markeredgecolor="black")
+    ax.plot([], [], "*", color="gray", markeredgecolor="black", markersize=12, label="chosen on the tune half")
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="exact loss on the test half, nats")
+    ax.grid(alpha=0.3, which="both")
+    seeds = max(c["loss"].n for choice in choices for c in choice.by_rate)
+    ax.legend(title="mean over seeds" + (", bars: sample deviation" if seeds > 1 else ""), fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_loss_by_position(configs, path, title):
+    """The exact validation loss of the targets at each offset t of their windows (t earlier characters of
+    context) against t on a log axis, t >= 1: one line per configuration with a run's loss_by_position.csv
+    through the mean over its seeds, with a band from the min to the max over them. Returns the names of the
+    configurations left out for want of that file (drawing nothing when none has it)."""
+    drawn = [c for c in configs if all(r["by_position"] for r in c["runs"])]
+    if drawn:
+        fig = Figure(figsize=(8, 5), layout="constrained")
+        ax = fig.subplots()
+        for c in drawn:
+            losses = np.array([r["by_position"]["loss"] for r in c["runs"]], dtype=float)[:, 1:]
+            offsets = np.arange(1, losses.shape[1] + 1)
+            (line,) = ax.plot(offsets, losses.mean(axis=0), linewidth=1.6, label=c["name"])
+            if len(losses) > 1:
+                ax.fill_between(offsets, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2,
+                                linewidth=0)
+        ax.set(xscale="log", xlabel="characters of context (offset in the window, log scale)",
+               ylabel="exact validation loss at that offset, nats")
+        ax.grid(alpha=0.3, which="both")
+        seeds = max(c["loss"].n for c in drawn)
+        ax.legend(title="mean over seeds" + (", band: min to max" if seeds > 1 else ""), fontsize=8)
+        fig.suptitle(title)
+        save_figure(fig, path)
+    return [c["name"] for c in configs if c not in drawn]
+
+
 GRAPH_MARKERS = "sD^vP*XhpH<>d8"  # one per graph of a graph study, in order (after 14 they repeat); circles
 # stand for the positions in its legend
 

@@ -8,12 +8,13 @@ from .errors import UsageError
 from .evaluation import read_eval
 from .files import atomic_write_text
 from .plan import first_seeds
-from .plots import plot_graph_study, plot_leaderboard, plot_val_loss
+from .plots import plot_graph_study, plot_leaderboard, plot_loss_by_position, plot_rates, plot_val_loss
 from .results import (
     configurations,
     graph_comparisons,
     graph_study_table,
     leaderboard_table,
+    position_notes,
     published_val_loss,
     results_table,
     run_summary,
@@ -24,6 +25,7 @@ from .results import (
 )
 from .runner import write_missing_sample
 from .sampling import sample_path
+from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 
 
 def model_samples_dir(out, shipped=True):
@@ -34,15 +36,37 @@ def model_samples_dir(out, shipped=True):
         Path(out) / "model_outputs"
 
 
-def write_model_samples(runs, out, shipped):
-    """Each model's sample, its first seed's, in model_samples_dir(out, shipped)/<model>.txt; a run without a
-    sample of its own (see sampling.sample_path) gets one from its checkpoint first."""
-    for run in first_seeds(runs):
+def write_model_samples(runs, out, shipped, tuned=False):
+    """Each model's sample, its first seed's (at its chosen learning rate when tuned), in
+    model_samples_dir(out, shipped)/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets
+    one from its checkpoint first."""
+    for run in sampled_runs(runs, tuned):
         source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
         atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",
                           source.read_text(encoding="utf-8"))
+
+
+def sampled_runs(runs, tuned):
+    """The run whose sample stands for each configuration: its first seed's, at its chosen learning rate when
+    tuned."""
+    if tuned:
+        chosen = {(c.name, c.chosen["learning_rate"]) for c in tuned_choices(runs)}
+        runs = [r for r in runs if (r.config_name, r.expected["settings"]["learning_rate"]) in chosen]
+    return first_seeds(runs)
+
+
+def tuned_choices(runs):
+    """The learning rate chosen for each configuration of runs (see tuning.choose_rates); UsageError naming the
+    runs whose eval.json lacks the halves of the validation split that the choice needs."""
+    configs = configurations([run_summary(r.out_dir) for r in runs])
+    lacking = [c["name"] for c in configs if c["halves"] is None]
+    if lacking:
+        raise UsageError(f"{', '.join(dict.fromkeys(lacking))} ha{'s' if len(lacking) == 1 else 've'} runs whose "
+                         f"eval.json lacks the exact loss of the validation split's halves, which choosing a rate "
+                         f"needs; python evaluate.py --out_dir RUN --write adds it from the run's checkpoint")
+    return choose_rates(configs)
 
 
 def report(runs, states, args, out, argv, baseline, layer_records, pairs):
@@ -64,8 +88,13 @@ def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     if not configs:
         return
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
+    seeds = {r.config_name: r.seed for r in sampled_runs(runs, args.learning_rate is not None)}
+    if args.learning_rate is not None:
+        choices = tuned_choices(runs)
+        write_tuned_comparison(choices, next((c for c in choices if c.name == baseline), None), args.target_loss,
+                               seeds, out, argv, args.jobs)
+        return
     baseline = next((c for c in configs if c["name"] == baseline), None)
-    seeds = {r.config_name: r.seed for r in first_seeds(runs)}
     if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
         write_leaderboard(configs, layer_records, failed, out, argv)
     elif len(pairs) > 1:  # a graph study, likewise
@@ -95,7 +124,8 @@ def statistics_text(configs, baseline, target_loss):
 
 
 def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
-    """val_loss.png and results.md: the table, with the published values and any setting that is not the preset's."""
+    """val_loss.png, loss_by_position.png and results.md: the table, with the published values and any setting
+    that is not the preset's."""
     published = {c["name"]: published_val_loss(c) for c in configs if published_val_loss(c) is not None}
     plot_val_loss(configs, out / "val_loss.png", f"Validation loss ({describe(configs)})", published,
                   PUBLISHED_STEP)
@@ -103,18 +133,65 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
     if published:
         notes += (f"published: the original's validation loss after {PUBLISHED_STEP} steps of the paper preset on "
                   f"an A100, read from its plot (random batches, one seed).\n\n")
-    differences = setting_notes(configs)
+    notes += run_notes(configs, jobs) + position_figure(configs, out / "loss_by_position.png")
+    text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
+            f"{results_table(configs, baseline)}\n{notes}{samples_line(configs, seeds, out)}")
+    atomic_write_text(out / "results.md", text)
+    print(f"wrote {out / 'val_loss.png'}, {out / 'loss_by_position.png'} and {out / 'results.md'}")
+
+
+def run_notes(configs, jobs, ignored=()):
+    """The notes under a comparison's tables: the settings that differ from the preset (but those ignored), and
+    the runs trained at once."""
+    notes = ""
+    differences = setting_notes(configs, ignored)
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
     if jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
-    samples = ", ".join(f"`{(model_samples_dir(out) / (c['name'] + '.txt')).as_posix()}` (seed {seeds[c['name']]})"
-                        for c in configs)
-    text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{results_table(configs, baseline)}\n{notes}Samples: {samples}.\n")
+    return notes
+
+
+def position_figure(configs, path, which=""):
+    """Draw the loss by position of configs to path; a line for the report that says what it holds (which: of
+    which runs)."""
+    missing = plot_loss_by_position(configs, path, f"Loss by position in the window ({describe(configs)})")
+    drawn = f"`{path.name}`{which}: the exact validation loss at each offset of the windows, mean over seeds"
+    if len(missing) == len(configs):
+        return f"No loss by position: no run has loss_by_position.csv ({', '.join(missing)}).\n\n"
+    if missing:
+        return f"{drawn}; without {', '.join(missing)}, whose runs have no loss_by_position.csv.\n\n"
+    return f"{drawn}.\n\n"
+
+
+def samples_line(configs, seeds, out):
+    names = list(dict.fromkeys(c["name"] for c in configs))
+    return "Samples: " + ", ".join(f"`{(model_samples_dir(out) / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
+                                   for name in names) + ".\n"
+
+
+def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, jobs):
+    """results.md with each configuration at its own learning rate (see tuning), learning_rates.png (the test-half
+    loss against the rate), and val_loss.png and loss_by_position.png of the chosen rates' runs."""
+    chosen = [c.chosen for c in choices]
+    title = f"{describe(chosen)}, each at its chosen learning rate"
+    plot_val_loss(chosen, out / "val_loss.png", f"Validation loss ({title})")
+    plot_rates(choices, out / "learning_rates.png", f"Loss against learning rate ({describe(chosen)})")
+    every = [c for choice in choices for c in choice.by_rate]
+    notes = tuning_notes(choices, baseline) + "\n"
+    notes += "Every configuration at every learning rate (mean ± sample standard deviation over seeds):\n\n"
+    notes += rate_table(choices) + "\n"
+    if target_loss is not None:
+        notes += (f"Time to a validation loss of {target_loss} at the chosen rates (the random-batch estimates of "
+                  f"each evaluation, mean over seeds):\n\n{target_table(chosen, target_loss)}\n")
+    notes += run_notes(every, jobs, ignored=("learning_rate",))
+    notes += position_figure(chosen, out / "loss_by_position.png", ", at the chosen rates")
+    text = (f"# Results: each model at its own learning rate\n\nMade by `{command(argv)}` ({describe(every)}).\n\n"
+            f"{tuned_table(choices, baseline)}\n{notes}{samples_line(chosen, seeds, out)}")
     atomic_write_text(out / "results.md", text)
-    print(f"wrote {out / 'val_loss.png'} and {out / 'results.md'}")
+    print(f"wrote {out / 'val_loss.png'}, {out / 'learning_rates.png'}, {out / 'loss_by_position.png'} and "
+          f"{out / 'results.md'}")
 
 
 def write_leaderboard(configs, records, failed, out, argv):
@@ -135,7 +212,9 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
     positions, with the table behind it and the paired differences the study draws."""
     plot_graph_study(configs, out / "graphs.png", f"Context graphs ({describe(configs)})")
     text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{graph_study_table(configs, baseline)}\n{statistics_text(configs, baseline, target_loss)}")
+            f"{graph_study_table(configs, baseline)}\n{position_notes(configs)}"
+            f"{statistics_text(configs, baseline, target_loss)}"
+            f"{position_figure(configs, out / 'graphs_by_position.png')}")
     if comparisons := graph_comparisons(configs):
         text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"
     if target_loss is not None and (comparisons := graph_comparisons(
@@ -143,4 +222,4 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
         text += (f"\nThe same pairs in training seconds to a validation loss of {target_loss} (seeds that reached "
                  f"it in both):\n\n{comparisons}")
     atomic_write_text(out / "graphs.md", text)
-    print(f"wrote {out / 'graphs.png'} and {out / 'graphs.md'}")
+    print(f"wrote {out / 'graphs.png'}, {out / 'graphs_by_position.png'} and {out / 'graphs.md'}")

@@ -7,7 +7,7 @@ from .checkpoint import load_checkpoint
 from .config import PRESETS, PUBLISHED_VAL_LOSS
 from .data import CharTokenizer
 from .errors import UsageError
-from .evaluation import read_eval
+from .evaluation import HALVES, has_halves, read_eval, read_loss_by_position
 from .graph import parse_graph
 from .models import model_from_checkpoint
 from .rundir import file_in_the_way, read_metrics, refuse_if_held
@@ -61,6 +61,7 @@ def run_summary(out_dir):
                    int(r["step"]) * settings["batch_size"] * settings["block_size"] * config.get("processes", 1)
                    for r in rows],
         "exact": read_eval(out_dir, int(rows[-1]["step"])),
+        "by_position": read_loss_by_position(out_dir),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
         "wall_s": rows[-1]["elapsed_s"],
@@ -71,11 +72,13 @@ def run_summary(out_dir):
 
 
 def configurations(summaries):
-    """The runs grouped by configuration (model, graph, positions: their name), in order of first appearance,
-    each with its runs by seed and the spread over seeds of its exact loss (nats and bits), speed and time."""
+    """The runs grouped by configuration (model, graph, positions: their name; and learning rate), in order of
+    first appearance, each with its runs by seed and the spread over seeds of its exact loss (nats and bits) on
+    the whole validation split and, where every run has them, on each of its halves ("tune", "test"), its speed
+    and time."""
     groups = {}
     for s in summaries:
-        groups.setdefault(s["name"], []).append(s)
+        groups.setdefault((s["name"], s["settings"]["learning_rate"]), []).append(s)
     configs = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r["seed"])
@@ -83,16 +86,28 @@ def configurations(summaries):
         configs.append({
             **{k: first[k] for k in ("name", "model", "graph", "pos", "edges_per_token", "arch", "settings",
                                       "parameters", "preset", "device", "machine")},
+            "learning_rate": first["settings"]["learning_rate"],
             "runs": runs,
             "seeds": [r["seed"] for r in runs],
             "loss_by_seed": {r["seed"]: r["exact"]["val_loss"] for r in runs},
             "loss": spread(r["exact"]["val_loss"] for r in runs),
             "bpc": spread(r["exact"]["val_bpc"] for r in runs),
             "targets": first["exact"]["targets"],
+            "halves": {part: half_summary(runs, part) for part in HALVES}
+            if all(has_halves(r["exact"]) for r in runs) else None,
             "tokens_per_s": spread(r["tokens_per_s"] for r in runs) if all(r["tokens_per_s"] for r in runs) else None,
             "wall_s": statistics.fmean(r["wall_s"] for r in runs),
         })
     return configs
+
+
+def half_summary(runs, part):
+    """One half of the validation split over a configuration's runs: the loss by seed, the spread of the loss
+    (nats and bits) and the half's targets."""
+    return {"loss_by_seed": {r["seed"]: r["exact"][f"{part}_loss"] for r in runs},
+            "loss": spread(r["exact"][f"{part}_loss"] for r in runs),
+            "bpc": spread(r["exact"][f"{part}_bpc"] for r in runs),
+            "targets": runs[0]["exact"][f"{part}_targets"]}
 
 
 def trained_model(config):
@@ -196,17 +211,18 @@ def results_table(configs, baseline=None):
     return markdown_table(header, rows)
 
 
-def setting_notes(configs):
-    """"- KEY VALUE instead of PRESET_VALUE (models)" for each setting in which runs differ from their preset."""
+def setting_notes(configs, ignored=()):
+    """"- KEY VALUE instead of PRESET_VALUE (models)" for each setting but those ignored in which runs differ from
+    their preset."""
     differences = {}  # key -> (value, preset value) -> names
     for c in configs:
         preset = {**PRESET_DEFAULTS, **PRESETS[c["preset"]][c["arch"]]}
         for key, value in c["settings"].items():
-            if value != preset.get(key):
+            if value != preset.get(key) and key not in ignored:
                 differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(c["name"])
-    every_model = [c["name"] for c in configs]
+    every_model = list(dict.fromkeys(c["name"] for c in configs))
     return [f"- {key} {value} instead of {preset_value} "
-            f"({'all models' if names == every_model else ', '.join(names)})"
+            f"({'all models' if list(dict.fromkeys(names)) == every_model else ', '.join(dict.fromkeys(names))})"
             for key, variants in differences.items() for (value, preset_value), names in variants.items()]
 
 
@@ -264,20 +280,48 @@ def format_duration(seconds):
     return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
 
 
+POSITION_OFFSET = 8  # the graph study's table gives the loss at this offset of the windows, and at the last
+
+
 def graph_study_table(configs, baseline=None):
     """A markdown table of configurations on context graphs: edges per token, exact loss over seeds, the
-    difference from the baseline, and speed."""
+    difference from the baseline, the loss at offset POSITION_OFFSET and at the last offset of the windows, and
+    speed."""
     ranked = sorted(configs, key=lambda c: (c["model"], c["edges_per_token"] or 0, c["pos"] or ""))
     against = [] if baseline is None else [f"Δ vs {baseline['name']} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
     header = ["model", "graph", "positions", "edges per token", "val loss (nats)", "bits per character", *against,
-              "tokens/s", "parameters"]
+              f"at offset {POSITION_OFFSET}", "at the last offset", "tokens/s", "parameters"]
     return markdown_table(header, [
         [c["model"], c["graph"] or "-", c["pos"] or "-",
          "-" if c["edges_per_token"] is None else f"{c['edges_per_token']:.1f}", format_spread(c["loss"]),
          format_spread(c["bpc"]), *([] if baseline is None else baseline_columns(c, baseline)),
+         format_position_loss(c, POSITION_OFFSET), format_position_loss(c, -1),
          format_rates(c["tokens_per_s"]), f"{c['parameters']:,}"]
         for c in ranked
     ])
+
+
+def format_position_loss(config, offset):
+    """The mean over seeds of the exact loss at offset of the windows (-1: the last), or n/a where a run has no
+    loss_by_position.csv or its windows are shorter."""
+    curves = [r["by_position"] and r["by_position"]["loss"] for r in config["runs"]]
+    if not all(curves) or not all(-len(curve) <= offset < len(curve) for curve in curves):
+        return "n/a"
+    return f"{statistics.fmean(curve[offset] for curve in curves):.4f}"
+
+
+def position_notes(configs):
+    """What the graph study's columns by position mean, and which configurations lack the file behind them."""
+    last = {c["settings"]["block_size"] - 1 for c in configs if c["settings"].get("block_size")}
+    note = (f"- at offset {POSITION_OFFSET}, at the last offset: the exact validation loss of the targets with "
+            f"{POSITION_OFFSET} and with {' or '.join(map(str, sorted(last)))} (block_size − 1) earlier characters of "
+            f"context in their window, mean over seeds (each run's loss_by_position.csv).\n")
+    missing = [c["name"] for c in configs if not all(r["by_position"] for r in c["runs"])]
+    if missing:
+        note += (f"- n/a: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} runs without "
+                 f"loss_by_position.csv (trained before it was written; python evaluate.py --out_dir RUN --write "
+                 f"writes it from a checkpoint).\n")
+    return note
 
 
 def graph_comparisons(configs, value=lambda c: c["loss_by_seed"], quantity="Δ (nats)", digits=4):

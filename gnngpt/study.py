@@ -1,6 +1,7 @@
 """A comparison (compare.py) from its parsed flags: the checks and the plan (gnngpt/plan.py), the state of each
 run, their training (gnngpt/runner.py, or gnngpt/slurm.py) and the tables, figures and samples
 (gnngpt/report.py)."""
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from .data import load_text
 from .errors import UsageError
 from .plan import plan_comparison
 from .report import report, write_model_samples, write_report
-from .rundir import file_in_the_way
+from .rundir import file_in_the_way, unwritable
 
 
 def compare(args, extra, argv):
@@ -22,9 +23,12 @@ def compare(args, extra, argv):
     launcher = slurm.options(args)  # None for --launcher local
     if launcher:
         args.device = launcher.device  # that of each job, checked by its training on its node
+    if args.target_loss is not None and not 0 < args.target_loss < math.inf:
+        raise UsageError(f"--target_loss must be a positive number, got {args.target_loss}")
     out = Path(args.out or args.runs)
-    for flag, directory in (("--runs", args.runs), ("--out", out)):
-        if refusal := file_in_the_way(directory, flag):
+    runs_check = file_in_the_way if args.report_only else unwritable  # a report only reads the runs
+    for check, flag, directory in ((runs_check, "--runs", args.runs), (unwritable, "--out", out)):
+        if refusal := check(directory, flag):
             raise UsageError(refusal)
     runs, baseline, layer_records, pairs = plan_comparison(args, extra)
     waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
@@ -55,7 +59,7 @@ def compare(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         runner.write_missing_exact_loss(r)
-    write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
+    write_model_samples(done, out, layer_records is None and len(pairs) == 1, tuned=args.learning_rate is not None)
     write_report(done, args, out, argv, baseline, layer_records, pairs, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "

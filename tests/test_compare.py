@@ -16,11 +16,11 @@ import torch
 
 import compare
 from conftest import tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard, results
+from gnngpt import cli, guard, results, tuning
 from gnngpt.data import BatchSampler
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
-from gnngpt.stats import Difference
+from gnngpt.stats import Difference, Spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
@@ -231,6 +231,24 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seed", "1,2,1"], "error: --seed 1,2,1 names a seed twice; give each seed once"),
     (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
                                                           "choose one of bigram, gpt"),
+    (["--learning_rate", "abc"], "error: --learning_rate abc: 'abc' is not a positive number; give rates as in "
+                                 "5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model\n"),
+    (["--learning_rate", "1e-3,0"], "error: --learning_rate 1e-3,0: '0' is not a positive number"),
+    (["--learning_rate", "-1"], "error: --learning_rate -1: '-1' is not a positive number"),
+    (["--learning_rate", "1e-3,,2e-3"], "error: --learning_rate 1e-3,,2e-3: '' is not a positive number"),
+    (["--learning_rate", "gpt=nan"], "error: --learning_rate gpt=nan: 'nan' is not a positive number"),
+    (["--learning_rate", "1e-3,1e-3"], "error: --learning_rate 1e-3,1e-3 names a rate twice; give each rate once\n"),
+    (["--learning_rate", "GCNConv=1e-3"], "error: --learning_rate GCNConv=1e-3: GCNConv is not in --models; name "
+                                          "one of bigram, gpt, GATConv, GATv2Conv\n"),
+    (["--learning_rate", "gpt=1e-3", "--learning_rate", "gpt=2e-3"], "error: --learning_rate gives the rates of gpt "
+                                                                     "twice; give each once\n"),
+    (["--learning_rate", "1e-3,2e-3", "--graphs", "full,window:4"], "error: several learning rates compare models on "
+                                                                    "one graph with one kind of positions"),
+    (["--target_loss", "nan"], "error: --target_loss must be a positive number, got nan\n"),
+    (["--target_loss", "inf"], "error: --target_loss must be a positive number, got inf\n"),
+    (["--target_loss", "0"], "error: --target_loss must be a positive number, got 0.0\n"),
+    (["--out", "/proc/x"], "error: --out /proc/x cannot be written (/proc: "),
+    (["--runs", "/proc/x/runs"], "error: --runs /proc/x/runs cannot be written (/proc: "),
     (["--report_only"], "error: --report_only needs every run finished with its eval.json, and "
                         "runs/bigram_s1337 (not there), runs/gpt_s1337 (not there), "
                         "runs/GATConv_s1337 (not there), runs/GATv2Conv_s1337 (not there) are not; run the "
@@ -246,7 +264,8 @@ def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, traini
 def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(trainings, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 500)  # the length the child processes write
     names = ["bigram", "gpt"]
-    with one_thread():  # the children must train on this process's thread count, not on every core as they would
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's thread count: this process's, for the same rounding
+    with one_thread():
         assert compare_main("--models", "bigram,gpt", "--runs", "one", "--out", "one") == 0
         trainings.clear()
         capsys.readouterr()
@@ -328,6 +347,77 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
     assert compare_main("--models", "gpt,GATConv", "--seeds", "3") == 0
     assert [argv[argv.index("--seed") + 1] for _, argv in trainings] == ["1339", "1339"]
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][1].endswith(" (3)")
+
+
+def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_half(trainings, tmp_path, capsys):
+    args = ["--models", "gpt,GATConv", "--seeds", "2", "--learning_rate", "1e-3,3e-2"]
+    assert compare_main(*args) == 0
+    runs, seeds = tmp_path / "runs", (1337, 1338)
+    assert sorted(p.name for p in runs.iterdir()) == [f"{m}_lr{r}_s{s}" for m in ("GATConv", "gpt")
+                                                      for r in ("0.001", "0.03") for s in seeds]
+    evals = {(m, r, s): json.loads((runs / f"{m}_lr{r}_s{s}" / "eval.json").read_text())
+             for m in ("gpt", "GATConv") for r in ("0.001", "0.03") for s in seeds}
+    assert all(json.loads((runs / f"{m}_lr{r}_s{s}" / "config.json").read_text())["settings"]["learning_rate"]
+               == float(r) for m, r, s in evals)
+    chosen = {m: min(("0.001", "0.03"), key=lambda r: np.mean([evals[m, r, s]["tune_loss"] for s in seeds]))
+              for m in ("gpt", "GATConv")}
+    results = (tmp_path / "plots" / "results.md").read_text()
+    rows = {row[0]: row for row in table_rows(results)}
+    for m in ("gpt", "GATConv"):
+        test = [evals[m, chosen[m], s]["test_loss"] for s in seeds]
+        assert rows[m][1] == chosen[m]
+        assert rows[m][2] == "0.001, 0.03 (at the edge of the grid: try further)"  # two rates: always an edge
+        assert rows[m][3] == f"{np.mean(test):.4f} ± {np.std(test, ddof=1):.4f} (2)"
+        bits = [evals[m, chosen[m], s]["test_bpc"] for s in seeds]
+        assert rows[m][4] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
+    d = np.subtract([evals["GATConv", chosen["GATConv"], s]["test_loss"] for s in seeds],
+                    [evals["gpt", chosen["gpt"], s]["test_loss"] for s in seeds])
+    low, high = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert rows["GATConv"][5] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+    assert rows["GATConv"][6] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
+    assert "Chosen at the edge of the grid, where a better rate may lie beyond it: gpt (" in results
+    every = table_rows(results.split("Every configuration at every learning rate")[1])
+    assert [row[:2] for row in every] == [[m, r] for m in ("gpt", "GATConv") for r in ("0.001", "0.03")]
+    assert [row[-1] for row in every] == ["chosen" if r == chosen[m] else "" for m in ("gpt", "GATConv")
+                                          for r in ("0.001", "0.03")]
+    for name in ("val_loss", "learning_rates", "loss_by_position"):
+        assert matplotlib.image.imread(tmp_path / "plots" / f"{name}.png").ndim == 3
+    assert (tmp_path / "plots" / "model_outputs" / "gpt.txt").read_text() == \
+        (runs / f"gpt_lr{chosen['gpt']}_s1337" / "sample.txt").read_text()
+
+    for checkpoint in runs.glob("*/ckpt.pt"):
+        checkpoint.unlink()
+    (tmp_path / "plots" / "results.md").unlink()
+    assert compare_main(*args, "--report_only") == 0
+    assert (tmp_path / "plots" / "results.md").read_text() == results
+
+    trainings.clear()
+    assert compare_main("--models", "gpt,GATConv", "--seeds", "2", "--learning_rate", "1e-3,3e-2,1e-2") == 0
+    assert sorted((argv[argv.index("--learning_rate") + 1], argv[argv.index("--seed") + 1]) for _, argv in trainings) \
+        == [("0.01", "1337"), ("0.01", "1337"), ("0.01", "1338"), ("0.01", "1338")]  # only the new rate trains
+
+
+def test_a_rate_between_others_is_chosen_without_an_edge_flag():
+    def config(rate, tune):
+        loss = Spread(tune, None, 1)
+        return {"name": "gpt", "learning_rate": rate, "halves": {"tune": {"loss": loss}}}
+
+    configs = [config(3e-3, 1.5), config(1e-3, 1.4), config(2e-3, 1.3)]
+    (choice,) = tuning.choose_rates(configs)
+    assert choice.rates == [1e-3, 2e-3, 3e-3] and choice.chosen is configs[2] and choice.edge is None
+    configs[1]["halves"]["tune"]["loss"] = Spread(1.2, None, 1)
+    assert tuning.choose_rates(configs)[0].edge == "lowest"
+
+
+def test_two_jobs_share_the_cores(trainings, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert compare_main("--models", "bigram,gpt", "--jobs", "2") == 0
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for name in ("bigram", "gpt"):
+        config = json.loads((tmp_path / "runs" / f"{name}_s1337" / "config.json").read_text())
+        assert config["torch_threads"] == share
+        assert config["machine"].endswith(f" CPU, {share} torch thread{'s' if share > 1 else ''}")
+    assert f"CPU, {share} torch thread" in (tmp_path / "plots" / "results.md").read_text()
 
 
 def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_path, capsys):

@@ -1,0 +1,111 @@
+"""A learning rate per model: each configuration's rate chosen on the validation split's first half ("tune"),
+its result reported on the second ("test"), so that the reported number never saw the choice."""
+from dataclasses import dataclass
+
+from .results import format_difference, format_spread, markdown_table, verdict
+from .stats import CONFIDENCE, paired_difference
+
+EDGE_NOTE = "at the edge of the grid: try further"
+
+
+@dataclass
+class Choice:
+    """One configuration (model, graph, positions) over its grid of learning rates: its configurations (see
+    results.configurations) in order of rate, and the one whose mean tune-half loss over its seeds is lowest."""
+
+    name: str
+    by_rate: list
+    chosen: dict
+
+    @property
+    def rates(self):
+        return [c["learning_rate"] for c in self.by_rate]
+
+    @property
+    def edge(self):
+        """"lowest" or "highest" where the chosen rate ends a grid of several rates (the best may lie beyond
+        it), else None."""
+        rates = self.rates
+        if len(rates) < 2:
+            return None
+        return {rates[0]: "lowest", rates[-1]: "highest"}.get(self.chosen["learning_rate"])
+
+
+def choose_rates(configs):
+    """A Choice per configuration name, in order of first appearance: of its configurations at each learning
+    rate, the one with the lowest mean tune-half loss (the lower rate on a tie). Every configuration needs the
+    halves of the validation split (results.configurations' "halves")."""
+    names = list(dict.fromkeys(c["name"] for c in configs))
+    choices = []
+    for name in names:
+        by_rate = sorted((c for c in configs if c["name"] == name), key=lambda c: c["learning_rate"])
+        chosen = min(by_rate, key=lambda c: (c["halves"]["tune"]["loss"].mean, c["learning_rate"]))
+        choices.append(Choice(name, by_rate, chosen))
+    return choices
+
+
+def format_rate(rate):
+    return f"{rate:g}"
+
+
+def difference_on_test_half(choice, baseline):
+    """The paired difference (same seeds) of the test-half loss of a choice from the baseline's, each at its own
+    chosen rate."""
+    return paired_difference(choice.chosen["halves"]["test"]["loss_by_seed"],
+                             baseline.chosen["halves"]["test"]["loss_by_seed"])
+
+
+def tuned_table(choices, baseline=None):
+    """One row per configuration at its chosen learning rate: the rate (flagged at the edge of its grid), the
+    test-half loss over seeds in nats and bits per character, and the paired difference from the baseline at
+    the baseline's own chosen rate with its interval and verdict."""
+    against = [] if baseline is None else [f"Δ vs {baseline.name} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
+    header = ["model", "learning rate", "grid", "test loss (nats)", "bits per character", *against, "parameters"]
+    rows = []
+    for choice in choices:
+        test = choice.chosen["halves"]["test"]
+        row = [choice.name, format_rate(choice.chosen["learning_rate"]),
+               ", ".join(map(format_rate, choice.rates)) + (f" ({EDGE_NOTE})" if choice.edge else ""),
+               format_spread(test["loss"]), format_spread(test["bpc"])]
+        if baseline is not None:
+            if choice is baseline:
+                row += ["-", "-"]
+            else:
+                difference = difference_on_test_half(choice, baseline)
+                row += [format_difference(difference), verdict(difference)]
+        rows.append(row + [f"{choice.chosen['parameters']:,}"])
+    return markdown_table(header, rows)
+
+
+def rate_table(choices):
+    """Every configuration at every learning rate: the tune-half and test-half losses over seeds, and which rate
+    was chosen."""
+    rows = []
+    for choice in choices:
+        for c in choice.by_rate:
+            halves = c["halves"]
+            rows.append([choice.name, format_rate(c["learning_rate"]), format_spread(halves["tune"]["loss"]),
+                         format_spread(halves["test"]["loss"]), format_spread(c["loss"]),
+                         "chosen" if c is choice.chosen else ""])
+    return markdown_table(["model", "learning rate", "tune loss (nats)", "test loss (nats)",
+                           "whole validation loss (nats)", ""], rows)
+
+
+def tuning_notes(choices, baseline):
+    """What the tuned table's columns mean: the halves, the selection, the pairing and the grid's edges."""
+    halves = choices[0].chosen["halves"]
+    notes = [f"Each configuration trains at every learning rate of its grid with every seed; the rate with the "
+             f"lowest mean exact loss over its seeds on the validation split's first half (tune: "
+             f"{halves['tune']['targets']:,} characters) is chosen, and the table reports, at that rate, the exact "
+             f"loss on the second half (test: {halves['test']['targets']:,} characters), which the choice never "
+             f"saw: mean ± sample standard deviation over seeds (number of seeds)."]
+    if baseline is not None:
+        notes.append(f"Δ: the mean over seeds of each seed's test-half difference in nats from {baseline.name}, each "
+                     f"at its own chosen rate and trained with the same seed, with its {CONFIDENCE:.0%} Student-t "
+                     f"interval; a difference is called one only where the interval excludes zero.")
+    edges = [c for c in choices if c.edge]
+    if edges:
+        notes.append("Chosen at the edge of the grid, where a better rate may lie beyond it: " + ", ".join(
+            f"{c.name} ({format_rate(c.chosen['learning_rate'])}, the {c.edge})" for c in edges)
+            + "; add the next rate on that side (the same command with a longer list trains only the new runs).")
+    return "".join(f"- {note}\n" for note in notes)
