@@ -1,5 +1,6 @@
 """Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
 import argparse
+import functools
 import math
 import os
 import platform
@@ -10,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import distributed, sampling
 from .config import PRESETS, SEED, resolve_preset
@@ -87,8 +89,12 @@ def build_parser(script):
                         "auto: paper on CUDA, cpu otherwise. Explicit flags override it (default: auto)")
     if script.graph_layer:
         p.add_argument("--backend", choices=("fast", "pyg"), default="fast",
-                       help="GATConv/GATv2Conv: fast (masked dense attention, same parameters) or pyg "
-                            "(PyG message passing, the reference); other layers always use pyg (default: fast)")
+                       help="GATConv, GATv2Conv, TransformerConv: fast (masked dense attention, same parameters) "
+                            "or pyg (PyG message passing, the reference); other layers, and configurations the "
+                            "fast backend does not cover, use pyg (default: fast)")
+    p.add_argument("--exact_at", type=step_list, default=(), metavar="STEP[,STEP...]",
+                   help="also score the validation split exactly at these evaluation steps before the last, into "
+                        "eval_step<STEP>.json and loss_by_position_step<STEP>.csv (default: the last step only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for training (on the CPU it needs a C++ compiler; "
                         "the first steps are slow while it compiles)")
@@ -161,6 +167,17 @@ def check_dtype(dtype, device):
         raise UsageError("--dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32 here")
 
 
+def step_list(text):
+    """The steps of --exact_at: positive integers, comma-separated."""
+    try:
+        steps = [int(item) for item in text.split(",")]
+    except ValueError:
+        steps = [0]
+    if min(steps) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive steps")
+    return tuple(sorted(set(steps)))
+
+
 def resolve_settings(script, args, device):
     """Preset values, overridden by every flag given explicitly; checked for sense."""
     preset = resolve_preset(args.preset, device)
@@ -182,6 +199,11 @@ def resolve_settings(script, args, device):
         settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"])), pos=args.pos)
     check_dtype(args.dtype, device)
     check_compile(args.compile, device)
+    for step in args.exact_at:
+        if step >= settings["max_iters"] or step % settings["eval_interval"]:
+            raise UsageError(f"--exact_at {step} is not an evaluation step before the last (a multiple of "
+                             f"--eval_interval {settings['eval_interval']} below --max_iters {settings['max_iters']}); "
+                             f"choose such steps")
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
 
@@ -249,8 +271,7 @@ def run(script, args):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters ({n_params:,})")
     if script.graph_layer:
-        dense = model.blocks[0].mixer.dense
-        print(f"backend: {'fast (masked dense attention)' if dense else 'pyg (message passing)'}")
+        print(f"backend: {backend_description(model.blocks[0].mixer)}")
     if script.has_model_size:
         print(f"graph: {settings['graph']}, positions: {settings['pos']}")
 
@@ -278,7 +299,8 @@ def run(script, args):
             start_run_dir(out_dir, config, args.overwrite)  # writes config.json
             meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
                     "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
-            train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking)
+            train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking,
+                  after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
             if not distributed.is_main_process():
                 return
             result = exact_evaluation(model, val_data, settings, device)
@@ -289,6 +311,16 @@ def run(script, args):
             tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and {sample_file}")
+
+
+def snapshot(steps, model, val_data, settings, out_dir, step):
+    """At each of steps (--exact_at), the exact evaluation of the validation split, written by rank 0 as that step's
+    snapshot (evaluation.write_eval)."""
+    if step in steps and distributed.is_main_process():
+        result = exact_evaluation(model, val_data, settings, next(model.parameters()).device)
+        write_eval(out_dir, result, step, at=step)
+        tqdm.write(f"step {step}: {describe_evaluation(result)}; in {result['eval_s']:.1f} s")
+    distributed.barrier()
 
 
 def write_sample(model, tokenizer, path, device, out_dir):
@@ -315,6 +347,15 @@ def model_config(script, name, args, settings, vocab_size, mixer_kwargs):
     cfg = GPTConfig.from_settings(settings, vocab_size, mixer=name, backend=args.backend, mixer_kwargs=mixer_kwargs)
     check_layer(cfg)  # the causality guard: refuse a layer that sees the future
     return cfg
+
+
+def backend_description(mixer):
+    """How a graph layer computes: "fast (masked dense attention)", or "pyg (message passing)" with the reason
+    where the fast backend was asked for a layer it computes in other configurations."""
+    if mixer.dense:
+        return "fast (masked dense attention)"
+    fell_back = mixer.dense_refusal not in ("no dense form", "--backend pyg")
+    return f"pyg (message passing{': the fast backend does not cover ' + mixer.dense_refusal if fell_back else ''})"
 
 
 def machine_description(device):

@@ -24,14 +24,19 @@ from .mixers import pyg_nn
 CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of the eager GATv2 kernel's (..., chunk, K, C) temporaries
 
 
-def supports_dense(conv):
-    """Whether conv is a GATConv or GATv2Conv in a configuration the dense form computes exactly: with an edge
-    feature, that of one number (the distance), which re-added self-loops get as 0.0 (their distance)."""
-    if type(conv) is pyg_nn.GATConv and conv.lin is None:  # separate maps for sources and targets
-        return False
+def gat_refusal(conv):
+    """Why the dense form cannot compute conv exactly, or "" when it can: a GATConv or GATv2Conv, with an edge
+    feature only if that is one number (the distance), which re-added self-loops get as 0.0 (their distance)."""
+    name = type(conv).__name__
     if type(conv) not in (pyg_nn.GATConv, pyg_nn.GATv2Conv):
-        return False
-    return conv.edge_dim is None or (conv.edge_dim == 1 and (not conv.add_self_loops or conv.fill_value == 0.0))
+        return "no dense form"
+    if type(conv) is pyg_nn.GATConv and conv.lin is None:
+        return "GATConv with separate maps for sources and targets"
+    if conv.edge_dim not in (None, 1):
+        return f"{name} with edge_dim={conv.edge_dim} (the dense form reads one feature, the distance)"
+    if conv.edge_dim == 1 and conv.add_self_loops and conv.fill_value != 0.0:
+        return f"{name} with fill_value={conv.fill_value!r} (self-loops re-added with a feature other than distance 0)"
+    return ""
 
 
 def dense_gat(conv, x, layout, block_size, fused=True):
@@ -89,40 +94,121 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     """GATv2 scores att . LeakyReLU(xl_j + xr_i + edges[distance_ij]) of queries xr (B, H, n, Q, C) over keys
     xl (B, H, n, K, C); edges (D, H, C) and distance (n, Q, K) are None without an edge term.
 
-    Returns (B, H, n, Q, K). Inside torch.compile, and with fused=True through fused_gatv2_scores where a compiler
-    is available, the broadcast sum is fused into one loop; otherwise it is computed in chunks of queries. Where
-    the fused kernel raises (compiling it for a new shape, say), FUSED_GATV2 warns once and goes off: the chunked
-    kernel, which computes the same scores, runs from then on.
+    Returns (B, H, n, Q, K). Inside torch.compile, and with fused=True through the compiled kernels where a
+    compiler is available, the broadcast sum is fused into loops that never hold the (B, H, n, Q, K, C) tensor;
+    otherwise it is computed in chunks of queries. With an edge term, the fused path is FusedEdgeScores: its
+    backward pass is three compiled reductions. Where a compiled kernel raises (compiling it for
+    a new shape, say), FUSED_GATV2 warns once and goes off: the chunked kernel, which computes the same scores,
+    runs from then on.
     """
     if torch.compiler.is_compiling():
-        return gatv2_scores_expression(xl, xr, att, negative_slope, edges, distance)
+        edge_term = None if edges is None else edges_by_pair(edges, distance)
+        return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
     if fused and FUSED_KERNEL and FUSED_GATV2.on:
         try:
-            return fused_gatv2_scores()(xl, xr, att, negative_slope, edges, distance)
+            if edges is None:
+                return fused_gatv2_scores()(xl, xr, att, negative_slope)
+            return FusedEdgeScores.apply(xl, xr, att, edges, distance, negative_slope)
         except Exception as e:  # whatever compiling or running the kernel raised: the chunked kernel decides
             FUSED_GATV2.fail(e)
     return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
 
 
-def gatv2_scores_expression(xl, xr, att, negative_slope, edges=None, distance=None):
-    """gatv2_scores written as one broadcast expression: (B, H, n, Q, K, C) in eager mode, fused when compiled."""
+def edges_by_pair(edges, distance):
+    """The edge term of each (query, key) pair, edges[distance] as (H, n, Q, K, C), by index_select (whose
+    gradient is an index_add of whole rows of the table, not a scatter of single elements)."""
+    D, H, C = edges.shape
+    return edges.index_select(0, distance.reshape(-1)).view(*distance.shape, H, C).movedim(-2, 0)
+
+
+def gatv2_scores_expression(xl, xr, att, negative_slope, edge_term=None):
+    """gatv2_scores written as one broadcast expression: (B, H, n, Q, K, C) in eager mode, fused when compiled;
+    edge_term (H, n, Q, K, C), or None."""
     z = xr.unsqueeze(-2) + xl.unsqueeze(-3)  # (B, H, n, Q, K, C)
-    if edges is not None:
-        z = z + edges.transpose(0, 1)[:, distance]  # (H, n, Q, K, C)
+    if edge_term is not None:
+        z = z + edge_term
     H = att.size(0)
     return (F.leaky_relu(z, negative_slope) * att.view(H, 1, 1, 1, -1)).sum(-1)
 
 
 def chunked_gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None):
-    """gatv2_scores_expression over chunks of queries, each recomputed in the backward pass (bounded memory)."""
+    """gatv2_scores_expression over chunks of queries, each (its edge terms looked up too) recomputed in the
+    backward pass: bounded memory."""
     B, H, n, Q, C = xr.shape
     step = max(1, CHUNK_ELEMENTS // (B * H * n * xl.size(3) * C))
     chunks = []
     for q0 in range(0, Q, step):
         part = None if distance is None else distance[:, q0:q0 + step]
-        chunks.append(recomputed(gatv2_scores_expression, xl, xr[:, :, :, q0:q0 + step], att, negative_slope,
-                                 edges, part))
+        chunks.append(recomputed(chunk_scores, xl, xr[:, :, :, q0:q0 + step], att, negative_slope, edges, part))
     return torch.cat(chunks, dim=3)
+
+
+def chunk_scores(xl, xr, att, negative_slope, edges, distance):
+    edge_term = None if edges is None else edges_by_pair(edges, distance)
+    return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
+
+
+class FusedEdgeScores(torch.autograd.Function):
+    """gatv2_scores_expression with an edge term, forward and backward by compiled kernels (fused_edge_kernels).
+
+    Compiled as one function, its backward pass would hold the gradient of the whole (B, H, n, Q, K, C) sum: it
+    has three reductions over different dimensions (queries for the keys, keys for the queries, the batch for the
+    edge term), and the compiler keeps what they share. Here each reduction is a kernel of its own that computes
+    the sum again as it reduces, as the forward pass does; the edge term of each pair is looked up again in the
+    backward pass rather than kept, and its gradient summed into the table's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, xl, xr, att, edges, distance, negative_slope):
+        ctx.save_for_backward(xl, xr, att, edges, distance)
+        ctx.negative_slope = negative_slope
+        return fused_edge_kernels()["scores"](xl, xr, att, negative_slope, edges_by_pair(edges, distance))
+
+    @staticmethod
+    def backward(ctx, grad):
+        xl, xr, att, edges, distance = ctx.saved_tensors
+        inputs = (xl, xr, att, edges_by_pair(edges, distance), ctx.negative_slope, grad)
+        kernels = fused_edge_kernels()
+        grad_keys, att_by_key = kernels["keys"](*inputs)
+        by_pair = kernels["edges"](*inputs).movedim(0, -2).reshape(-1, *edges.shape[1:])  # (n * Q * K, H, C)
+        grad_edges = torch.zeros_like(edges).index_add_(0, distance.reshape(-1), by_pair)
+        return grad_keys, kernels["queries"](*inputs), att_by_key.sum((0, 2, 3)), grad_edges, None, None
+
+
+def score_gradient(xl, xr, att, edge_term, negative_slope, grad):
+    """The gradient of the scores' sum z = xr_i + xl_j + edge_ij (B, H, n, Q, K, C) for the scores' gradient
+    grad (B, H, n, Q, K), and grad times LeakyReLU(z), whose sum is the gradient of att."""
+    z = xr.unsqueeze(-2) + xl.unsqueeze(-3) + edge_term
+    slope = torch.where(z > 0, 1.0, negative_slope)  # LeakyReLU's derivative, as autograd takes it at 0
+    grad = grad.unsqueeze(-1)
+    return grad * att.view(att.size(0), 1, 1, 1, -1) * slope, grad * z * slope
+
+
+def keys_gradient(*args):
+    """The keys' gradient and the att gradient's terms, each summed over the queries: (B, H, n, K, C) each, in
+    one loop."""
+    grad_z, att_terms = score_gradient(*args)
+    return grad_z.sum(-3), att_terms.sum(-3)
+
+
+def queries_gradient(*args):
+    return score_gradient(*args)[0].sum(-2)  # over the keys: (B, H, n, Q, C)
+
+
+def edges_gradient(*args):
+    return score_gradient(*args)[0].sum(0)  # over the batch: (H, n, Q, K, C)
+
+
+def edge_scores(xl, xr, att, negative_slope, edge_term):
+    return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
+
+
+@functools.cache
+def fused_edge_kernels():
+    """FusedEdgeScores' kernels, compiled by torch.compile on first use."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return {name: torch.compile(function) for name, function in (
+        ("scores", edge_scores), ("keys", keys_gradient), ("queries", queries_gradient), ("edges", edges_gradient))}
 
 
 def recomputed(function, *args):

@@ -18,6 +18,7 @@ from .errors import UsageError
 from .graph import causal_edge_index
 
 GAT_LAYERS = ("GATConv", "GATv2Conv")
+DENSE_LAYERS = (*GAT_LAYERS, "TransformerConv")  # the layers the fast backend computes as dense attention
 
 
 def mlp(in_width, hidden, out_width):

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .fast_gat import dense_gat, supports_dense
+from .fast_gat import dense_gat, gat_refusal
+from .fast_transformer import dense_transformer, transformer_refusal
 from .graph import FULL, parse_graph
 from .layout import layout_for
-from .mixers import build_conv, run_conv
+from .mixers import TokenMixer, build_conv, run_conv
 
 
 @dataclass
@@ -50,8 +51,8 @@ class GraphMixer(nn.Module):
     """A PyG convolution on the context graph of the tokens (token j sends to token i, j <= i), then dropout.
 
     The reference path flattens the batch into one graph of B*T nodes and runs PyG's message passing, each edge
-    carrying its distance when the layer reads edge features. With the fast backend, GATConv and GATv2Conv
-    compute the same function as masked dense attention (fast_gat.py).
+    carrying its distance when the layer reads edge features. With the fast backend, GATConv, GATv2Conv and
+    TransformerConv compute the same function as masked dense attention (fast_gat.py, fast_transformer.py).
     """
 
     def __init__(self, cfg, graph):
@@ -60,19 +61,31 @@ class GraphMixer(nn.Module):
         self.block_size = cfg.block_size
         self.conv = build_conv(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.dense = cfg.backend == "fast" and supports_dense(self.conv)
+        # why the fast backend does not compute this layer ("" when it does)
+        self.dense_refusal = dense_refusal(self.conv) if cfg.backend == "fast" else "--backend pyg"
+        self.dense = not self.dense_refusal
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
         if not self.dense:
             if cache is not None:
-                raise ValueError("only the fast backend of GATConv and GATv2Conv decodes with a cache")
+                raise ValueError("only the fast backend of GATConv, GATv2Conv and TransformerConv decodes with a "
+                                 "cache")
             edge_index = self.graph.edge_index(B, T, x.device)  # (2, E): sources, targets
             y = run_conv(self.conv, x.reshape(B * T, C), edge_index, self.block_size).view(B, T, C)
         else:
             layout = cache if cache is not None else layout_for(self.graph, T, x.device)
-            y = dense_gat(self.conv, x, layout, self.block_size, fused=cache is None)  # (B, T, C), the same
+            if isinstance(self.conv, TokenMixer):  # a TransformerConv
+                y = dense_transformer(self.conv, x, layout, self.block_size)  # (B, T, C), the same
+            else:
+                y = dense_gat(self.conv, x, layout, self.block_size, fused=cache is None)
         return self.dropout(y)
+
+
+def dense_refusal(conv):
+    """Why the fast backend cannot compute the mixer conv exactly, or "" when it can (fast_gat.py for GATConv and
+    GATv2Conv, fast_transformer.py for TransformerConv)."""
+    return transformer_refusal(conv) if isinstance(conv, TokenMixer) else gat_refusal(conv)
 
 
 class CausalSelfAttention(nn.Module):

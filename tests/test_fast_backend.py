@@ -17,11 +17,12 @@ from conftest import (
     tiny_config,
     train_losses,
 )
+from gnngpt.cli import backend_description
 from gnngpt.decoder import CUDA_GRAPHS, CachedDecoder, KVCache
 from gnngpt.fallback import NO_FALLBACK
 from gnngpt.graph import FULL, causal_edge_index
 from gnngpt.layout import layout_for
-from gnngpt.mixers import pyg_nn, run_conv
+from gnngpt.mixers import DENSE_LAYERS, TokenMixer, pyg_nn, run_conv
 from gnngpt.models import GPT
 from gnngpt.sampling import generate
 
@@ -81,8 +82,16 @@ def assert_same_outputs_and_grads(fast, pyg, idx, targets):
     assert_close_relative(out_fast, out_pyg)
     loss_fast.backward()
     loss_pyg.backward()
-    names, grads_fast = zip(*((name, p.grad) for name, p in fast.named_parameters()))
-    assert_same_gradients(grads_fast, [p.grad for p in pyg.parameters()], names)
+    assert_same_parameter_gradients(fast, pyg)
+
+
+def assert_same_parameter_gradients(fast, pyg, rel=1e-5):
+    """assert_same_gradients over the models' parameters; one that neither uses (TransformerConv's lin_skip
+    without root_weight) has no gradient in either."""
+    named = [(name, a.grad, b.grad) for (name, a), b in zip(fast.named_parameters(), pyg.parameters())]
+    assert [name for name, a, b in named if a is None] == [name for name, a, b in named if b is None]
+    names, grads_fast, grads_pyg = zip(*((name, a, b) for name, a, b in named if a is not None))
+    assert_same_gradients(grads_fast, grads_pyg, names, rel)
 
 
 @pytest.mark.parametrize("mixer,kwargs", LAYER_VARIANTS)
@@ -102,7 +111,7 @@ def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B,
     assert_same_gradients(grads_dense, grads_ref, ["x", *(name for name, _ in conv.named_parameters())])
 
 
-@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
 @pytest.mark.parametrize("B,T,n_embd,n_head", SHAPES)
 def test_fast_model_equals_pyg_model_in_outputs_and_gradients(mixer, B, T, n_embd, n_head):
     fast, pyg = model_pair(mixer, {}, n_embd, n_head)
@@ -123,13 +132,63 @@ def arrangement(request):
 
 @pytest.mark.parametrize("pos", ["abs", "rel"])
 @pytest.mark.parametrize("graph", GRAPHS)
-@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
 def test_fast_model_equals_pyg_model_on_every_graph(mixer, graph, pos, arrangement):
     fast, pyg = model_pair(mixer, {}, graph=graph, pos=pos, block_size=16)
     if pos == "rel":
-        assert fast.position_embedding is None and all(b.mixer.conv.lin_edge is not None for b in fast.blocks)
+        assert fast.position_embedding is None and all(pyg_layer(b).lin_edge is not None for b in fast.blocks)
     idx, targets = torch.randint(0, 17, (2, 2, 14))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+def pyg_layer(block):
+    """The PyG layer of a graph block: the mixer's conv, or the layer a TokenMixer wraps."""
+    conv = block.mixer.conv
+    return conv.conv if isinstance(conv, TokenMixer) else conv
+
+
+TRANSFORMER_VARIANTS = [{}, {"concat": False}, {"beta": True}, {"beta": True, "concat": False},
+                        {"root_weight": False}, {"bias": False}]
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("n_head", [1, 4])
+@pytest.mark.parametrize("kwargs", TRANSFORMER_VARIANTS)
+def test_fast_transformer_conv_equals_pyg_in_every_configuration(kwargs, n_head, pos):
+    fast, pyg = model_pair("TransformerConv", kwargs, n_head=n_head, pos=pos, graph="window:1,full", block_size=12)
+    conv = pyg_layer(fast.blocks[0])
+    assert (conv.concat, conv.beta, conv.root_weight, conv.lin_skip.bias is not None) == \
+        (kwargs.get("concat", True), kwargs.get("beta", False), kwargs.get("root_weight", True),
+         kwargs.get("bias", True))
+    idx, targets = torch.randint(0, 17, (2, 3, 11))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+def test_fast_transformer_conv_equals_pyg_in_float64(pos):
+    fast, pyg = model_pair("TransformerConv", {"beta": True}, n_head=2, pos=pos, graph="sink:2:3", block_size=12)
+    fast, pyg = fast.double(), pyg.double()
+    idx, targets = torch.randint(0, 17, (2, 3, 12))
+    out_fast, loss_fast = fast(idx, targets)
+    out_pyg, loss_pyg = pyg(idx, targets)
+    assert_close_relative(out_fast, out_pyg, rel=1e-12)
+    loss_fast.backward()
+    loss_pyg.backward()
+    assert_same_parameter_gradients(fast, pyg, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"aggr": "mean"}, "TransformerConv with aggr='mean' (the dense form sums, as aggr='add')"),
+    ({"aggr": "max"}, "TransformerConv with aggr='max' (the dense form sums, as aggr='add')"),
+])
+def test_a_transformer_conv_the_dense_form_does_not_cover_runs_on_pyg_and_says_so(kwargs, reason):
+    model = GPT(tiny_config("TransformerConv", mixer_kwargs=kwargs))
+    mixer = model.blocks[0].mixer
+    assert not mixer.dense and not model.supports_cache and mixer.dense_refusal == reason
+    assert backend_description(mixer) == f"pyg (message passing: the fast backend does not cover {reason})"
+    assert backend_description(GPT(tiny_config("GCNConv")).blocks[0].mixer) == "pyg (message passing)"
+    assert backend_description(GPT(tiny_config("TransformerConv")).blocks[0].mixer) == \
+        "fast (masked dense attention)"
 
 
 def boolean_mask_attention(attn, x, spec_mask):
@@ -188,6 +247,16 @@ def test_fused_gatv2_kernel_equals_pyg():
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
+@pytest.mark.fused_kernel
+@pytest.mark.skipif(not fast_gat.compiler_available(), reason="no C++ compiler for torch.compile")
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_fused_gatv2_kernel_with_relative_positions_equals_pyg_on_every_graph(graph, small_chunks):
+    fast, pyg = model_pair("GATv2Conv", {}, graph=graph, pos="rel", block_size=16)
+    idx, targets = torch.randint(0, 17, (2, 2, 14))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+    assert fast_gat.FUSED_GATV2.on  # computed by the fused kernels, not by the chunked one after a failure
+
+
 def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys, with_fallbacks):
     model = GPT(tiny_config("GATv2Conv", block_size=8))
     idx = torch.randint(0, 17, (2, 8))
@@ -208,7 +277,7 @@ def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkey
 
 
 @pytest.mark.parametrize("backend", ["fast", "pyg"])
-@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
 def test_attention_dropout_keeps_both_backends_causal(mixer, backend, device):
     model = GPT(tiny_config(mixer, backend=backend, dropout=0.5)).train()
     idx = torch.randint(0, 17, (2, 12))
@@ -246,7 +315,7 @@ def test_training_gives_the_same_losses_with_either_backend(mixer):
     torch.testing.assert_close(losses["fast"], losses["pyg"], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 def test_cached_decoding_equals_the_lectures_sampler_at_every_step_over_three_windows(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     assert model.supports_cache
@@ -258,7 +327,7 @@ def test_cached_decoding_equals_the_lectures_sampler_at_every_step_over_three_wi
 
 
 @pytest.mark.parametrize("graph", ["window:3", "dilated:2:2", "strided:3:4", "sink:2:3", "window:2,full"])
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 def test_cached_decoding_on_every_graph_with_absolute_positions_equals_the_lectures_sampler(mixer, graph, device):
     model = GPT(tiny_config(mixer, graph=graph, block_size=8)).eval()
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (22, 2, 1)))
@@ -275,7 +344,7 @@ def randomize_distance_terms(model):
 
 @pytest.mark.parametrize("graph,capacities", [("window:3", [2 + 8, 2 + 8]), ("dilated:2:3", [3 + 8, 3 + 8]),
                                               ("window:2,dilated:2:2", [1 + 8, 2 + 8])])
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 def test_rolling_cache_with_relative_positions_equals_the_lectures_sampler_for_ten_windows(mixer, graph, capacities,
                                                                                         device):
     model = GPT(tiny_config(mixer, graph=graph, pos="rel", block_size=8)).eval()

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_config, train_losses
 from gnngpt.graph import FULL, causal_edge_index
-from gnngpt.mixers import GAT_LAYERS
+from gnngpt.mixers import DENSE_LAYERS, GAT_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, Block
 
 MODELS = ["bigram", "attention", *GAT_LAYERS]
@@ -36,7 +36,7 @@ def test_changing_token_t_changes_no_earlier_logits(name):
 @pytest.mark.parametrize("graph", ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full"])
 @pytest.mark.parametrize("name", ["attention", "GATConv", "GATv2Conv", "TransformerConv", "GCNConv"])
 def test_every_model_is_causal_on_every_graph_with_either_positions(name, graph, pos, small_chunks):
-    for backend in ("fast", "pyg") if name in GAT_LAYERS else ("pyg",):
+    for backend in ("fast", "pyg") if name in DENSE_LAYERS else ("pyg",):
         assert_causal(make_model(name, graph=graph, pos=pos, backend=backend).eval())
 
 

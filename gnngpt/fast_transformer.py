@@ -1,0 +1,87 @@
+"""PyG's TransformerConv on a context graph, computed as masked dense attention with the layer's own weights.
+
+TransformerConv scores each edge j -> i by the scaled dot product of query i and key j and takes the softmax over
+the incoming edges of i: on the keys a layout arranges (layout.py, or the decoder's cache), that is
+scaled_dot_product_attention under the graph's mask. With an edge feature e_ij, PyG adds lin_edge(e_ij) to key j
+and to value j (relative attention in the manner of Shaw et al.). The feature is the distance (i - j) /
+block_size (mixers.distance_features), so lin_edge gives a table E with one row per distance d, and
+
+    score_ij = q_i . (k_j + E[d_ij]) / sqrt(C) = (q_i . k_j + (q_i . E)[d_ij]) / sqrt(C)
+    out_i    = sum_j alpha_ij (v_j + E[d_ij]) = (alpha @ v)_i + sum_d (sum of alpha_ij over j at distance d) E[d]
+
+so no tensor grows with (query, key, channel): the queries meet the table once, (..., Q, D), and the
+attention weights are summed by distance, (..., Q, D).
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+from .mixers import TokenMixer, pyg_nn
+
+
+def transformer_refusal(mixer):
+    """Why the dense form cannot compute the mixer (a TokenMixer) exactly, or "" when it can: a TransformerConv
+    that sums its messages (aggr "add"), reading its edges' distances or nothing (the one feature a TokenMixer
+    gives an edge_dim layer)."""
+    if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn.TransformerConv:
+        return "no dense form"
+    conv = mixer.conv
+    if conv.aggr != "add":
+        return f"TransformerConv with aggr={conv.aggr!r} (the dense form sums, as aggr='add')"
+    if conv.flow != "source_to_target":
+        return f"TransformerConv with flow={conv.flow!r}"
+    return ""
+
+
+def dense_transformer(mixer, x, layout, block_size):
+    """Output of the mixer (a TokenMixer around a TransformerConv) for the tokens x (B, T, n_embd) on a graph
+    arranged by layout, as (B, T, n_embd); layout may be a decoder.LayerCache (x then holds the new tokens)."""
+    conv = mixer.conv
+    B, T, _ = x.shape
+    H, C = conv.heads, conv.out_channels
+
+    def heads(t):
+        return t.view(B, T, H, C).transpose(1, 2)  # (B, T, H*C) -> (B, H, T, C)
+
+    q = layout.queries(heads(conv.lin_query(x)))  # (B, H, n, Q, C)
+    k, v = layout.keys(k=heads(conv.lin_key(x)), v=heads(conv.lin_value(x)))  # (B, H, n, K, C)
+    dropout = conv.dropout if conv.training else 0.0
+    if conv.lin_edge is None:
+        out = attention(q, k, v, layout.bias, dropout)
+    else:
+        table = distance_table(conv, block_size, x.device)  # (H, D, C)
+        distance = layout.distance.expand(B, H, *layout.distance.shape)  # (B, H, n, Q, K)
+        relative = (q @ table.unsqueeze(1).transpose(-1, -2)).gather(-1, distance)  # q_i . E[d_ij]
+        scores = (q @ k.transpose(-1, -2) + relative) / math.sqrt(C) + layout.bias
+        alpha = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
+        by_distance = torch.zeros(*alpha.shape[:-1], block_size, dtype=alpha.dtype, device=alpha.device)
+        by_distance.scatter_add_(-1, distance, alpha)  # (B, H, n, Q, D): the weights summed by distance
+        out = alpha @ v + by_distance @ table.unsqueeze(1)
+    out = layout.merge(out)  # (B, H, T, C)
+    out = out.transpose(1, 2).reshape(B, T, H * C) if conv.concat else out.mean(dim=1)
+    if conv.root_weight:
+        x_r = conv.lin_skip(x)
+        if conv.lin_beta is not None:
+            beta = conv.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
+            out = beta * x_r + (1 - beta) * out
+        else:
+            out = out + x_r
+    return out if mixer.proj is None else mixer.proj(out)
+
+
+def attention(q, k, v, bias, dropout):
+    """softmax(q k^T / sqrt(C) + bias) v by scaled_dot_product_attention: 4-D tensors where there is one block
+    of queries (n = 1), which its fused kernels take."""
+    bias = bias.to(q.dtype)
+    if q.size(2) == 1:
+        out = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn_mask=bias[..., 0, :, :],
+                                             dropout_p=dropout)
+        return out.unsqueeze(2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+
+
+def distance_table(conv, block_size, device):
+    """lin_edge of every distance d = 0 .. block_size - 1 (feature d / block_size), per head: (H, D, C)."""
+    features = torch.arange(block_size, device=device, dtype=conv.lin_edge.weight.dtype)[:, None] / block_size
+    return conv.lin_edge(features).view(block_size, conv.heads, conv.out_channels).transpose(0, 1)
