@@ -39,16 +39,16 @@ from gnngpt.cli import (
 from gnngpt.config import PRESETS, resolve_preset
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.graph import graph_spec, parse_graph
-from gnngpt.mixers import GAT_LAYERS
+from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, GPTConfig
 from gnngpt.sampling import sample_tokens
 from gnngpt.train import autocast, make_optimizer, synchronize
 
 VOCAB_SIZE = 65  # tinyshakespeare's
-MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"),
-          ("GATv2Conv", "fast"), ("GATv2Conv", "pyg"), ("no-mixer", "-")]
+MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
+          ("GATv2Conv", "pyg"), ("TransformerConv", "fast"), ("TransformerConv", "pyg"), ("no-mixer", "-")]
 GRAPHLESS = {"bigram", "no-mixer"}  # benchmarked once, not per graph
-GENERATORS = [("gpt", "-"), ("GATConv", "fast"), ("GATv2Conv", "fast")]
+GENERATORS = [("gpt", "-"), *((name, "fast") for name in DENSE_LAYERS)]
 SHAPE_FLAGS = ("block_size", "batch_size", "n_embd", "n_head", "n_layer")
 
 
@@ -68,7 +68,7 @@ def build(name, backend, settings, device):
     torch.manual_seed(1337)
     if name == "bigram":
         return BigramLanguageModel(BigramConfig(VOCAB_SIZE)).to(device)
-    mixer = name if name in GAT_LAYERS else "attention"
+    mixer = name if name in DENSE_LAYERS else "attention"
     cfg = GPTConfig.from_settings(settings, VOCAB_SIZE, mixer=mixer, backend="fast" if backend == "-" else backend)
     model = GPT(cfg)
     if name == "no-mixer":
@@ -174,10 +174,8 @@ def bench_generation(configs, device, length, repeats, common, compile_decoder):
 
 
 WITHIN = [  # (description, numerator, denominator) of training times on one graph
-    ("GATConv fast speed-up over pyg", ("GATConv", "pyg"), ("GATConv", "fast")),
-    ("GATv2Conv fast speed-up over pyg", ("GATv2Conv", "pyg"), ("GATv2Conv", "fast")),
-    ("GATConv fast time / gpt time", ("GATConv", "fast"), ("gpt", "-")),
-    ("GATv2Conv fast time / gpt time", ("GATv2Conv", "fast"), ("gpt", "-")),
+    *((f"{name} fast speed-up over pyg", (name, "pyg"), (name, "fast")) for name in DENSE_LAYERS),
+    *((f"{name} fast time / gpt time", (name, "fast"), ("gpt", "-")) for name in DENSE_LAYERS),
 ]
 
 
@@ -192,9 +190,10 @@ def ratios(train_rows, gen_rows):
         for text, a, b in WITHIN:
             if a in rows and b in rows:
                 out.append((f"{text} [{graph} {pos}]", rows[a]["ms_per_iter"] / rows[b]["ms_per_iter"]))
-        if ("GATv2Conv", "fast") in rows and ("GATv2Conv", "pyg") in rows and rows["GATv2Conv", "pyg"]["peak_mem_mb"]:
-            out.append((f"GATv2Conv fast peak memory / pyg [{graph} {pos}]",
-                        rows["GATv2Conv", "fast"]["peak_mem_mb"] / rows["GATv2Conv", "pyg"]["peak_mem_mb"]))
+        for name in DENSE_LAYERS:
+            fast, pyg = rows.get((name, "fast")), rows.get((name, "pyg"))
+            if fast and pyg and fast["peak_mem_mb"] and pyg["peak_mem_mb"]:
+                out.append((f"{name} fast peak memory / pyg [{graph} {pos}]", fast["peak_mem_mb"] / pyg["peak_mem_mb"]))
         if ("GATConv", "pyg") in rows and floor:
             out.append((f"GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg "
                         f"[{graph} {pos}]", rows["GATConv", "pyg"]["ms_per_iter"] / floor["no-mixer"]))
@@ -208,6 +207,15 @@ def ratios(train_rows, gen_rows):
         out.append((f"{where}: tokens per second", r["tokens_per_s"] / b["tokens_per_s"]))
         if r["peak_mem_mb"] and b["peak_mem_mb"]:
             out.append((f"{where}: peak memory", r["peak_mem_mb"] / b["peak_mem_mb"]))
+    absolute = {(r["model"], r["backend"], r["graph"]): r for r in graphed if r["pos"] == "abs"}
+    for r in graphed:  # relative positions against absolute ones, same model, backend and graph
+        a = absolute.get((r["model"], r["backend"], r["graph"]))
+        if a is None or r["pos"] != "rel":
+            continue
+        where = f"{r['model']} {r['backend']} [{r['graph']}], relative / absolute positions"
+        out.append((f"{where}: step time", r["ms_per_iter"] / a["ms_per_iter"]))
+        if r["peak_mem_mb"] and a["peak_mem_mb"]:
+            out.append((f"{where}: peak memory", r["peak_mem_mb"] / a["peak_mem_mb"]))
     for r in gen_rows:
         out.append((f"{r['model']} {r['backend']} [{r['graph']} {r['pos']}]: cached generation, last fifth / "
                     f"first fifth", r["cached_last_fifth_ms"] / r["cached_first_fifth_ms"]))
@@ -234,8 +242,8 @@ def build_parser():
     for flag in SHAPE_FLAGS:
         p.add_argument(f"--{flag}", type=int, help="overrides the preset's (default: the preset's)")
     p.add_argument("--models", default=",".join(dict.fromkeys(m for m, _ in MODELS)),
-                   help="comma-separated: bigram, gpt, GATConv, GATv2Conv (both backends), GATConv/fast, "
-                        "GATConv/pyg, GATv2Conv/fast, GATv2Conv/pyg, no-mixer (default: all)")
+                   help="comma-separated: bigram, gpt, GATConv, GATv2Conv, TransformerConv (both backends), or one "
+                        "backend, as in GATConv/fast or TransformerConv/pyg, no-mixer (default: all)")
     p.add_argument("--graphs", default="full", metavar="SPEC,...",
                    help="context graphs, comma-separated, a per-layer list in brackets, each with every kind of "
                         "--pos or with the one after an @, as in full@abs (default: full)")

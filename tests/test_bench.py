@@ -28,7 +28,7 @@ def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     graphed = [(m, b) for m, b in bench.MODELS if m not in bench.GRAPHLESS]
     expected = [*bench.MODELS, *graphed]  # the graphless bigram and no-mixer once, the others on each graph
     assert [(r["model"], r["backend"]) for r in train] == expected
-    assert [r["graph"] for r in train] == ["-", *["full"] * 5, "-", *["window:4"] * 5]
+    assert [r["graph"] for r in train] == ["-", *["full"] * 7, "-", *["window:4"] * 7]
     for r in train:
         assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"], r["block_size"]) == ("cpu", "cpu",
                                                                                                "float32", 16)
@@ -40,8 +40,24 @@ def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     assert ratios["GATv2Conv fast on window:4 abs / on full abs: peak memory"] == pytest.approx(
         ms["GATv2Conv", "fast", "window:4"]["peak_mem_mb"] / ms["GATv2Conv", "fast", "full"]["peak_mem_mb"], abs=0.006)
     assert "GATv2Conv fast peak memory / pyg [full abs]" in ratios
+    assert ratios["TransformerConv fast speed-up over pyg [full abs]"] == pytest.approx(
+        ms["TransformerConv", "pyg", "full"]["ms_per_iter"] / ms["TransformerConv", "fast", "full"]["ms_per_iter"],
+        abs=0.006)
+    assert "TransformerConv fast peak memory / pyg [full abs]" in ratios
     assert not [r for r in rows if r["task"] == "generate"] and "generate" not in out
     assert "target" not in out  # measurements and ratios only: the targets live in the docs
+
+
+def test_bench_gives_relative_against_absolute_positions_for_every_model_on_every_graph(capsys):
+    out, rows, ratios = run_bench(capsys, "--models", "gpt,GATv2Conv/fast,TransformerConv/fast", "--pos", "abs,rel",
+                                  "--graphs", "full,window:4", "--gen_repeats", "0")
+    train = {(r["model"], r["graph"], r["pos"]): r for r in rows if r["task"] == "train"}
+    for model, backend in (("gpt", "-"), ("GATv2Conv", "fast"), ("TransformerConv", "fast")):
+        for graph in ("full", "window:4"):
+            rel, ab = train[model, graph, "rel"], train[model, graph, "abs"]
+            where = f"{model} {backend} [{graph}], relative / absolute positions"
+            assert ratios[f"{where}: step time"] == pytest.approx(rel["ms_per_iter"] / ab["ms_per_iter"], abs=0.006)
+            assert ratios[f"{where}: peak memory"] == pytest.approx(rel["peak_mem_mb"] / ab["peak_mem_mb"], abs=0.006)
 
 
 def test_bench_times_cached_and_lectures_generation_with_the_models_it_is_given(capsys):
