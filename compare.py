@@ -63,6 +63,10 @@ def build_parser():
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: rebuild the tables and figures from the finished runs' small files "
                         "(config.json, metrics.csv, eval.json); no checkpoint is needed")
+    p.add_argument("--report_step", type=int, metavar="STEP",
+                   help="report every run as it was at this step, with the exact evaluation its training wrote there "
+                        "(training flag --exact_at STEP): the tables, figures and curves up to it (default: the last "
+                        "step)")
     p.add_argument("--runs", default="runs", metavar="DIR",
                    help="each run goes to DIR/<run name>, with its sample in DIR/<run name>/sample.txt "
                         "(default: runs)")

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
 from .errors import UsageError
 from .files import atomic_write_text
-from .rundir import EVAL_FILE, POSITION_FILE
+from .rundir import eval_files
 from .train import evaluate
 
 HALVES = ("tune", "test")  # the validation split's halves, in order: data.halves
@@ -132,27 +132,28 @@ def run_validation_split(config, vocab):
     return validation_split(load_text(None if path == Path(DEFAULT_DATA) else path), vocab)
 
 
-def write_eval(out_dir, result, step):
+def write_eval(out_dir, result, step, at=None):
     """Write a run's exact evaluation at step (exact_evaluation's result, of its validation split): the loss at
     each position to loss_by_position.csv, then eval.json, the losses of the whole split and of its halves in
-    nats and bits per character."""
-    out_dir = Path(out_dir)
+    nats and bits per character; at=step writes them as the snapshot of an earlier step (rundir.eval_files)."""
+    eval_path, position_path = eval_files(out_dir, at)
     by_position = result["by_position"]
     rows = "".join(f"{t},{loss:.6f},{n}\n" for t, (loss, n) in enumerate(zip(by_position["loss"],
                                                                           by_position["targets"])))
-    atomic_write_text(out_dir / POSITION_FILE, "offset,loss,targets\n" + rows)
+    atomic_write_text(position_path, "offset,loss,targets\n" + rows)
     record = {"step": step, "val_loss": round(result["nats"], 6), "val_bpc": round(result["bits"], 6),
               "targets": result["targets"]}
     for part in HALVES:
         record.update({f"{part}_loss": round(result[part]["nats"], 6), f"{part}_bpc": round(result[part]["bits"], 6),
                        f"{part}_targets": result[part]["targets"]})
-    atomic_write_text(out_dir / EVAL_FILE, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")
+    atomic_write_text(eval_path, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")
 
 
-def read_eval(out_dir, step=None):
-    """A run's eval.json as a dict, or None when it is missing, unreadable or (with step) of another step."""
+def read_eval(out_dir, step=None, at=None):
+    """A run's eval.json (at: its snapshot of that step) as a dict, or None when it is missing, unreadable or (with
+    step) of another step."""
     try:
-        record = json.loads((Path(out_dir) / EVAL_FILE).read_text())
+        record = json.loads(eval_files(out_dir, at)[0].read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or (step is not None and record.get("step") != step):
@@ -165,11 +166,11 @@ def has_halves(record):
     return record is not None and all(f"{part}_loss" in record for part in HALVES)
 
 
-def read_loss_by_position(out_dir):
-    """A run's loss_by_position.csv as {"loss": [...], "targets": [...]} per offset, or None when it is missing or
-    unreadable."""
+def read_loss_by_position(out_dir, at=None):
+    """A run's loss_by_position.csv (at: its snapshot of that step) as {"loss": [...], "targets": [...]} per offset,
+    or None when it is missing or unreadable."""
     try:
-        with open(Path(out_dir) / POSITION_FILE, newline="") as f:
+        with open(eval_files(out_dir, at)[1], newline="") as f:
             rows = list(csv.DictReader(f))
         return {"loss": [float(r["loss"]) for r in rows], "targets": [int(r["targets"]) for r in rows]}
     except (OSError, ValueError, KeyError, TypeError):

@@ -73,18 +73,20 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     """--report_only: the tables and figures of finished runs, from their small files; refused while any run
     is unfinished or lacks its exact validation loss."""
     why = {"new": "not there", "resume": "not finished", "replace": "other settings", "submitted": "not finished"}
-    missing = [f"{r.out_dir} ({why.get(states[r.name], 'no eval.json')})" for r in runs
-               if states[r.name] != "reuse" or read_eval(r.out_dir, r.expected["settings"]["max_iters"]) is None]
+    at, wanted = args.report_step, "eval.json" if args.report_step is None else f"eval_step{args.report_step}.json"
+    missing = [f"{r.out_dir} ({why.get(states[r.name], 'no ' + wanted)})" for r in runs if states[r.name] != "reuse"
+               or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], at) is None]
     if missing:
-        raise UsageError(f"--report_only needs every run finished with its eval.json, and {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only")
+        raise UsageError(f"--report_only needs every run finished with its {wanted}, and {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only"
+                         + ("" if at is None else f", with --exact_at {at} among the training flags"))
     write_report(runs, args, out, argv, baseline, layer_records, pairs, {})
     return 0
 
 
 def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     """The comparison's tables and figures, from the small files of its finished runs."""
-    configs = configurations([run_summary(r.out_dir) for r in runs])
+    configs = configurations([run_summary(r.out_dir, args.report_step) for r in runs])
     if not configs:
         return
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote

@@ -37,13 +37,14 @@ def load_run_model(out_dir, device="cpu", backend=None):
     return model, CharTokenizer(checkpoint["vocab"]), checkpoint["name"]
 
 
-def run_summary(out_dir):
+def run_summary(out_dir, at=None):
     """What a finished run measured, from its small files alone (config.json, metrics.csv, eval.json): its seed,
     validation curve (random-batch estimates) against steps, tokens and training seconds, exact validation loss
-    (None without eval.json of its last step), size, speed and machine."""
+    (None without eval.json of its last step), size, speed and machine. at: the run as it was at that step, with
+    the exact evaluation its training wrote there (--exact_at)."""
     config = json.loads((Path(out_dir) / "config.json").read_text())
     settings = config["settings"]
-    rows = read_metrics(out_dir)
+    rows = [r for r in read_metrics(out_dir) if at is None or int(r["step"]) <= at]
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
     return {
         "name": config["name"],
@@ -60,8 +61,8 @@ def run_summary(out_dir):
         "tokens": [r["tokens"] if r.get("tokens") is not None else
                    int(r["step"]) * settings["batch_size"] * settings["block_size"] * config.get("processes", 1)
                    for r in rows],
-        "exact": read_eval(out_dir, int(rows[-1]["step"])),
-        "by_position": read_loss_by_position(out_dir),
+        "exact": read_eval(out_dir, int(rows[-1]["step"]), at),
+        "by_position": read_loss_by_position(out_dir, at),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
         "wall_s": rows[-1]["elapsed_s"],

@@ -17,6 +17,7 @@ from .files import atomic_write_text
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
 EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
 POSITION_FILE = "loss_by_position.csv"  # the same loss at each offset of the windows (see evaluation.py)
+SNAPSHOT_FILES = ("eval_step*.json", "loss_by_position_step*.csv")  # the same at earlier steps (--exact_at)
 SAMPLE_FILE = "sample.txt"  # the sample the training writes at its end (see sampling.sample_path)
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
@@ -25,6 +26,15 @@ RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
+
+
+def eval_files(out_dir, at=None):
+    """The paths of a run's exact evaluation: eval.json and loss_by_position.csv of its last step, or (at) the
+    snapshot of an earlier step that training's --exact_at wrote."""
+    out_dir = Path(out_dir)
+    if at is None:
+        return out_dir / EVAL_FILE, out_dir / POSITION_FILE
+    return out_dir / f"eval_step{at}.json", out_dir / f"loss_by_position_step{at}.csv"
 
 
 def run_name(model, settings):
@@ -190,7 +200,8 @@ def start_run_dir(out_dir, config, overwrite=False):
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
         return
-    replaced = [out_dir / name for name in RUN_FILES] + sorted(out_dir.glob(TENSORBOARD_FILES)) if overwrite else []
+    replaced = [out_dir / name for name in RUN_FILES] + [p for pattern in (TENSORBOARD_FILES, *SNAPSHOT_FILES)
+                                                          for p in sorted(out_dir.glob(pattern))] if overwrite else []
     replaced += [out_dir / EVAL_FILE, out_dir / POSITION_FILE, out_dir / SAMPLE_FILE]
     try:
         for path in replaced:

@@ -23,6 +23,8 @@ def compare(args, extra, argv):
     launcher = slurm.options(args)  # None for --launcher local
     if launcher:
         args.device = launcher.device  # that of each job, checked by its training on its node
+    if args.report_step is not None and args.report_step <= 0:
+        raise UsageError(f"--report_step must be a positive integer, got {args.report_step}")
     if args.target_loss is not None and not 0 < args.target_loss < math.inf:
         raise UsageError(f"--target_loss must be a positive number, got {args.target_loss}")
     out = Path(args.out or args.runs)

@@ -50,25 +50,30 @@ def make_optimizer(model, learning_rate):
     return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
 
 
-def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10, tracking=None):
+def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10, tracking=None,
+          after_evaluation=None):
     """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
     metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
-    of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row. resume_from (such a
+    of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row, and after_evaluation(step)
+    runs (on every rank; its time counts as the evaluation's, not the training's). resume_from (such a
     checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step, or within one batch of
     an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an evaluation stopped so
     runs whole on resuming); a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
     model trains in DistributedDataParallel; rank 0 alone evaluates and writes files. Returns the metrics rows.
     """
-    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking).run(log_interval)
+    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking,
+                   after_evaluation).run(log_interval)
 
 
 class Trainer:
     """One training run's state: the model and optimizer, the step, the metrics, the clock, the last checkpoint."""
 
-    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, tracking=None):
+    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, tracking=None,
+                 after_evaluation=None):
         self.model, self.sampler, self.settings, self.meta = model, sampler, settings, checkpoint_meta
+        self.after_evaluation = after_evaluation or (lambda step: None)
         self.tracking = tracking or Tracking()
         self.ckpt_path = Path(out_dir) / "ckpt.pt"
         self.dtype = settings.get("dtype", "float32")
@@ -168,6 +173,7 @@ class Trainer:
         self.save()
         # logged once checkpointed: a resumed run, which logs from its checkpoint's step on, logs no step twice
         self.tracking.log(row, self.optimizer.param_groups[0]["lr"])
+        self.after_evaluation(self.step)  # outside the training seconds, as the evaluation
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
     def save(self, unrecorded_train_s=0.0):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, train_tiny_gpt
 from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
@@ -104,6 +104,8 @@ BAD_INPUTS = [
     (["--resume", "--overwrite"], "error: --resume and --overwrite exclude each other: --resume continues the run in "
                                   "--out_dir, --overwrite replaces it; pass one of them\n"),
     (["--graph", "[window:4"], "error: --graph '[window:4' has a bracket; write a per-layer list without brackets"),
+    (["--exact_at", "4"], "error: --exact_at 4 is not an evaluation step before the last (a multiple of "
+                          "--eval_interval"),
     (["--data", "empty.txt"], "data file empty.txt is empty"),
     (["--data", "latin1.txt"], "data file latin1.txt is not UTF-8"),
 ]
@@ -122,6 +124,22 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(args, message, tiny_t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert set(tmp_path.iterdir()) == before
+
+
+def test_exact_at_writes_what_a_run_that_ends_there_writes(in_tmp_path, tiny_text_file, capsys):
+    assert train_tiny_gpt("long", "tiny.txt", "--max_iters", "6", "--eval_interval", "2", "--exact_at", "2,4") == 0
+    assert "step 4: exact validation loss " in capsys.readouterr().out
+    assert train_tiny_gpt("short", "tiny.txt", "--max_iters", "4", "--eval_interval", "2") == 0
+    snapshot = json.loads((in_tmp_path / "long" / "eval_step4.json").read_text())
+    ended = json.loads((in_tmp_path / "short" / "eval.json").read_text())
+    assert snapshot.pop("eval_s") >= 0 and ended.pop("eval_s") >= 0
+    assert snapshot == ended and snapshot["step"] == 4  # the same batches and weights up to step 4
+    assert (in_tmp_path / "long" / "loss_by_position_step4.csv").read_text() == \
+        (in_tmp_path / "short" / "loss_by_position.csv").read_text()
+    assert json.loads((in_tmp_path / "long" / "eval_step2.json").read_text())["step"] == 2
+    assert json.loads((in_tmp_path / "long" / "eval.json").read_text())["step"] == 6
+    assert train_tiny_gpt("long", "tiny.txt", "--max_iters", "6", "--eval_interval", "2", "--overwrite") == 0
+    assert not list((in_tmp_path / "long").glob("*_step*"))  # a replaced run leaves no snapshot of the old one
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -187,6 +205,9 @@ def test_bfloat16_autocast_evaluates_close_to_float32():
     (["gpt.py", "--pos", "xyz"], "error: argument --pos: invalid choice: 'xyz' (choose from 'abs', 'rel')"),
     (["gpt.py", "--graph", "window:\u00b2"], "error: --graph 'window:\u00b2': W must be an integer from 1"),
     (["bigram.py", "--graph", "window:4"], "error: unrecognized arguments: --graph window:4 (see --help)"),
+    (["gpt.py", "--exact_at", "0"], "error: argument --exact_at: '0' is not a comma-separated list of positive steps"),
+    (["gpt.py", "--exact_at", "2,x"], "error: argument --exact_at: '2,x' is not a comma-separated list of positive "
+                                      "steps"),
 ])
 def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
     result = run_script(args, tmp_path)

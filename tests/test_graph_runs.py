@@ -115,6 +115,65 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
         assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] | 2 | " in table
 
 
+def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in_tmp_path, tiny_text_file):
+    argv = ["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--graphs", "full@abs,window:2@rel", "--seeds",
+            "2"]
+    assert compare.main(argv) == 0
+    runs = in_tmp_path / "runs"
+
+    def columns(table):
+        lines = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+        header = [cell.strip() for cell in lines[0]]
+        rows = [dict(zip(header, map(str.strip, line))) for line in lines[2:4]]
+        return {(row["graph"], row["positions"]): (row["at offset 8"], row["at the last offset"]) for row in rows}
+
+    table = (runs / "graphs.md").read_text()
+    for name, key in (("gpt", ("full", "abs")), ("gpt_window-2_rel", ("window:2", "rel"))):
+        curves = [[float(r["loss"]) for r in csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open())]
+                  for seed in (1337, 1338)]
+        assert [len(curve) for curve in curves] == [16, 16]  # block 16: offsets 0 to 15
+        assert columns(table)[key] == tuple(f"{numpy.mean([curve[t] for curve in curves]):.4f}" for t in (8, 15))
+    assert "- at offset 8, at the last offset: the exact validation loss of the targets with 8 and with 15" in table
+    figure = (runs / "graphs_by_position.png").read_bytes()
+    assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
+
+    for path in [*runs.glob("*/ckpt.pt"), runs / "graphs.md", runs / "graphs_by_position.png"]:
+        path.unlink()
+    assert compare.main([*argv, "--report_only"]) == 0
+    assert (runs / "graphs.md").read_text() == table
+    assert (runs / "graphs_by_position.png").read_bytes() == figure
+
+    (runs / "gpt_window-2_rel_s1338" / "loss_by_position.csv").unlink()  # as in runs from before it was written
+    assert compare.main([*argv, "--report_only"]) == 0
+    table = (runs / "graphs.md").read_text()
+    assert columns(table)[("window:2", "rel")] == ("n/a", "n/a")
+    assert columns(table)[("full", "abs")] != ("n/a", "n/a")
+    assert "- n/a: gpt_window-2_rel has runs without loss_by_position.csv" in table
+    assert "`graphs_by_position.png`: the exact validation loss at each offset of the windows, mean over seeds; " \
+           "without gpt_window-2_rel, whose runs have no loss_by_position.csv." in table
+
+
+def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text_file, capsys):
+    argv = ["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--graphs", "full@abs,window:2@rel"]
+    assert compare.main([*argv, "--exact_at", "2"]) == 0
+    runs = in_tmp_path / "runs"
+    assert compare.main([*argv, "--report_only", "--report_step", "2", "--out", "at2"]) == 0
+    table = (in_tmp_path / "at2" / "graphs.md").read_text()
+    for name in ("gpt", "gpt_window-2_rel"):
+        snapshot = json.loads((runs / f"{name}_s1337" / "eval_step2.json").read_text())
+        final = json.loads((runs / f"{name}_s1337" / "eval.json").read_text())
+        assert snapshot["step"] == 2 and f"| {snapshot['val_loss']:.4f} (1) |" in table
+        assert f"| {final['val_loss']:.4f} (1) |" in (runs / "graphs.md").read_text()
+    assert "--report_step 2" in table
+
+    (runs / "gpt_s1337" / "eval_step2.json").unlink()
+    capsys.readouterr()
+    assert compare.main([*argv, "--report_only", "--report_step", "2", "--out", "at2"]) == 2
+    assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval_step2.json, and "
+                                       "runs/gpt_s1337 (no eval_step2.json) is not; run the same command without "
+                                       "--report_only, with --exact_at 2 among the training flags\n")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--graph", "window:0"], "--graph 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--graph", "ring:4"], "--graph 'ring:4': unknown graph 'ring'"),
