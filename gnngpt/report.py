@@ -36,11 +36,11 @@ def model_samples_dir(out, shipped=True):
         Path(out) / "model_outputs"
 
 
-def write_model_samples(runs, out, shipped, tuned=False):
-    """Each model's sample, its first seed's (at its chosen learning rate when tuned), in
+def write_model_samples(runs, out, shipped):
+    """Each model's sample, its first seed's (at its chosen learning rate where the runs choose one), in
     model_samples_dir(out, shipped)/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets
     one from its checkpoint first."""
-    for run in sampled_runs(runs, tuned):
+    for run in sampled_runs(runs, tuned(runs)):
         source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
@@ -48,10 +48,18 @@ def write_model_samples(runs, out, shipped, tuned=False):
                           source.read_text(encoding="utf-8"))
 
 
-def sampled_runs(runs, tuned):
-    """The run whose sample stands for each configuration: its first seed's, at its chosen learning rate when
-    tuned."""
-    if tuned:
+def tuned(runs):
+    """Whether the runs choose a learning rate: some configuration trained at several."""
+    rates = {}
+    for r in runs:
+        rates.setdefault(r.config_name, set()).add(r.expected["settings"]["learning_rate"])
+    return any(len(grid) > 1 for grid in rates.values())
+
+
+def sampled_runs(runs, chosen_rates):
+    """The run whose sample stands for each configuration: its first seed's, at its chosen learning rate with
+    chosen_rates."""
+    if chosen_rates:
         chosen = {(c.name, c.chosen["learning_rate"]) for c in tuned_choices(runs)}
         runs = [r for r in runs if (r.config_name, r.expected["settings"]["learning_rate"]) in chosen]
     return first_seeds(runs)
@@ -90,8 +98,8 @@ def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     if not configs:
         return
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
-    seeds = {r.config_name: r.seed for r in sampled_runs(runs, args.learning_rate is not None)}
-    if args.learning_rate is not None:
+    seeds = {r.config_name: r.seed for r in sampled_runs(runs, tuned(runs))}
+    if tuned(runs):
         choices = tuned_choices(runs)
         write_tuned_comparison(choices, next((c for c in choices if c.name == baseline), None), args.target_loss,
                                seeds, out, argv, args.jobs)

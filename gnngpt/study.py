@@ -61,7 +61,7 @@ def compare(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         runner.write_missing_exact_loss(r)
-    write_model_samples(done, out, layer_records is None and len(pairs) == 1, tuned=args.learning_rate is not None)
+    write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
     write_report(done, args, out, argv, baseline, layer_records, pairs, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "

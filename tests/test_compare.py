@@ -397,6 +397,14 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
         == [("0.01", "1337"), ("0.01", "1337"), ("0.01", "1338"), ("0.01", "1338")]  # only the new rate trains
 
 
+def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_path):
+    assert compare_main("--models", "bigram,gpt", "--learning_rate", "2e-3", "--learning_rate", "bigram=2e-2") == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["bigram_lr0.02_s1337", "gpt_lr0.002_s1337"]
+    results = (tmp_path / "plots" / "results.md").read_text()
+    assert results.startswith("# Results\n") and "learning_rate 0.002 instead of 0.001 (gpt)" in results
+    assert [row[0] for row in table_rows(results)] == ["bigram", "gpt"]
+
+
 def test_a_rate_between_others_is_chosen_without_an_edge_flag():
     def config(rate, tune):
         loss = Spread(tune, None, 1)
