@@ -115,10 +115,10 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
 
 
 def edges_by_pair(edges, distance):
-    """The edge term of each (query, key) pair, edges[distance] as (H, n, Q, K, C), by index_select (whose
-    gradient is an index_add of whole rows of the table, not a scatter of single elements)."""
+    """The edge term of each (query, key) pair, edges[distance] as a contiguous (H, n, Q, K, C), by index_select
+    (whose gradient is an index_add of whole rows of the table, not a scatter of single elements)."""
     D, H, C = edges.shape
-    return edges.index_select(0, distance.reshape(-1)).view(*distance.shape, H, C).movedim(-2, 0)
+    return edges.transpose(0, 1).contiguous().index_select(1, distance.reshape(-1)).view(H, *distance.shape, C)
 
 
 def gatv2_scores_expression(xl, xr, att, negative_slope, edge_term=None):
@@ -152,10 +152,11 @@ class FusedEdgeScores(torch.autograd.Function):
     """gatv2_scores_expression with an edge term, forward and backward by compiled kernels (fused_edge_kernels).
 
     Compiled as one function, its backward pass would hold the gradient of the whole (B, H, n, Q, K, C) sum: it
-    has three reductions over different dimensions (queries for the keys, keys for the queries, the batch for the
+    has three reductions over different dimensions (keys for the queries, queries for the keys, the batch for the
     edge term), and the compiler keeps what they share. Here each reduction is a kernel of its own that computes
-    the sum again as it reduces, as the forward pass does; the edge term of each pair is looked up again in the
-    backward pass rather than kept, and its gradient summed into the table's rows.
+    the sum again as it reduces, as the forward pass does: the keys' gradient is the queries' with the roles of
+    queries and keys swapped, so that both reduce over the dimension next to the channels. The edge term of each
+    pair is looked up again in the backward pass rather than kept, and its gradient summed into the table's rows.
     """
 
     @staticmethod
@@ -167,12 +168,15 @@ class FusedEdgeScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xl, xr, att, edges, distance = ctx.saved_tensors
-        inputs = (xl, xr, att, edges_by_pair(edges, distance), ctx.negative_slope, grad)
-        kernels = fused_edge_kernels()
-        grad_keys, att_by_key = kernels["keys"](*inputs)
-        by_pair = kernels["edges"](*inputs).movedim(0, -2).reshape(-1, *edges.shape[1:])  # (n * Q * K, H, C)
-        grad_edges = torch.zeros_like(edges).index_add_(0, distance.reshape(-1), by_pair)
-        return grad_keys, kernels["queries"](*inputs), att_by_key.sum((0, 2, 3)), grad_edges, None, None
+        slope, kernels = ctx.negative_slope, fused_edge_kernels()
+        edge_term = edges_by_pair(edges, distance)
+        grad_queries, att_terms = kernels["queries and att"](xl, xr, att, edge_term, slope, grad)
+        swapped = edges_by_pair(edges, distance.transpose(-1, -2))  # (H, n, K, Q, C)
+        grad_keys = kernels["queries"](xr, xl, att, swapped, slope, grad.transpose(-1, -2).contiguous())
+        by_pair = kernels["edges"](xl, xr, att, edge_term, slope, grad)  # (H, n, Q, K, C)
+        D, H, C = edges.shape
+        grad_edges = by_pair.new_zeros(H, D, C).index_add_(1, distance.reshape(-1), by_pair.view(H, -1, C))
+        return grad_keys, grad_queries, att_terms.sum((0, 2, 3)), grad_edges.transpose(0, 1), None, None
 
 
 def score_gradient(xl, xr, att, edge_term, negative_slope, grad):
@@ -184,15 +188,14 @@ def score_gradient(xl, xr, att, edge_term, negative_slope, grad):
     return grad * att.view(att.size(0), 1, 1, 1, -1) * slope, grad * z * slope
 
 
-def keys_gradient(*args):
-    """The keys' gradient and the att gradient's terms, each summed over the queries: (B, H, n, K, C) each, in
-    one loop."""
-    grad_z, att_terms = score_gradient(*args)
-    return grad_z.sum(-3), att_terms.sum(-3)
-
-
 def queries_gradient(*args):
     return score_gradient(*args)[0].sum(-2)  # over the keys: (B, H, n, Q, C)
+
+
+def queries_and_att_gradient(*args):
+    """The queries' gradient and the att gradient's terms, each summed over the keys, in one loop."""
+    grad_z, att_terms = score_gradient(*args)
+    return grad_z.sum(-2), att_terms.sum(-2)
 
 
 def edges_gradient(*args):
@@ -208,7 +211,8 @@ def fused_edge_kernels():
     """FusedEdgeScores' kernels, compiled by torch.compile on first use."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return {name: torch.compile(function) for name, function in (
-        ("scores", edge_scores), ("keys", keys_gradient), ("queries", queries_gradient), ("edges", edges_gradient))}
+        ("scores", edge_scores), ("queries", queries_gradient), ("queries and att", queries_and_att_gradient),
+        ("edges", edges_gradient))}
 
 
 def recomputed(function, *args):
