@@ -147,7 +147,8 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
             f"{results_table(configs, baseline)}\n{notes}{samples_line(configs, seeds, out)}")
     atomic_write_text(out / "results.md", text)
-    print(f"wrote {out / 'val_loss.png'}, {out / 'loss_by_position.png'} and {out / 'results.md'}")
+    print(f"wrote {out / 'val_loss.png'}, {out / 'results.md'} and, where runs have it, "
+          f"{out / 'loss_by_position.png'}")
 
 
 def run_notes(configs, jobs, ignored=()):
@@ -200,8 +201,8 @@ def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, job
     text = (f"# Results: each model at its own learning rate\n\nMade by `{command(argv)}` ({describe(every)}).\n\n"
             f"{tuned_table(choices, baseline)}\n{notes}{samples_line(chosen, seeds, out)}")
     atomic_write_text(out / "results.md", text)
-    print(f"wrote {out / 'val_loss.png'}, {out / 'learning_rates.png'}, {out / 'loss_by_position.png'} and "
-          f"{out / 'results.md'}")
+    print(f"wrote {out / 'val_loss.png'}, {out / 'learning_rates.png'}, {out / 'results.md'} and, where runs have "
+          f"it, {out / 'loss_by_position.png'}")
 
 
 def write_leaderboard(configs, records, failed, out, argv):
@@ -232,4 +233,4 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
         text += (f"\nThe same pairs in training seconds to a validation loss of {target_loss} (seeds that reached "
                  f"it in both):\n\n{comparisons}")
     atomic_write_text(out / "graphs.md", text)
-    print(f"wrote {out / 'graphs.png'}, {out / 'graphs_by_position.png'} and {out / 'graphs.md'}")
+    print(f"wrote {out / 'graphs.png'}, {out / 'graphs.md'} and, where runs have it, {out / 'graphs_by_position.png'}")

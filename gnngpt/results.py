@@ -290,13 +290,15 @@ def graph_study_table(configs, baseline=None):
     speed."""
     ranked = sorted(configs, key=lambda c: (c["model"], c["edges_per_token"] or 0, c["pos"] or ""))
     against = [] if baseline is None else [f"Δ vs {baseline['name']} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
+    by_position = any(r["by_position"] for c in configs for r in c["runs"])  # else no column: runs from before
     header = ["model", "graph", "positions", "edges per token", "val loss (nats)", "bits per character", *against,
-              f"at offset {POSITION_OFFSET}", "at the last offset", "tokens/s", "parameters"]
+              *([f"at offset {POSITION_OFFSET}", "at the last offset"] if by_position else []), "tokens/s",
+              "parameters"]
     return markdown_table(header, [
         [c["model"], c["graph"] or "-", c["pos"] or "-",
          "-" if c["edges_per_token"] is None else f"{c['edges_per_token']:.1f}", format_spread(c["loss"]),
          format_spread(c["bpc"]), *([] if baseline is None else baseline_columns(c, baseline)),
-         format_position_loss(c, POSITION_OFFSET), format_position_loss(c, -1),
+         *([format_position_loss(c, POSITION_OFFSET), format_position_loss(c, -1)] if by_position else []),
          format_rates(c["tokens_per_s"]), f"{c['parameters']:,}"]
         for c in ranked
     ])
@@ -312,7 +314,10 @@ def format_position_loss(config, offset):
 
 
 def position_notes(configs):
-    """What the graph study's columns by position mean, and which configurations lack the file behind them."""
+    """What the graph study's columns by position mean, and which configurations lack the file behind them (""
+    where no run has it: the table then has no such columns)."""
+    if not any(r["by_position"] for c in configs for r in c["runs"]):
+        return ""
     last = {c["settings"]["block_size"] - 1 for c in configs if c["settings"].get("block_size")}
     note = (f"- at offset {POSITION_OFFSET}, at the last offset: the exact validation loss of the targets with "
             f"{POSITION_OFFSET} and with {' or '.join(map(str, sorted(last)))} (block_size − 1) earlier characters of "
