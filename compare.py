@@ -62,17 +62,17 @@ def build_parser():
                         "reached validation loss X")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: rebuild the tables and figures from the finished runs' small files "
-                        "(config.json, metrics.csv, eval.json); no checkpoint is needed")
+                        "(config.json, metrics.csv, eval.json, loss_by_position.csv); no checkpoint is needed")
     p.add_argument("--report_step", type=int, metavar="STEP",
-                   help="report every run as it was at this step, with the exact evaluation its training wrote there "
-                        "(training flag --exact_at STEP): the tables, figures and curves up to it (default: the last "
-                        "step)")
+                   help="with --report_only: report every run as it was at this step, with the exact evaluation its "
+                        "training wrote there (training flag --exact_at STEP): the tables, figures and curves up to "
+                        "it (default: the last step)")
     p.add_argument("--runs", default="runs", metavar="DIR",
                    help="each run goes to DIR/<run name>, with its sample in DIR/<run name>/sample.txt "
                         "(default: runs)")
     p.add_argument("--out", metavar="DIR",
-                   help="where val_loss.png, results.md and the leaderboard go (default: the --runs DIR; --out plots "
-                        "writes the figures and samples this repository ships)")
+                   help="where the tables, figures and samples go (default: the --runs DIR; --out plots/paper writes "
+                        "the published comparison and the samples this repository ships in model_outputs/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -20,7 +20,7 @@ from gnngpt.evaluation import (
     write_eval,
 )
 from gnngpt.results import load_run_model
-from gnngpt.rundir import read_config, read_metrics
+from gnngpt.rundir import read_config
 
 
 def build_parser():
@@ -56,7 +56,8 @@ def run(args):
     if args.write and args.data:
         raise UsageError("--write records the run's own validation split in its eval.json; drop --data or --write")
     device = cli.resolve_device(args.device)
-    model, tokenizer, name = load_run_model(args.out_dir, device)
+    model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
+    name = checkpoint["name"]
     config = read_config(args.out_dir)
     if config is None:
         raise UsageError(f"{args.out_dir} has no readable config.json; evaluate a run written by this project")
@@ -71,7 +72,7 @@ def run(args):
                                       "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates)}
     if args.write:
         try:
-            write_eval(args.out_dir, result, int(read_metrics(args.out_dir)[-1]["step"]))  # the checkpoint's step
+            write_eval(args.out_dir, result, checkpoint["step"])
         except OSError as e:
             raise UsageError(f"cannot write {args.out_dir}/eval.json ({e.strerror}); make the run directory "
                              f"writable") from None

@@ -38,7 +38,8 @@ def run(args):
         raise UsageError(f"--out {args.out} is a directory; give a file name, such as "
                          f"{Path(args.out) / 'attention.png'}")
     device = resolve_device(args.device)
-    model, tokenizer, name = load_run_model(args.out_dir, device)
+    model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
+    name = checkpoint["name"]
     text = read_prompt(args.prompt)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)

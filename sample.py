@@ -33,8 +33,8 @@ def build_parser():
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help=f"where to run; {AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--backend", choices=("fast", "pyg"),
-                   help="GATConv/GATv2Conv runs: sample with this backend instead of the run's own; fast decodes "
-                        "with a cache (default: the run's)")
+                   help="GATConv, GATv2Conv and TransformerConv runs: sample with this backend instead of the run's "
+                        "own; fast decodes with a cache (default: the run's)")
     p.add_argument("--compile", action="store_true",
                    help="compile the cached decoder's one-token step with torch.compile: seconds to tens of seconds "
                         "first, then several times faster per character on a CPU (for long samples)")

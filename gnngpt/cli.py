@@ -18,11 +18,11 @@ from .config import PRESETS, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import Failure, UsageError
 from .evaluation import describe_evaluation, exact_evaluation, write_eval
-from .fast_gat import compiler_available
+from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .mixers import GAT_LAYERS, parse_layer_kwargs
-from .models import BigramConfig, GPTConfig, build_model
+from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
 from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
@@ -316,7 +316,9 @@ def run(script, args):
 def snapshot(steps, model, val_data, settings, out_dir, step):
     """At each of steps (--exact_at), the exact evaluation of the validation split, written by rank 0 as that step's
     snapshot (evaluation.write_eval)."""
-    if step in steps and distributed.is_main_process():
+    if step not in steps:
+        return
+    if distributed.is_main_process():
         result = exact_evaluation(model, val_data, settings, next(model.parameters()).device)
         write_eval(out_dir, result, step, at=step)
         tqdm.write(f"step {step}: {describe_evaluation(result)}; in {result['eval_s']:.1f} s")
@@ -354,7 +356,7 @@ def backend_description(mixer):
     where the fast backend was asked for a layer it computes in other configurations."""
     if mixer.dense:
         return "fast (masked dense attention)"
-    fell_back = mixer.dense_refusal not in ("no dense form", "--backend pyg")
+    fell_back = mixer.dense_refusal not in (NO_DENSE_FORM, PYG_ASKED)
     return f"pyg (message passing{': the fast backend does not cover ' + mixer.dense_refusal if fell_back else ''})"
 
 

@@ -88,7 +88,7 @@ def exact_evaluation(model, data, settings, device, batch_size=None, with_halves
     result = mean_loss(sums.sum().item(), int(counts.sum()))
     seen = counts > 0  # every offset, unless data is shorter than one window
     result["by_position"] = {"loss": (sums[seen] / counts[seen]).tolist(), "targets": counts[seen].tolist()}
-    if with_halves:
+    if with_halves and len(data) >= 4:  # each half has a target (a validation split of 3 or fewer has none)
         for part, half in zip(HALVES, halves(data)):
             result[part] = exact_loss(model, half, block_size, batch_size, device, part=f"{part} half")
     return {**result, "eval_s": round(time.perf_counter() - start, 2)}
@@ -143,7 +143,7 @@ def write_eval(out_dir, result, step, at=None):
     atomic_write_text(position_path, "offset,loss,targets\n" + rows)
     record = {"step": step, "val_loss": round(result["nats"], 6), "val_bpc": round(result["bits"], 6),
               "targets": result["targets"]}
-    for part in HALVES:
+    for part in (part for part in HALVES if part in result):
         record.update({f"{part}_loss": round(result[part]["nats"], 6), f"{part}_bpc": round(result[part]["bits"], 6),
                        f"{part}_targets": result[part]["targets"]})
     atomic_write_text(eval_path, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .fallback import Acceleration
 from .mixers import pyg_nn
 
+NO_DENSE_FORM = "no dense form"  # the dense_refusal of a layer the fast backend never computes
 CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of the eager GATv2 kernel's (..., chunk, K, C) temporaries
 
 
@@ -29,7 +30,7 @@ def gat_refusal(conv):
     feature only if that is one number (the distance), which re-added self-loops get as 0.0 (their distance)."""
     name = type(conv).__name__
     if type(conv) not in (pyg_nn.GATConv, pyg_nn.GATv2Conv):
-        return "no dense form"
+        return NO_DENSE_FORM
     if type(conv) is pyg_nn.GATConv and conv.lin is None:
         return "GATConv with separate maps for sources and targets"
     if conv.edge_dim not in (None, 1):
@@ -94,9 +95,10 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     """GATv2 scores att . LeakyReLU(xl_j + xr_i + edges[distance_ij]) of queries xr (B, H, n, Q, C) over keys
     xl (B, H, n, K, C); edges (D, H, C) and distance (n, Q, K) are None without an edge term.
 
-    Returns (B, H, n, Q, K). Inside torch.compile, and with fused=True through the compiled kernels where a
-    compiler is available, the broadcast sum is fused into loops that never hold the (B, H, n, Q, K, C) tensor;
-    otherwise it is computed in chunks of queries. With an edge term, the fused path is FusedEdgeScores: its
+    Returns (B, H, n, Q, K). With fused=True through the compiled kernels where a compiler is available, the
+    broadcast sum is fused into loops that never hold the (B, H, n, Q, K, C) tensor; otherwise it is computed in
+    chunks of queries. Inside a model compiled whole (--compile), the expression is traced into the model's graph
+    and the compiler fuses it as it sees fit. With an edge term, the fused path is FusedEdgeScores: its
     backward pass is three compiled reductions. Where a compiled kernel raises (compiling it for
     a new shape, say), FUSED_GATV2 warns once and goes off: the chunked kernel, which computes the same scores,
     runs from then on.
@@ -163,20 +165,33 @@ class FusedEdgeScores(torch.autograd.Function):
     def forward(ctx, xl, xr, att, edges, distance, negative_slope):
         ctx.save_for_backward(xl, xr, att, edges, distance)
         ctx.negative_slope = negative_slope
-        return fused_edge_kernels()["scores"](xl, xr, att, negative_slope, edges_by_pair(edges, distance))
+        return fused_gatv2_scores()(xl, xr, att, negative_slope, edges_by_pair(edges, distance))
 
     @staticmethod
     def backward(ctx, grad):
         xl, xr, att, edges, distance = ctx.saved_tensors
-        slope, kernels = ctx.negative_slope, fused_edge_kernels()
-        edge_term = edges_by_pair(edges, distance)
-        grad_queries, att_terms = kernels["queries and att"](xl, xr, att, edge_term, slope, grad)
-        swapped = edges_by_pair(edges, distance.transpose(-1, -2))  # (H, n, K, Q, C)
-        grad_keys = kernels["queries"](xr, xl, att, swapped, slope, grad.transpose(-1, -2).contiguous())
-        by_pair = kernels["edges"](xl, xr, att, edge_term, slope, grad)  # (H, n, Q, K, C)
-        D, H, C = edges.shape
-        grad_edges = by_pair.new_zeros(H, D, C).index_add_(1, distance.reshape(-1), by_pair.view(H, -1, C))
-        return grad_keys, grad_queries, att_terms.sum((0, 2, 3)), grad_edges.transpose(0, 1), None, None
+        if FUSED_GATV2.on:
+            try:
+                return (*fused_edge_gradients(xl, xr, att, edges, distance, ctx.negative_slope, grad), None, None)
+            except Exception as e:  # whatever compiling or running a kernel raised: the chunked kernel decides
+                FUSED_GATV2.fail(e)
+        with torch.enable_grad():  # the chunked kernel's gradients, by autograd
+            inputs = [t.detach().requires_grad_() for t in (xl, xr, att, edges)]
+            scores = chunked_gatv2_scores(*inputs[:3], ctx.negative_slope, inputs[3], distance)
+            return (*torch.autograd.grad(scores, inputs, grad), None, None)
+
+
+def fused_edge_gradients(xl, xr, att, edges, distance, negative_slope, grad):
+    """The gradients of FusedEdgeScores for xl, xr, att and edges, by the compiled reductions."""
+    kernels = fused_edge_kernels()
+    edge_term = edges_by_pair(edges, distance)
+    grad_queries, att_terms = kernels["queries and att"](xl, xr, att, edge_term, negative_slope, grad)
+    swapped = edges_by_pair(edges, distance.transpose(-1, -2))  # (H, n, K, Q, C)
+    grad_keys = kernels["queries"](xr, xl, att, swapped, negative_slope, grad.transpose(-1, -2).contiguous())
+    by_pair = kernels["edges"](xl, xr, att, edge_term, negative_slope, grad)  # (H, n, Q, K, C)
+    D, H, C = edges.shape
+    grad_edges = by_pair.new_zeros(H, D, C).index_add_(1, distance.reshape(-1), by_pair.view(H, -1, C))
+    return grad_keys, grad_queries, att_terms.sum((0, 2, 3)), grad_edges.transpose(0, 1)
 
 
 def score_gradient(xl, xr, att, edge_term, negative_slope, grad):
@@ -202,17 +217,12 @@ def edges_gradient(*args):
     return score_gradient(*args)[0].sum(0)  # over the batch: (H, n, Q, K, C)
 
 
-def edge_scores(xl, xr, att, negative_slope, edge_term):
-    return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
-
-
 @functools.cache
 def fused_edge_kernels():
-    """FusedEdgeScores' kernels, compiled by torch.compile on first use."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return {name: torch.compile(function) for name, function in (
-        ("scores", edge_scores), ("queries", queries_gradient), ("queries and att", queries_and_att_gradient),
-        ("edges", edges_gradient))}
+    """FusedEdgeScores' backward kernels, compiled by torch.compile on first use (its forward pass is
+    fused_gatv2_scores)."""
+    return {name: compiled(function) for name, function in (
+        ("queries", queries_gradient), ("queries and att", queries_and_att_gradient), ("edges", edges_gradient))}
 
 
 def recomputed(function, *args):
@@ -228,8 +238,13 @@ def compiler_available():
 @functools.cache
 def fused_gatv2_scores():
     """gatv2_scores_expression compiled by torch.compile, built on first use (importing the compiler takes seconds)."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
-    return torch.compile(gatv2_scores_expression)
+    return compiled(gatv2_scores_expression)
+
+
+def compiled(function):
+    """function compiled by torch.compile (without the "No CUDA runtime" warning on CPU machines)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(function)
 
 
 FUSED_KERNEL = compiler_available()  # whether GATv2Conv's scores use the compiled kernel outside torch.compile

@@ -17,6 +17,7 @@ import math
 import torch
 from torch.nn import functional as F
 
+from .fast_gat import NO_DENSE_FORM
 from .mixers import TokenMixer, pyg_nn
 
 
@@ -25,7 +26,7 @@ def transformer_refusal(mixer):
     that sums its messages (aggr "add"), reading its edges' distances or nothing (the one feature a TokenMixer
     gives an edge_dim layer)."""
     if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn.TransformerConv:
-        return "no dense form"
+        return NO_DENSE_FORM
     conv = mixer.conv
     if conv.aggr != "add":
         return f"TransformerConv with aggr={conv.aggr!r} (the dense form sums, as aggr='add')"

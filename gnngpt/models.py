@@ -34,7 +34,7 @@ class GPTConfig:
     dropout: float = 0.0
     mixer: str = "attention"  # "attention" (the transformer) or the name of a PyG convolution
     mixer_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the PyG layer
-    backend: str = "fast"  # GATConv/GATv2Conv: "fast" (dense masked attention) or "pyg" (message passing)
+    backend: str = "fast"  # GATConv, GATv2Conv, TransformerConv: "fast" (dense attention) or "pyg" (message passing)
     graph: str = "full"  # the context graph of every layer, or one per layer (see graph.py)
     pos: str = "abs"  # "abs": learned position embeddings; "rel": the distance i - j of each edge
 
@@ -62,7 +62,7 @@ class GraphMixer(nn.Module):
         self.conv = build_conv(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         # why the fast backend does not compute this layer ("" when it does)
-        self.dense_refusal = dense_refusal(self.conv) if cfg.backend == "fast" else "--backend pyg"
+        self.dense_refusal = dense_refusal(self.conv) if cfg.backend == "fast" else PYG_ASKED
         self.dense = not self.dense_refusal
 
     def forward(self, x, cache=None):
@@ -80,6 +80,9 @@ class GraphMixer(nn.Module):
             else:
                 y = dense_gat(self.conv, x, layout, self.block_size, fused=cache is None)
         return self.dropout(y)
+
+
+PYG_ASKED = "--backend pyg"  # the dense_refusal of a layer run on PyG because the run asked for it
 
 
 def dense_refusal(conv):

@@ -40,12 +40,18 @@ def write_model_samples(runs, out, shipped):
     """Each model's sample, its first seed's (at its chosen learning rate where the runs choose one), in
     model_samples_dir(out, shipped)/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets
     one from its checkpoint first."""
-    for run in sampled_runs(runs, tuned(runs)):
+    choices = rate_choices(summarized(runs)) if tuned(runs) else None
+    for run in sampled_runs(runs, choices):
         source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
         atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",
                           source.read_text(encoding="utf-8"))
+
+
+def summarized(runs, at=None):
+    """The configurations of runs (results.configurations), each run as it was at step at (None: its last)."""
+    return configurations([run_summary(r.out_dir, at) for r in runs])
 
 
 def tuned(runs):
@@ -56,19 +62,18 @@ def tuned(runs):
     return any(len(grid) > 1 for grid in rates.values())
 
 
-def sampled_runs(runs, chosen_rates):
-    """The run whose sample stands for each configuration: its first seed's, at its chosen learning rate with
-    chosen_rates."""
-    if chosen_rates:
-        chosen = {(c.name, c.chosen["learning_rate"]) for c in tuned_choices(runs)}
+def sampled_runs(runs, choices=None):
+    """The run whose sample stands for each configuration: its first seed's, at its chosen learning rate where
+    choices (tuning.Choice of each configuration) are given."""
+    if choices is not None:
+        chosen = {(c.name, c.chosen["learning_rate"]) for c in choices}
         runs = [r for r in runs if (r.config_name, r.expected["settings"]["learning_rate"]) in chosen]
     return first_seeds(runs)
 
 
-def tuned_choices(runs):
-    """The learning rate chosen for each configuration of runs (see tuning.choose_rates); UsageError naming the
-    runs whose eval.json lacks the halves of the validation split that the choice needs."""
-    configs = configurations([run_summary(r.out_dir) for r in runs])
+def rate_choices(configs):
+    """The learning rate chosen for each configuration (see tuning.choose_rates); UsageError naming those whose
+    runs' eval.json lacks the halves of the validation split that the choice needs."""
     lacking = [c["name"] for c in configs if c["halves"] is None]
     if lacking:
         raise UsageError(f"{', '.join(dict.fromkeys(lacking))} ha{'s' if len(lacking) == 1 else 've'} runs whose "
@@ -83,7 +88,7 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     why = {"new": "not there", "resume": "not finished", "replace": "other settings", "submitted": "not finished"}
     at, wanted = args.report_step, "eval.json" if args.report_step is None else f"eval_step{args.report_step}.json"
     missing = [f"{r.out_dir} ({why.get(states[r.name], 'no ' + wanted)})" for r in runs if states[r.name] != "reuse"
-               or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], at) is None]
+               or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
     if missing:
         raise UsageError(f"--report_only needs every run finished with its {wanted}, and {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only"
@@ -92,15 +97,20 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     return 0
 
 
+def snapshot_step(run, at):
+    """The step of the snapshot to read for the run reported at step at: None (its eval.json) at its last."""
+    return None if at == run.expected["settings"]["max_iters"] else at
+
+
 def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     """The comparison's tables and figures, from the small files of its finished runs."""
-    configs = configurations([run_summary(r.out_dir, args.report_step) for r in runs])
+    configs = summarized(runs, args.report_step)
     if not configs:
         return
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
-    seeds = {r.config_name: r.seed for r in sampled_runs(runs, tuned(runs))}
-    if tuned(runs):
-        choices = tuned_choices(runs)
+    choices = rate_choices(configs) if tuned(runs) else None
+    seeds = {r.config_name: r.seed for r in sampled_runs(runs, choices)}
+    if choices is not None:
         write_tuned_comparison(choices, next((c for c in choices if c.name == baseline), None), args.target_loss,
                                seeds, out, argv, args.jobs)
         return

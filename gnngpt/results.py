@@ -18,7 +18,7 @@ PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos":
 
 
 def load_run_model(out_dir, device="cpu", backend=None):
-    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's name.
+    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's {"name", "step"}.
 
     backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
     a training holds (see rundir.hold_run_dir) is refused.
@@ -34,7 +34,7 @@ def load_run_model(out_dir, device="cpu", backend=None):
                              "model; drop --backend")
         overrides["backend"] = backend
     model = model_from_checkpoint(checkpoint, device, **overrides)
-    return model, CharTokenizer(checkpoint["vocab"]), checkpoint["name"]
+    return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"]}
 
 
 def run_summary(out_dir, at=None):
@@ -44,6 +44,7 @@ def run_summary(out_dir, at=None):
     the exact evaluation its training wrote there (--exact_at)."""
     config = json.loads((Path(out_dir) / "config.json").read_text())
     settings = config["settings"]
+    at = None if at == settings["max_iters"] else at  # the last step's evaluation is eval.json itself
     rows = [r for r in read_metrics(out_dir) if at is None or int(r["step"]) <= at]
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
     return {
@@ -281,36 +282,43 @@ def format_duration(seconds):
     return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
 
 
-POSITION_OFFSET = 8  # the graph study's table gives the loss at this offset of the windows, and at the last
+NEAR = (8, 16)  # the graph study's table gives the loss at these offsets of the windows, and over their second half
+
+
+def position_ranges(block_size):
+    """The ranges of offsets (start, end) the graph study's table averages: 8 to 15, and the window's second half."""
+    return [NEAR, (block_size // 2, block_size)]
 
 
 def graph_study_table(configs, baseline=None):
     """A markdown table of configurations on context graphs: edges per token, exact loss over seeds, the
-    difference from the baseline, the loss at offset POSITION_OFFSET and at the last offset of the windows, and
-    speed."""
+    difference from the baseline, the loss at offsets 8 to 15 and over the windows' second half (where runs have
+    loss_by_position.csv), and speed."""
     ranked = sorted(configs, key=lambda c: (c["model"], c["edges_per_token"] or 0, c["pos"] or ""))
     against = [] if baseline is None else [f"Δ vs {baseline['name']} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
     by_position = any(r["by_position"] for c in configs for r in c["runs"])  # else no column: runs from before
     header = ["model", "graph", "positions", "edges per token", "val loss (nats)", "bits per character", *against,
-              *([f"at offset {POSITION_OFFSET}", "at the last offset"] if by_position else []), "tokens/s",
-              "parameters"]
+              *(["at offsets 8–15", "at the window's second half"] if by_position else []), "tokens/s", "parameters"]
     return markdown_table(header, [
         [c["model"], c["graph"] or "-", c["pos"] or "-",
          "-" if c["edges_per_token"] is None else f"{c['edges_per_token']:.1f}", format_spread(c["loss"]),
          format_spread(c["bpc"]), *([] if baseline is None else baseline_columns(c, baseline)),
-         *([format_position_loss(c, POSITION_OFFSET), format_position_loss(c, -1)] if by_position else []),
+         *([format_position_loss(c, *r) for r in position_ranges(c["settings"]["block_size"])] if by_position
+           else []),
          format_rates(c["tokens_per_s"]), f"{c['parameters']:,}"]
         for c in ranked
     ])
 
 
-def format_position_loss(config, offset):
-    """The mean over seeds of the exact loss at offset of the windows (-1: the last), or n/a where a run has no
-    loss_by_position.csv or its windows are shorter."""
-    curves = [r["by_position"] and r["by_position"]["loss"] for r in config["runs"]]
-    if not all(curves) or not all(-len(curve) <= offset < len(curve) for curve in curves):
+def format_position_loss(config, start, end):
+    """The exact loss of the targets at offsets start .. end - 1 of the windows (weighted by their counts), mean
+    over seeds; n/a where a run has no loss_by_position.csv or its windows are shorter."""
+    curves = [r["by_position"] for r in config["runs"]]
+    if not all(curves) or not all(len(curve["loss"]) >= end for curve in curves):
         return "n/a"
-    return f"{statistics.fmean(curve[offset] for curve in curves):.4f}"
+    means = [sum(loss * n for loss, n in zip(c["loss"][start:end], c["targets"][start:end])) /
+             sum(c["targets"][start:end]) for c in curves]
+    return f"{statistics.fmean(means):.4f}"
 
 
 def position_notes(configs):
@@ -318,10 +326,12 @@ def position_notes(configs):
     where no run has it: the table then has no such columns)."""
     if not any(r["by_position"] for c in configs for r in c["runs"]):
         return ""
-    last = {c["settings"]["block_size"] - 1 for c in configs if c["settings"].get("block_size")}
-    note = (f"- at offset {POSITION_OFFSET}, at the last offset: the exact validation loss of the targets with "
-            f"{POSITION_OFFSET} and with {' or '.join(map(str, sorted(last)))} (block_size − 1) earlier characters of "
-            f"context in their window, mean over seeds (each run's loss_by_position.csv).\n")
+    halves = " or ".join(f"{a} to {b - 1}" for a, b in sorted({position_ranges(c["settings"]["block_size"])[1]
+                                                             for c in configs}))
+    note = ("- at offsets 8–15, at the window's second half: the exact validation loss of the targets with 8 to 15 "
+            f"earlier characters of context in their window, and with {halves} "
+            "(block_size / 2 to block_size − 1), mean over seeds (each run's loss_by_position.csv); a single offset "
+            "has only one target per window, too few to read alone.\n")
     missing = [c["name"] for c in configs if not all(r["by_position"] for r in c["runs"])]
     if missing:
         note += (f"- n/a: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} runs without "

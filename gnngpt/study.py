@@ -25,6 +25,9 @@ def compare(args, extra, argv):
         args.device = launcher.device  # that of each job, checked by its training on its node
     if args.report_step is not None and args.report_step <= 0:
         raise UsageError(f"--report_step must be a positive integer, got {args.report_step}")
+    if args.report_step is not None and not args.report_only:
+        raise UsageError("--report_step reports finished runs as they were at that step; add --report_only (and "
+                         "train them first, with --exact_at among the training flags)")
     if args.target_loss is not None and not 0 < args.target_loss < math.inf:
         raise UsageError(f"--target_loss must be a positive number, got {args.target_loss}")
     out = Path(args.out or args.runs)

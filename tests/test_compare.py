@@ -244,6 +244,8 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
                                                                      "twice; give each once\n"),
     (["--learning_rate", "1e-3,2e-3", "--graphs", "full,window:4"], "error: several learning rates compare models on "
                                                                     "one graph with one kind of positions"),
+    (["--report_step", "2"], "error: --report_step reports finished runs as they were at that step; add "
+                             "--report_only"),
     (["--target_loss", "nan"], "error: --target_loss must be a positive number, got nan\n"),
     (["--target_loss", "inf"], "error: --target_loss must be a positive number, got inf\n"),
     (["--target_loss", "0"], "error: --target_loss must be a positive number, got 0.0\n"),

@@ -257,6 +257,40 @@ def test_fused_gatv2_kernel_with_relative_positions_equals_pyg_on_every_graph(gr
     assert fast_gat.FUSED_GATV2.on  # computed by the fused kernels, not by the chunked one after a failure
 
 
+def eager_fused_kernels(monkeypatch, failing=None):
+    """The fused path of GATv2 with the kernels uncompiled (their arithmetic, not the compiler's, under test); the
+    backward kernel named failing raises as a compiler might."""
+    def fail(*args):
+        raise RuntimeError("C++ compile error\nsee the log")
+
+    kernels = {"queries": fast_gat.queries_gradient, "queries and att": fast_gat.queries_and_att_gradient,
+               "edges": fast_gat.edges_gradient}
+    monkeypatch.setattr(fast_gat, "FUSED_KERNEL", True)
+    monkeypatch.setattr(fast_gat.FUSED_GATV2, "on", True)
+    monkeypatch.setattr(fast_gat, "fused_gatv2_scores", lambda: fast_gat.gatv2_scores_expression)
+    monkeypatch.setattr(fast_gat, "fused_edge_kernels", lambda: {**kernels, **({failing: fail} if failing else {})})
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_the_fused_backward_of_relative_positions_equals_pyg_on_every_graph(graph, arrangement, monkeypatch):
+    eager_fused_kernels(monkeypatch)
+    fast, pyg = model_pair("GATv2Conv", {"negative_slope": 0.3}, graph=graph, pos="rel", block_size=16)
+    idx, targets = torch.randint(0, 17, (2, 2, 14))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+    assert fast_gat.FUSED_GATV2.on
+
+
+def test_a_fused_backward_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys, with_fallbacks):
+    eager_fused_kernels(monkeypatch, failing="edges")
+    fast, pyg = model_pair("GATv2Conv", {}, pos="rel", block_size=12)
+    idx, targets = torch.randint(0, 17, (2, 3, 12))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+    assert capsys.readouterr().err == (
+        "warning: the compiled GATv2 score kernel failed (RuntimeError: C++ compile error); GATv2 scores are "
+        "computed by the chunked kernel (the same scores) from now on\n")
+    assert not fast_gat.FUSED_GATV2.on
+
+
 def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkeypatch, capsys, with_fallbacks):
     model = GPT(tiny_config("GATv2Conv", block_size=8))
     idx = torch.randint(0, 17, (2, 8))

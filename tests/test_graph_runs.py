@@ -116,8 +116,8 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
 
 
 def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in_tmp_path, tiny_text_file):
-    argv = ["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--graphs", "full@abs,window:2@rel", "--seeds",
-            "2"]
+    argv = ["--data", str(tiny_text_file), *TINY, "--block_size", "32", "--models", "gpt", "--graphs",
+            "full@abs,window:2@rel", "--seeds", "2"]
     assert compare.main(argv) == 0
     runs = in_tmp_path / "runs"
 
@@ -125,15 +125,22 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
         lines = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
         header = [cell.strip() for cell in lines[0]]
         rows = [dict(zip(header, map(str.strip, line))) for line in lines[2:4]]
-        return {(row["graph"], row["positions"]): (row["at offset 8"], row["at the last offset"]) for row in rows}
+        return {(row["graph"], row["positions"]): (row["at offsets 8–15"], row["at the window's second half"])
+                for row in rows}
+
+    def weighted(rows, start, end):
+        return sum(float(r["loss"]) * int(r["targets"]) for r in rows[start:end]) / \
+            sum(int(r["targets"]) for r in rows[start:end])
 
     table = (runs / "graphs.md").read_text()
     for name, key in (("gpt", ("full", "abs")), ("gpt_window-2_rel", ("window:2", "rel"))):
-        curves = [[float(r["loss"]) for r in csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open())]
+        curves = [list(csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open()))
                   for seed in (1337, 1338)]
-        assert [len(curve) for curve in curves] == [16, 16]  # block 16: offsets 0 to 15
-        assert columns(table)[key] == tuple(f"{numpy.mean([curve[t] for curve in curves]):.4f}" for t in (8, 15))
-    assert "- at offset 8, at the last offset: the exact validation loss of the targets with 8 and with 15" in table
+        assert [len(curve) for curve in curves] == [32, 32]  # block 32: offsets 0 to 31
+        assert columns(table)[key] == tuple(f"{numpy.mean([weighted(c, a, b) for c in curves]):.4f}"
+                                            for a, b in ((8, 16), (16, 32)))
+    assert "- at offsets 8–15, at the window's second half: the exact validation loss of the targets with 8 to 15 " \
+           "earlier characters of context in their window, and with 16 to 31 (block_size / 2" in table
     figure = (runs / "graphs_by_position.png").read_bytes()
     assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
 
@@ -156,7 +163,7 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
         path.unlink()
     assert compare.main([*argv, "--report_only"]) == 0
     table = (runs / "graphs.md").read_text()
-    assert "at offset 8" not in table and "No loss by position: no run has loss_by_position.csv" in table
+    assert "at offsets 8–15" not in table and "No loss by position: no run has loss_by_position.csv" in table
 
 
 def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text_file, capsys):
@@ -171,6 +178,9 @@ def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text
         assert snapshot["step"] == 2 and f"| {snapshot['val_loss']:.4f} (1) |" in table
         assert f"| {final['val_loss']:.4f} (1) |" in (runs / "graphs.md").read_text()
     assert "--report_step 2" in table
+    assert compare.main([*argv, "--report_only", "--report_step", "4", "--out", "at4"]) == 0  # the last: eval.json
+    assert (in_tmp_path / "at4" / "graphs.md").read_text().split("\n", 3)[3] == \
+        (runs / "graphs.md").read_text().split("\n", 3)[3]  # all but the command line
 
     (runs / "gpt_s1337" / "eval_step2.json").unlink()
     capsys.readouterr()
