@@ -310,15 +310,51 @@ def graph_study_table(configs, baseline=None):
     ])
 
 
+def range_loss_by_seed(config, start, end):
+    """{seed: the exact loss of the targets at offsets start .. end - 1 of its windows, weighted by their
+    counts}; None where a run has no loss_by_position.csv or its windows are shorter."""
+    curves = {r["seed"]: r["by_position"] for r in config["runs"]}
+    if not all(curves.values()) or not all(len(curve["loss"]) >= end for curve in curves.values()):
+        return None
+    return {seed: sum(loss * n for loss, n in zip(c["loss"][start:end], c["targets"][start:end])) /
+            sum(c["targets"][start:end]) for seed, c in curves.items()}
+
+
 def format_position_loss(config, start, end):
-    """The exact loss of the targets at offsets start .. end - 1 of the windows (weighted by their counts), mean
-    over seeds; n/a where a run has no loss_by_position.csv or its windows are shorter."""
-    curves = [r["by_position"] for r in config["runs"]]
-    if not all(curves) or not all(len(curve["loss"]) >= end for curve in curves):
-        return "n/a"
-    means = [sum(loss * n for loss, n in zip(c["loss"][start:end], c["targets"][start:end])) /
-             sum(c["targets"][start:end]) for c in curves]
-    return f"{statistics.fmean(means):.4f}"
+    """The exact loss of the targets at offsets start .. end - 1 of the windows, mean over seeds; n/a where a run
+    has no loss_by_position.csv or its windows are shorter."""
+    by_seed = range_loss_by_seed(config, start, end)
+    return "n/a" if by_seed is None else f"{statistics.fmean(by_seed.values()):.4f}"
+
+
+def offset_ranges(block_size):
+    """The ranges of offsets (start, end) by which a graph study pairs each configuration with its baseline:
+    1 to 3, 4 to 7, 8 to 15, 16 to the window's middle and its second half, as far as the window reaches."""
+    edges = sorted({min(edge, block_size) for edge in (1, 4, 8, 16, block_size // 2, block_size)} - {0})
+    return list(zip(edges, edges[1:]))
+
+
+def position_comparisons(configs, baseline):
+    """A markdown table of each configuration's loss over ranges of offsets minus the baseline's, paired by
+    seed, with its interval; "" where no configuration besides the baseline has loss_by_position.csv."""
+    if baseline is None:
+        return ""
+    ranges = offset_ranges(baseline["settings"]["block_size"])
+    rows = []
+    for c in configs:
+        if c is baseline or c["settings"]["block_size"] != baseline["settings"]["block_size"]:
+            continue
+        pairs = [(range_loss_by_seed(c, *r), range_loss_by_seed(baseline, *r)) for r in ranges]
+        if any(None in pair for pair in pairs):
+            continue
+        rows.append([c["name"], *(format_difference(paired_difference(*pair)) for pair in pairs)])
+    if not rows:
+        return ""
+    header = ["configuration", *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
+    return (f"Loss by offset in the window against {baseline['name']}: the exact loss of the targets with that "
+            f"many earlier characters of context, each seed's difference from {baseline['name']} trained with the "
+            f"same seed, mean with its {CONFIDENCE:.0%} Student-t interval (a difference only where the interval "
+            f"excludes zero):\n\n{markdown_table(header, rows)}\n")
 
 
 def position_notes(configs):

@@ -15,7 +15,7 @@ from gnngpt.checkpoint import load_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.graph import parse_graph
-from gnngpt.results import load_run_model
+from gnngpt.results import load_run_model, offset_ranges
 
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "16",
         "--device", "cpu", *TINY_SIZES]
@@ -115,6 +115,16 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
         assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] | 2 | " in table
 
 
+@pytest.mark.parametrize("block_size, ranges", [
+    (128, [(1, 4), (4, 8), (8, 16), (16, 64), (64, 128)]),
+    (16, [(1, 4), (4, 8), (8, 16)]),
+    (6, [(1, 3), (3, 4), (4, 6)]),
+    (1, []),
+])
+def test_offset_ranges_cover_every_offset_after_the_first_once(block_size, ranges):
+    assert offset_ranges(block_size) == ranges
+
+
 def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in_tmp_path, tiny_text_file):
     argv = ["--data", str(tiny_text_file), *TINY, "--block_size", "32", "--models", "gpt", "--graphs",
             "full@abs,window:2@rel", "--seeds", "2"]
@@ -141,6 +151,18 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
                                             for a, b in ((8, 16), (16, 32)))
     assert "- at offsets 8–15, at the window's second half: the exact validation loss of the targets with 8 to 15 " \
            "earlier characters of context in their window, and with 16 to 31 (block_size / 2" in table
+
+    def curve(name, seed):
+        return list(csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open()))
+
+    assert "| configuration | offsets 1–3 | offsets 4–7 | offsets 8–15 | offsets 16–31 |" in table
+    cells = []
+    for a, b in ((1, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed against the baseline, gpt on full@abs
+        d = numpy.array([weighted(curve("gpt_window-2_rel", seed), a, b) - weighted(curve("gpt", seed), a, b)
+                         for seed in (1337, 1338)])
+        low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+        cells.append(f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
+    assert f"| gpt_window-2_rel | {' | '.join(cells)} |" in table
     figure = (runs / "graphs_by_position.png").read_bytes()
     assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
 
@@ -156,6 +178,7 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
     assert columns(table)[("window:2", "rel")] == ("n/a", "n/a")
     assert columns(table)[("full", "abs")] != ("n/a", "n/a")
     assert "- n/a: gpt_window-2_rel has runs without loss_by_position.csv" in table
+    assert "Loss by offset in the window" not in table  # nothing left to pair with the baseline
     assert "`graphs_by_position.png`: the exact validation loss at each offset of the windows, mean over seeds; " \
            "without gpt_window-2_rel, whose runs have no loss_by_position.csv." in table
 
