@@ -340,14 +340,17 @@ def position_comparisons(configs, baseline):
     if baseline is None:
         return ""
     ranges = offset_ranges(baseline["settings"]["block_size"])
+    reference = [range_loss_by_seed(baseline, *r) for r in ranges]
+    if None in reference:
+        return ""
     rows = []
     for c in configs:
         if c is baseline or c["settings"]["block_size"] != baseline["settings"]["block_size"]:
             continue
-        pairs = [(range_loss_by_seed(c, *r), range_loss_by_seed(baseline, *r)) for r in ranges]
-        if any(None in pair for pair in pairs):
+        values = [range_loss_by_seed(c, *r) for r in ranges]
+        if None in values:
             continue
-        rows.append([c["name"], *(format_difference(paired_difference(*pair)) for pair in pairs)])
+        rows.append([c["name"], *(format_difference(paired_difference(v, ref)) for v, ref in zip(values, reference))])
     if not rows:
         return ""
     header = ["configuration", *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
