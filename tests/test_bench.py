@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+from gnngpt import benchmark
 from gnngpt.config import PRESETS
 
 FIELDS = {"model", "backend", "graph", "pos", "preset", "device", "block_size", "batch_size", "ms_per_iter",
@@ -25,8 +26,8 @@ def run_bench(capsys, *args):
 def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     out, rows, ratios = run_bench(capsys, "--graphs", "full,window:4", "--gen_repeats", "0")
     train = [r for r in rows if r["task"] == "train"]
-    graphed = [(m, b) for m, b in bench.MODELS if m not in bench.GRAPHLESS]
-    expected = [*bench.MODELS, *graphed]  # the graphless bigram and no-mixer once, the others on each graph
+    graphed = [(m, b) for m, b in benchmark.MODELS if m not in benchmark.GRAPHLESS]
+    expected = [*benchmark.MODELS, *graphed]  # the graphless bigram and no-mixer once, the others on each graph
     assert [(r["model"], r["backend"]) for r in train] == expected
     assert [r["graph"] for r in train] == ["-", *["full"] * 7, "-", *["window:4"] * 7]
     for r in train:
@@ -77,10 +78,10 @@ def test_bench_times_cached_and_lectures_generation_with_the_models_it_is_given(
 
 
 def test_no_mixer_model_predicts_each_token_from_itself_alone():
-    model = bench.build("no-mixer", "-", PRESETS["cpu"]["gpt"], torch.device("cpu")).eval()
-    x = torch.randint(bench.VOCAB_SIZE, (1, 16))
+    model = benchmark.build("no-mixer", "-", PRESETS["cpu"]["gpt"], torch.device("cpu")).eval()
+    x = torch.randint(benchmark.VOCAB_SIZE, (1, 16))
     y = x.clone()
-    y[0, 5] = (x[0, 5] + 1) % bench.VOCAB_SIZE
+    y[0, 5] = (x[0, 5] + 1) % benchmark.VOCAB_SIZE
     changed = (model(x)[0] - model(y)[0]).abs().amax(-1)[0]
     assert changed[5] > 0 and changed[:5].eq(0).all() and changed[6:].eq(0).all()
 
