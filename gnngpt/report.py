@@ -235,7 +235,7 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
     plot_graph_study(configs, out / "graphs.png", f"Context graphs ({describe(configs)})")
     text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
             f"{graph_study_table(configs, baseline)}\n{position_notes(configs)}"
-            f"{statistics_text(configs, baseline, target_loss)}{position_comparisons(configs, baseline)}"
+            f"{statistics_text(configs, baseline, target_loss)}{position_comparisons(configs)}"
             f"{position_figure(configs, out / 'graphs_by_position.png')}")
     if comparisons := graph_comparisons(configs):
         text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"

@@ -334,30 +334,37 @@ def offset_ranges(block_size):
     return list(zip(edges, edges[1:]))
 
 
-def position_comparisons(configs, baseline):
-    """A markdown table of each configuration's loss over ranges of offsets minus the baseline's, paired by
-    seed, with its interval; "" where no configuration besides the baseline has loss_by_position.csv."""
-    if baseline is None:
+def position_comparisons(configs):
+    """A markdown table of each configuration's loss over ranges of offsets minus that of the configuration it is
+    compared with (comparison_pairs), paired by seed, with its interval; "" where no pair has loss_by_position.csv
+    in both. Pairs whose windows differ from the first pair's are left out."""
+    pairs = comparison_pairs(configs)
+    if not pairs:
         return ""
-    ranges = offset_ranges(baseline["settings"]["block_size"])
-    reference = [range_loss_by_seed(baseline, *r) for r in ranges]
-    if None in reference:
-        return ""
+    block_size = pairs[0][0]["settings"]["block_size"]
+    ranges = offset_ranges(block_size)
+    by_range = {}
+
+    def losses(config):
+        if config["name"] not in by_range:
+            by_range[config["name"]] = [range_loss_by_seed(config, *r) for r in ranges]
+        return by_range[config["name"]]
+
     rows = []
-    for c in configs:
-        if c is baseline or c["settings"]["block_size"] != baseline["settings"]["block_size"]:
+    for c, ref in pairs:
+        if {c["settings"]["block_size"], ref["settings"]["block_size"]} != {block_size} or \
+                None in losses(c) + losses(ref):
             continue
-        values = [range_loss_by_seed(c, *r) for r in ranges]
-        if None in values:
-            continue
-        rows.append([c["name"], *(format_difference(paired_difference(v, ref)) for v, ref in zip(values, reference))])
+        rows.append([c["name"], ref["name"], *(format_difference(paired_difference(v, r))
+                                               for v, r in zip(losses(c), losses(ref)))])
     if not rows:
         return ""
-    header = ["configuration", *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
-    return (f"Loss by offset in the window against {baseline['name']}: the exact loss of the targets with that "
-            f"many earlier characters of context, each seed's difference from {baseline['name']} trained with the "
-            f"same seed, mean with its {CONFIDENCE:.0%} Student-t interval (a difference only where the interval "
-            f"excludes zero):\n\n{markdown_table(header, rows)}\n")
+    header = ["configuration", "against",
+              *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
+    return (f"Loss by offset in the window, each configuration against the one it is compared with: the exact loss "
+            f"of the targets with that many earlier characters of context, each seed's difference from the other "
+            f"configuration trained with the same seed, mean with its {CONFIDENCE:.0%} Student-t interval (a "
+            f"difference only where the interval excludes zero):\n\n{markdown_table(header, rows)}\n")
 
 
 def position_notes(configs):
@@ -379,22 +386,29 @@ def position_notes(configs):
     return note
 
 
-def graph_comparisons(configs, value=lambda c: c["loss_by_seed"], quantity="Δ (nats)", digits=4):
-    """The paired differences a graph study draws, each against its reference on the same seeds: every graph
-    against the complete one (same model and positions), relative positions against absolute ones (same model
-    and graph), and every graph layer against gpt (same graph and positions). value gives a configuration's
-    {seed: value}: its exact loss unless told."""
+def comparison_pairs(configs):
+    """The (configuration, reference) pairs a graph study draws, each on the same seeds: every graph against the
+    complete one (same model and positions, or the model's original, full with absolute positions, where it has
+    no complete graph with the same positions), relative positions against absolute ones (same model and graph),
+    and every graph layer against gpt (same graph and positions)."""
     by_key = {(c["model"], c["graph"], c["pos"]): c for c in configs if c["graph"] is not None}
     pairs = []
     for (model, graph, pos), c in by_key.items():
-        references = [("full", by_key.get((model, "full", pos)), graph != "full"),
+        complete = by_key.get((model, "full", pos)) or by_key.get((model, "full", "abs"))
+        references = [("full", complete, graph != "full"),
                       ("abs", by_key.get((model, graph, "abs")), pos == "rel"),
                       ("gpt", by_key.get(("gpt", graph, pos)), model != "gpt")]
         pairs += [(kind, c, ref) for kind, ref, applies in references if applies and ref is not None]
     order = {"full": 0, "abs": 1, "gpt": 2}
     pairs.sort(key=lambda p: order[p[0]])
+    return [(c, ref) for _, c, ref in pairs]
+
+
+def graph_comparisons(configs, value=lambda c: c["loss_by_seed"], quantity="Δ (nats)", digits=4):
+    """The paired differences of comparison_pairs as a markdown table ("" where there are none). value gives a
+    configuration's {seed: value}: its exact loss unless told."""
     rows = []
-    for _, c, ref in pairs:
+    for c, ref in comparison_pairs(configs):
         difference = paired_difference(value(c), value(ref))
         rows.append([c["name"], ref["name"], format_difference(difference, digits),
                      "-" if difference is None else difference.n, verdict(difference, digits)])

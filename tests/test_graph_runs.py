@@ -155,14 +155,20 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
     def curve(name, seed):
         return list(csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open()))
 
-    assert "| configuration | offsets 1–3 | offsets 4–7 | offsets 8–15 | offsets 16–31 |" in table
+    assert "| configuration | against | offsets 1–3 | offsets 4–7 | offsets 8–15 | offsets 16–31 |" in table
     cells = []
-    for a, b in ((1, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed against the baseline, gpt on full@abs
+    for a, b in ((1, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed with the original, gpt on full@abs
         d = numpy.array([weighted(curve("gpt_window-2_rel", seed), a, b) - weighted(curve("gpt", seed), a, b)
                          for seed in (1337, 1338)])
         low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
         cells.append(f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
-    assert f"| gpt_window-2_rel | {' | '.join(cells)} |" in table
+    assert f"| gpt_window-2_rel | gpt | {' | '.join(cells)} |" in table
+    # with no complete graph of relative positions, the window is paired with the original in nats as well
+    exact = {name: [json.loads((runs / f"{name}_s{seed}" / "eval.json").read_text())["val_loss"]
+                    for seed in (1337, 1338)] for name in ("gpt", "gpt_window-2_rel")}
+    d = numpy.subtract(exact["gpt_window-2_rel"], exact["gpt"])
+    low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert f"| gpt_window-2_rel | gpt | {d.mean():+.4f} [{low:+.4f}, {high:+.4f}] | 2 | " in table
     figure = (runs / "graphs_by_position.png").read_bytes()
     assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
 
