@@ -76,7 +76,8 @@ class GraphMixer(nn.Module):
         else:
             layout = cache if cache is not None else layout_for(self.graph, T, x.device)
             if isinstance(self.conv, TokenMixer):  # a TransformerConv
-                y = dense_transformer(self.conv, x, layout, self.block_size)  # (B, T, C), the same
+                y = dense_transformer(self.conv, x, layout, self.block_size,  # (B, T, C), the same
+                                      causal=cache is None and self.graph == FULL)
             else:
                 y = dense_gat(self.conv, x, layout, self.block_size, fused=cache is None)
         return self.dropout(y)
