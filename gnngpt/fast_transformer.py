@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from .fast_gat import NO_DENSE_FORM
+from .layout import attention
 from .mixers import TokenMixer, pyg_nn
 
 
@@ -80,20 +81,6 @@ def projections(conv, x):
     bias = torch.cat([lin.weight.new_zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in linears])
     parts = F.linear(x, weight, bias).split([len(lin.weight) for lin in linears], dim=-1)
     return (*parts, None) if len(parts) == 3 else parts
-
-
-def attention(q, k, v, bias, dropout):
-    """softmax(q k^T / sqrt(C) + bias) v by scaled_dot_product_attention: 4-D tensors where there is one block
-    of queries (n = 1), which its fused kernels take. bias None: the causal mask of a complete graph."""
-    if bias is None:
-        return F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], dropout_p=dropout,
-                                              is_causal=True).unsqueeze(2)
-    bias = bias.to(q.dtype)
-    if q.size(2) == 1:
-        out = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn_mask=bias[..., 0, :, :],
-                                             dropout_p=dropout)
-        return out.unsqueeze(2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
 
 
 def distance_table(conv, block_size, device):

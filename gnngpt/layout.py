@@ -98,6 +98,22 @@ class BandedLayout:
         return out.reshape(*out.shape[:2], self.padded, *out.shape[4:])[:, :, :self.T]
 
 
+def attention(q, k, v, bias, dropout):
+    """softmax(q k^T / sqrt(C) + bias) v over arranged blocks (B, H, n, Q or K, C) by scaled_dot_product_attention,
+    as 4-D tensors where there is one block of queries (n = 1), which its fused kernels take. bias (..., n, Q, K)
+    is a layout's mask, with any per-head terms added; None stands for the causal mask of the complete graph,
+    which the kernel applies itself."""
+    if bias is None:
+        return F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], dropout_p=dropout,
+                                              is_causal=True).unsqueeze(2)
+    bias = bias.to(q.dtype)
+    if q.size(2) == 1:
+        out = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn_mask=bias[..., 0, :, :],
+                                             dropout_p=dropout)
+        return out.unsqueeze(2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+
+
 def pad_tokens(t, before, after):
     """t (B, H, T, ...) with `before` and `after` zero tokens added along dim 2."""
     if not before and not after:

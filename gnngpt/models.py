@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from .fast_gat import dense_gat, gat_refusal
 from .fast_transformer import dense_transformer, transformer_refusal
 from .graph import FULL, parse_graph
-from .layout import layout_for
+from .layout import attention, layout_for
 from .mixers import TokenMixer, build_conv, run_conv
 
 
@@ -124,10 +124,7 @@ class CausalSelfAttention(nn.Module):
             mask = layout.bias
             if self.distance_bias is not None:
                 mask = mask + self.distance_bias[:, layout.distance]  # (H, n, Q, K)
-            if q.size(2) == 1:  # one block of queries: 4-D tensors, which the fused attention kernels take
-                q, k, v, mask = q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[..., 0, :, :]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
-            y = layout.merge(y.unsqueeze(2) if y.dim() == 4 else y)  # (B, H, T, hs)
+            y = layout.merge(attention(q, k, v, mask, dropout))  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
