@@ -90,6 +90,15 @@ class LayerCache:
         """(1, T, capacity) distance from each query to the token in each slot (0 where it sees none)."""
         return self.slots.distance
 
+    @property
+    def band_start(self):
+        """The slots' distances follow no band (layout.py): every slot comes before it."""
+        return self.slots.capacity
+
+    def rows_reached(self, D):
+        """Every row of a table of D distances, (1, D), and the row of each (query, slot) pair, (1, T, capacity)."""
+        return torch.arange(D, device=self.distance.device)[None], self.distance
+
     def queries(self, t):
         return t.unsqueeze(2)  # (B, H, 1, T, ...)
 

@@ -9,8 +9,8 @@ block_size (mixers.distance_features), so lin_edge gives a table E with one row 
     score_ij = q_i . (k_j + E[d_ij]) / sqrt(C) = (q_i . k_j + (q_i . E)[d_ij]) / sqrt(C)
     out_i    = sum_j alpha_ij (v_j + E[d_ij]) = (alpha @ v)_i + sum_d (sum of alpha_ij over j at distance d) E[d]
 
-so no tensor grows with (query, key, channel): the queries meet the table once, (..., Q, D), and the
-attention weights are summed by distance, (..., Q, D).
+so no tensor grows with (query, key, channel): the queries meet the table once and the attention weights are
+summed by distance, as skewed matrix products on the layout's band of keys (layout.distance_scores, distance_sum).
 """
 import math
 
@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from .fast_gat import NO_DENSE_FORM
-from .layout import attention
+from .layout import attention, distance_scores, distance_sum
 from .mixers import TokenMixer, pyg_nn
 
 
@@ -55,13 +55,10 @@ def dense_transformer(mixer, x, layout, block_size, causal=False):
         out = attention(q, k, v, None if causal else layout.bias, dropout)
     else:
         table = distance_table(conv, block_size, x.device)  # (H, D, C)
-        distance = layout.distance.expand(B, H, *layout.distance.shape)  # (B, H, n, Q, K)
-        relative = (q @ table.unsqueeze(1).transpose(-1, -2)).gather(-1, distance)  # q_i . E[d_ij]
-        scores = (q @ k.transpose(-1, -2) + relative) / math.sqrt(C) + layout.bias
+        q = q / math.sqrt(C)  # scaled once, not the (..., Q, K) scores
+        scores = q @ k.transpose(-1, -2) + distance_scores(q, table, layout) + layout.bias
         alpha = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
-        by_distance = torch.zeros(*alpha.shape[:-1], block_size, dtype=alpha.dtype, device=alpha.device)
-        by_distance.scatter_add_(-1, distance, alpha)  # (B, H, n, Q, D): the weights summed by distance
-        out = alpha @ v + by_distance @ table.unsqueeze(1)
+        out = alpha @ v + distance_sum(alpha, table, layout)
     out = layout.merge(out)  # (B, H, T, C)
     out = out.transpose(1, 2).reshape(B, T, H * C) if conv.concat else out.mean(dim=1)
     if conv.root_weight:

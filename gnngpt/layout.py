@@ -11,6 +11,11 @@ queries at once, each block against K keys, with an additive mask that keeps the
   that grow with T * (G + Q + R), not T * T.
 
 A decoder.LayerCache is the third arrangement: the new tokens against the slots of the cache.
+
+Each arrangement gives the distance i - j of every (query, key) pair, and band_start: the keys from that column on
+lie at distance i - j + K' - Q from query i (K' of them), the same for every block, so that a term indexed by
+distance is a skewed matrix product there (distance_scores, distance_sum). The keys before it reach rows of a
+table by distance that rows_reached names.
 """
 import functools
 
@@ -43,6 +48,7 @@ class DenseLayout:
         self.edge = graph.connects(i, j)[None]  # (1, T, T)
         self.bias = graph.bias(T, device)[None]
         self.distance = torch.where(self.edge, i - j, 0)  # (1, T, T)
+        self.band_start = 0
 
     def queries(self, t):
         return t.unsqueeze(2)  # (B, H, 1, T, ...)
@@ -77,6 +83,14 @@ class BandedLayout:
         self.edge = torch.cat((sink_edge.expand(-1, chunk, -1), band_edge), dim=-1)  # (n, Q, K)
         self.bias = torch.zeros(self.edge.shape, device=device).masked_fill_(~self.edge, float("-inf"))
         self.distance = torch.where(self.edge, i - j, 0)
+        self.band_start = self.G
+
+    def rows_reached(self, D):
+        """The rows of a table of D distances that the sinks of each chunk reach, (n, Q + G - 1): from the distance
+        of its first query to the last sink on; and the row of each (query, sink) pair among them, (n, Q, G)."""
+        first = (torch.arange(self.n, device=self.distance.device) * self.Q - self.G + 1).clamp(min=0)[:, None]
+        rows = (first + torch.arange(self.Q + self.G - 1, device=first.device)).clamp(max=D - 1)
+        return rows, (self.distance[..., :self.G] - first[..., None]).clamp(min=0)  # masked pairs: row 0
 
     def queries(self, t):
         """(B, H, T, ...) -> (B, H, n, Q, ...)"""
@@ -112,6 +126,57 @@ def attention(q, k, v, bias, dropout):
                                              dropout_p=dropout)
         return out.unsqueeze(2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+
+
+def distance_scores(q, table, layout):
+    """q_i . table[d_ij] for every query i and key j of layout: (B, H, n, Q, K) from the queries (B, H, n, Q, C)
+    and a table (H, D, C) with one row per distance.
+
+    On the band (see the module's docstring) it is the product of the queries with the table's rows in falling
+    order of distance, skewed: row i shifted left by Q - 1 - i, which is a view of the flat product with one
+    zero column appended (the relative shift of Transformer-XL). It then puts masked pairs on values of other
+    rows, which the mask discards. Keys before the band take their column of the product with the rows their
+    block reaches (layout.rows_reached).
+    """
+    start, K, Q = layout.band_start, layout.distance.size(-1), q.size(-2)
+    parts = []
+    if start:
+        rows, local = layout.rows_reached(table.size(1))
+        product = q @ table[:, rows].transpose(-1, -2)  # (B, H, n, Q, rows)
+        parts.append(product.gather(-1, local.expand(*q.shape[:2], *local.shape)))
+    if start < K:
+        band = K - start
+        product = q @ falling(table, band).transpose(-1, -2)  # (B, H, n, Q, band + 1)
+        parts.append(product.flatten(-2)[..., Q - 1:Q - 1 + Q * band].unflatten(-1, (Q, band)))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def distance_sum(alpha, table, layout):
+    """sum_j alpha_ij table[d_ij] for every query i of layout: (B, H, n, Q, C) from weights alpha (B, H, n, Q, K)
+    that are zero on masked pairs, and a table (H, D, C) with one row per distance.
+
+    On the band it undoes distance_scores' skew: the flat weights, padded by Q - 1 zeros before and one after,
+    are a (Q, band + 1) matrix whose column m holds each query's weight at distance band - 1 - m (masked pairs
+    fall on the rest), times the table's rows in falling order. Keys before the band add their weights up by
+    the row they reach first.
+    """
+    start, K, Q = layout.band_start, alpha.size(-1), alpha.size(-2)
+    out = 0
+    if start:
+        rows, local = layout.rows_reached(table.size(1))
+        by_row = alpha.new_zeros(*alpha.shape[:-1], rows.size(-1))
+        by_row.scatter_add_(-1, local.expand(*alpha.shape[:2], *local.shape), alpha[..., :start])
+        out = by_row @ table[:, rows]
+    if start < K:
+        band = K - start
+        weights = F.pad(alpha[..., start:].flatten(-2), (Q - 1, 1)).unflatten(-1, (Q, band + 1))
+        out = out + weights @ falling(table, band)
+    return out
+
+
+def falling(table, band):
+    """The rows of table (H, D, C) for distances band - 1 down to 0, then a row of zeros: (H, 1, band + 1, C)."""
+    return F.pad(table[:, :band].flip(1), (0, 0, 0, 1)).unsqueeze(1)
 
 
 def pad_tokens(t, before, after):

@@ -4,6 +4,7 @@ import torch
 
 from conftest import defined_edges, tiny_config
 from gnngpt import graph as graph_module, layout
+from gnngpt.decoder import LayerCache, Slots
 from gnngpt.graph import ContextGraph, parse_graph
 from gnngpt.layout import BandedLayout, DenseLayout, layout_for
 from gnngpt.models import GPT
@@ -53,3 +54,39 @@ def test_models_on_a_window_never_arrange_all_keys(mixer, pos, monkeypatch):
     logits, loss = model(x, x)
     loss.backward()
     assert logits.shape == (2, 128, 17)
+
+
+def arranged(kind, spec, T):
+    (graph,) = parse_graph(spec, 1)
+    if kind == "dense":
+        return DenseLayout(graph, T, "cpu")
+    if kind == "banded":
+        return BandedLayout(graph, T, 4, "cpu")
+    slots = Slots(graph, T + 3, "cpu")  # a cache with free slots, its tokens written past the first slot
+    slots.begin(torch.arange(2, T + 2))
+    return LayerCache(slots)
+
+
+@pytest.mark.parametrize("kind,spec", [("dense", "full"), ("dense", "strided:3:4"), ("banded", "window:3"),
+                                       ("banded", "sink:2:3"), ("cache", "full"), ("cache", "sink:2:3")])
+@pytest.mark.parametrize("T,D", [(13, 16), (14, 14)])  # a short batch; a full one whose chunks pad it past D
+def test_terms_by_distance_equal_the_table_looked_up_at_each_pairs_distance(kind, spec, T, D):
+    B, H, C = 2, 3, 5
+    arrangement = arranged(kind, spec, T)
+    n, Q, K = arrangement.distance.shape
+    q = torch.randn(B, H, n, Q, C, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(H, D, C, dtype=torch.float64, requires_grad=True)
+    edge = arrangement.bias.isfinite()
+    alpha = torch.rand(B, H, n, Q, K, dtype=torch.float64).where(edge, 0).requires_grad_()
+    looked_up = table[:, arrangement.distance]  # (H, n, Q, K, C): the row of each pair's distance
+    scores = layout.distance_scores(q, table, arrangement)
+    summed = layout.distance_sum(alpha, table, arrangement)
+    expected_scores = torch.einsum("bhnqc,hnqkc->bhnqk", q, looked_up)
+    expected_sum = torch.einsum("bhnqk,hnqkc->bhnqc", alpha, looked_up)
+    assert torch.allclose(scores.where(edge, 0), expected_scores.where(edge, 0))
+    assert torch.allclose(summed, expected_sum)
+    w_scores, w_sum = torch.randn_like(scores).where(edge, 0), torch.randn_like(summed)
+    got = torch.autograd.grad((scores * w_scores).sum() + (summed * w_sum).sum(), (q, table, alpha))
+    want = torch.autograd.grad((expected_scores * w_scores).sum() + (expected_sum * w_sum).sum(), (q, table, alpha))
+    assert torch.allclose(got[0], want[0]) and torch.allclose(got[1], want[1])
+    assert torch.allclose(got[2].where(edge, 0), want[2].where(edge, 0))  # masked weights are zero, whatever they get
