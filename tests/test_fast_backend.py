@@ -164,6 +164,14 @@ def test_fast_transformer_conv_equals_pyg_in_every_configuration(kwargs, n_head,
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
+@pytest.mark.parametrize("graph", ["full", "window:3", "sink:2:3"])
+def test_fast_transformer_conv_with_relative_positions_equals_pyg_on_inputs_longer_than_block_size(graph,
+                                                                                                   arrangement):
+    fast, pyg = model_pair("TransformerConv", {}, pos="rel", graph=graph, block_size=6)
+    idx, targets = torch.randint(0, 17, (2, 2, 14))  # distances up to 13, past the block's 5
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
 @pytest.mark.parametrize("pos", ["abs", "rel"])
 def test_fast_transformer_conv_equals_pyg_in_float64(pos):
     fast, pyg = model_pair("TransformerConv", {"beta": True}, n_head=2, pos=pos, graph="sink:2:3", block_size=12)
