@@ -5,13 +5,24 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy
 import pytest
+import scipy.stats
 import torch
 
 from gnngpt.decoder import CUDA_GRAPHS, CachedDecoder
 from gnngpt.fallback import NO_FALLBACK
 from gnngpt.models import GPTConfig
 from gnngpt.train import make_optimizer
+
+
+def t_interval(d):
+    """The 95% Student-t interval of the mean of the paired differences d, by scipy; where they are all equal, the
+    mean itself (an interval of no width, which scipy gives as nan)."""
+    d = numpy.asarray(d)
+    if numpy.all(d == d[0]):
+        return d.mean(), d.mean()
+    return scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
 
 
 def pytest_addoption(parser):

@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import matplotlib.image
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 import compare
-from conftest import tensorboard_scalars, wandb_runs
+from conftest import t_interval, tensorboard_scalars, wandb_runs
 from gnngpt import cli, guard, results, tuning
 from gnngpt.data import BatchSampler
 from gnngpt.guard import one_thread
@@ -334,7 +333,7 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
         bits = [loss / math.log(2) for loss in losses]
         assert rows[name][2] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
     d = np.subtract(gat, gpt)
-    low, high = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    low, high = t_interval(d)
     assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
     assert rows["GATConv"][4] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
     assert rows["gpt"][3:5] == ["-", "-"]
@@ -374,7 +373,7 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
         assert rows[m][4] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
     d = np.subtract([evals["GATConv", chosen["GATConv"], s]["test_loss"] for s in seeds],
                     [evals["gpt", chosen["gpt"], s]["test_loss"] for s in seeds])
-    low, high = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    low, high = t_interval(d)
     assert rows["GATConv"][5] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
     assert rows["GATConv"][6] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
     assert "Chosen at the edge of the grid, where a better rate may lie beyond it: gpt (" in results

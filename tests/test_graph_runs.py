@@ -5,12 +5,11 @@ import json
 import matplotlib.image
 import numpy
 import pytest
-import scipy.stats
 import torch
 
 import compare
 import sample
-from conftest import TINY_SIZES
+from conftest import TINY_SIZES, t_interval
 from gnngpt.checkpoint import load_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
@@ -111,7 +110,7 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
 
     for name, against in (("gpt_rel", "gpt"), ("gpt_window-2+full_rel", "gpt_rel")):
         d = numpy.array([seconds(name, seed) - seconds(against, seed) for seed in (1337, 1338)])
-        low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+        low, high = t_interval(d)
         assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] | 2 | " in table
 
 
@@ -160,14 +159,14 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
     for a, b in ((1, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed with the original, gpt on full@abs
         d = numpy.array([weighted(curve("gpt_window-2_rel", seed), a, b) - weighted(curve("gpt", seed), a, b)
                          for seed in (1337, 1338)])
-        low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+        low, high = t_interval(d)
         cells.append(f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
     assert f"| gpt_window-2_rel | gpt | {' | '.join(cells)} |" in table
     # with no complete graph of relative positions, the window is paired with the original in nats as well
     exact = {name: [json.loads((runs / f"{name}_s{seed}" / "eval.json").read_text())["val_loss"]
                     for seed in (1337, 1338)] for name in ("gpt", "gpt_window-2_rel")}
     d = numpy.subtract(exact["gpt_window-2_rel"], exact["gpt"])
-    low, high = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    low, high = t_interval(d)
     assert f"| gpt_window-2_rel | gpt | {d.mean():+.4f} [{low:+.4f}, {high:+.4f}] | 2 | " in table
     figure = (runs / "graphs_by_position.png").read_bytes()
     assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
