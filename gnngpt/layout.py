@@ -84,13 +84,16 @@ class BandedLayout:
         self.bias = torch.zeros(self.edge.shape, device=device).masked_fill_(~self.edge, float("-inf"))
         self.distance = torch.where(self.edge, i - j, 0)
         self.band_start = self.G
+        self.reached = {}  # rows_reached by table size: built once, as the layout itself is
 
     def rows_reached(self, D):
         """The rows of a table of D distances that the sinks of each chunk reach, (n, Q + G - 1): from the distance
         of its first query to the last sink on; and the row of each (query, sink) pair among them, (n, Q, G)."""
-        first = (torch.arange(self.n, device=self.distance.device) * self.Q - self.G + 1).clamp(min=0)[:, None]
-        rows = (first + torch.arange(self.Q + self.G - 1, device=first.device)).clamp(max=D - 1)
-        return rows, (self.distance[..., :self.G] - first[..., None]).clamp(min=0)  # masked pairs: row 0
+        if D not in self.reached:
+            first = (torch.arange(self.n, device=self.distance.device) * self.Q - self.G + 1).clamp(min=0)[:, None]
+            rows = (first + torch.arange(self.Q + self.G - 1, device=first.device)).clamp(max=D - 1)
+            self.reached[D] = rows, (self.distance[..., :self.G] - first[..., None]).clamp(min=0)  # masked: row 0
+        return self.reached[D]
 
     def queries(self, t):
         """(B, H, T, ...) -> (B, H, n, Q, ...)"""
