@@ -121,11 +121,11 @@ def attention(q, k, v, bias, dropout):
     is a layout's mask, with any per-head terms added; None stands for the causal mask of the complete graph,
     which the kernel applies itself."""
     if bias is None:
-        return F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], dropout_p=dropout,
+        return F.scaled_dot_product_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), dropout_p=dropout,
                                               is_causal=True).unsqueeze(2)
     bias = bias.to(q.dtype)
     if q.size(2) == 1:
-        out = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn_mask=bias[..., 0, :, :],
+        out = F.scaled_dot_product_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), attn_mask=bias.squeeze(-3),
                                              dropout_p=dropout)
         return out.unsqueeze(2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
