@@ -120,15 +120,13 @@ def attention(q, k, v, bias, dropout):
     as 4-D tensors where there is one block of queries (n = 1), which its fused kernels take. bias (..., n, Q, K)
     is a layout's mask, with any per-head terms added; None stands for the causal mask of the complete graph,
     which the kernel applies itself."""
-    if bias is None:
-        return F.scaled_dot_product_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), dropout_p=dropout,
-                                              is_causal=True).unsqueeze(2)
-    bias = bias.to(q.dtype)
+    mask = None if bias is None else bias.to(q.dtype)
     if q.size(2) == 1:
-        out = F.scaled_dot_product_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), attn_mask=bias.squeeze(-3),
-                                             dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), dropout_p=dropout,
+                                             attn_mask=None if mask is None else mask.squeeze(-3),
+                                             is_causal=mask is None)
         return out.unsqueeze(2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def distance_scores(q, table, layout):
