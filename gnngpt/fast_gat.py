@@ -26,17 +26,31 @@ CHUNK_ELEMENTS = 1 << 22  # per-chunk budget of the eager GATv2 kernel's (..., c
 
 
 def gat_refusal(conv):
-    """Why the dense form cannot compute conv exactly, or "" when it can: a GATConv or GATv2Conv, with an edge
-    feature only if that is one number (the distance), which re-added self-loops get as 0.0 (their distance)."""
+    """Why the dense form cannot compute conv exactly, or "" when it can: a GATConv or GATv2Conv that passes and
+    sums its messages as the dense form does (propagation_refusal), with an edge feature only if that is one
+    number (the distance), which re-added self-loops get as 0.0 (their distance)."""
     name = type(conv).__name__
     if type(conv) not in (pyg_nn.GATConv, pyg_nn.GATv2Conv):
         return NO_DENSE_FORM
+    if refusal := propagation_refusal(conv):
+        return refusal
     if type(conv) is pyg_nn.GATConv and conv.lin is None:
         return "GATConv with separate maps for sources and targets"
     if conv.edge_dim not in (None, 1):
         return f"{name} with edge_dim={conv.edge_dim} (the dense form reads one feature, the distance)"
     if conv.edge_dim == 1 and conv.add_self_loops and conv.fill_value != 0.0:
         return f"{name} with fill_value={conv.fill_value!r} (self-loops re-added with a feature other than distance 0)"
+    return ""
+
+
+def propagation_refusal(conv):
+    """Why conv's message passing is not what every dense form computes, or "" when it is: messages from each
+    edge's source to its target (flow "source_to_target"), summed at the target (aggr "add" or "sum")."""
+    name = type(conv).__name__
+    if not isinstance(conv.aggr_module, pyg_nn.aggr.SumAggregation):
+        return f"{name} with aggr={conv.aggr!r} (the dense form sums, as aggr='add')"
+    if conv.flow != "source_to_target":
+        return f"{name} with flow={conv.flow!r} (the dense form passes messages from source to target)"
     return ""
 
 

@@ -17,23 +17,18 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .fast_gat import NO_DENSE_FORM
+from .fast_gat import NO_DENSE_FORM, propagation_refusal
 from .layout import attention, distance_scores, distance_sum
 from .mixers import TokenMixer, pyg_nn
 
 
 def transformer_refusal(mixer):
     """Why the dense form cannot compute the mixer (a TokenMixer) exactly, or "" when it can: a TransformerConv
-    that sums its messages (aggr "add"), reading its edges' distances or nothing (the one feature a TokenMixer
-    gives an edge_dim layer)."""
+    that passes and sums its messages as the dense form does (propagation_refusal), reading its edges' distances
+    or nothing (the one feature a TokenMixer gives an edge_dim layer)."""
     if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn.TransformerConv:
         return NO_DENSE_FORM
-    conv = mixer.conv
-    if conv.aggr != "add":
-        return f"TransformerConv with aggr={conv.aggr!r} (the dense form sums, as aggr='add')"
-    if conv.flow != "source_to_target":
-        return f"TransformerConv with flow={conv.flow!r}"
-    return ""
+    return propagation_refusal(mixer.conv)
 
 
 def dense_transformer(mixer, x, layout, block_size, causal=False):

@@ -186,17 +186,28 @@ def test_fast_transformer_conv_equals_pyg_in_float64(pos):
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    ({"aggr": "mean"}, "TransformerConv with aggr='mean' (the dense form sums, as aggr='add')"),
-    ({"aggr": "max"}, "TransformerConv with aggr='max' (the dense form sums, as aggr='add')"),
+    ({"aggr": "mean"}, "with aggr='mean' (the dense form sums, as aggr='add')"),
+    ({"aggr": "max"}, "with aggr='max' (the dense form sums, as aggr='add')"),
+    ({"flow": "target_to_source"}, "with flow='target_to_source' (the dense form passes messages from source to "
+                                   "target)"),
 ])
-def test_a_transformer_conv_the_dense_form_does_not_cover_runs_on_pyg_and_says_so(kwargs, reason):
-    model = GPT(tiny_config("TransformerConv", mixer_kwargs=kwargs))
-    mixer = model.blocks[0].mixer
-    assert not mixer.dense and not model.supports_cache and mixer.dense_refusal == reason
-    assert backend_description(mixer) == f"pyg (message passing: the fast backend does not cover {reason})"
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
+def test_a_message_passing_the_dense_form_does_not_cover_runs_on_pyg_and_says_so(mixer, kwargs, reason):
+    reason = f"{mixer} {reason}"
+    model = GPT(tiny_config(mixer, mixer_kwargs=kwargs))
+    token_mixer = model.blocks[0].mixer
+    assert not token_mixer.dense and not model.supports_cache and token_mixer.dense_refusal == reason
+    assert backend_description(token_mixer) == f"pyg (message passing: the fast backend does not cover {reason})"
     assert backend_description(GPT(tiny_config("GCNConv")).blocks[0].mixer) == "pyg (message passing)"
-    assert backend_description(GPT(tiny_config("TransformerConv")).blocks[0].mixer) == \
-        "fast (masked dense attention)"
+    assert backend_description(GPT(tiny_config(mixer)).blocks[0].mixer) == "fast (masked dense attention)"
+
+
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
+def test_messages_summed_by_aggr_sum_run_on_the_fast_backend_as_pyg_computes_them(mixer):
+    fast, pyg = model_pair(mixer, {"aggr": "sum"})
+    assert fast.blocks[0].mixer.dense
+    idx, targets = torch.randint(0, 17, (2, 2, 12))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
 def boolean_mask_attention(attn, x, spec_mask):
