@@ -142,6 +142,17 @@ def test_exact_at_writes_what_a_run_that_ends_there_writes(in_tmp_path, tiny_tex
     assert not list((in_tmp_path / "long").glob("*_step*"))  # a replaced run leaves no snapshot of the old one
 
 
+@pytest.mark.parametrize("kwargs,backend", [
+    ("{}", "fast (masked dense attention)"),
+    ('{"aggr": "mean"}', "pyg (message passing: the fast backend does not cover TransformerConv with aggr='mean' "
+                         "(the dense form sums, as aggr='add'))"),
+])
+def test_training_says_which_backend_computes_the_layer(kwargs, backend, tiny_text_file, tmp_path, capsys):
+    args = ["--gnn", "TransformerConv", "--gnn_kwargs", kwargs, *TINY_GPT]
+    assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "out"), *args]) == 0
+    assert f"\nbackend: {backend}\n" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(tiny_text_file, capsys):
     assert main(GPT_SCRIPT, ["--device", "cuda", "--data", str(tiny_text_file)]) == 2

@@ -251,9 +251,10 @@ def test_a_self_loop_feature_other_than_distance_0_runs_on_pyg_alone():
     assert not model.blocks[0].mixer.dense and not model.supports_cache
 
 
-def test_chunked_gatv2_kernel_with_many_chunks(monkeypatch):
-    monkeypatch.setattr(fast_gat, "CHUNK_ELEMENTS", 64)  # one query per chunk
-    fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
+@pytest.mark.parametrize("graph,pos", [("full", "abs")] + [(graph, "rel") for graph in GRAPHS])
+def test_chunked_gatv2_kernel_with_many_chunks(graph, pos, monkeypatch):
+    monkeypatch.setattr(fast_gat, "CHUNK_ELEMENTS", 64)  # one query per chunk, each with its own distances
+    fast, pyg = model_pair("GATv2Conv", {}, graph=graph, pos=pos, block_size=12)
     idx, targets = torch.randint(0, 17, (2, 3, 12))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
@@ -425,7 +426,7 @@ def test_rolling_buffers_serve_up_to_a_reach_of_block_size_minus_one(graph, roll
 
 
 @pytest.mark.parametrize("pos", ["abs", "rel"])
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 def test_decoding_equals_the_lectures_sampler_when_it_computes_in_bands(mixer, pos, small_chunks, device):
     model = GPT(tiny_config(mixer, graph="sink:1:3", pos=pos, block_size=16)).eval()  # banded from 8 tokens on
     randomize_distance_terms(model)
@@ -446,9 +447,11 @@ def test_a_long_prompt_fills_the_rolling_buffers_in_pieces(monkeypatch, device):
     assert decoder.capacities == [2 + 3, 2 + 3]
 
 
-@pytest.mark.parametrize("graph", ["full", "sink:2:3", "window:5"])  # window:5 over 2 layers reaches 8 back
-def test_relative_positions_on_graphs_that_reach_the_whole_context_decode_exactly_without_rolling(graph, device):
-    model = GPT(tiny_config("attention", graph=graph, pos="rel", block_size=8)).eval()
+@pytest.mark.parametrize("graph", ["full", "sink:2:3", "strided:3:4", "window:5"])  # window:5: 2 layers reach 8
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
+def test_relative_positions_on_graphs_that_reach_the_whole_context_decode_exactly_without_rolling(mixer, graph,
+                                                                                                  device):
+    model = GPT(tiny_config(mixer, graph=graph, pos="rel", block_size=8)).eval()
     randomize_distance_terms(model)
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (22, 2, 1)))
     assert not decoder.rolling
@@ -495,7 +498,7 @@ def test_cache_refuses_more_tokens_than_it_holds(device):
         model(torch.zeros((1, 9), dtype=torch.long), cache=KVCache(model.graphs, [8, 8], device))
 
 
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 def test_cached_sampling_draws_what_the_lectures_sampler_draws(mixer, device):
     model = GPT(tiny_config(mixer, block_size=8)).eval()
     start = torch.zeros((1, 1), dtype=torch.long)

@@ -113,7 +113,7 @@ def test_a_failure_while_sampling_ends_with_one_line_and_exit_code_1(tiny_run, m
     assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {MULTINOMIAL_ERROR})\n")
 
 
-@pytest.mark.parametrize("name", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("name", ["GATConv", "GATv2Conv", "TransformerConv"])
 def test_either_backend_samples_the_same_text_from_one_checkpoint(name, tiny_run, capsys):
     run = tiny_run(name)  # trained with the fast backend
     args = ["--out_dir", str(run), "--prompt", "To", "--num_samples", "3", "--max_new_tokens", "14"]  # 16 tokens
