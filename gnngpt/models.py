@@ -3,9 +3,9 @@
 Read top to bottom: the config, the graph layer that replaces attention (PyG's message passing on a causal
 context graph of the tokens, graph.py), the transformer's attention on the same graph, the block and the GPT
 around either, then the bigram. Two fast paths compute the same functions with less work: fast_gat.py runs
-GATConv and GATv2Conv as masked dense attention with the PyG layer's own weights (keys arranged by layout.py),
-and decoder.py caches each layer's per-token tensors for sampling. Building any other PyG layer as the mixer
-is mixers.py's job.
+GATConv and GATv2Conv, and fast_transformer.py TransformerConv, as masked dense attention with the PyG layer's
+own weights (keys arranged by layout.py), and decoder.py caches each layer's per-token tensors for sampling.
+Building any other PyG layer as the mixer is mixers.py's job.
 
 Positions enter in one of two ways: "abs", the original's learned embedding of each position, added to the
 tokens; or "rel", no embedding, and each edge j -> i carries its distance i - j instead: as an edge feature to
