@@ -164,6 +164,15 @@ def test_fast_transformer_conv_equals_pyg_in_every_configuration(kwargs, n_head,
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
+@pytest.mark.parametrize("n_head", [1, 4])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_fast_transformer_conv_with_every_option_changed_equals_pyg_on_every_graph(graph, n_head, arrangement):
+    kwargs = {"beta": True, "concat": False, "bias": False}
+    fast, pyg = model_pair("TransformerConv", kwargs, n_head=n_head, pos="rel", graph=graph, block_size=16)
+    idx, targets = torch.randint(0, 17, (2, 2, 14))
+    assert_same_outputs_and_grads(fast, pyg, idx, targets)
+
+
 @pytest.mark.parametrize("graph", ["full", "window:3", "sink:2:3"])
 def test_fast_transformer_conv_with_relative_positions_equals_pyg_on_inputs_longer_than_block_size(graph,
                                                                                                    arrangement):
