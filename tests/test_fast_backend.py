@@ -247,10 +247,12 @@ def test_transformer_masks_attention_by_the_graph(graph, pos, arrangement):
     torch.testing.assert_close(attn(x), boolean_mask_attention(attn, x, mask), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mixer", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
 def test_an_edge_dim_of_the_gnn_kwargs_reads_distances_in_both_backends(mixer):
     fast, pyg = model_pair(mixer, {"edge_dim": 1})  # absolute positions: the distances come from the kwargs
-    assert fast.blocks[0].mixer.conv.fill_value == 0.0
+    conv = pyg_layer(fast.blocks[0])
+    assert fast.blocks[0].mixer.dense and conv.lin_edge is not None
+    assert getattr(conv, "fill_value", 0.0) == 0.0  # the GATs re-add self-loops at distance 0; TransformerConv none
     idx, targets = torch.randint(0, 17, (2, 2, 12))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
