@@ -281,7 +281,7 @@ def test_fused_gatv2_kernel_equals_pyg():
 @pytest.mark.fused_kernel
 @pytest.mark.skipif(not fast_gat.compiler_available(), reason="no C++ compiler for torch.compile")
 @pytest.mark.parametrize("graph", GRAPHS)
-def test_fused_gatv2_kernel_with_relative_positions_equals_pyg_on_every_graph(graph, small_chunks):
+def test_fused_gatv2_kernel_with_relative_positions_equals_pyg_on_every_graph(graph, arrangement):
     fast, pyg = model_pair("GATv2Conv", {}, graph=graph, pos="rel", block_size=16)
     idx, targets = torch.randint(0, 17, (2, 2, 14))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
