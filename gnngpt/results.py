@@ -10,7 +10,7 @@ from .errors import UsageError
 from .evaluation import HALVES, has_halves, read_eval, read_loss_by_position
 from .graph import parse_graph
 from .models import model_from_checkpoint
-from .rundir import file_in_the_way, read_metrics, refuse_if_held
+from .rundir import file_in_the_way, read_metrics, refuse_if_held, with_original_graph
 from .stats import CONFIDENCE, paired_difference, spread
 
 # the settings every preset trains with unless told: eager float32 on the original's graph and positions
@@ -42,7 +42,7 @@ def run_summary(out_dir, at=None):
     validation curve (random-batch estimates) against steps, tokens and training seconds, exact validation loss
     (None without eval.json of its last step), size, speed and machine. at: the run as it was at that step, with
     the exact evaluation its training wrote there (--exact_at)."""
-    config = json.loads((Path(out_dir) / "config.json").read_text())
+    config = with_original_graph(json.loads((Path(out_dir) / "config.json").read_text()))
     settings = config["settings"]
     at = None if at == settings["max_iters"] else at  # the last step's evaluation is eval.json itself
     rows = [r for r in read_metrics(out_dir) if at is None or int(r["step"]) <= at]

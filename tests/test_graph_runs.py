@@ -14,7 +14,7 @@ from gnngpt.checkpoint import load_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.graph import parse_graph
-from gnngpt.results import load_run_model, offset_ranges
+from gnngpt.results import load_run_model, offset_ranges, run_summary
 
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "16",
         "--device", "cpu", *TINY_SIZES]
@@ -278,5 +278,7 @@ def test_a_run_from_before_graphs_and_positions_is_reused_and_resumed(in_tmp_pat
     capsys.readouterr()
     assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt"]) == 0
     assert "gpt_s1337: reusing the finished run" in capsys.readouterr().out
+    summary = run_summary(run)  # and reported as the model it is, on the complete graph
+    assert (summary["graph"], summary["pos"], summary["edges_per_token"]) == ("full", "abs", (16 + 1) / 2)
     assert main(GPT_SCRIPT, [*args, "--resume", "--max_iters", "6"]) == 0
     assert load_checkpoint(run / "ckpt.pt")["step"] == 6
