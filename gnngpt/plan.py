@@ -34,7 +34,8 @@ class Run:
     expected: dict
 
     def state(self):
-        """"reuse" a finished run with these settings, "resume" an unfinished one, start a "new" one or "replace".
+        """"reuse" a finished run with these settings, "resume" an unfinished one, "restart" one that stopped before
+        its first checkpoint, start a "new" one or "replace" one of other settings.
 
         A run that a training holds is refused."""
         refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
@@ -44,8 +45,8 @@ class Run:
         same = config is not None and has_values(config, self.expected)
         if same and is_finished(self.out_dir, config):
             return "reuse"
-        if same and (self.out_dir / "ckpt.pt").is_file():
-            return "resume"
+        if same:
+            return "resume" if (self.out_dir / "ckpt.pt").is_file() else "restart"
         return "replace"
 
 

@@ -102,7 +102,8 @@ def hold_run_dir(out_dir, resume=False):
     Rank 0 creates out_dir (unless resuming, which needs it) and takes an exclusive flock on out_dir/.lock,
     with its process id written there; the kernel releases the lock when the process ends, however it ends, so
     a killed training never blocks the next. A refusal (another process holds it; out_dir is a file or cannot
-    be written) is a UsageError on every rank, before anything is written.
+    be written) is a UsageError on every rank, before anything is written. A block that fails before any run
+    file is written (a tracker that does not start, an interruption) leaves out_dir as it found it.
     """
     lock = RunDirLock(out_dir)
     refusal = distributed.from_main(lambda: lock.take(resume))
@@ -110,6 +111,10 @@ def hold_run_dir(out_dir, resume=False):
         raise UsageError(refusal)
     try:
         yield
+    except BaseException:
+        if not holds_run(out_dir):
+            lock.discard()
+        raise
     finally:
         lock.release()
 
@@ -120,6 +125,8 @@ class RunDirLock:
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
         self.fd = None
+        self.created = None  # the outermost directory that take() created
+        self.created_lock = False  # whether take() created the lock file
 
     def take(self, resume):
         """Take the lock; "" when it is taken, else why not (out_dir is then unchanged)."""
@@ -128,10 +135,12 @@ class RunDirLock:
             return refusal
         if resume and not out_dir.exists():
             return nothing_to_resume(out_dir / "ckpt.pt")
+        self.created = next((d for d in [*reversed(out_dir.parents), out_dir] if not d.exists()), None)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"cannot create --out_dir {out_dir} ({e.strerror}); choose another --out_dir"
+        self.created_lock = not (out_dir / LOCK_FILE).exists()
         try:
             fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -146,6 +155,18 @@ class RunDirLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return ""
+
+    def discard(self):
+        """Remove what take() created: the lock file, and the directories where they are empty (held by this
+        process)."""
+        if self.fd is None or not self.created_lock:
+            return
+        (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
+        for directory in [self.out_dir, *self.out_dir.parents] if self.created else []:
+            with contextlib.suppress(OSError):  # not empty: another file is there
+                directory.rmdir()
+            if directory == self.created:
+                break
 
     def release(self):
         if self.fd is not None:
@@ -233,6 +254,9 @@ def describe_run(out_dir, config):
     if differences:
         return (f"holds a run of another configuration ({'; '.join(differences)}); pass --overwrite to "
                 f"replace it or choose another --out_dir")
+    if not (Path(out_dir) / "ckpt.pt").is_file():
+        return ("holds a run of this configuration that stopped before its first checkpoint; pass --overwrite to "
+                "start it again or choose another --out_dir")
     return ("holds an unfinished run of this configuration; pass --resume to continue it, --overwrite to "
             "start again, or choose another --out_dir")
 
@@ -270,6 +294,9 @@ def resumable_checkpoint(out_dir, config, vocab):
 
 
 def nothing_to_resume(path):
+    if holds_run(path.parent):
+        return (f"nothing to resume: no checkpoint at {path}, where a run stopped before its first; pass "
+                "--overwrite instead of --resume to start it again")
     return f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run"
 
 
@@ -290,7 +317,12 @@ def read_metrics(out_dir):
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    try:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError):  # a value that is no number, or a row longer than the header (key None)
+        raise UsageError(f"{path} has a row that is not numbers under its header; repair or delete the run "
+                         "(--overwrite)") from None
 
 
 def read_config(out_dir):

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
 
 
 def training_argv(run, state):
-    """The training script's arguments for a run in state "new", "resume" or "replace"."""
-    return run.argv + {"resume": ["--resume"], "replace": ["--overwrite"]}.get(state, [])
+    """The training script's arguments for a run in state "new", "resume", "restart" or "replace"."""
+    return run.argv + {"resume": ["--resume"], "restart": ["--overwrite"], "replace": ["--overwrite"]}.get(state, [])
 
 
 def train_here(runs, states):

@@ -136,6 +136,20 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, tmp_path, monkeypatch, capsys):
+    def out_of_memory(sampler, split):
+        raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchSampler, "get", out_of_memory)
+        assert compare_main("--models", "gpt") == 1
+    run = tmp_path / "runs" / "gpt_s1337"
+    assert (run / "config.json").is_file() and not (run / "ckpt.pt").exists()
+    assert compare_main("--models", "gpt") == 0
+    assert "--overwrite" in trainings[-1][1]
+    assert [m["step"] for m in read_metrics(run)] == [0, 2, 4]
+
+
 def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
                                                                          monkeypatch):
     records = [SimpleNamespace(name="GATConv", works=True, reason=""),

@@ -16,6 +16,7 @@ from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_mult
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.data import BatchSampler
 from gnngpt.decoder import KVCache
 from gnngpt.guard import one_thread
 from gnngpt.models import GPT, BigramLanguageModel
@@ -281,6 +282,31 @@ def test_resume_without_a_checkpoint_is_refused(tiny_text_file, tmp_path, capsys
     assert run(tmp_path / "empty", tiny_text_file, "--resume") == 2
     assert "error: nothing to resume: no checkpoint at" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_started_again_with_overwrite(tiny_text_file, tmp_path,
+                                                                                      monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def out_of_memory(sampler, split):
+        raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchSampler, "get", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run(out, tiny_text_file)
+    assert (out / "config.json").is_file() and not (out / "ckpt.pt").exists()
+    capsys.readouterr()
+    assert run(out, tiny_text_file) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds a run of this configuration that stopped before its "
+                                       f"first checkpoint; pass --overwrite to start it again or choose another "
+                                       f"--out_dir\n")
+    assert run(out, tiny_text_file, "--resume") == 2
+    assert capsys.readouterr().err == (f"error: nothing to resume: no checkpoint at {out / 'ckpt.pt'}, where a run "
+                                       f"stopped before its first; pass --overwrite instead of --resume to start it "
+                                       f"again\n")
+    assert run(out, tiny_text_file, "--overwrite") == 0
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 12
 
 
 GRAPH_RUN = ["--gat_version", "GATConv", "--max_iters", "300", "--eval_interval", "50", "--eval_iters", "2",

@@ -207,3 +207,16 @@ def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_che
     start_run_dir(out, config)  # as --resume does, before training goes on
     assert not (out / "eval.json").exists() and not (out / "sample.txt").exists()
     assert (out / "ckpt.pt").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_a_metrics_row_that_is_not_numbers_is_refused_in_one_line(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file) == 0
+    with (out / "metrics.csv").open("a") as f:
+        f.write("garbage,,,\n")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert train_tiny_gpt(out, tiny_text_file) == 2
+    assert error_line(capsys) == (f"error: {out / 'metrics.csv'} has a row that is not numbers under its header; "
+                                  f"repair or delete the run (--overwrite)\n")
+    assert snapshot(out) == before

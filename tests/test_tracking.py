@@ -3,6 +3,7 @@ import ast
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,17 @@ def test_a_tracker_whose_package_is_missing_ends_before_anything_is_written(flag
                                        f"(import of {package} halted; None in sys.modules); install it with "
                                        f"pip install {package}, or drop {flag}\n")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_failed_wandb_init_leaves_the_out_dir_as_it_found_it(tiny_text_file, tmp_path, monkeypatch, capsys):
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    (tmp_path / "kept").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    for out in (tmp_path / "runs" / "new", tmp_path / "kept"):  # directories it made, and one that was there
+        assert train(out, tiny_text_file, "--max_iters", "2", "--wandb_log") == 2
+        assert capsys.readouterr().err == ("error: wandb.init failed (api_key not configured (no-tty)); log in with "
+                                           "wandb login, set WANDB_MODE=offline, or drop --wandb_log\n")
+        assert sorted(tmp_path.rglob("*")) == before
