@@ -138,16 +138,21 @@ def halves(val_data):
     return val_data[:n], val_data[n:]
 
 
+def check_length(n_train, n_val, block_size):
+    """UsageError unless each split (of n_train and n_val tokens) holds a window of block_size + 1 tokens."""
+    if min(n_train, n_val) <= block_size:
+        raise UsageError(
+            f"--data has too little text for block_size {block_size}: {n_train + n_val:,} token(s), {n_train:,} "
+            f"for training and {n_val:,} for validation, where each split needs at least block_size + 1; use a "
+            f"smaller --block_size or a longer --data text"
+        )
+
+
 class BatchSampler:
     """Random windows of block_size + 1 tokens from each split, drawn from its own generator."""
 
     def __init__(self, train_data, val_data, block_size, batch_size, device, seed):
-        if min(len(train_data), len(val_data)) <= block_size:
-            raise UsageError(
-                f"--data has too little text for block_size {block_size}: {len(train_data) + len(val_data):,} "
-                f"token(s), {len(train_data):,} for training and {len(val_data):,} for validation, where each split "
-                f"needs at least block_size + 1; use a smaller --block_size or a longer --data text"
-            )
+        check_length(len(train_data), len(val_data), block_size)
         self.data = {"train": train_data, "val": val_data}
         self.block_size = block_size
         self.batch_size = batch_size

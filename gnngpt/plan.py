@@ -1,5 +1,7 @@
 """The runs of a comparison (compare.py): every model of --models on every (graph, positions) pair of --graphs and
 --pos with every seed, each checked as its training script would check it, and the state of its run directory."""
+import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA
 from .errors import UsageError
 from .mixers import parse_layer_kwargs
+from .models import GPTConfig
 from .rundir import holds_run, is_finished, read_config, refuse_if_held, run_name
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
@@ -229,4 +232,15 @@ def plan_run(model, graph, pos, seed, args, extra, rate=None):
     if script.graph_layer:
         expected["model_config"] = {"mixer": model, "backend": training_args.backend,
                                     "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}
+        if not args.report_only:  # refused here, before any model trains, as its training would refuse it
+            check_layer(model, training_args.backend, training_args.gnn_kwargs, json.dumps(settings, sort_keys=True))
     return Run(out_dir.name, name, seed, script, [*argv, "--out_dir", str(out_dir)], out_dir, expected)
+
+
+@functools.cache
+def check_layer(model, backend, gnn_kwargs, settings):
+    """The causality guard on a graph layer with its --gnn_kwargs and the settings (as JSON) of its runs, once for
+    all of their seeds. It builds and probes one layer, which reads no vocabulary: the default size stands in for
+    the data's."""
+    guard.check_layer(GPTConfig.from_settings(json.loads(settings), GPTConfig.vocab_size, mixer=model, backend=backend,
+                                              mixer_kwargs=parse_layer_kwargs(gnn_kwargs)))

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import runner, slurm
-from .data import load_text
+from .data import check_length, load_text, split
 from .errors import UsageError
 from .plan import plan_comparison
 from .report import report, write_model_samples, write_report
@@ -50,7 +50,9 @@ def compare(args, extra, argv):
             print(f"{r.name}: reusing the finished run in {r.out_dir}")
     pending = [r for r in runs if states[r.name] != "reuse"]
     if pending:
-        load_text(args.data)  # checked (and downloaded when missing) once, before any training reads it
+        # read (downloaded when missing) and checked once, before any training reads it; one token a character
+        train, val = split(range(len(load_text(args.data))))
+        check_length(len(train), len(val), max(r.expected["settings"]["block_size"] for r in pending))
     if launcher:
         stopped, failed = slurm.train_as_jobs(pending, states, runner.training_command, launcher)
     elif args.jobs == 1:

@@ -17,6 +17,7 @@ import compare
 from conftest import t_interval, tensorboard_scalars, wandb_runs
 from gnngpt import cli, guard, results, tuning
 from gnngpt.data import BatchSampler
+from gnngpt.errors import UsageError
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
 from gnngpt.stats import Difference, Spread
@@ -136,6 +137,18 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
+    (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
+])
+def test_a_run_its_training_would_refuse_is_refused_before_any_model_trains(args, message, trainings, tmp_path,
+                                                                            capsys):
+    assert compare_main(*args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
+    assert trainings == [] and not (tmp_path / "runs").exists() and not (tmp_path / "plots").exists()
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, tmp_path, monkeypatch, capsys):
     def out_of_memory(sampler, split):
         raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
@@ -176,10 +189,14 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     assert not (tmp_path / "board" / "val_loss.png").exists()  # the four-model comparison is left alone
 
 
-def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, capsys):
-    assert compare_main("--models", "bigram,gpt", "--block_size", "5000") == 1
+def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, monkeypatch, capsys):
+    def refuse(*args):
+        raise UsageError("the batches cannot be drawn; fix it")  # a refusal that only the training itself can make
+
+    monkeypatch.setattr(BatchSampler, "__init__", refuse)
+    assert compare_main("--models", "bigram,gpt") == 1
     err = capsys.readouterr().err
-    assert "--data has too little text for block_size 5000" in err
+    assert err.count("error: the batches cannot be drawn; fix it\n") == 2
     assert err.endswith("error: training failed for bigram_s1337, gpt_s1337 (see the errors above); run compare.py "
                         "again to retry them: finished runs are reused\n")
     assert not (tmp_path / "plots").exists()
