@@ -45,7 +45,8 @@ def load_checkpoint(path):
 
 def is_project_checkpoint(checkpoint):
     """Whether a loaded object has the fields of this project's checkpoints, with consistent types."""
-    if not isinstance(checkpoint, dict) or not {"arch", "model_config", "model", "vocab"} <= set(checkpoint):
+    fields = {"name", "step", "arch", "model_config", "model", "vocab"}
+    if not isinstance(checkpoint, dict) or not fields <= set(checkpoint):
         return False
     model, config, vocab = checkpoint["model"], checkpoint["model_config"], checkpoint["vocab"]
     return (

@@ -19,9 +19,12 @@ def one_line(error):
 
 def exit_code(run, *args):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
-    Failure one line and code 1."""
+    Failure one line and code 1, Ctrl-C "interrupted" and code 130."""
     try:
         return run(*args) or 0
     except (UsageError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

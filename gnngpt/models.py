@@ -247,11 +247,11 @@ def build_model(arch, config):
     return model_cls(config_cls(**config))
 
 
-def model_from_checkpoint(checkpoint, device="cpu", **overrides):
-    """The model stored in a checkpoint dict (see gnngpt.checkpoint.load_checkpoint), in eval mode.
+def model_from_checkpoint(checkpoint, **overrides):
+    """The model stored in a checkpoint dict (see gnngpt.checkpoint.load_checkpoint), on the CPU in eval mode.
 
     overrides replace fields of its config that leave the parameters as they are, such as backend.
     """
     model = build_model(checkpoint["arch"], {**checkpoint["model_config"], **overrides})
     model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
+    return model.eval()

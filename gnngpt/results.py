@@ -33,7 +33,12 @@ def load_run_model(out_dir, device="cpu", backend=None):
             raise UsageError(f"--backend applies to graph-layer runs, and {out_dir} holds a {checkpoint['name']} "
                              "model; drop --backend")
         overrides["backend"] = backend
-    model = model_from_checkpoint(checkpoint, device, **overrides)
+    try:
+        model = model_from_checkpoint(checkpoint, **overrides)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:  # from another version's code
+        raise UsageError(f"{Path(out_dir) / 'ckpt.pt'} holds a model this version cannot rebuild "
+                         f"({' '.join(str(e).split())[:160]}); retrain it with this version") from None
+    model = model.to(device)
     return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"]}
 
 

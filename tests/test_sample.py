@@ -15,6 +15,7 @@ from conftest import (
     failing_cache,
     failing_multinomial,
 )
+from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.decoder import KVCache
 from gnngpt.results import load_run_model
 
@@ -113,6 +114,16 @@ def test_a_failure_while_sampling_ends_with_one_line_and_exit_code_1(tiny_run, m
     assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {MULTINOMIAL_ERROR})\n")
 
 
+def test_ctrl_c_while_sampling_ends_with_one_line_and_exit_code_130(tiny_run, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gnngpt.sampling.torch.multinomial", interrupt)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "1", "--max_new_tokens", "5"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
 @pytest.mark.parametrize("name", ["GATConv", "GATv2Conv", "TransformerConv"])
 def test_either_backend_samples_the_same_text_from_one_checkpoint(name, tiny_run, capsys):
     run = tiny_run(name)  # trained with the fast backend
@@ -189,6 +200,27 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(message)
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["model"].pop("lm_head.weight"),
+     'holds a model this version cannot rebuild (Error(s) in loading state_dict for GPT: Missing key(s) in state_dict: '
+     '"lm_head.weight"'),
+    (lambda c: c["model"].update({"lm_head.weight": torch.zeros(3, 3)}),
+     "holds a model this version cannot rebuild (Error(s) in loading state_dict for GPT: size mismatch"),
+    (lambda c: c["model_config"].update(n_kv_head=1), "holds a model this version cannot rebuild ("),
+    (lambda c: c["model_config"].update(n_embd="16"), "holds a model this version cannot rebuild ("),
+    (lambda c: c.pop("step"), "is not a checkpoint of this project"),
+])
+def test_a_checkpoint_this_version_cannot_rebuild_gives_one_line_error(change, message, tiny_run, tmp_path, capsys):
+    checkpoint = load_checkpoint(tiny_run("gpt") / "ckpt.pt")
+    change(checkpoint)
+    (tmp_path / "other").mkdir()
+    save_checkpoint(tmp_path / "other" / "ckpt.pt", checkpoint)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tmp_path / "other"), "--num_samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'other' / 'ckpt.pt'} {message}"), err
 
 
 def test_script_fails_without_traceback(tmp_path):
