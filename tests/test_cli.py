@@ -94,6 +94,8 @@ BAD_INPUTS = [
     (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),
     (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--seed", str(2**64)], f"--seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--block_size", "5000"], "--data has too little text for block_size 5000: 11,781 token(s), 10,602 for training "
                                "and 1,179 for validation"),
     (["--data", "one.txt"], "--data has too little text for block_size 16: 1 token(s), 0 for training and 1 for "

@@ -137,18 +137,6 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
-    (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
-])
-def test_a_run_its_training_would_refuse_is_refused_before_any_model_trains(args, message, trainings, tmp_path,
-                                                                            capsys):
-    assert compare_main(*args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(message), err
-    assert trainings == [] and not (tmp_path / "runs").exists() and not (tmp_path / "plots").exists()
-
-
 def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, tmp_path, monkeypatch, capsys):
     def out_of_memory(sampler, split):
         raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
@@ -259,6 +247,11 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seed", "1,x"], "error: --seed '1,x' is not an integer or a comma-separated list of integers"),
     (["--seed", "1,2", "--seeds", "2"], "error: --seeds 2 and a list in --seed 1,2 exclude each other"),
     (["--seed", "1,2,1"], "error: --seed 1,2,1 names a seed twice; give each seed once"),
+    (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}\n"),
+    (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
+    (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
+    (["--report_only", "--overwrite"], "error: --report_only trains nothing and replaces no run; drop --overwrite\n"),
+    (["--report_only", "--jobs", "2"], "error: --report_only trains nothing and replaces no run; drop --jobs\n"),
     (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
                                                           "choose one of bigram, gpt"),
     (["--learning_rate", "abc"], "error: --learning_rate abc: 'abc' is not a positive number; give rates as in "
