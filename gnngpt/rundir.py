@@ -244,6 +244,9 @@ def holds_run(out_dir):
 def describe_run(out_dir, config):
     """What the run in out_dir is and how to go on, for a refusal to replace it."""
     old = read_config(out_dir)
+    if is_finished(out_dir, old) and not (Path(out_dir) / EVAL_FILE).is_file():
+        return (f"holds a finished run without its exact validation loss ({EVAL_FILE}, written after training); "
+                f"score it with python evaluate.py --out_dir {out_dir} --write, or pass --overwrite to replace it")
     if is_finished(out_dir, old):
         return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
                 "train it further, or choose another --out_dir")

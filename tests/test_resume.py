@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import sample
 from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
@@ -246,6 +247,21 @@ def test_refusals_name_the_problem_and_change_nothing(args, message, stopped, ti
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(ckpt=stopped / "ckpt.pt", out=stopped) in err
     assert snapshot(stopped) == before
+
+
+def test_a_finished_run_without_its_exact_loss_is_refused_with_the_command_that_scores_it(tiny_text_file, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    assert run(out, tiny_text_file) == 0
+    (out / "eval.json").unlink()  # as when Ctrl-C stops the exact evaluation after the last step
+    capsys.readouterr()
+    assert run(out, tiny_text_file) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds a finished run without its exact validation loss "
+                                       f"(eval.json, written after training); score it with python evaluate.py "
+                                       f"--out_dir {out} --write, or pass --overwrite to replace it\n")
+    assert evaluate.main(["--out_dir", str(out), "--write"]) == 0
+    assert run(out, tiny_text_file) == 2
+    assert f"error: {out} holds a finished run; pass --overwrite" in capsys.readouterr().err
 
 
 def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_file, tmp_path, capsys):
