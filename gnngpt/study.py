@@ -28,9 +28,6 @@ def compare(args, extra, argv):
     if args.report_step is not None and not args.report_only:
         raise UsageError("--report_step reports finished runs as they were at that step; add --report_only (and "
                          "train them first, with --exact_at among the training flags)")
-    if args.report_only and (args.overwrite or args.jobs != 1):
-        flag = "--jobs" if args.jobs != 1 else "--overwrite"
-        raise UsageError(f"--report_only trains nothing and replaces no run; drop {flag}")
     if args.target_loss is not None and not 0 < args.target_loss < math.inf:
         raise UsageError(f"--target_loss must be a positive number, got {args.target_loss}")
     out = Path(args.out or args.runs)

@@ -250,8 +250,6 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}\n"),
     (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
     (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
-    (["--report_only", "--overwrite"], "error: --report_only trains nothing and replaces no run; drop --overwrite\n"),
-    (["--report_only", "--jobs", "2"], "error: --report_only trains nothing and replaces no run; drop --jobs\n"),
     (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
                                                           "choose one of bigram, gpt"),
     (["--learning_rate", "abc"], "error: --learning_rate abc: 'abc' is not a positive number; give rates as in "
