@@ -29,24 +29,28 @@ from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 
 
-def model_samples_dir(out, shipped=True):
-    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the comparison of
-    models (shipped) whose figures go to plots/paper/, the published comparison's; else the model_outputs folder
-    of its --out."""
-    return Path("model_outputs") if shipped and Path(out).resolve() == Path("plots/paper").resolve() else \
-        Path(out) / "model_outputs"
+def model_samples_dir(out, configs, shipped=True):
+    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the published
+    comparison, a comparison of models (shipped) whose figures go to plots/paper/ and whose configurations all
+    train at the paper preset's settings (how often and on how many batches it estimates the loss aside); else
+    the model_outputs folder of its --out."""
+    published = (shipped and Path(out).resolve() == Path("plots/paper").resolve()
+                 and all(c["preset"] == "paper" for c in configs)
+                 and not setting_notes(configs, ignored=("eval_interval", "eval_iters")))
+    return Path("model_outputs") if published else Path(out) / "model_outputs"
 
 
 def write_model_samples(runs, out, shipped):
     """Each model's sample, its first seed's (at its chosen learning rate where the runs choose one), in
-    model_samples_dir(out, shipped)/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets
-    one from its checkpoint first."""
-    choices = rate_choices(summarized(runs)) if tuned(runs) else None
+    model_samples_dir/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets one from its
+    checkpoint first."""
+    configs = summarized(runs)
+    choices = rate_choices(configs) if tuned(runs) else None
     for run in sampled_runs(runs, choices):
         source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
-        atomic_write_text(model_samples_dir(out, shipped) / f"{run.config_name}.txt",
+        atomic_write_text(model_samples_dir(out, configs, shipped) / f"{run.config_name}.txt",
                           source.read_text(encoding="utf-8"))
 
 
@@ -190,7 +194,8 @@ def position_figure(configs, path, which=""):
 
 def samples_line(configs, seeds, out):
     names = list(dict.fromkeys(c["name"] for c in configs))
-    return "Samples: " + ", ".join(f"`{(model_samples_dir(out) / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
+    directory = model_samples_dir(out, configs)
+    return "Samples: " + ", ".join(f"`{(directory / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
                                    for name in names) + ".\n"
 
 

@@ -16,6 +16,7 @@ import torch
 import compare
 from conftest import t_interval, tensorboard_scalars, wandb_runs
 from gnngpt import cli, guard, results, tuning
+from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
 from gnngpt.guard import one_thread
@@ -87,10 +88,9 @@ def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(tr
 def test_paper_runs_show_the_published_losses_and_every_setting_that_is_not_the_presets(trainings, tmp_path):
     assert compare_main("--models", "gpt,GCNConv", "--preset", "paper", "--out", "plots/paper") == 0
     results = (tmp_path / "plots" / "paper" / "results.md").read_text()
-    assert "Samples: `model_outputs/gpt.txt` (seed 1337), `model_outputs/GCNConv.txt` (seed 1337)." in results
-    for name in ("gpt", "GCNConv"):  # the published comparison's samples are the shipped ones
-        assert (tmp_path / "model_outputs" / f"{name}.txt").read_text() == \
-            (tmp_path / "runs" / f"{name}_s1337" / "sample.txt").read_text()
+    assert "Samples: `plots/paper/model_outputs/gpt.txt` (seed 1337), `plots/paper/model_outputs/GCNConv.txt` " \
+           "(seed 1337)." in results  # not the shipped ones: the models are not the published size
+    assert not (tmp_path / "model_outputs").exists()
     assert "| model | val loss (nats) | bits per character | published | Δ vs gpt (nats) [95% CI] |" in results
     assert [(row[0], row[3]) for row in table_rows(results)] == [("gpt", "1.50"), ("GCNConv", "-")]
     assert "published: the original's validation loss after 5000 steps of the paper preset" in results
@@ -149,6 +149,27 @@ def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, t
     assert compare_main("--models", "gpt") == 0
     assert "--overwrite" in trainings[-1][1]
     assert [m["step"] for m in read_metrics(run)] == [0, 2, 4]
+
+
+def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samples(trainings, tmp_path,
+                                                                                   monkeypatch):
+    tiny = {"max_iters": 4, "batch_size": 4, "block_size": 16, "n_embd": 16, "n_head": 2, "n_layer": 1}
+    monkeypatch.setitem(PRESETS, "paper", {arch: {**settings, **{k: v for k, v in tiny.items() if k in settings}}
+                                           for arch, settings in PRESETS["paper"].items()})  # TINY's sizes
+    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper") == 0
+    results = (tmp_path / "plots" / "paper" / "results.md").read_text()
+    assert "Samples: `model_outputs/bigram.txt` (seed 1337), `model_outputs/gpt.txt` (seed 1337)." in results
+    shipped = {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in ("bigram", "gpt")}
+    for name, text in shipped.items():
+        assert text == (tmp_path / "runs" / f"{name}_s1337" / "sample.txt").read_text()
+
+    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper", "--runs", "other",
+                        "--dropout", "0.1") == 0  # one setting not the preset's: samples of its own
+    paper = tmp_path / "plots" / "paper"
+    assert "Samples: `plots/paper/model_outputs/bigram.txt`" in (paper / "results.md").read_text()
+    assert (paper / "model_outputs" / "gpt.txt").read_text() == \
+        (tmp_path / "other" / "gpt_s1337" / "sample.txt").read_text()
+    assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
 
 
 def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
