@@ -37,6 +37,8 @@ def run(args):
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a directory; give a file name, such as "
                          f"{Path(args.out) / 'attention.png'}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_file():
+        raise UsageError(f"--out {args.out} is not a regular file (a device or a pipe); give a file name")
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]

@@ -5,8 +5,9 @@ from pathlib import Path
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, fsync it, then rename it over path."""
-    path = Path(path)
+    """Call write(file) on a temporary file beside path, fsync it, then rename it over path (over the file a
+    symlink at path points to, so that the link stays)."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

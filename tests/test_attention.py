@@ -1,4 +1,6 @@
+import os
 import shutil
+import stat
 
 import matplotlib.image
 import pytest
@@ -141,15 +143,18 @@ def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tin
     ("plots", "error: --out plots is a directory; give a file name, such as plots/attention.png\n"),
     ("/proc/attention.png", "error: cannot write --out /proc/attention.png (No such file or directory); choose "
                             "another --out\n"),
+    ("pipe", "error: --out pipe is not a regular file (a device or a pipe); give a file name\n"),
 ])
 def test_an_out_that_cannot_be_written_is_one_line(out, message, tiny_run, tmp_path, monkeypatch, capsys):
     run = tiny_run("gpt")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plots").mkdir()
+    os.mkfifo(tmp_path / "pipe")
     capsys.readouterr()
     assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", out]) == 2
     assert capsys.readouterr().err == message
-    assert list(tmp_path.rglob("*")) == [tmp_path / "plots"]
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "pipe", tmp_path / "plots"]
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
 
 
 @pytest.mark.parametrize("name,prompt,message", [

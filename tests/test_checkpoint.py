@@ -149,6 +149,16 @@ def test_broken_checkpoint_gives_one_line_error(damage, message, tmp_path):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "figure.png").write_bytes(b"old")
+    (tmp_path / "figure.png").symlink_to(tmp_path / "store" / "figure.png")
+    atomic_write(tmp_path / "figure.png", lambda f: f.write(b"new"))
+    assert (tmp_path / "figure.png").is_symlink()
+    assert (tmp_path / "store" / "figure.png").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figure.png", "figure.png", "store"]
+
+
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     old = os.umask(0o022)
     try:
