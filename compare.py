@@ -72,7 +72,8 @@ def build_parser():
                         "(default: runs)")
     p.add_argument("--out", metavar="DIR",
                    help="where the tables, figures and samples go (default: the --runs DIR; --out plots/paper writes "
-                        "the published comparison and the samples this repository ships in model_outputs/)")
+                        "the published comparison, and at the paper preset's settings the samples this repository "
+                        "ships in model_outputs/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace runs in --runs whose settings differ (default: refuse them and train nothing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

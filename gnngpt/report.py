@@ -161,7 +161,8 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
                   f"an A100, read from its plot (random batches, one seed).\n\n")
     notes += run_notes(configs, jobs) + position_figure(configs, out / "loss_by_position.png")
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{results_table(configs, baseline)}\n{notes}{samples_line(configs, seeds, out)}")
+            f"{results_table(configs, baseline)}\n{notes}"
+            f"{samples_line(configs, seeds, model_samples_dir(out, configs))}")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'}, {out / 'results.md'} and, where runs have it, "
           f"{out / 'loss_by_position.png'}")
@@ -192,9 +193,9 @@ def position_figure(configs, path, which=""):
     return f"{drawn}.\n\n"
 
 
-def samples_line(configs, seeds, out):
+def samples_line(configs, seeds, directory):
+    """Where each configuration's sample is (directory: model_samples_dir of all the comparison's runs)."""
     names = list(dict.fromkeys(c["name"] for c in configs))
-    directory = model_samples_dir(out, configs)
     return "Samples: " + ", ".join(f"`{(directory / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
                                    for name in names) + ".\n"
 
@@ -216,7 +217,7 @@ def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, job
     notes += run_notes(every, jobs, ignored=("learning_rate",))
     notes += position_figure(chosen, out / "loss_by_position.png", ", at the chosen rates")
     text = (f"# Results: each model at its own learning rate\n\nMade by `{command(argv)}` ({describe(every)}).\n\n"
-            f"{tuned_table(choices, baseline)}\n{notes}{samples_line(chosen, seeds, out)}")
+            f"{tuned_table(choices, baseline)}\n{notes}{samples_line(chosen, seeds, model_samples_dir(out, every))}")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'}, {out / 'learning_rates.png'}, {out / 'results.md'} and, where runs have "
           f"it, {out / 'loss_by_position.png'}")

@@ -16,11 +16,12 @@
 #
 # Usage: bash scripts/paper_gpu.sh [LOG_DIR [COMPARE_FLAG...]]
 #   Run it in the repository root with input.txt there: plots/paper and model_outputs are written in the
-#   current directory. LOG_DIR (default: paper_logs) gets one log per step and summary.txt. COMPARE_FLAGs
+#   current directory (model_outputs at the published size only). LOG_DIR (default: paper_logs) gets one log per step and summary.txt. COMPARE_FLAGs
 #   follow the script's own compare.py flags and so override them. Environment: PAPER_STEPS (default:
 #   "tests bench compare") picks the steps, PAPER_BUDGET_S the budget, PYTHON the interpreter (default: python3).
-#   Its comparison on a CPU at a tiny size (in the repository root it writes plots/paper and model_outputs
-#   there; tests/test_paper_gpu.py runs it in a scratch directory):
+#   Its comparison on a CPU at a tiny size (in the repository root it writes plots/paper there, its samples in
+#   plots/paper/model_outputs: the shipped samples are those of the published size; tests/test_paper_gpu.py
+#   runs it in a scratch directory):
 #     PAPER_STEPS=compare bash scripts/paper_gpu.sh /tmp/paper_logs --device cpu --max_iters 20 --batch_size 4 \
 #         --block_size 16 --n_embd 16 --n_head 2 --n_layer 1 --eval_iters 2
 set -u

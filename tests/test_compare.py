@@ -171,6 +171,14 @@ def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samp
         (tmp_path / "other" / "gpt_s1337" / "sample.txt").read_text()
     assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
 
+    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper", "--runs", "tuned",
+                        "--learning_rate", "gpt=3e-4,1e-7", "--learning_rate", "bigram=1e-2,1e-7") == 0  # presets win
+    line = next(s for s in (paper / "results.md").read_text().splitlines() if s.startswith("Samples: "))
+    written = re.findall(r"`([^`]+)`", line)
+    assert [Path(w).parent.as_posix() for w in written] == ["plots/paper/model_outputs"] * 2
+    assert all((tmp_path / w).is_file() for w in written)
+    assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
+
 
 def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
                                                                          monkeypatch):

@@ -37,11 +37,13 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
         exact = json.loads((run / "eval.json").read_text())
         assert row[1] == f"{exact['val_loss']:.4f} (1)" and row[9] == "paper"
         sample = (run / "sample.txt").read_text()
-        assert len(sample) == 501 and (tmp_path / "model_outputs" / f"{row[0]}.txt").read_text() == sample
+        assert len(sample) == 501 and (tmp_path / "plots" / "paper" / "model_outputs" / f"{row[0]}.txt").read_text() \
+            == sample
     assert "- eval_interval 1000 instead of 50 (all models)\n" in results
     assert "- max_iters 20 instead of 5000 (gpt, GATConv, GATv2Conv)\n" in results
-    assert "Samples: `model_outputs/bigram.txt` (seed 1337), `model_outputs/gpt.txt` (seed 1337), " in results
-    assert not (tmp_path / "plots" / "paper" / "model_outputs").exists()  # the shipped samples are these
+    assert "Samples: `plots/paper/model_outputs/bigram.txt` (seed 1337), `plots/paper/model_outputs/gpt.txt` " \
+           "(seed 1337), " in results
+    assert not (tmp_path / "model_outputs").exists()  # the shipped samples are the published size's
 
     summary = (tmp_path / "logs" / "summary.txt").read_text()
     assert re.search(r"^compare: exit 0 after \d+ s \(limit \d+ s\): .*/compare.py .* --preset paper .* "
