@@ -14,7 +14,7 @@ from .data import DEFAULT_DATA
 from .errors import UsageError
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
-from .rundir import holds_run, is_finished, read_config, refuse_if_held, run_name
+from .rundir import holds_run, is_finished, read_config, refuse_if_held, run_name, stopped_before_first_checkpoint
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
@@ -48,8 +48,10 @@ class Run:
         same = config is not None and has_values(config, self.expected)
         if same and is_finished(self.out_dir, config):
             return "reuse"
-        if same:
-            return "resume" if (self.out_dir / "ckpt.pt").is_file() else "restart"
+        if same and (self.out_dir / "ckpt.pt").is_file():
+            return "resume"
+        if same and stopped_before_first_checkpoint(self.out_dir):
+            return "restart"
         return "replace"
 
 

@@ -135,7 +135,8 @@ class RunDirLock:
             return refusal
         if resume and not out_dir.exists():
             return nothing_to_resume(out_dir / "ckpt.pt")
-        self.created = next((d for d in [*reversed(out_dir.parents), out_dir] if not d.exists()), None)
+        absolute = Path(os.path.abspath(out_dir))  # "..", resolved as mkdir resolves it
+        self.created = next((d for d in [*reversed(absolute.parents), absolute] if not d.exists()), None)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -162,7 +163,8 @@ class RunDirLock:
         if self.fd is None or not self.created_lock:
             return
         (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
-        for directory in [self.out_dir, *self.out_dir.parents] if self.created else []:
+        absolute = Path(os.path.abspath(self.out_dir))
+        for directory in [absolute, *absolute.parents] if self.created else []:
             with contextlib.suppress(OSError):  # not empty: another file is there
                 directory.rmdir()
             if directory == self.created:
@@ -244,6 +246,10 @@ def holds_run(out_dir):
 def describe_run(out_dir, config):
     """What the run in out_dir is and how to go on, for a refusal to replace it."""
     old = read_config(out_dir)
+    has_checkpoint = (Path(out_dir) / "ckpt.pt").is_file()
+    if is_finished(out_dir, old) and not has_checkpoint:
+        return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
+                "it again or choose another --out_dir")
     if is_finished(out_dir, old) and not (Path(out_dir) / EVAL_FILE).is_file():
         return (f"holds a finished run without its exact validation loss ({EVAL_FILE}, written after training); "
                 f"score it with python evaluate.py --out_dir {out_dir} --write, or pass --overwrite to replace it")
@@ -257,9 +263,12 @@ def describe_run(out_dir, config):
     if differences:
         return (f"holds a run of another configuration ({'; '.join(differences)}); pass --overwrite to "
                 f"replace it or choose another --out_dir")
-    if not (Path(out_dir) / "ckpt.pt").is_file():
+    if stopped_before_first_checkpoint(out_dir):
         return ("holds a run of this configuration that stopped before its first checkpoint; pass --overwrite to "
                 "start it again or choose another --out_dir")
+    if not has_checkpoint:
+        return ("holds an unfinished run of this configuration without its checkpoint (ckpt.pt); pass --overwrite "
+                "to start it again or choose another --out_dir")
     return ("holds an unfinished run of this configuration; pass --resume to continue it, --overwrite to "
             "start again, or choose another --out_dir")
 
@@ -297,10 +306,19 @@ def resumable_checkpoint(out_dir, config, vocab):
 
 
 def nothing_to_resume(path):
-    if holds_run(path.parent):
+    if not holds_run(path.parent):
+        return f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run"
+    if stopped_before_first_checkpoint(path.parent):
         return (f"nothing to resume: no checkpoint at {path}, where a run stopped before its first; pass "
                 "--overwrite instead of --resume to start it again")
-    return f"nothing to resume: no checkpoint at {path}; drop --resume to start a new run"
+    return (f"nothing to resume: no checkpoint at {path}, where only the small files of a run are kept; pass "
+            "--overwrite instead of --resume to train it again")
+
+
+def stopped_before_first_checkpoint(out_dir):
+    """Whether the run in out_dir stopped before it wrote its first checkpoint: there is none, and its metrics
+    reach no step past 0 (the evaluation before training writes its row, then the checkpoint)."""
+    return not (Path(out_dir) / "ckpt.pt").is_file() and all(row["step"] == 0 for row in read_metrics(out_dir))
 
 
 def config_differences(old, new):
@@ -324,8 +342,8 @@ def read_metrics(out_dir):
     try:
         return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):  # a value that is no number, or a row longer than the header (key None)
-        raise UsageError(f"{path} has a row that is not numbers under its header; repair or delete the run "
-                         "(--overwrite)") from None
+        raise UsageError(f"{path} has a row that is not numbers under its header; repair it or delete "
+                         f"{path.parent}") from None
 
 
 def read_config(out_dir):

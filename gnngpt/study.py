@@ -42,7 +42,8 @@ def compare(args, extra, argv):
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
     taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
     if taken and not args.overwrite:
-        raise UsageError(f"{', '.join(taken)} already hold runs that do not match these settings; pass --overwrite "
+        raise UsageError(f"{', '.join(taken)} already hold runs that these settings can neither reuse nor resume "
+                         f"(other settings, or no checkpoint to resume from); pass --overwrite "
                          f"to replace them or --runs DIR to train elsewhere")
 
     for r in runs:

@@ -103,8 +103,9 @@ def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainin
     trainings.clear()
     capsys.readouterr()
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8") == 2
-    assert capsys.readouterr().err == ("error: runs/gpt_s1337 already hold runs that do not match these settings; "
-                                       "pass --overwrite to replace them or --runs DIR to train elsewhere\n")
+    assert capsys.readouterr().err == ("error: runs/gpt_s1337 already hold runs that these settings can neither "
+                                       "reuse nor resume (other settings, or no checkpoint to resume from); pass "
+                                       "--overwrite to replace them or --runs DIR to train elsewhere\n")
     assert trainings == []
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--overwrite") == 0  # bigram has no width
     assert [script for script, _ in trainings] == ["gpt.py"]
@@ -149,6 +150,15 @@ def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, t
     assert compare_main("--models", "gpt") == 0
     assert "--overwrite" in trainings[-1][1]
     assert [m["step"] for m in read_metrics(run)] == [0, 2, 4]
+
+    (run / "ckpt.pt").unlink()  # a run that trained, without its checkpoint: replaced only when told
+    metrics = (run / "metrics.csv").read_text().splitlines(keepends=True)
+    (run / "metrics.csv").write_text("".join(metrics[:3]))  # its rows of steps 0 and 2
+    capsys.readouterr()
+    assert compare_main("--models", "gpt") == 2
+    assert "error: runs/gpt_s1337 already hold runs that these settings can neither reuse nor resume" in \
+        capsys.readouterr().err
+    assert (run / "metrics.csv").read_text() == "".join(metrics[:3])
 
 
 def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samples(trainings, tmp_path,

@@ -249,6 +249,27 @@ def test_refusals_name_the_problem_and_change_nothing(args, message, stopped, ti
     assert snapshot(stopped) == before
 
 
+def test_a_run_without_its_checkpoint_is_refused_with_overwrite_as_the_way_on(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(out, tiny_text_file) == 0
+    (out / "ckpt.pt").unlink()  # as a committed study keeps its runs: their small files only
+    capsys.readouterr()
+    assert run(out, tiny_text_file) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds a finished run of which only the small files are kept "
+                                       f"(no ckpt.pt); pass --overwrite to train it again or choose another "
+                                       f"--out_dir\n")
+    assert run(out, tiny_text_file, "--resume", "--max_iters", "15") == 2
+    assert capsys.readouterr().err == (f"error: nothing to resume: no checkpoint at {out / 'ckpt.pt'}, where only the "
+                                       f"small files of a run are kept; pass --overwrite instead of --resume to train "
+                                       f"it again\n")
+    metrics = (out / "metrics.csv").read_text().splitlines(keepends=True)
+    (out / "metrics.csv").write_text("".join(metrics[:3]))  # steps 0 and 3 of 12: unfinished, and trained
+    assert run(out, tiny_text_file) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds an unfinished run of this configuration without its "
+                                       f"checkpoint (ckpt.pt); pass --overwrite to start it again or choose another "
+                                       f"--out_dir\n")
+
+
 def test_a_finished_run_without_its_exact_loss_is_refused_with_the_command_that_scores_it(tiny_text_file, tmp_path,
                                                                                          capsys):
     out = tmp_path / "out"

@@ -218,5 +218,5 @@ def test_a_metrics_row_that_is_not_numbers_is_refused_in_one_line(tiny_text_file
     capsys.readouterr()
     assert train_tiny_gpt(out, tiny_text_file) == 2
     assert error_line(capsys) == (f"error: {out / 'metrics.csv'} has a row that is not numbers under its header; "
-                                  f"repair or delete the run (--overwrite)\n")
+                                  f"repair it or delete {out}\n")
     assert snapshot(out) == before
