@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, check_compile, resolve_device
+from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, check_compile, check_seed, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import Failure, UsageError, exit_code
 from gnngpt.results import load_run_model
@@ -52,6 +52,7 @@ def check_args(args):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.top_k < 0:
         raise UsageError(f"--top_k must be 0 (no limit) or a positive integer, got {args.top_k}")
+    check_seed(args.seed)
 
 
 def main(argv=None):

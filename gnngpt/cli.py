@@ -188,8 +188,7 @@ def resolve_settings(script, args, device):
             raise UsageError(f"--{key} must be a positive integer, got {settings[key]}")
     if not (math.isfinite(settings["learning_rate"]) and settings["learning_rate"] > 0):
         raise UsageError(f"--learning_rate must be a positive number, got {settings['learning_rate']}")
-    if not 0 <= args.seed < 2**63:  # what torch's generators take, with room for a process's rank added
-        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    check_seed(args.seed)
     if "dropout" in settings and not 0 <= settings["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
     if "n_head" in settings and settings["n_embd"] % settings["n_head"]:
@@ -208,6 +207,12 @@ def resolve_settings(script, args, device):
                              f"choose such steps")
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
+
+
+def check_seed(seed):
+    """Refuse a --seed that torch's generators cannot take (leaving room for a process's rank added to it)."""
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed}")
 
 
 def main(script, argv=None):

@@ -35,7 +35,7 @@ def load_run_model(out_dir, device="cpu", backend=None):
         overrides["backend"] = backend
     try:
         model = model_from_checkpoint(checkpoint, **overrides)
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:  # from another version's code
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, UsageError) as e:  # another version's
         raise UsageError(f"{Path(out_dir) / 'ckpt.pt'} holds a model this version cannot rebuild "
                          f"({' '.join(str(e).split())[:160]}); retrain it with this version") from None
     model = model.to(device)

@@ -190,13 +190,15 @@ def write_foreign_checkpoints(tmp_path):
     (["--temperature", "0"], "error: --temperature must be a positive number, got 0.0"),
     (["--temperature", "inf"], "error: --temperature must be a positive number, got inf"),
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
+    (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
 ])
 def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monkeypatch, capsys):
     write_foreign_checkpoints(tmp_path)
     monkeypatch.chdir(tmp_path)
+    run = tiny_run("gpt")  # trained first, should this test run alone: its output is not the error's
     capsys.readouterr()
-    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "1", *args]) == 2
+    assert sample.main(["--out_dir", str(run), "--num_samples", "1", *args]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(message)
     assert captured.out == ""
@@ -210,6 +212,8 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
      "holds a model this version cannot rebuild (Error(s) in loading state_dict for GPT: size mismatch"),
     (lambda c: c["model_config"].update(n_kv_head=1), "holds a model this version cannot rebuild ("),
     (lambda c: c["model_config"].update(n_embd="16"), "holds a model this version cannot rebuild ("),
+    (lambda c: c["model_config"].update(graph="window:x"), "holds a model this version cannot rebuild (--graph "
+                                                           "'window:x': W must be an integer"),
     (lambda c: c.pop("step"), "is not a checkpoint of this project"),
 ])
 def test_a_checkpoint_this_version_cannot_rebuild_gives_one_line_error(change, message, tiny_run, tmp_path, capsys):
