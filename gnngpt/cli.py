@@ -353,8 +353,14 @@ def model_config(script, name, args, settings, vocab_size, mixer_kwargs):
         return BigramConfig(vocab_size=vocab_size)
     if not script.graph_layer:
         return GPTConfig.from_settings(settings, vocab_size, mixer="attention")
-    cfg = GPTConfig.from_settings(settings, vocab_size, mixer=name, backend=args.backend, mixer_kwargs=mixer_kwargs)
-    check_layer(cfg)  # the causality guard: refuse a layer that sees the future
+    return layer_config(name, args.backend, mixer_kwargs, settings, vocab_size)
+
+
+def layer_config(name, backend, mixer_kwargs, settings, vocab_size):
+    """The config of a model of the graph layer name, checked first by the causality guard, which refuses a layer
+    that cannot be built or sees the future."""
+    cfg = GPTConfig.from_settings(settings, vocab_size, mixer=name, backend=backend, mixer_kwargs=mixer_kwargs)
+    check_layer(cfg)
     return cfg
 
 

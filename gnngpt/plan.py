@@ -244,5 +244,4 @@ def check_layer(model, backend, gnn_kwargs, settings):
     """The causality guard on a graph layer with its --gnn_kwargs and the settings (as JSON) of its runs, once for
     all of their seeds. It builds and probes one layer, which reads no vocabulary: the default size stands in for
     the data's."""
-    guard.check_layer(GPTConfig.from_settings(json.loads(settings), GPTConfig.vocab_size, mixer=model, backend=backend,
-                                              mixer_kwargs=parse_layer_kwargs(gnn_kwargs)))
+    cli.layer_config(model, backend, parse_layer_kwargs(gnn_kwargs), json.loads(settings), GPTConfig.vocab_size)
