@@ -1,5 +1,6 @@
 """A learning rate per model: each configuration's rate chosen on the validation split's first half ("tune"),
 its result reported on the second ("test"), so that the reported number never saw the choice."""
+import statistics
 from dataclasses import dataclass
 
 from .results import format_difference, format_spread, markdown_table, verdict
@@ -33,15 +34,23 @@ class Choice:
 
 def choose_rates(configs):
     """A Choice per configuration name, in order of first appearance: of its configurations at each learning
-    rate, the one with the lowest mean tune-half loss (the lower rate on a tie). Every configuration needs the
-    halves of the validation split (results.configurations' "halves")."""
+    rate, the one with the lowest mean tune-half loss over the seeds that every rate has (the lower rate on a tie;
+    over each rate's own seeds where the rates share none). Every configuration needs the halves of the
+    validation split (results.configurations' "halves")."""
     names = list(dict.fromkeys(c["name"] for c in configs))
     choices = []
     for name in names:
         by_rate = sorted((c for c in configs if c["name"] == name), key=lambda c: c["learning_rate"])
-        chosen = min(by_rate, key=lambda c: (c["halves"]["tune"]["loss"].mean, c["learning_rate"]))
+        seeds = set.intersection(*(set(c["halves"]["tune"]["loss_by_seed"]) for c in by_rate))
+        chosen = min(by_rate, key=lambda c: (tune_loss(c, seeds), c["learning_rate"]))
         choices.append(Choice(name, by_rate, chosen))
     return choices
+
+
+def tune_loss(config, seeds):
+    """The mean tune-half loss of a configuration over seeds (over all of its own where seeds is empty)."""
+    by_seed = config["halves"]["tune"]["loss_by_seed"]
+    return statistics.fmean(by_seed[seed] for seed in seeds or by_seed)
 
 
 def format_rate(rate):
@@ -95,7 +104,8 @@ def tuning_notes(choices, baseline):
     """What the tuned table's columns mean: the halves, the selection, the pairing and the grid's edges."""
     halves = choices[0].chosen["halves"]
     notes = [f"Each configuration trains at every learning rate of its grid with every seed; the rate with the "
-             f"lowest mean exact loss over its seeds on the validation split's first half (tune: "
+             f"lowest mean exact loss over its seeds (those that every rate has) on the validation split's first "
+             f"half (tune: "
              f"{halves['tune']['targets']:,} characters) is chosen, and the table reports, at that rate, the exact "
              f"loss on the second half (test: {halves['test']['targets']:,} characters), which the choice never "
              f"saw: mean ± sample standard deviation over seeds (number of seeds)."]

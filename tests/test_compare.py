@@ -21,7 +21,7 @@ from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics
-from gnngpt.stats import Difference, Spread
+from gnngpt.stats import Difference
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
@@ -467,16 +467,24 @@ def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_pat
     assert [row[0] for row in table_rows(results)] == ["bigram", "gpt"]
 
 
-def test_a_rate_between_others_is_chosen_without_an_edge_flag():
-    def config(rate, tune):
-        loss = Spread(tune, None, 1)
-        return {"name": "gpt", "learning_rate": rate, "halves": {"tune": {"loss": loss}}}
+def tune_config(rate, loss_by_seed):
+    return {"name": "gpt", "learning_rate": rate, "halves": {"tune": {"loss_by_seed": loss_by_seed}}}
 
-    configs = [config(3e-3, 1.5), config(1e-3, 1.4), config(2e-3, 1.3)]
+
+def test_a_rate_between_others_is_chosen_without_an_edge_flag():
+    configs = [tune_config(3e-3, {1: 1.5}), tune_config(1e-3, {1: 1.4}), tune_config(2e-3, {1: 1.3})]
     (choice,) = tuning.choose_rates(configs)
     assert choice.rates == [1e-3, 2e-3, 3e-3] and choice.chosen is configs[2] and choice.edge is None
-    configs[1]["halves"]["tune"]["loss"] = Spread(1.2, None, 1)
+    configs[1]["halves"]["tune"]["loss_by_seed"] = {1: 1.2}
     assert tuning.choose_rates(configs)[0].edge == "lowest"
+
+
+def test_rates_are_compared_over_the_seeds_they_share():
+    # seed 2, a lucky one, trained only at 1e-3 (its training at 2e-3 failed): on seed 1 alone 2e-3 is better
+    configs = [tune_config(1e-3, {1: 1.40, 2: 1.10}), tune_config(2e-3, {1: 1.30})]
+    assert tuning.choose_rates(configs)[0].chosen is configs[1]
+    configs = [tune_config(1e-3, {1: 1.40}), tune_config(2e-3, {2: 1.30})]  # no seed in common: each its own
+    assert tuning.choose_rates(configs)[0].chosen is configs[1]
 
 
 def test_two_jobs_share_the_cores(trainings, tmp_path, monkeypatch):
