@@ -164,7 +164,7 @@ def verdict(difference, digits=4):
     if difference is None:
         return "no common seed"
     if difference.low is None:
-        return "needs 2 seeds"
+        return "needs 2 seeds in common"
     low, high = round(difference.low, digits), round(difference.high, digits)
     if low <= 0 <= high:
         return "not distinguishable"

@@ -543,7 +543,7 @@ def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(training
     (Difference(-0.02, -0.03, -0.01, 3), "lower"),
     (Difference(0.01, 0.00004, 0.02, 3), "not distinguishable"),  # printed as [+0.0000, +0.0200]
     (Difference(0.01, -0.01, 0.03, 3), "not distinguishable"),
-    (Difference(0.01, None, None, 1), "needs 2 seeds"),
+    (Difference(0.01, None, None, 1), "needs 2 seeds in common"),
     (None, "no common seed"),
 ])
 def test_a_difference_is_called_one_only_where_its_printed_interval_excludes_zero(difference, verdict):
