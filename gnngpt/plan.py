@@ -14,7 +14,16 @@ from .data import DEFAULT_DATA
 from .errors import UsageError
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
-from .rundir import holds_run, is_finished, read_config, refuse_if_held, run_name, stopped_before_first_checkpoint
+from .rundir import (
+    EVAL_FILE,
+    SAMPLE_FILE,
+    holds_run,
+    is_finished,
+    read_config,
+    refuse_if_held,
+    run_name,
+    stopped_before_first_checkpoint,
+)
 
 DEFAULT_MODELS = "bigram,gpt,GATConv,GATv2Conv"
 ALL_LAYERS = "all-layers"
@@ -37,8 +46,9 @@ class Run:
     expected: dict
 
     def state(self):
-        """"reuse" a finished run with these settings, "resume" an unfinished one, "restart" one that stopped before
-        its first checkpoint, start a "new" one or "replace" one of other settings.
+        """"reuse" a finished run with these settings (with its checkpoint, or the exact loss and sample made from
+        it), "resume" an unfinished one, "restart" one that stopped before its first checkpoint, start a "new" one or
+        "replace" any other.
 
         A run that a training holds is refused."""
         refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
@@ -46,9 +56,11 @@ class Run:
             return "new"
         config = read_config(self.out_dir)
         same = config is not None and has_values(config, self.expected)
-        if same and is_finished(self.out_dir, config):
+        checkpointed = (self.out_dir / "ckpt.pt").is_file()
+        made = all((self.out_dir / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
+        if same and is_finished(self.out_dir, config) and (checkpointed or made):
             return "reuse"
-        if same and (self.out_dir / "ckpt.pt").is_file():
+        if same and checkpointed:
             return "resume"
         if same and stopped_before_first_checkpoint(self.out_dir):
             return "restart"

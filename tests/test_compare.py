@@ -190,6 +190,21 @@ def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samp
     assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
 
 
+def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_loss_and_sample(trainings, tmp_path,
+                                                                                             capsys):
+    assert compare_main("--models", "bigram") == 0
+    run = tmp_path / "runs" / "bigram_s1337"
+    (run / "ckpt.pt").unlink()  # as a committed study keeps its runs
+    trainings.clear()
+    assert compare_main("--models", "bigram") == 0 and trainings == []
+    (run / "eval.json").unlink()  # nothing left to score it with
+    capsys.readouterr()
+    assert compare_main("--models", "bigram") == 2
+    assert capsys.readouterr().err.startswith("error: runs/bigram_s1337 already hold runs that these settings can "
+                                              "neither reuse nor resume")
+    assert compare_main("--models", "bigram", "--overwrite") == 0 and len(trainings) == 1
+
+
 def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
                                                                          monkeypatch):
     records = [SimpleNamespace(name="GATConv", works=True, reason=""),
@@ -468,7 +483,8 @@ def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_pat
 
 
 def tune_config(rate, loss_by_seed):
-    return {"name": "gpt", "learning_rate": rate, "halves": {"tune": {"loss_by_seed": loss_by_seed}}}
+    return {"name": "gpt", "learning_rate": rate,
+            "halves": {"tune": {"loss_by_seed": loss_by_seed, "targets": 50}, "test": {"targets": 50}}}
 
 
 def test_a_rate_between_others_is_chosen_without_an_edge_flag():
@@ -482,9 +498,15 @@ def test_a_rate_between_others_is_chosen_without_an_edge_flag():
 def test_rates_are_compared_over_the_seeds_they_share():
     # seed 2, a lucky one, trained only at 1e-3 (its training at 2e-3 failed): on seed 1 alone 2e-3 is better
     configs = [tune_config(1e-3, {1: 1.40, 2: 1.10}), tune_config(2e-3, {1: 1.30})]
-    assert tuning.choose_rates(configs)[0].chosen is configs[1]
+    choices = tuning.choose_rates(configs)
+    assert choices[0].chosen is configs[1]
+    assert "- Not every rate has every seed for gpt (a training failed): their rates are compared over the seeds " \
+           "all of them have" in tuning.tuning_notes(choices, None)
     configs = [tune_config(1e-3, {1: 1.40}), tune_config(2e-3, {2: 1.30})]  # no seed in common: each its own
     assert tuning.choose_rates(configs)[0].chosen is configs[1]
+    configs = [tune_config(1e-3, {1: 1.40, 2: 1.10}), tune_config(2e-3, {1: 1.30, 2: 1.30})]
+    choices = tuning.choose_rates(configs)
+    assert choices[0].chosen is configs[0] and "Not every rate" not in tuning.tuning_notes(choices, None)
 
 
 def test_two_jobs_share_the_cores(trainings, tmp_path, monkeypatch):
