@@ -41,10 +41,15 @@ def choose_rates(configs):
     choices = []
     for name in names:
         by_rate = sorted((c for c in configs if c["name"] == name), key=lambda c: c["learning_rate"])
-        seeds = set.intersection(*(set(c["halves"]["tune"]["loss_by_seed"]) for c in by_rate))
+        seeds = set.intersection(*seed_sets(by_rate))
         chosen = min(by_rate, key=lambda c: (tune_loss(c, seeds), c["learning_rate"]))
         choices.append(Choice(name, by_rate, chosen))
     return choices
+
+
+def seed_sets(by_rate):
+    """The seeds of each configuration of a grid, as sets."""
+    return [set(c["halves"]["tune"]["loss_by_seed"]) for c in by_rate]
 
 
 def tune_loss(config, seeds):
@@ -104,8 +109,7 @@ def tuning_notes(choices, baseline):
     """What the tuned table's columns mean: the halves, the selection, the pairing and the grid's edges."""
     halves = choices[0].chosen["halves"]
     notes = [f"Each configuration trains at every learning rate of its grid with every seed; the rate with the "
-             f"lowest mean exact loss over its seeds (those that every rate has) on the validation split's first "
-             f"half (tune: "
+             f"lowest mean exact loss over its seeds on the validation split's first half (tune: "
              f"{halves['tune']['targets']:,} characters) is chosen, and the table reports, at that rate, the exact "
              f"loss on the second half (test: {halves['test']['targets']:,} characters), which the choice never "
              f"saw: mean ± sample standard deviation over seeds (number of seeds)."]
@@ -113,6 +117,11 @@ def tuning_notes(choices, baseline):
         notes.append(f"Δ: the mean over seeds of each seed's test-half difference in nats from {baseline.name}, each "
                      f"at its own chosen rate and trained with the same seed, with its {CONFIDENCE:.0%} Student-t "
                      f"interval; a difference is called one only where the interval excludes zero.")
+    uneven = [c.name for c in choices if len({frozenset(seeds) for seeds in seed_sets(c.by_rate)}) > 1]
+    if uneven:
+        notes.append(f"Not every rate has every seed for {', '.join(uneven)} (a training failed): their rates are "
+                     f"compared over the seeds all of them have, or over each rate's own where they share none, "
+                     f"so the tune losses below, over each rate's own seeds, may rank them otherwise.")
     edges = [c for c in choices if c.edge]
     if edges:
         notes.append("Chosen at the edge of the grid, where a better rate may lie beyond it: " + ", ".join(
