@@ -47,8 +47,8 @@ class Run:
 
     def state(self):
         """"reuse" a finished run with these settings (with its checkpoint, or the exact loss and sample made from
-        it), "resume" an unfinished one, "restart" one that stopped before its first checkpoint, start a "new" one or
-        "replace" any other.
+        it), "resume" an unfinished one, "restart" one that stopped before its first checkpoint, start a "new" one,
+        "replace" one of other settings, or one of these settings that "lost" what it needs to go on.
 
         A run that a training holds is refused."""
         refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
@@ -64,7 +64,7 @@ class Run:
             return "resume"
         if same and stopped_before_first_checkpoint(self.out_dir):
             return "restart"
-        return "replace"
+        return "lost" if same else "replace"
 
 
 def has_values(config, expected):

@@ -90,9 +90,9 @@ def rate_choices(configs):
 def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     """--report_only: the tables and figures of finished runs, from their small files; refused while any run
     is unfinished or lacks its exact validation loss."""
-    why = {"new": "not there", "resume": "not finished", "restart": "not finished", "replace": "other settings",
-           "submitted": "not finished"}
     at, wanted = args.report_step, "eval.json" if args.report_step is None else f"eval_step{args.report_step}.json"
+    why = {"new": "not there", "resume": "not finished", "restart": "not finished", "replace": "other settings",
+           "lost": "no eval.json or sample.txt, and no checkpoint to make them", "submitted": "not finished"}
     missing = [f"{r.out_dir} ({why.get(states[r.name], 'no ' + wanted)})" for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
     if missing:

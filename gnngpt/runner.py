@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
 
 
 def training_argv(run, state):
-    """The training script's arguments for a run in state "new", "resume", "restart" or "replace"."""
-    return run.argv + {"resume": ["--resume"], "restart": ["--overwrite"], "replace": ["--overwrite"]}.get(state, [])
+    """The training script's arguments for a run in state "new", "resume", "restart", "replace" or "lost"."""
+    overwrite = {state: ["--overwrite"] for state in ("restart", "replace", "lost")}
+    return run.argv + {"resume": ["--resume"], **overwrite}.get(state, [])
 
 
 def train_here(runs, states):

@@ -40,7 +40,7 @@ def compare(args, extra, argv):
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
-    taken = [str(r.out_dir) for r in runs if states[r.name] == "replace"]
+    taken = [str(r.out_dir) for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
         raise UsageError(f"{', '.join(taken)} already hold runs that these settings can neither reuse nor resume "
                          f"(other settings, or no checkpoint to resume from); pass --overwrite "

@@ -537,8 +537,8 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
     capsys.readouterr()
     assert compare_main(*args, "--report_only") == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
-                                       "runs/gpt_s3 (no eval.json) is not; run the same command without "
-                                       "--report_only\n")
+                                       "runs/gpt_s3 (no eval.json or sample.txt, and no checkpoint to make them) is "
+                                       "not; run the same command without --report_only\n")
 
     args = ["--models", "bigram,gpt", "--seed", "7"]
     for config_file in (tmp_path / "runs").glob("*_s7/config.json"):  # as runs trained on a GPU, read on this CPU
