@@ -246,14 +246,14 @@ def holds_run(out_dir):
 def describe_run(out_dir, config):
     """What the run in out_dir is and how to go on, for a refusal to replace it."""
     old = read_config(out_dir)
-    has_checkpoint = (Path(out_dir) / "ckpt.pt").is_file()
-    if is_finished(out_dir, old) and not has_checkpoint:
+    finished, has_checkpoint = is_finished(out_dir, old), (Path(out_dir) / "ckpt.pt").is_file()
+    if finished and not has_checkpoint:
         return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
                 "it again or choose another --out_dir")
-    if is_finished(out_dir, old) and not (Path(out_dir) / EVAL_FILE).is_file():
+    if finished and not (Path(out_dir) / EVAL_FILE).is_file():
         return (f"holds a finished run without its exact validation loss ({EVAL_FILE}, written after training); "
                 f"score it with python evaluate.py --out_dir {out_dir} --write, or pass --overwrite to replace it")
-    if is_finished(out_dir, old):
+    if finished:
         return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
                 "train it further, or choose another --out_dir")
     if old is None:
