@@ -245,7 +245,8 @@ def write_graph_study(configs, baseline, target_loss, out, argv):
             f"{statistics_text(configs, baseline, target_loss)}{position_comparisons(configs)}"
             f"{position_figure(configs, out / 'graphs_by_position.png')}")
     if comparisons := graph_comparisons(configs):
-        text += f"Paired differences (configuration minus the one it is compared with, same seeds):\n\n{comparisons}"
+        text += (f"Paired differences (configuration minus the one it is compared with, same seeds; number of seeds "
+                 f"both have in parentheses):\n\n{comparisons}")
     if target_loss is not None and (comparisons := graph_comparisons(
             configs, lambda c: seconds_to_target(c, target_loss), "Δ training seconds", 1)):
         text += (f"\nThe same pairs in training seconds to a validation loss of {target_loss} (seeds that reached "

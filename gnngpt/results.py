@@ -150,12 +150,14 @@ def format_spread(spread, digits=4):
 
 
 def format_difference(difference, digits=4):
-    """The mean paired difference with its interval in brackets (none for one seed)."""
+    """The mean paired difference with its interval in brackets (none for one pair) and the number of seed pairs
+    in parentheses, as format_spread gives the number of seeds."""
     if difference is None:
         return "no common seed"
     if difference.low is None:
-        return f"{difference.mean:+.{digits}f}"
-    return f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
+        return f"{difference.mean:+.{digits}f} (1)"
+    return (f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}] "
+            f"({difference.n})")
 
 
 def verdict(difference, digits=4):
@@ -187,8 +189,8 @@ def uncertainty_notes(configs, baseline):
     if baseline is not None:
         notes.append(f"Δ: the mean over seeds of each seed's difference in nats from {baseline['name']} trained "
                      f"with the same seed (the same batches where batch and block size agree), with its "
-                     f"{CONFIDENCE:.0%} Student-t interval; a difference is called one only where the interval "
-                     f"excludes zero.")
+                     f"{CONFIDENCE:.0%} Student-t interval (number of seeds both have); a difference is called one "
+                     f"only where the interval excludes zero.")
     if max(c["loss"].n for c in configs) < 2:
         notes.append("One seed per configuration: no deviation or interval can be computed from one value, so no "
                      "difference is called one; train more seeds with --seeds 3.")
@@ -368,8 +370,9 @@ def position_comparisons(configs):
               *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
     return (f"Loss by offset in the window, each configuration against the one it is compared with: the exact loss "
             f"of the targets with that many earlier characters of context, each seed's difference from the other "
-            f"configuration trained with the same seed, mean with its {CONFIDENCE:.0%} Student-t interval (a "
-            f"difference only where the interval excludes zero):\n\n{markdown_table(header, rows)}\n")
+            f"configuration trained with the same seed, mean with its {CONFIDENCE:.0%} Student-t interval (number "
+            f"of seeds both have; a difference only where the interval excludes zero):\n\n"
+            f"{markdown_table(header, rows)}\n")
 
 
 def position_notes(configs):
@@ -415,12 +418,10 @@ def graph_comparisons(configs, value=lambda c: c["loss_by_seed"], quantity="Δ (
     rows = []
     for c, ref in comparison_pairs(configs):
         difference = paired_difference(value(c), value(ref))
-        rows.append([c["name"], ref["name"], format_difference(difference, digits),
-                     "-" if difference is None else difference.n, verdict(difference, digits)])
+        rows.append([c["name"], ref["name"], format_difference(difference, digits), verdict(difference, digits)])
     if not rows:
         return ""
-    return markdown_table(["configuration", "against", f"{quantity} [{CONFIDENCE:.0%} CI]", "seeds", "difference"],
-                          rows)
+    return markdown_table(["configuration", "against", f"{quantity} [{CONFIDENCE:.0%} CI]", "difference"], rows)
 
 
 def seconds_to_target(config, target):

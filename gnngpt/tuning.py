@@ -116,7 +116,8 @@ def tuning_notes(choices, baseline):
     if baseline is not None:
         notes.append(f"Δ: the mean over seeds of each seed's test-half difference in nats from {baseline.name}, each "
                      f"at its own chosen rate and trained with the same seed, with its {CONFIDENCE:.0%} Student-t "
-                     f"interval; a difference is called one only where the interval excludes zero.")
+                     f"interval (number of seeds both have); a difference is called one only where the interval "
+                     f"excludes zero.")
     uneven = [c.name for c in choices if len({frozenset(seeds) for seeds in seed_sets(c.by_rate)}) > 1]
     if uneven:
         notes.append(f"Not every rate has every seed for {', '.join(uneven)} (a training failed): their rates are "

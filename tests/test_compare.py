@@ -410,7 +410,7 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
         assert rows[name][2] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
     d = np.subtract(gat, gpt)
     low, high = t_interval(d)
-    assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+    assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2)"
     assert rows["GATConv"][4] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
     assert rows["gpt"][3:5] == ["-", "-"]
     assert "Δ: the mean over seeds of each seed's difference in nats from gpt" in results
@@ -450,7 +450,7 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
     d = np.subtract([evals["GATConv", chosen["GATConv"], s]["test_loss"] for s in seeds],
                     [evals["gpt", chosen["gpt"], s]["test_loss"] for s in seeds])
     low, high = t_interval(d)
-    assert rows["GATConv"][5] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+    assert rows["GATConv"][5] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2)"
     assert rows["GATConv"][6] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
     assert "Chosen at the edge of the grid, where a better rate may lie beyond it: gpt (" in results
     every = table_rows(results.split("Every configuration at every learning rate")[1])
@@ -570,3 +570,15 @@ def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(training
 ])
 def test_a_difference_is_called_one_only_where_its_printed_interval_excludes_zero(difference, verdict):
     assert results.verdict(difference) == verdict
+
+
+def test_a_difference_names_how_many_seeds_it_pairs_when_a_run_is_missing():
+    config = {"loss_by_seed": {1337: 1.50, 1338: 1.61, 1339: 1.47}}
+    baseline = {"loss_by_seed": {1337: 1.40, 1339: 1.42}}  # seed 1338 of the baseline failed
+    d = np.array([1.50 - 1.40, 1.47 - 1.42])
+    low, high = t_interval(d)
+    assert results.baseline_columns(config, baseline) == [f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2)",
+                                                          "not distinguishable" if low <= 0 <= high else "higher"]
+    assert results.baseline_columns(config, {"loss_by_seed": {1338: 1.51}}) == ["+0.1000 (1)",
+                                                                                "needs 2 seeds in common"]
+    assert results.baseline_columns(config, {"loss_by_seed": {7: 1.5}}) == ["no common seed", "no common seed"]

@@ -111,7 +111,7 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
     for name, against in (("gpt_rel", "gpt"), ("gpt_window-2+full_rel", "gpt_rel")):
         d = numpy.array([seconds(name, seed) - seconds(against, seed) for seed in (1337, 1338)])
         low, high = t_interval(d)
-        assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] | 2 | " in table
+        assert f"| {name} | {against} | {d.mean():+.1f} [{low:+.1f}, {high:+.1f}] (2) | " in table
 
 
 @pytest.mark.parametrize("block_size, ranges", [
@@ -160,14 +160,14 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
         d = numpy.array([weighted(curve("gpt_window-2_rel", seed), a, b) - weighted(curve("gpt", seed), a, b)
                          for seed in (1337, 1338)])
         low, high = t_interval(d)
-        cells.append(f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
+        cells.append(f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2)")
     assert f"| gpt_window-2_rel | gpt | {' | '.join(cells)} |" in table
     # with no complete graph of relative positions, the window is paired with the original in nats as well
     exact = {name: [json.loads((runs / f"{name}_s{seed}" / "eval.json").read_text())["val_loss"]
                     for seed in (1337, 1338)] for name in ("gpt", "gpt_window-2_rel")}
     d = numpy.subtract(exact["gpt_window-2_rel"], exact["gpt"])
     low, high = t_interval(d)
-    assert f"| gpt_window-2_rel | gpt | {d.mean():+.4f} [{low:+.4f}, {high:+.4f}] | 2 | " in table
+    assert f"| gpt_window-2_rel | gpt | {d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2) | " in table
     figure = (runs / "graphs_by_position.png").read_bytes()
     assert matplotlib.image.imread(runs / "graphs_by_position.png").ndim == 3
 
