@@ -46,12 +46,12 @@ def write_model_samples(runs, out, shipped):
     checkpoint first."""
     configs = summarized(runs)
     choices = rate_choices(configs) if tuned(runs) else None
+    directory = model_samples_dir(out, configs, shipped)
     for run in sampled_runs(runs, choices):
         source = sample_path(run.out_dir)
         if not source.exists():
             write_missing_sample(run, source)
-        atomic_write_text(model_samples_dir(out, configs, shipped) / f"{run.config_name}.txt",
-                          source.read_text(encoding="utf-8"))
+        atomic_write_text(directory / f"{run.config_name}.txt", source.read_text(encoding="utf-8"))
 
 
 def summarized(runs, at=None):
