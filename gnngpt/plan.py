@@ -17,6 +17,7 @@ from .models import GPTConfig
 from .rundir import (
     EVAL_FILE,
     SAMPLE_FILE,
+    has_checkpoint,
     holds_run,
     is_finished,
     read_config,
@@ -56,7 +57,7 @@ class Run:
             return "new"
         config = read_config(self.out_dir)
         same = config is not None and has_values(config, self.expected)
-        checkpointed = (self.out_dir / "ckpt.pt").is_file()
+        checkpointed = has_checkpoint(self.out_dir)
         made = all((self.out_dir / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
         if same and is_finished(self.out_dir, config) and (checkpointed or made):
             return "reuse"

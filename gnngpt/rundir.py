@@ -246,8 +246,8 @@ def holds_run(out_dir):
 def describe_run(out_dir, config):
     """What the run in out_dir is and how to go on, for a refusal to replace it."""
     old = read_config(out_dir)
-    finished, has_checkpoint = is_finished(out_dir, old), (Path(out_dir) / "ckpt.pt").is_file()
-    if finished and not has_checkpoint:
+    finished, checkpointed = is_finished(out_dir, old), has_checkpoint(out_dir)
+    if finished and not checkpointed:
         return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
                 "it again or choose another --out_dir")
     if finished and not (Path(out_dir) / EVAL_FILE).is_file():
@@ -266,7 +266,7 @@ def describe_run(out_dir, config):
     if stopped_before_first_checkpoint(out_dir):
         return ("holds a run of this configuration that stopped before its first checkpoint; pass --overwrite to "
                 "start it again or choose another --out_dir")
-    if not has_checkpoint:
+    if not checkpointed:
         return ("holds an unfinished run of this configuration without its checkpoint (ckpt.pt); pass --overwrite "
                 "to start it again or choose another --out_dir")
     return ("holds an unfinished run of this configuration; pass --resume to continue it, --overwrite to "
@@ -318,7 +318,12 @@ def nothing_to_resume(path):
 def stopped_before_first_checkpoint(out_dir):
     """Whether the run in out_dir stopped before it wrote its first checkpoint: there is none, and its metrics
     reach no step past 0 (the evaluation before training writes its row, then the checkpoint)."""
-    return not (Path(out_dir) / "ckpt.pt").is_file() and all(row["step"] == 0 for row in read_metrics(out_dir))
+    return not has_checkpoint(out_dir) and all(row["step"] == 0 for row in read_metrics(out_dir))
+
+
+def has_checkpoint(out_dir):
+    """Whether out_dir holds a run's checkpoint (ckpt.pt)."""
+    return (Path(out_dir) / "ckpt.pt").is_file()
 
 
 def config_differences(old, new):

@@ -19,7 +19,7 @@ from .evaluation import (
 )
 from .jobs import Job, run_jobs
 from .results import load_run_model
-from .rundir import read_config
+from .rundir import has_checkpoint, read_config
 from .sampling import write_model_output
 
 ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
@@ -74,7 +74,7 @@ def write_missing_exact_loss(run):
     trainings wrote them). A run without its checkpoint keeps what it has, as long as it has an eval.json."""
     config = read_config(run.out_dir)
     record = read_eval(run.out_dir, config["settings"]["max_iters"])
-    if record is not None and (complete_eval(run.out_dir, record) or not (run.out_dir / "ckpt.pt").is_file()):
+    if record is not None and (complete_eval(run.out_dir, record) or not has_checkpoint(run.out_dir)):
         return
     device = reading_device(run)
     model, tokenizer, _ = load_run_model(run.out_dir, device)
