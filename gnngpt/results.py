@@ -1,5 +1,6 @@
 """Finished runs read back: trained models and summary tables."""
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def run_summary(out_dir, at=None):
     at = None if at == settings["max_iters"] else at  # the last step's evaluation is eval.json itself
     rows = [r for r in read_metrics(out_dir) if at is None or int(r["step"]) <= at]
     rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+    exact = read_eval(out_dir, int(rows[-1]["step"]), at)
+    check_finite_losses(out_dir, exact)
     return {
         "name": config["name"],
         "seed": config["seed"],
@@ -67,7 +70,7 @@ def run_summary(out_dir, at=None):
         "tokens": [r["tokens"] if r.get("tokens") is not None else
                    int(r["step"]) * settings["batch_size"] * settings["block_size"] * config.get("processes", 1)
                    for r in rows],
-        "exact": read_eval(out_dir, int(rows[-1]["step"]), at),
+        "exact": exact,
         "by_position": read_loss_by_position(out_dir, at),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
@@ -76,6 +79,16 @@ def run_summary(out_dir, at=None):
         "device": config["device"],
         "machine": config["machine"],
     }
+
+
+def check_finite_losses(out_dir, exact):
+    """UsageError naming the first loss of a run's exact evaluation (an eval.json record, or None) that is not a
+    finite number: no mean, interval or choice of rate can be drawn from it."""
+    bad = next((key for key, value in (exact or {}).items() if key.endswith(("_loss", "_bpc"))
+                and not (isinstance(value, (int, float)) and math.isfinite(value))), None)
+    if bad is not None:
+        raise UsageError(f"{out_dir} has an exact {bad} that is not a finite number ({exact[bad]}); remove the run "
+                         f"and train it again, at a lower --learning_rate if its loss diverges")
 
 
 def configurations(summaries):
@@ -162,13 +175,13 @@ def format_difference(difference, digits=4):
 
 def verdict(difference, digits=4):
     """"higher" or "lower" where the interval, as the table prints it, excludes zero, else "not distinguishable"
-    (or why there is no interval)."""
+    (or why there is no interval); an interval that is not finite distinguishes nothing."""
     if difference is None:
         return "no common seed"
     if difference.low is None:
         return "needs 2 seeds in common"
     low, high = round(difference.low, digits), round(difference.high, digits)
-    if low <= 0 <= high:
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
         return "not distinguishable"
     return "higher" if difference.mean > 0 else "lower"
 

@@ -547,6 +547,17 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram", "gpt"]
 
 
+def test_a_loss_that_is_not_finite_is_refused_with_its_run(trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram,gpt") == 0
+    eval_file = tmp_path / "runs" / "gpt_s1337" / "eval.json"
+    eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), "test_loss": math.nan}))
+    capsys.readouterr()
+    assert compare_main("--models", "bigram,gpt", "--report_only") == 2
+    assert capsys.readouterr().err == ("error: runs/gpt_s1337 has an exact test_loss that is not a finite number "
+                                       "(nan); remove the run and train it again, at a lower --learning_rate if its "
+                                       "loss diverges\n")
+
+
 def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(trainings, tmp_path, capsys):
     assert compare_main("--models", "gpt") == 0
     run = tmp_path / "runs" / "gpt_s1337"
@@ -566,6 +577,8 @@ def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(training
     (Difference(0.01, 0.00004, 0.02, 3), "not distinguishable"),  # printed as [+0.0000, +0.0200]
     (Difference(0.01, -0.01, 0.03, 3), "not distinguishable"),
     (Difference(0.01, None, None, 1), "needs 2 seeds in common"),
+    (Difference(math.nan, math.nan, math.nan, 3), "not distinguishable"),
+    (Difference(math.inf, math.inf, math.inf, 3), "not distinguishable"),
     (None, "no common seed"),
 ])
 def test_a_difference_is_called_one_only_where_its_printed_interval_excludes_zero(difference, verdict):
