@@ -76,15 +76,15 @@ def sampled_runs(runs, choices=None):
     return first_seeds(runs)
 
 
-def rate_choices(configs):
-    """The learning rate chosen for each configuration (see tuning.choose_rates); UsageError naming those whose
-    runs' eval.json lacks the halves of the validation split that the choice needs."""
+def rate_choices(configs, failed=None):
+    """The learning rate chosen for each configuration (see tuning.choose_rates, and its failed); UsageError naming
+    those whose runs' eval.json lacks the halves of the validation split that the choice needs."""
     lacking = [c["name"] for c in configs if c["halves"] is None]
     if lacking:
         raise UsageError(f"{', '.join(dict.fromkeys(lacking))} ha{'s' if len(lacking) == 1 else 've'} runs whose "
                          f"eval.json lacks the exact loss of the validation split's halves, which choosing a rate "
                          f"needs; python evaluate.py --out_dir RUN --write adds it from the run's checkpoint")
-    return choose_rates(configs)
+    return choose_rates(configs, failed)
 
 
 def report(runs, states, args, out, argv, baseline, layer_records, pairs):
@@ -109,24 +109,52 @@ def snapshot_step(run, at):
 
 
 def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
-    """The comparison's tables and figures, from the small files of its finished runs."""
-    configs = summarized(runs, args.report_step)
+    """The comparison's tables and figures, from the small files of its finished runs: runs are all it planned,
+    failed {name: exit code} those whose training failed, which the report names."""
+    done = [r for r in runs if r.name not in failed]
+    configs = summarized(done, args.report_step)
     if not configs:
         return
     argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
-    choices = rate_choices(configs) if tuned(runs) else None
-    seeds = {r.config_name: r.seed for r in sampled_runs(runs, choices)}
+    left_out = failure_note(runs, failed, None if layer_records is not None else baseline)  # a leaderboard ranks
+    choices = rate_choices(configs, failed_rates(runs, failed)) if tuned(runs) else None
+    seeds = {r.config_name: r.seed for r in sampled_runs(done, choices)}
     if choices is not None:
         write_tuned_comparison(choices, next((c for c in choices if c.name == baseline), None), args.target_loss,
-                               seeds, out, argv, args.jobs)
+                               seeds, out, argv, args.jobs, left_out)
         return
     baseline = next((c for c in configs if c["name"] == baseline), None)
     if layer_records is not None:  # the leaderboard instead, so that the comparison's plot stays
-        write_leaderboard(configs, layer_records, failed, out, argv)
+        write_leaderboard(configs, layer_records, out, argv, args.jobs, left_out)
     elif len(pairs) > 1:  # a graph study, likewise
-        write_graph_study(configs, baseline, args.target_loss, out, argv)
+        write_graph_study(configs, baseline, args.target_loss, out, argv, args.jobs, left_out)
     else:
-        write_comparison(configs, baseline, args.target_loss, seeds, out, argv, args.jobs)
+        write_comparison(configs, baseline, args.target_loss, seeds, out, argv, args.jobs, left_out)
+
+
+def failure_note(runs, failed, baseline):
+    """The paragraph of a report that names the runs it leaves out because their training failed, and says so
+    where that leaves it without its baseline (the name of a configuration, or None)."""
+    if not failed:
+        return ""
+    text = (f"Not reported, their training failed: {', '.join(f'{n} (exit code {c})' for n, c in failed.items())}; "
+            f"the same command trains them again and reuses the finished runs.")
+    if baseline is not None and all(r.name in failed for r in runs if r.config_name == baseline):
+        text += f" The baseline {baseline} is among them, so no difference from it is shown."
+    return text + "\n\n"
+
+
+def failed_rates(runs, failed):
+    """The learning rates at which every run of a configuration failed: {name: {rate: the exit code of its first
+    failed run}}."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r.config_name, r.expected["settings"]["learning_rate"]), []).append(r)
+    rates = {}
+    for (name, rate), group in groups.items():
+        if all(r.name in failed for r in group):
+            rates.setdefault(name, {})[rate] = failed[group[0].name]
+    return rates
 
 
 def describe(configs):
@@ -149,9 +177,9 @@ def statistics_text(configs, baseline, target_loss):
     return text
 
 
-def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
-    """val_loss.png, loss_by_position.png and results.md: the table, with the published values and any setting
-    that is not the preset's."""
+def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs, left_out):
+    """val_loss.png, loss_by_position.png and results.md: the table, with the published values, any setting that
+    is not the preset's and the runs left out (failure_note)."""
     published = {c["name"]: published_val_loss(c) for c in configs if published_val_loss(c) is not None}
     plot_val_loss(configs, out / "val_loss.png", f"Validation loss ({describe(configs)})", published,
                   PUBLISHED_STEP)
@@ -161,7 +189,7 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs):
                   f"an A100, read from its plot (random batches, one seed).\n\n")
     notes += run_notes(configs, jobs) + position_figure(configs, out / "loss_by_position.png")
     text = (f"# Results\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{results_table(configs, baseline)}\n{notes}"
+            f"{results_table(configs, baseline)}\n{left_out}{notes}"
             f"{samples_line(configs, seeds, model_samples_dir(out, configs))}")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'}, {out / 'results.md'} and, where runs have it, "
@@ -200,9 +228,10 @@ def samples_line(configs, seeds, directory):
                                    for name in names) + ".\n"
 
 
-def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, jobs):
+def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, jobs, left_out):
     """results.md with each configuration at its own learning rate (see tuning), learning_rates.png (the test-half
-    loss against the rate), and val_loss.png and loss_by_position.png of the chosen rates' runs."""
+    loss against the rate), and val_loss.png and loss_by_position.png of the chosen rates' runs; left_out: see
+    failure_note."""
     chosen = [c.chosen for c in choices]
     title = f"{describe(chosen)}, each at its chosen learning rate"
     plot_val_loss(chosen, out / "val_loss.png", f"Validation loss ({title})")
@@ -217,32 +246,35 @@ def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, job
     notes += run_notes(every, jobs, ignored=("learning_rate",))
     notes += position_figure(chosen, out / "loss_by_position.png", ", at the chosen rates")
     text = (f"# Results: each model at its own learning rate\n\nMade by `{command(argv)}` ({describe(every)}).\n\n"
-            f"{tuned_table(choices, baseline)}\n{notes}{samples_line(chosen, seeds, model_samples_dir(out, every))}")
+            f"{tuned_table(choices, baseline)}\n{left_out}{notes}"
+            f"{samples_line(chosen, seeds, model_samples_dir(out, every))}")
     atomic_write_text(out / "results.md", text)
     print(f"wrote {out / 'val_loss.png'}, {out / 'learning_rates.png'}, {out / 'results.md'} and, where runs have "
           f"it, {out / 'loss_by_position.png'}")
 
 
-def write_leaderboard(configs, records, failed, out, argv):
-    """The leaderboard table and figure, and the layers that could not take part with their reasons."""
+def write_leaderboard(configs, records, out, argv, jobs, left_out):
+    """The leaderboard table and figure, the layers that could not take part with their reasons and the runs left
+    out (failure_note)."""
     plot_leaderboard(configs, out / "leaderboard.png", f"Token-mixer leaderboard ({describe(configs)})")
-    left_out = [(r.name, r.reason) for r in records if not r.works]
-    left_out += [(name, f"training failed (exit code {code})") for name, code in failed.items()]
+    unsupported = [r for r in records if not r.works]
     text = (f"# Layer leaderboard\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{leaderboard_table(configs)}\n{uncertainty_notes(configs, None)}")
-    if left_out:
-        text += "\nNot ranked:\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in left_out)
+            f"{leaderboard_table(configs)}\n{left_out}{uncertainty_notes(configs, None)}\n{run_notes(configs, jobs)}")
+    if unsupported:
+        text += "Not ranked:\n\n" + "".join(f"- {r.name}: {r.reason}\n" for r in unsupported)
     atomic_write_text(out / "leaderboard.md", text)
     print(f"wrote {out / 'leaderboard.png'} and {out / 'leaderboard.md'}")
 
 
-def write_graph_study(configs, baseline, target_loss, out, argv):
+def write_graph_study(configs, baseline, target_loss, out, argv, jobs, left_out):
     """Validation loss against edges per token and against training speed, one point per model, graph and
-    positions, with the table behind it and the paired differences the study draws."""
+    positions, with the table behind it, the paired differences the study draws and the runs left out
+    (failure_note)."""
     plot_graph_study(configs, out / "graphs.png", f"Context graphs ({describe(configs)})")
     text = (f"# Context graphs\n\nMade by `{command(argv)}` ({describe(configs)}).\n\n"
-            f"{graph_study_table(configs, baseline)}\n{position_notes(configs)}"
-            f"{statistics_text(configs, baseline, target_loss)}{position_comparisons(configs)}"
+            f"{graph_study_table(configs, baseline)}\n{left_out}{position_notes(configs)}"
+            f"{statistics_text(configs, baseline, target_loss)}{run_notes(configs, jobs, ignored=('graph', 'pos'))}"
+            f"{position_comparisons(configs)}"
             f"{position_figure(configs, out / 'graphs_by_position.png')}")
     if comparisons := graph_comparisons(configs):
         text += (f"Paired differences (configuration minus the one it is compared with, same seeds; number of seeds "

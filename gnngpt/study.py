@@ -68,7 +68,7 @@ def compare(args, extra, argv):
     for r in done:
         runner.write_missing_exact_loss(r)
     write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
-    write_report(done, args, out, argv, baseline, layer_records, pairs, failed)
+    write_report(runs, args, out, argv, baseline, layer_records, pairs, failed)
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see the errors above); run compare.py again to "
               f"retry them: finished runs are reused", file=sys.stderr)

@@ -1,7 +1,7 @@
 """A learning rate per model: each configuration's rate chosen on the validation split's first half ("tune"),
 its result reported on the second ("test"), so that the reported number never saw the choice."""
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .results import format_difference, format_spread, markdown_table, verdict
 from .stats import CONFIDENCE, paired_difference
@@ -12,38 +12,47 @@ EDGE_NOTE = "at the edge of the grid: try further"
 @dataclass
 class Choice:
     """One configuration (model, graph, positions) over its grid of learning rates: its configurations (see
-    results.configurations) in order of rate, and the one whose mean tune-half loss over its seeds is lowest."""
+    results.configurations) in order of rate, the one whose mean tune-half loss over its seeds is lowest, and the
+    rates of its grid at which no run finished ({rate: the exit code of its failed training})."""
 
     name: str
     by_rate: list
     chosen: dict
+    failed: dict = field(default_factory=dict)
 
     @property
     def rates(self):
+        """The rates with finished runs."""
         return [c["learning_rate"] for c in self.by_rate]
+
+    @property
+    def grid(self):
+        """Every rate planned, finished or failed."""
+        return sorted([*self.rates, *self.failed])
 
     @property
     def edge(self):
         """"lowest" or "highest" where the chosen rate ends a grid of several rates (the best may lie beyond
-        it), else None."""
-        rates = self.rates
-        if len(rates) < 2:
+        it), else None; a failed rate beyond it ends the search on that side."""
+        grid = self.grid
+        if len(grid) < 2:
             return None
-        return {rates[0]: "lowest", rates[-1]: "highest"}.get(self.chosen["learning_rate"])
+        return {grid[0]: "lowest", grid[-1]: "highest"}.get(self.chosen["learning_rate"])
 
 
-def choose_rates(configs):
+def choose_rates(configs, failed=None):
     """A Choice per configuration name, in order of first appearance: of its configurations at each learning
     rate, the one with the lowest mean tune-half loss over the seeds that every rate has (the lower rate on a tie;
     over each rate's own seeds where the rates share none). Every configuration needs the halves of the
-    validation split (results.configurations' "halves")."""
+    validation split (results.configurations' "halves"). failed: {name: {rate: exit code}}, the rates of each
+    grid at which every training failed."""
     names = list(dict.fromkeys(c["name"] for c in configs))
     choices = []
     for name in names:
         by_rate = sorted((c for c in configs if c["name"] == name), key=lambda c: c["learning_rate"])
         seeds = set.intersection(*seed_sets(by_rate))
         chosen = min(by_rate, key=lambda c: (tune_loss(c, seeds), c["learning_rate"]))
-        choices.append(Choice(name, by_rate, chosen))
+        choices.append(Choice(name, by_rate, chosen, (failed or {}).get(name, {})))
     return choices
 
 
@@ -79,7 +88,8 @@ def tuned_table(choices, baseline=None):
     for choice in choices:
         test = choice.chosen["halves"]["test"]
         row = [choice.name, format_rate(choice.chosen["learning_rate"]),
-               ", ".join(map(format_rate, choice.rates)) + (f" ({EDGE_NOTE})" if choice.edge else ""),
+               ", ".join(format_rate(r) + (" (failed)" if r in choice.failed else "") for r in choice.grid)
+               + (f" ({EDGE_NOTE})" if choice.edge else ""),
                format_spread(test["loss"]), format_spread(test["bpc"])]
         if baseline is not None:
             if choice is baseline:
@@ -93,12 +103,18 @@ def tuned_table(choices, baseline=None):
 
 def rate_table(choices):
     """Every configuration at every learning rate: the tune-half and test-half losses over seeds, and which rate
-    was chosen."""
+    was chosen; a rate at which every training failed, with its exit code."""
     rows = []
     for choice in choices:
-        for c in choice.by_rate:
+        finished = dict(zip(choice.rates, choice.by_rate))
+        for rate in choice.grid:
+            if rate in choice.failed:
+                rows.append([choice.name, format_rate(rate), "-", "-", "-",
+                             f"training failed (exit code {choice.failed[rate]})"])
+                continue
+            c = finished[rate]
             halves = c["halves"]
-            rows.append([choice.name, format_rate(c["learning_rate"]), format_spread(halves["tune"]["loss"]),
+            rows.append([choice.name, format_rate(rate), format_spread(halves["tune"]["loss"]),
                          format_spread(halves["test"]["loss"]), format_spread(c["loss"]),
                          "chosen" if c is choice.chosen else ""])
     return markdown_table(["model", "learning rate", "tune loss (nats)", "test loss (nats)",
@@ -123,6 +139,11 @@ def tuning_notes(choices, baseline):
         notes.append(f"Not every rate has every seed for {', '.join(uneven)} (a training failed): their rates are "
                      f"compared over the seeds all of them have, or over each rate's own where they share none, "
                      f"so the tune losses below, over each rate's own seeds, may rank them otherwise.")
+    lost = [c for c in choices if c.failed]
+    if lost:
+        notes.append("Rates at which every training failed, so that the choice could not weigh them: " + ", ".join(
+            f"{c.name} ({', '.join(map(format_rate, sorted(c.failed)))})" for c in lost)
+            + "; a rate chosen beside one is not flagged as at the edge of its grid.")
     edges = [c for c in choices if c.edge]
     if edges:
         notes.append("Chosen at the edge of the grid, where a better rate may lie beyond it: " + ", ".join(

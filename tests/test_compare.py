@@ -229,6 +229,9 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     assert [row[2] for row in rows] == [f"{loss:.4f} (1)" for loss in sorted(exact.values())]
     assert "- DenseGCNConv: dense layer: takes a (B, N, N) adjacency" in board
     assert not (tmp_path / "board" / "val_loss.png").exists()  # the four-model comparison is left alone
+    assert "runs trained at once" not in board
+    assert compare_main("--models", "all-layers", "--out", "board", "--jobs", "2", "--report_only") == 0
+    assert "Up to 2 runs trained at once (--jobs 2)" in (tmp_path / "board" / "leaderboard.md").read_text()
 
 
 def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, monkeypatch, capsys):
@@ -258,6 +261,26 @@ def test_a_crashing_training_is_reported_and_the_others_go_on(trainings, tiny_te
     err = capsys.readouterr().err
     assert "error: gpt_s1337 failed: out of memory\n" in err and "more details" not in err
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram"]
+
+
+@pytest.mark.parametrize("args,report,failed", [
+    ([], "results.md", ["gpt_s1337"]),  # gpt is the baseline unless told
+    (["--learning_rate", "1e-3,3e-2"], "results.md", ["gpt_lr0.001_s1337", "gpt_lr0.03_s1337"]),
+    (["--graphs", "full,window:2"], "graphs.md", ["gpt_s1337", "gpt_window-2_s1337"]),
+    (["--models", "gpt,bigram,all-layers"], "leaderboard.md", ["gpt_s1337"]),
+])
+def test_every_report_names_the_runs_whose_training_failed(args, report, failed, trainings, tmp_path, monkeypatch):
+    monkeypatch.setattr(guard, "layer_support", lambda: [SimpleNamespace(name="GATConv", works=True, reason="")],
+                        raising=False)
+    real_main = cli.main
+    monkeypatch.setattr(cli, "main", lambda script, argv: 1 if script.filename == "gpt.py" else real_main(script, argv))
+    assert compare_main("--models", "gpt,bigram", *args) == 1
+    text = (tmp_path / "plots" / report).read_text()
+    assert not any(row[0].startswith("gpt") or row[1:2] == ["gpt"] for row in table_rows(text))
+    assert (f"Not reported, their training failed: {', '.join(f'{name} (exit code 1)' for name in failed)}; the same "
+            f"command trains them again and reuses the finished runs.") in text
+    ranked = report == "leaderboard.md"  # a leaderboard has no baseline
+    assert ("The baseline gpt is among them, so no difference from it is shown." in text) != ranked
 
 
 def test_tracking_flags_pass_through_and_each_model_is_one_tracked_run(offline_wandb, trainings, tmp_path):
@@ -472,6 +495,36 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
     assert compare_main("--models", "gpt,GATConv", "--seeds", "2", "--learning_rate", "1e-3,3e-2,1e-2") == 0
     assert sorted((argv[argv.index("--learning_rate") + 1], argv[argv.index("--seed") + 1]) for _, argv in trainings) \
         == [("0.01", "1337"), ("0.01", "1337"), ("0.01", "1338"), ("0.01", "1338")]  # only the new rate trains
+
+
+def test_a_rate_whose_every_training_failed_stays_in_the_grid_and_ends_it(trainings, tmp_path, monkeypatch):
+    real_main = cli.main
+
+    def diverge_at_high_rates(script, argv):
+        return 1 if float(argv[argv.index("--learning_rate") + 1]) > 0.01 else real_main(script, argv)
+
+    monkeypatch.setattr(cli, "main", diverge_at_high_rates)
+    assert compare_main("--models", "gpt", "--learning_rate", "1e-3,3e-3,3e-2") == 1
+    results = (tmp_path / "plots" / "results.md").read_text()
+    tune = {r: json.loads((tmp_path / "runs" / f"gpt_lr{r}_s1337" / "eval.json").read_text())["tune_loss"]
+            for r in ("0.001", "0.003")}
+    chosen = min(tune, key=tune.get)
+    edge = " (at the edge of the grid: try further)" if chosen == "0.001" else ""  # 0.03 failed: no further up
+    assert table_rows(results)[0][1:3] == [chosen, f"0.001, 0.003, 0.03 (failed){edge}"]
+    every = table_rows(results.split("Every configuration at every learning rate")[1])
+    assert [row[1] for row in every] == ["0.001", "0.003", "0.03"]
+    assert every[2][2:] == ["-", "-", "-", "training failed (exit code 1)"]
+    assert "- Rates at which every training failed, so that the choice could not weigh them: gpt (0.03); " in results
+
+
+def test_a_failed_rate_beyond_the_chosen_one_ends_the_search_on_that_side():
+    configs = [tune_config(1e-3, {1: 1.5}), tune_config(2e-3, {1: 1.3})]
+    assert tuning.choose_rates(configs)[0].edge == "highest"
+    (choice,) = tuning.choose_rates(configs, {"gpt": {4e-3: 1}})
+    assert choice.chosen is configs[1] and choice.grid == [1e-3, 2e-3, 4e-3] and choice.edge is None
+    assert choice.rates == [1e-3, 2e-3]  # the rates with losses to plot
+    (choice,) = tuning.choose_rates(configs, {"gpt": {5e-4: 1}})
+    assert choice.edge == "highest"
 
 
 def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_path):

@@ -102,8 +102,10 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
     # every run reaches the highest of their last validation estimates; rebuilt with it as the target
     metrics = {run.name: list(csv.DictReader((run / "metrics.csv").open())) for run in runs.glob("gpt*")}
     target = max(float(rows[-1]["val_loss"]) for rows in metrics.values())
-    assert compare.main([*argv, "--report_only", "--target_loss", str(target)]) == 0
-    table = (runs / "graphs.md").read_text().split("training seconds to a validation loss")[1]
+    assert compare.main([*argv, "--report_only", "--target_loss", str(target), "--jobs", "2"]) == 0
+    text = (runs / "graphs.md").read_text()
+    assert "Up to 2 runs trained at once (--jobs 2): the tokens/s and wall times" in text  # as they were reported
+    table = text.split("training seconds to a validation loss")[1]
 
     def seconds(name, seed):
         return next(float(r["train_s"]) for r in metrics[f"{name}_s{seed}"] if float(r["val_loss"]) <= target)
