@@ -243,8 +243,16 @@ def setting_notes(configs, ignored=()):
             if value != preset.get(key) and key not in ignored:
                 differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(c["name"])
     every_model = list(dict.fromkeys(c["name"] for c in configs))
-    return [f"- {key} {value} instead of {preset_value} "
-            f"({'all models' if list(dict.fromkeys(names)) == every_model else ', '.join(dict.fromkeys(names))})"
+
+    def which(names):
+        """The models named, or all of them, or all but the fewer left out."""
+        names = list(dict.fromkeys(names))
+        others = [name for name in every_model if name not in names]
+        if not others:
+            return "all models"
+        return f"all models but {', '.join(others)}" if len(others) < len(names) else ", ".join(names)
+
+    return [f"- {key} {value} instead of {preset_value} ({which(names)})"
             for key, variants in differences.items() for (value, preset_value), names in variants.items()]
 
 

@@ -535,6 +535,18 @@ def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_pat
     assert [row[0] for row in table_rows(results)] == ["bigram", "gpt"]
 
 
+def test_a_setting_names_the_models_that_differ_or_the_fewer_that_do_not():
+    def config(name, arch, **changed):
+        return {"name": name, "preset": "cpu", "arch": arch, "settings": {**PRESETS["cpu"][arch], **changed}}
+
+    configs = [config("bigram", "bigram"), config("gpt", "gpt", n_layer=2), config("GATConv", "gpt", n_layer=2),
+               config("GCNConv", "gpt", n_layer=2, max_iters=300)]
+    assert results.setting_notes(configs) == ["- n_layer 2 instead of 4 (all models but bigram)",
+                                              "- max_iters 300 instead of 2000 (GCNConv)"]
+    configs[0]["settings"]["max_iters"] = 300
+    assert results.setting_notes(configs, ignored=("n_layer",)) == ["- max_iters 300 instead of 2000 (bigram, GCNConv)"]
+
+
 def tune_config(rate, loss_by_seed):
     return {"name": "gpt", "learning_rate": rate,
             "halves": {"tune": {"loss_by_seed": loss_by_seed, "targets": 50}, "test": {"targets": 50}}}
