@@ -33,7 +33,8 @@ def build_parser():
                         f"(default: {DEFAULT_MODELS})")
     p.add_argument("--graphs", default="full", metavar="SPEC,...",
                    help="comma-separated context graphs, each model (but the bigram) trained on each; a per-layer "
-                        "list goes in brackets, as in full,window:16,[window:4,window:16]; a graph with @abs or @rel "
+                        "list, one graph per layer, goes in brackets, as in full,window:16,[window:4,window:4,"
+                        "window:16,full] for four layers; a graph with @abs or @rel "
                         "after it trains with those positions only, whatever --pos says (default: full)")
     p.add_argument("--pos", default="abs", metavar="abs,rel",
                    help="comma-separated positions (abs, rel), each model trained with each on every graph that "

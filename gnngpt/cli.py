@@ -109,7 +109,8 @@ def graph_list(text):
     """The entries of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph), each
     perhaps with @abs or @rel after it."""
     if re.sub(r"\[[^\[\]]*\]", "", text).count("[") or re.sub(r"\[[^\[\]]*\]", "", text).count("]"):
-        raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,window:16]")
+        raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,full], "
+                         "one graph per layer")
     entries = [e.strip() for e in re.findall(r"(?:\[[^\]]*\]|[^,\[\]])+", text)]
     entries = [e for e in entries if e]
     if not entries:

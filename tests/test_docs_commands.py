@@ -1,0 +1,32 @@
+"""The compare.py commands that the README, docs/ and compare.py's help show are ones compare.py accepts."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shown_commands():
+    """Each `python compare.py ...` line of a code block or example (continuation lines joined, comments cut), but
+    those that elide flags or need a SLURM cluster."""
+    commands = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "compare.py"]:
+        text = path.read_text().replace("\\\n", " ")
+        for line in re.findall(r"^\s*(python compare\.py[^\n`]*)", text, flags=re.MULTILINE):
+            line = line.split("  #")[0].strip()
+            if "..." not in line and "--launcher slurm" not in line:
+                commands.append((path.relative_to(ROOT).as_posix(), line))
+    return sorted(set(commands))
+
+
+@pytest.mark.parametrize("where,line", shown_commands())
+def test_a_shown_comparison_plans_its_runs(where, line, tmp_path, tiny_text_file, capsys):
+    argv = shlex.split(line)[2:]
+    assert compare.main([*argv, "--data", str(tiny_text_file), "--runs", str(tmp_path / "runs"),
+                         "--out", str(tmp_path / "out"), "--report_only"]) == 2
+    error = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after any progress bar
+    assert error.startswith("error: --report_only needs every run finished"), where
