@@ -80,25 +80,36 @@ def plot_leaderboard(configs, path, title):
 
 
 def plot_rates(choices, path, title):
+    """Write rates_figure(choices, title) to path."""
+    save_figure(rates_figure(choices, title), path)
+
+
+def rates_figure(choices, title):
     """The test-half exact loss against learning rate (log axis): one line per configuration (see
-    tuning.Choice) through the mean over seeds at each rate, with the sample deviation as error bars, and its
-    chosen rate (lowest mean tune-half loss) marked by a star."""
+    tuning.Choice) through the mean over seeds at each rate, with the sample deviation as error bars, its
+    chosen rate (lowest mean tune-half loss) marked by a star, and a rate at which every training failed by a
+    cross at the top of the plot."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for choice in choices:
         tests = [c["halves"]["test"]["loss"] for c in choice.by_rate]
         line = ax.errorbar(choice.rates, [t.mean for t in tests], yerr=[t.sd or 0 for t in tests], marker="o",
                            capsize=3, label=choice.name)
+        color = line.lines[0].get_color()
         chosen = choice.chosen["halves"]["test"]["loss"].mean
-        ax.plot([choice.chosen["learning_rate"]], [chosen], "*", markersize=16, color=line.lines[0].get_color(),
+        ax.plot([choice.chosen["learning_rate"]], [chosen], "*", markersize=16, color=color,
                 markeredgecolor="black")
+        ax.plot(sorted(choice.failed), [0.97] * len(choice.failed), "x", markersize=10, markeredgewidth=2,
+                color=color, transform=ax.get_xaxis_transform(), clip_on=False)
     ax.plot([], [], "*", color="gray", markeredgecolor="black", markersize=12, label="chosen on the tune half")
+    if any(choice.failed for choice in choices):
+        ax.plot([], [], "x", color="gray", markersize=10, markeredgewidth=2, label="every training failed")
     ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="exact loss on the test half, nats")
     ax.grid(alpha=0.3, which="both")
     seeds = max(c["loss"].n for choice in choices for c in choice.by_rate)
     ax.legend(title="mean over seeds" + (", bars: sample deviation" if seeds > 1 else ""), fontsize=8)
     fig.suptitle(title)
-    save_figure(fig, path)
+    return fig
 
 
 def plot_loss_by_position(configs, path, title):

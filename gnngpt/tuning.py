@@ -32,12 +32,15 @@ class Choice:
 
     @property
     def edge(self):
-        """"lowest" or "highest" where the chosen rate ends a grid of several rates (the best may lie beyond
-        it), else None; a failed rate beyond it ends the search on that side."""
-        grid = self.grid
-        if len(grid) < 2:
+        """"lowest" or "highest" where the chosen rate is the lowest or highest of a grid of several rates that
+        finished (the best may lie beyond it), else None. A higher rate whose every training failed ends the
+        search upwards, as a rate too large to train; a lower one that failed measured nothing."""
+        rates, chosen = self.rates, self.chosen["learning_rate"]
+        if len(self.grid) < 2:
             return None
-        return {grid[0]: "lowest", grid[-1]: "highest"}.get(self.chosen["learning_rate"])
+        if chosen == rates[0]:
+            return "lowest"
+        return "highest" if chosen == rates[-1] and not any(rate > chosen for rate in self.failed) else None
 
 
 def choose_rates(configs, failed=None):
@@ -143,7 +146,8 @@ def tuning_notes(choices, baseline):
     if lost:
         notes.append("Rates at which every training failed, so that the choice could not weigh them: " + ", ".join(
             f"{c.name} ({', '.join(map(format_rate, sorted(c.failed)))})" for c in lost)
-            + "; a rate chosen beside one is not flagged as at the edge of its grid.")
+            + "; a failed rate above the chosen one ends the grid upwards (as a rate too large to train), so the "
+            "choice is not flagged as at the top of its grid.")
     edges = [c for c in choices if c.edge]
     if edges:
         notes.append("Chosen at the edge of the grid, where a better rate may lie beyond it: " + ", ".join(

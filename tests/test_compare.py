@@ -517,14 +517,19 @@ def test_a_rate_whose_every_training_failed_stays_in_the_grid_and_ends_it(traini
     assert "- Rates at which every training failed, so that the choice could not weigh them: gpt (0.03); " in results
 
 
-def test_a_failed_rate_beyond_the_chosen_one_ends_the_search_on_that_side():
+def test_a_failed_rate_above_the_chosen_one_ends_the_search_upwards_and_one_below_measured_nothing():
     configs = [tune_config(1e-3, {1: 1.5}), tune_config(2e-3, {1: 1.3})]
     assert tuning.choose_rates(configs)[0].edge == "highest"
-    (choice,) = tuning.choose_rates(configs, {"gpt": {4e-3: 1}})
+    (choice,) = tuning.choose_rates(configs, {"gpt": {4e-3: 1}})  # too large to train
     assert choice.chosen is configs[1] and choice.grid == [1e-3, 2e-3, 4e-3] and choice.edge is None
     assert choice.rates == [1e-3, 2e-3]  # the rates with losses to plot
-    (choice,) = tuning.choose_rates(configs, {"gpt": {5e-4: 1}})
-    assert choice.edge == "highest"
+    assert tuning.choose_rates(configs, {"gpt": {5e-4: 1}})[0].edge == "highest"
+    assert tuning.choose_rates(configs, {"gpt": {1.5e-3: 1}})[0].edge == "highest"  # failed between the two
+    configs[0]["halves"]["tune"]["loss_by_seed"] = {1: 1.2}
+    (choice,) = tuning.choose_rates(configs, {"gpt": {5e-4: 1}})  # a crash below: nothing measured there
+    assert choice.chosen is configs[0] and choice.edge == "lowest"
+    (choice,) = tuning.choose_rates(configs[:1], {"gpt": {2e-3: 1}})  # one rate finished, the one above failed
+    assert choice.edge == "lowest"
 
 
 def test_one_rate_per_model_trains_there_and_reports_as_usual(trainings, tmp_path):

@@ -8,8 +8,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
 from gnngpt.cli import machine_description
-from gnngpt.plots import GRAPH_MARKERS, graph_study_figure
+from gnngpt.plots import GRAPH_MARKERS, graph_study_figure, rates_figure
 from gnngpt.stats import Spread
+from gnngpt.tuning import Choice
 
 # (model, graph, positions, edges per token, val loss, tokens/s) of runs that lie close together in the
 # committed graph study: two dilated:16:4 runs at the same edges per token and almost the same loss, sink:4:16
@@ -59,6 +60,22 @@ def test_graph_study_prints_no_text_over_another_and_gives_each_graph_its_marker
             assert (points[loss].get_markerfacecolor() == "none") == (pos == "rel")
         assert [line.get_linestyle() for line in ax.lines if line.get_marker() == "None"] == ["--"]  # the bigram
     assert len(set(GRAPH_MARKERS)) == len(GRAPH_MARKERS) and "o" not in GRAPH_MARKERS  # circles: the positions
+
+
+def test_a_rate_whose_every_training_failed_is_a_cross_on_its_models_colour():
+    def at(rate, loss):
+        return {"learning_rate": rate, "loss": Spread(loss, 0.01, 2),
+                "halves": {"test": {"loss": Spread(loss, 0.01, 2)}}}
+
+    gpt = [at(1e-3, 1.9), at(2e-3, 1.8)]
+    choices = [Choice("gpt", gpt, gpt[1], {4e-3: 1, 5e-4: 1}), Choice("GATConv", [at(1e-3, 2.0)], at(1e-3, 2.0))]
+    ax = rates_figure(choices, "rates").axes[0]
+    crosses = [line for line in ax.lines if line.get_marker() == "x" and len(line.get_xdata())]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [5e-4, 4e-3]
+    assert crosses[0].get_color() == ax.containers[0].lines[0].get_color()  # gpt's
+    assert "every training failed" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "every training failed" not in [t.get_text() for t in rates_figure(choices[1:], "rates").axes[0]
+                                           .get_legend().get_texts()]
 
 
 @pytest.mark.parametrize("threads,description", [(1, "2-core x86_64 CPU, 1 torch thread"),
