@@ -244,15 +244,16 @@ def setting_notes(configs, ignored=()):
                 differences.setdefault(key, {}).setdefault((value, preset.get(key)), []).append(c["name"])
     every_model = list(dict.fromkeys(c["name"] for c in configs))
 
-    def which(names):
-        """The models named, or all of them, or all but the fewer left out."""
+    def which(key, names):
+        """The models named, or all of them (that have the setting), or all but the fewer left out."""
         names = list(dict.fromkeys(names))
-        others = [name for name in every_model if name not in names]
+        holders = [name for name in every_model if any(key in c["settings"] for c in configs if c["name"] == name)]
+        others = [name for name in holders if name not in names]
         if not others:
-            return "all models"
+            return "all models" if names == every_model else "all models that have it"
         return f"all models but {', '.join(others)}" if len(others) < len(names) else ", ".join(names)
 
-    return [f"- {key} {value} instead of {preset_value} ({which(names)})"
+    return [f"- {key} {value} instead of {preset_value} ({which(key, names)})"
             for key, variants in differences.items() for (value, preset_value), names in variants.items()]
 
 

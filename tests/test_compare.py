@@ -546,8 +546,12 @@ def test_a_setting_names_the_models_that_differ_or_the_fewer_that_do_not():
 
     configs = [config("bigram", "bigram"), config("gpt", "gpt", n_layer=2), config("GATConv", "gpt", n_layer=2),
                config("GCNConv", "gpt", n_layer=2, max_iters=300)]
-    assert results.setting_notes(configs) == ["- n_layer 2 instead of 4 (all models but bigram)",
+    assert "n_layer" not in configs[0]["settings"]  # the bigram has no layers to count
+    assert results.setting_notes(configs) == ["- n_layer 2 instead of 4 (all models that have it)",
                                               "- max_iters 300 instead of 2000 (GCNConv)"]
+    configs.append(config("SAGEConv", "gpt"))
+    assert results.setting_notes(configs)[0] == "- n_layer 2 instead of 4 (all models but SAGEConv)"
+    configs[4]["settings"]["n_layer"] = 2
     configs[0]["settings"]["max_iters"] = 300
     assert results.setting_notes(configs, ignored=("n_layer",)) == ["- max_iters 300 instead of 2000 (bigram, GCNConv)"]
 
