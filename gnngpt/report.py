@@ -115,7 +115,8 @@ def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     configs = summarized(done, args.report_step)
     if not configs:
         return
-    argv = [a for a in argv if a != "--report_only"]  # a rebuilt report reads as the one the trainings wrote
+    if args.report_step is None:  # a rebuilt report reads as the one the trainings wrote
+        argv = [a for a in argv if a != "--report_only"]
     left_out = failure_note(runs, failed, None if layer_records is not None else baseline)  # a leaderboard ranks
     choices = rate_choices(configs, failed_rates(runs, failed)) if tuned(runs) else None
     seeds = {r.config_name: r.seed for r in sampled_runs(done, choices)}

@@ -207,7 +207,7 @@ def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text
         final = json.loads((runs / f"{name}_s1337" / "eval.json").read_text())
         assert snapshot["step"] == 2 and f"| {snapshot['val_loss']:.4f} (1) |" in table
         assert f"| {final['val_loss']:.4f} (1) |" in (runs / "graphs.md").read_text()
-    assert "--report_step 2" in table
+    assert "--report_only --report_step 2 --out at2`" in table  # the command that rebuilds it, as shown
     assert compare.main([*argv, "--report_only", "--report_step", "4", "--out", "at4"]) == 0  # the last: eval.json
     assert (in_tmp_path / "at4" / "graphs.md").read_text().split("\n", 3)[3] == \
         (runs / "graphs.md").read_text().split("\n", 3)[3]  # all but the command line
