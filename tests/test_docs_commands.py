@@ -10,13 +10,18 @@ import compare
 ROOT = Path(__file__).resolve().parents[1]
 
 
+COMMAND = r"(?:\w+=\S+ )*python3? compare\.py"  # perhaps after environment variables
+
+
 def shown_commands():
-    """Each `python compare.py ...` line of a code block or example (continuation lines joined, comments cut), but
-    those that elide flags or need a SLURM cluster."""
+    """Each compare.py command of a code block (after any `$ ` prompt, continuation lines joined, comments cut) or
+    in backticks (over line breaks), but those that elide flags or need a SLURM cluster."""
     commands = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "compare.py"]:
         text = path.read_text().replace("\\\n", " ")
-        for line in re.findall(r"^\s*(python compare\.py[^\n`]*)", text, flags=re.MULTILINE):
+        lines = re.findall(rf"^\s*(?:\$ )?({COMMAND}[^\n`]*)", text, flags=re.MULTILINE)
+        inline = [" ".join(found.split()) for found in re.findall(rf"`({COMMAND}[^`]*)`", text)]
+        for line in lines + inline:
             line = line.split("  #")[0].strip()
             if "..." not in line and "--launcher slurm" not in line:
                 commands.append((path.relative_to(ROOT).as_posix(), line))
@@ -25,7 +30,8 @@ def shown_commands():
 
 @pytest.mark.parametrize("where,line", shown_commands())
 def test_a_shown_comparison_plans_its_runs(where, line, tmp_path, tiny_text_file, capsys):
-    argv = shlex.split(line)[2:]
+    argv = shlex.split(line)
+    argv = argv[argv.index("compare.py") + 1:]
     assert compare.main([*argv, "--data", str(tiny_text_file), "--runs", str(tmp_path / "runs"),
                          "--out", str(tmp_path / "out"), "--report_only"]) == 2
     error = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after any progress bar
