@@ -1,11 +1,13 @@
 """Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
 import argparse
+import contextlib
 import functools
 import math
 import os
 import platform
 import re
 import shlex
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -307,18 +309,32 @@ def run(script, args):
             start_run_dir(out_dir, config, args.overwrite)  # writes config.json
             meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
                     "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
-            train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking,
-                  after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
-            if not distributed.is_main_process():
-                return
-            result = exact_evaluation(model, val_data, settings, device)
-            write_eval(out_dir, result, settings["max_iters"])
-            print(f"{describe_evaluation(result)}; in {result['eval_s']:.1f} s")
-            sample_file = sample_path(out_dir)
-            sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
+            with resumable_on_ctrl_c(out_dir / "ckpt.pt"):
+                train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking,
+                      after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
+                if not distributed.is_main_process():
+                    return
+                result = exact_evaluation(model, val_data, settings, device)
+                write_eval(out_dir, result, settings["max_iters"])
+                print(f"{describe_evaluation(result)}; in {result['eval_s']:.1f} s")
+                sample_file = sample_path(out_dir)
+                sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
             tracking.attach(out_dir / "ckpt.pt", sample_file)
     print(sample)
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and {sample_file}")
+
+
+@contextlib.contextmanager
+def resumable_on_ctrl_c(checkpoint_path):
+    """Turn a KeyboardInterrupt (a second Ctrl-C in training, or one in the exact evaluation or the sampling after
+    it) into Interrupted once checkpoint_path exists: --resume goes on from it, and finishes a run stopped after
+    its last step."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not checkpoint_path.is_file():
+            raise
+        raise Interrupted(signal.SIGINT, f"before the run finished; its last checkpoint is {checkpoint_path}") from None
 
 
 def snapshot(steps, model, val_data, settings, out_dir, step):

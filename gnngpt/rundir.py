@@ -250,9 +250,9 @@ def describe_run(out_dir, config):
     if finished and not checkpointed:
         return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
                 "it again or choose another --out_dir")
-    if finished and not (Path(out_dir) / EVAL_FILE).is_file():
-        return (f"holds a finished run without its exact validation loss ({EVAL_FILE}, written after training); "
-                f"score it with python evaluate.py --out_dir {out_dir} --write, or pass --overwrite to replace it")
+    if finished and not has_final_files(out_dir):
+        return (f"holds a run stopped after its last step, before its exact validation loss ({EVAL_FILE}) and "
+                f"sample ({SAMPLE_FILE}) were written; pass --resume to write them, or --overwrite to replace it")
     if finished:
         return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
                 "train it further, or choose another --out_dir")
@@ -295,8 +295,9 @@ def resumable_checkpoint(out_dir, config, vocab):
         raise UsageError(f"cannot resume {path}: it was trained by {processes} process(es), this run has "
                          f"{distributed.world_size()}; resume it with {processes} process(es) in all")
     step, rows, max_iters = checkpoint["step"], checkpoint["metrics"], config["settings"]["max_iters"]
-    # at max_iters, a run is finished once evaluated there; stopped before that evaluation, it resumes to run it
-    if step == max_iters and rows and rows[-1]["step"] == step:
+    # at max_iters, a run is done once evaluated there and scored with its sample written; stopped before, it
+    # resumes to do what is left
+    if step == max_iters and rows and rows[-1]["step"] == step and has_final_files(out_dir):
         raise UsageError(f"the run in {out_dir} finished at step {step}; pass a --max_iters above {step} to train it "
                          f"further")
     if step > max_iters:
@@ -319,6 +320,11 @@ def stopped_before_first_checkpoint(out_dir):
     """Whether the run in out_dir stopped before it wrote its first checkpoint: there is none, and its metrics
     reach no step past 0 (the evaluation before training writes its row, then the checkpoint)."""
     return not has_checkpoint(out_dir) and all(row["step"] == 0 for row in read_metrics(out_dir))
+
+
+def has_final_files(out_dir):
+    """Whether out_dir holds what a run writes after its last step: its exact loss (eval.json) and sample."""
+    return all((Path(out_dir) / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
 
 
 def has_checkpoint(out_dir):

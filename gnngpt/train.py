@@ -113,7 +113,7 @@ class Trainer:
                 if signum and self.step < max_iters:  # after a step that evaluated, evaluate_and_save has stopped
                     if self.saved_step != self.step:
                         self.save(time.perf_counter() - self.interval_start)
-                    raise Interrupted(signum, self.step, self.ckpt_path)
+                    raise Interrupted(signum, after_step(self.step, self.ckpt_path))
         return self.rows
 
     def eval_due(self):
@@ -152,7 +152,7 @@ class Trainer:
         if losses is None:
             set_rng_state(before, self.sampler)
             self.save()
-            raise Interrupted(distributed.from_main(lambda: self.stop.signum), self.step, self.ckpt_path)
+            raise Interrupted(distributed.from_main(lambda: self.stop.signum), after_step(self.step, self.ckpt_path))
         if not all(map(math.isfinite, losses.values())):
             raise UsageError(f"the evaluation loss is not finite at step {self.step} ({losses}); "
                              f"{kept_checkpoint(self.ckpt_path, self.saved_step)}")
@@ -199,12 +199,15 @@ class Trainer:
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM after writing a checkpoint."""
+    """A run stopped by SIGINT or SIGTERM with a checkpoint to resume from; when says when and where that is."""
 
-    def __init__(self, signum, step, checkpoint_path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
-                         f"checkpoint written to {checkpoint_path}")
+    def __init__(self, signum, when):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+def after_step(step, checkpoint_path):
+    return f"after step {step}; checkpoint written to {checkpoint_path}"
 
 
 class StopSignals:

@@ -1,5 +1,6 @@
 import contextlib
 import csv
+import json
 import os
 import shlex
 import signal
@@ -15,6 +16,7 @@ import evaluate
 import sample
 from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
+from gnngpt import cli
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
@@ -270,19 +272,38 @@ def test_a_run_without_its_checkpoint_is_refused_with_overwrite_as_the_way_on(ti
                                        f"--out_dir\n")
 
 
-def test_a_finished_run_without_its_exact_loss_is_refused_with_the_command_that_scores_it(tiny_text_file, tmp_path,
-                                                                                         capsys):
+@pytest.mark.parametrize("target", ["exact_evaluation", "write_model_output"])
+def test_ctrl_c_after_the_last_step_gives_the_resume_command_which_finishes_the_run(target, reference,
+                                                                                   tiny_text_file, tmp_path,
+                                                                                   monkeypatch, capsys):
     out = tmp_path / "out"
-    assert run(out, tiny_text_file) == 0
-    (out / "eval.json").unlink()  # as when Ctrl-C stops the exact evaluation after the last step
-    capsys.readouterr()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, target, ctrl_c)
+        assert run(out, tiny_text_file) == 130
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert err == (f"stopped by SIGINT before the run finished; its last checkpoint is {out / 'ckpt.pt'}; resume "
+                   f"with: python gpt.py {shlex.join(['--data', str(tiny_text_file), '--out_dir', str(out), *TINY])} "
+                   f"--resume")
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 12 and not (out / "sample.txt").exists()
     assert run(out, tiny_text_file) == 2
-    assert capsys.readouterr().err == (f"error: {out} holds a finished run without its exact validation loss "
-                                       f"(eval.json, written after training); score it with python evaluate.py "
-                                       f"--out_dir {out} --write, or pass --overwrite to replace it\n")
-    assert evaluate.main(["--out_dir", str(out), "--write"]) == 0
-    assert run(out, tiny_text_file) == 2
-    assert f"error: {out} holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: {out} holds a run stopped after its last step, before its exact "
+                                       f"validation loss (eval.json) and sample (sample.txt) were written; pass "
+                                       f"--resume to write them, or --overwrite to replace it\n")
+    assert run(out, tiny_text_file, "--resume") == 0
+    assert losses(out) == losses(reference)
+    assert_same_state(out, reference)
+    exact = [{k: v for k, v in json.loads((d / "eval.json").read_text()).items() if k != "eval_s"}
+             for d in (out, reference)]
+    assert exact[0] == exact[1]
+    for name in ("loss_by_position.csv", "sample.txt"):
+        assert (out / name).read_text() == (reference / name).read_text()
+    assert run(out, tiny_text_file, "--resume") == 2
+    assert capsys.readouterr().err.endswith(f"error: the run in {out} finished at step 12; pass a --max_iters above "
+                                            f"12 to train it further\n")
 
 
 def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_file, tmp_path, capsys):
