@@ -37,7 +37,8 @@ def load_checkpoint(path):
             raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged}); use another checkpoint or retrain")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
-        raise UsageError(f"{path} is not a readable checkpoint of this project ({one_line(e)[:120]})") from None
+        raise UsageError(f"{path} is not a readable checkpoint of this project ({one_line(e)[:120]}); train it "
+                         f"again or point --out_dir at another run") from None
     if not is_project_checkpoint(checkpoint):
         raise UsageError(f"{path} is not a checkpoint of this project; train one with pyg-gpt.py, gpt.py or bigram.py")
     return checkpoint

@@ -38,6 +38,11 @@ class GPTConfig:
     graph: str = "full"  # the context graph of every layer, or one per layer (see graph.py)
     pos: str = "abs"  # "abs": learned position embeddings; "rel": the distance i - j of each edge
 
+    def __post_init__(self):
+        """Refuse heads that do not split the width (the scripts check their flags before, with the flags' names)."""
+        if not (isinstance(self.n_head, int) and self.n_head > 0 and self.n_embd % self.n_head == 0):
+            raise ValueError(f"n_head {self.n_head} does not divide n_embd {self.n_embd}")
+
     @classmethod
     def from_settings(cls, settings, vocab_size, **fields):
         """The model of a training-settings dict (sizes as in gnngpt.config.PRESETS, graph and positions), with

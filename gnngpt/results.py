@@ -34,11 +34,15 @@ def load_run_model(out_dir, device="cpu", backend=None):
             raise UsageError(f"--backend applies to graph-layer runs, and {out_dir} holds a {checkpoint['name']} "
                              "model; drop --backend")
         overrides["backend"] = backend
+    path = Path(out_dir) / "ckpt.pt"
     try:
         model = model_from_checkpoint(checkpoint, **overrides)
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, UsageError) as e:  # another version's
-        raise UsageError(f"{Path(out_dir) / 'ckpt.pt'} holds a model this version cannot rebuild "
-                         f"({' '.join(str(e).split())[:160]}); retrain it with this version") from None
+    except Exception as e:  # noqa: BLE001 - whatever the config of another version, or a damaged one, raises
+        raise UsageError(f"{path} holds a model this version cannot rebuild ({' '.join(str(e).split())[:160]}); "
+                         f"retrain it with this version") from None
+    if not all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point()):
+        raise UsageError(f"{path} holds weights that are not finite numbers (NaN or infinity); retrain it, at a lower "
+                         f"--learning_rate if its loss diverged")
     model = model.to(device)
     return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"]}
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
 import sample
 from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
-from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt import cli
+from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler

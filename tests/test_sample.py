@@ -1,3 +1,5 @@
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -5,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import sample
 from conftest import (
     CACHE_ERROR,
@@ -214,17 +217,28 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
     (lambda c: c["model_config"].update(n_embd="16"), "holds a model this version cannot rebuild ("),
     (lambda c: c["model_config"].update(graph="window:x"), "holds a model this version cannot rebuild (--graph "
                                                            "'window:x': W must be an integer"),
+    (lambda c: c["model_config"].update(n_head=0), "holds a model this version cannot rebuild (n_head 0 does not "
+                                                   "divide n_embd 16); retrain it with this version"),
+    (lambda c: c["model"]["lm_head.weight"].view(-1)[3].fill_(math.nan),
+     "holds weights that are not finite numbers (NaN or infinity); retrain it, at a lower --learning_rate if its loss "
+     "diverged"),
     (lambda c: c.pop("step"), "is not a checkpoint of this project"),
 ])
-def test_a_checkpoint_this_version_cannot_rebuild_gives_one_line_error(change, message, tiny_run, tmp_path, capsys):
-    checkpoint = load_checkpoint(tiny_run("gpt") / "ckpt.pt")
+@pytest.mark.parametrize("script", [sample, evaluate])
+def test_a_checkpoint_this_version_cannot_rebuild_gives_one_line_error(change, message, script, tiny_run, tmp_path,
+                                                                      capsys):
+    run = tiny_run("gpt")
+    checkpoint = load_checkpoint(run / "ckpt.pt")
     change(checkpoint)
-    (tmp_path / "other").mkdir()
-    save_checkpoint(tmp_path / "other" / "ckpt.pt", checkpoint)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    save_checkpoint(other / "ckpt.pt", checkpoint)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
     capsys.readouterr()
-    assert sample.main(["--out_dir", str(tmp_path / "other"), "--num_samples", "1"]) == 2
+    assert script.main(["--out_dir", str(other), "--write" if script is evaluate else "--num_samples=1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'other' / 'ckpt.pt'} {message}"), err
+    assert err.count("\n") == 1 and err.startswith(f"error: {other / 'ckpt.pt'} {message}"), err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
 def test_script_fails_without_traceback(tmp_path):
