@@ -71,11 +71,7 @@ def run(args):
         result["random_estimates"] = {"eval_iters": config["settings"]["eval_iters"], "values": estimates,
                                       "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates)}
     if args.write:
-        try:
-            write_eval(args.out_dir, result, checkpoint["step"])
-        except OSError as e:
-            raise UsageError(f"cannot write {args.out_dir}/eval.json ({e.strerror}); make the run directory "
-                             f"writable") from None
+        write_eval(args.out_dir, result, checkpoint["step"])
     if args.json:
         print(json.dumps({"run": str(args.out_dir), "name": name, "data": args.data or config["data"],
                           "split": "all" if args.data else "val", **result}))

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, one_line
-from .files import atomic_write
+from .files import atomic_write, write_fix
 from .models import ARCHITECTURES
 
 
@@ -17,7 +17,7 @@ def save_checkpoint(path, checkpoint):
     except OSError as e:
         raise UsageError(
             f"could not write {path} ({e.strerror or e}); the previous checkpoint is unchanged; "
-            f"free disk space or choose another --out_dir, then --resume"
+            f"{write_fix(e)} or choose another --out_dir, then --resume"
         ) from None
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
 from .errors import UsageError
-from .files import atomic_write_text
+from .files import atomic_write_text, write_fix
 from .rundir import eval_files
 from .train import evaluate
 
@@ -140,13 +140,17 @@ def write_eval(out_dir, result, step, at=None):
     by_position = result["by_position"]
     rows = "".join(f"{t},{loss:.6f},{n}\n" for t, (loss, n) in enumerate(zip(by_position["loss"],
                                                                           by_position["targets"])))
-    atomic_write_text(position_path, "offset,loss,targets\n" + rows)
     record = {"step": step, "val_loss": round(result["nats"], 6), "val_bpc": round(result["bits"], 6),
               "targets": result["targets"]}
     for part in (part for part in HALVES if part in result):
         record.update({f"{part}_loss": round(result[part]["nats"], 6), f"{part}_bpc": round(result[part]["bits"], 6),
                        f"{part}_targets": result[part]["targets"]})
-    atomic_write_text(eval_path, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")
+    for path, text in ((position_path, "offset,loss,targets\n" + rows),
+                       (eval_path, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")):
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise UsageError(f"could not write {path} ({e.strerror or e}); {write_fix(e)}") from None
 
 
 def read_eval(out_dir, step=None, at=None):

@@ -1,4 +1,5 @@
 """Files written atomically: a crash at any point leaves the old file or the new one, never a mix."""
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -41,3 +42,9 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_fix(error):
+    """What to do about an OSError of a write: free disk space when the disk or quota is full, else make the
+    place writable."""
+    return "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import distributed
 from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .files import atomic_write_text
+from .files import atomic_write_text, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
@@ -91,7 +91,7 @@ class MetricsLog:
             with self.path.open(mode, newline="") as f:
                 csv.writer(f).writerows(lines)
         except OSError as e:
-            raise UsageError(f"could not write {self.path} ({e.strerror or e}); free disk space or choose another "
+            raise UsageError(f"could not write {self.path} ({e.strerror or e}); {write_fix(e)} or choose another "
                              f"--out_dir, then --resume from the last checkpoint") from None
 
 
@@ -102,21 +102,29 @@ def hold_run_dir(out_dir, resume=False):
     Rank 0 creates out_dir (unless resuming, which needs it) and takes an exclusive flock on out_dir/.lock,
     with its process id written there; the kernel releases the lock when the process ends, however it ends, so
     a killed training never blocks the next. A refusal (another process holds it; out_dir is a file or cannot
-    be written) is a UsageError on every rank, before anything is written. A block that fails before any run
-    file is written (a tracker that does not start, an interruption) leaves out_dir as it found it.
+    be written) is a UsageError on every rank, before anything is written. A block that fails before it writes
+    a run file (a refusal of the run there, a tracker that does not start, an interruption) leaves out_dir as it
+    found it.
     """
     lock = RunDirLock(out_dir)
     refusal = distributed.from_main(lambda: lock.take(resume))
     if refusal:
         raise UsageError(refusal)
+    before = run_file_times(out_dir)
     try:
         yield
     except BaseException:
-        if not holds_run(out_dir):
+        if run_file_times(out_dir) == before:
             lock.discard()
         raise
     finally:
         lock.release()
+
+
+def run_file_times(out_dir):
+    """The modification time of each run file in out_dir (None where there is none)."""
+    paths = (Path(out_dir) / name for name in RUN_FILES)
+    return [p.stat().st_mtime_ns if p.exists() else None for p in paths]
 
 
 class RunDirLock:
@@ -235,7 +243,7 @@ def start_run_dir(out_dir, config, overwrite=False):
 
 
 def cannot_write(out_dir, error):
-    return f"cannot write to --out_dir {out_dir} ({error.strerror}); make it writable or choose another --out_dir"
+    return f"cannot write to --out_dir {out_dir} ({error.strerror}); {write_fix(error)} or choose another --out_dir"
 
 
 def holds_run(out_dir):

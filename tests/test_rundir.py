@@ -12,7 +12,7 @@ import pytest
 import compare
 import sample
 from conftest import TINY_GPT_RUN, train_tiny_gpt
-from gnngpt import checkpoint as ckpt_module
+from gnngpt import checkpoint as ckpt_module, evaluation
 from gnngpt.checkpoint import load_checkpoint
 from gnngpt.rundir import hold_run_dir, read_metrics, start_run_dir
 
@@ -81,6 +81,18 @@ def test_a_refused_training_writes_nothing(tiny_text_file, tmp_path, capsys):
             assert error_line(capsys).startswith(f"error: {out} is in use by a training in process {os.getpid()}; ")
         assert snapshot(out) == before
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "1", "--resume") == 0
+
+
+def test_a_run_refused_in_a_directory_without_a_lock_file_leaves_none(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1") == 0
+    (out / ".lock").unlink()  # as the small files of a committed run are kept
+    before = snapshot(out)
+    capsys.readouterr()
+    for args in ([], ["--resume"], ["--resume", "--n_embd", "8"]):  # finished; finished; another configuration
+        assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "1", *args) == 2
+        assert error_line(capsys).startswith("error: ")
+        assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("args", [[], ["--resume"]], ids=["new", "resume"])
@@ -159,29 +171,31 @@ def test_a_run_directory_made_read_only_after_a_training_is_refused(read_only_di
     assert [p.name for p in read_only_dir.iterdir()] == [".lock"]
 
 
-def disk_full_at_call(n, real):
-    """real, except that its n-th call raises ENOSPC, as a full disk would."""
+def disk_full_at_call(n, real, code=errno.ENOSPC):
+    """real, except that its n-th call raises ENOSPC, as a full disk would (or another errno code)."""
     calls = 0
 
     def write(*args, **kwargs):
         nonlocal calls
         calls += 1
         if calls == n:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     return write
 
 
-@pytest.mark.parametrize("fails", ["ckpt.pt", "metrics.csv"])
+@pytest.mark.parametrize("fails", ["ckpt.pt", "ckpt.pt, read-only", "metrics.csv"])
 def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_file, tmp_path, monkeypatch,
                                                                capsys):
     out = tmp_path / "run"
     with monkeypatch.context() as mp:
-        if fails == "ckpt.pt":  # the second checkpoint, at step 2
-            mp.setattr(ckpt_module.torch, "save", disk_full_at_call(2, ckpt_module.torch.save))
-            message = (f"could not write {out / 'ckpt.pt'} (No space left on device); the previous checkpoint is "
-                       f"unchanged; free disk space or choose another --out_dir, then --resume")
+        if fails.startswith("ckpt.pt"):  # the second checkpoint, at step 2
+            code = errno.EROFS if fails.endswith("read-only") else errno.ENOSPC
+            mp.setattr(ckpt_module.torch, "save", disk_full_at_call(2, ckpt_module.torch.save, code))
+            fix = "make it writable" if code == errno.EROFS else "free disk space"
+            message = (f"could not write {out / 'ckpt.pt'} ({os.strerror(code)}); the previous checkpoint is "
+                       f"unchanged; {fix} or choose another --out_dir, then --resume")
         else:  # the second row of metrics.csv, at step 2: opening the file to append it
             real_open = Path.open
             append = disk_full_at_call(2, real_open)
@@ -197,6 +211,19 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
     assert [row["step"] for row in read_metrics(out)] == [0, 2, 4]
     assert json.loads((out / "config.json").read_text())["settings"]["max_iters"] == 4
+
+
+def test_a_full_disk_at_the_exact_evaluation_is_one_line_and_resume_finishes_the_run(tiny_text_file, tmp_path,
+                                                                                    monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text))
+        assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (No space left "
+                                                        f"on device); free disk space")
+    assert not (out / "eval.json").exists() and not (out / "sample.txt").exists()
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2", "--resume") == 0
+    assert (out / "eval.json").is_file() and (out / "sample.txt").is_file()
 
 
 def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_checkpoint(tiny_text_file, tmp_path):
