@@ -90,7 +90,8 @@ def configurations(args, preset):
     configs = []
     for i, (graph, pos) in enumerate(placement_list(args.graphs, args.pos)):
         runs = [m for m in models if i == 0 or m[0] not in GRAPHLESS]  # graphless models: once
-        configs.append(dict(base, graph=graph_spec(parse_graph(graph, base["n_layer"])), pos=pos, models=runs))
+        graphs = parse_graph(graph, base["n_layer"], "--graphs")
+        configs.append(dict(base, graph=graph_spec(graphs), pos=pos, models=runs))
     bigram = dict(PRESETS[preset]["bigram"], **{f: getattr(args, f) for f in ("block_size", "batch_size")
                                                 if getattr(args, f) is not None})
     return configs, bigram

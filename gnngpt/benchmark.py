@@ -7,6 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
+from gnngpt.cli import list_items, refuse_twice
 from gnngpt.errors import UsageError
 from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, GPTConfig
@@ -209,7 +210,9 @@ def selected_models(text):
     names = {name: [(m, b) for m, b in MODELS if m == name] for name, _ in MODELS}
     names |= {f"{m}/{b}": [(m, b)] for m, b in MODELS if b != "-"}
     chosen = []
-    for item in (part.strip() for part in text.split(",")):
+    items = list_items(text, "--models")
+    refuse_twice(items, f"--models {text!r}")
+    for item in items:
         if item not in names:
             raise UsageError(f"--models: unknown model {item!r}; choose among {', '.join(names)}")
         chosen += names[item]

@@ -107,26 +107,41 @@ def build_parser(script):
     return p
 
 
+def list_items(text, flag, items=None):
+    """The comma-separated items of a list flag's value text (or items, split from it otherwise), stripped;
+    UsageError for an empty item."""
+    items = [item.strip() for item in (text.split(",") if items is None else items)]
+    if "" in items:
+        raise UsageError(f"{flag} {text!r} has an empty item; remove the extra comma")
+    return items
+
+
+def refuse_twice(values, what, shown=str):
+    """UsageError for the first of values given twice (what: the flags that gave them; shown: how to name one)."""
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise UsageError(f"{what} names {shown(twice)} twice; give each once")
+
+
 def graph_list(text):
     """The entries of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph), each
     perhaps with @abs or @rel after it."""
-    if re.sub(r"\[[^\[\]]*\]", "", text).count("[") or re.sub(r"\[[^\[\]]*\]", "", text).count("]"):
+    outside = re.sub(r"\[[^\[\]]*\]", "", text)
+    if "[" in outside or "]" in outside:
         raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,full], "
                          "one graph per layer")
-    entries = [e.strip() for e in re.findall(r"(?:\[[^\]]*\]|[^,\[\]])+", text)]
-    entries = [e for e in entries if e]
-    if not entries:
+    if not text.replace(",", "").strip():
         raise UsageError(f"--graphs {text!r} names no graph; give a comma-separated list such as full,window:16")
-    return entries
+    return list_items(text, "--graphs", re.split(r",(?![^\[\]]*\])", text))  # the commas outside brackets
 
 
 def position_list(text):
     """The positions of --pos: abs, rel or both, comma-separated."""
-    positions = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in positions if p not in ("abs", "rel")]
-    if bad or not positions:
+    positions = list_items(text, "--pos")
+    if any(p not in ("abs", "rel") for p in positions):
         raise UsageError(f"--pos {text!r}: give abs, rel or abs,rel")
-    return list(dict.fromkeys(positions))
+    refuse_twice(positions, f"--pos {text!r}")
+    return positions
 
 
 def placement_list(graphs, pos):
@@ -141,7 +156,8 @@ def placement_list(graphs, pos):
         if spec.startswith("[") and spec.endswith("]"):
             spec = spec[1:-1].strip()
         pairs += [(spec, p) for p in ([named] if at else positions)]
-    return list(dict.fromkeys(pairs))
+    refuse_twice(pairs, f"--graphs {graphs!r} with --pos {pos!r}", lambda pair: f"{pair[0]} with {pair[1]} positions")
+    return pairs
 
 
 def resolve_device(requested):
@@ -178,11 +194,14 @@ def step_list(text):
         steps = [0]
     if min(steps) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive steps")
-    return tuple(sorted(set(steps)))
+    if len(set(steps)) < len(steps):
+        raise argparse.ArgumentTypeError(f"{text!r} names a step twice; give each once")
+    return tuple(sorted(steps))
 
 
-def resolve_settings(script, args, device):
-    """Preset values, overridden by every flag given explicitly; checked for sense."""
+def resolve_settings(script, args, device, graph_flag="--graph"):
+    """Preset values, overridden by every flag given explicitly; checked for sense (the graph as graph_flag's, as
+    compare.py passes on each graph of its --graphs)."""
     preset = resolve_preset(args.preset, device)
     settings = dict(PRESETS[preset][script.arch])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
@@ -200,7 +219,7 @@ def resolve_settings(script, args, device):
             f"choose --n_embd as a multiple of --n_head"
         )
     if script.has_model_size:
-        settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"])), pos=args.pos)
+        settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"], graph_flag)), pos=args.pos)
     check_dtype(args.dtype, device)
     check_compile(args.compile, device)
     for step in args.exact_at:

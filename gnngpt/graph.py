@@ -130,31 +130,33 @@ def causal_edge_index(batch_size, seq_len, device="cpu"):
     return FULL.edge_index(batch_size, seq_len, device)
 
 
-def parse_graph(spec, n_layer):
-    """The graph of each of n_layer layers for a spec (see the module docstring); UsageError if malformed."""
+def parse_graph(spec, n_layer, flag="--graph"):
+    """The graph of each of n_layer layers for a spec (see the module docstring); UsageError if malformed, naming
+    flag (compare.py's and bench.py's --graphs, where a per-layer list stands in brackets)."""
     if "[" in spec or "]" in spec:
         raise UsageError(f"--graph {spec!r} has a bracket; write a per-layer list without brackets, as in "
                          f"window:4,window:16 (only compare.py's --graphs groups one in brackets)")
     parts = [p.strip() for p in spec.split(",")]
+    where = f"{flag} {f'[{spec}]' if flag == '--graphs' and len(parts) > 1 else spec!r}"
     if len(parts) not in (1, n_layer):
-        raise UsageError(f"--graph {spec!r} lists {len(parts)} graphs for {n_layer} layers; give one graph for "
-                         f"every layer or one for each of the {n_layer}")
-    graphs = tuple(parse_one_graph(p, spec) for p in parts)
+        fix = "give one graph" if n_layer == 1 else f"give one graph for every layer or one for each of the {n_layer}"
+        raise UsageError(f"{where} lists {len(parts)} graphs for {n_layer} layer{'s' * (n_layer > 1)}; {fix}")
+    graphs = tuple(parse_one_graph(p, where) for p in parts)
     return graphs * n_layer if len(graphs) == 1 else graphs
 
 
-def parse_one_graph(text, spec):
+def parse_one_graph(text, where):
     kind, *values = text.split(":")
     if kind not in KINDS:
-        raise UsageError(f"--graph {spec!r}: unknown graph {kind!r}; use {GRAPH_HELP}")
+        raise UsageError(f"{where}: unknown graph {kind!r}; use {GRAPH_HELP}")
     names = KINDS[kind]
     usage = ":".join([kind, *names])
     if len(values) != len(names):
-        raise UsageError(f"--graph {spec!r}: {kind} takes {len(names)} number(s), as in {usage}")
+        raise UsageError(f"{where}: {kind} takes {len(names)} number(s), as in {usage}")
     params = []
     for name, value in zip(names, values):
         if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PARAM:
-            raise UsageError(f"--graph {spec!r}: {name} must be an integer from 1 to {MAX_PARAM}, got {value!r} "
+            raise UsageError(f"{where}: {name} must be an integer from 1 to {MAX_PARAM}, got {value!r} "
                              f"(in {usage})")
         params.append(int(value))
     return ContextGraph(kind, tuple(params))

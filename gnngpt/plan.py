@@ -99,15 +99,14 @@ def plan_comparison(args, extra):
 def seed_list(seed, count):
     """The seeds of --seed (one, or a comma-separated list) and --seeds N (N seeds from one --seed)."""
     try:
-        seeds = [int(s) for s in seed.split(",")]
+        seeds = [int(s) for s in cli.list_items(seed, "--seed")]
     except ValueError:
         raise UsageError(f"--seed {seed!r} is not an integer or a comma-separated list of integers") from None
     if count < 1:
         raise UsageError(f"--seeds must be a positive integer, got {count}")
     if len(seeds) > 1 and count != 1:
         raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
-    if len(set(seeds)) < len(seeds):
-        raise UsageError(f"--seed {seed} names a seed twice; give each seed once")
+    cli.refuse_twice(seeds, f"--seed {seed!r}", lambda s: f"seed {s}")
     return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
 
 
@@ -120,6 +119,12 @@ def rate_grids(values, names):
     shared, own = [None], {}
     for value in values:
         model, _, rates = value.rpartition("=")
+        if "=" in model:
+            raise UsageError(f"--learning_rate {value!r} gives the rates of several models; repeat the flag, one "
+                             f"model each, as in --learning_rate gpt=1e-3 --learning_rate bigram=1e-2")
+        if value.startswith("="):
+            raise UsageError(f"--learning_rate {value!r} names no model before =; give MODEL=RATE,... for one "
+                             f"model, or the rates alone for every model")
         if model and model not in names:
             raise UsageError(f"--learning_rate {value}: {model} is not in --models; name one of {', '.join(names)}")
         if model in own or (not model and shared != [None]):
@@ -136,17 +141,16 @@ def rate_grids(values, names):
 def rate_list(rates, value):
     """The positive finite learning rates of a comma-separated list, each once, in increasing order."""
     parsed = []
-    for item in rates.split(","):
+    for item in cli.list_items(value, "--learning_rate", rates.split(",")):
         try:
             rate = float(item)
         except ValueError:
             rate = None
         if rate is None or not 0 < rate < math.inf:
-            raise UsageError(f"--learning_rate {value}: {item.strip()!r} is not a positive number; give rates as "
+            raise UsageError(f"--learning_rate {value}: {item!r} is not a positive number; give rates as "
                              f"in 5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model")
         parsed.append(rate)
-    if len(set(parsed)) < len(parsed):
-        raise UsageError(f"--learning_rate {value} names a rate twice; give each rate once")
+    cli.refuse_twice(parsed, f"--learning_rate {value!r}", lambda rate: f"the rate {rate:g}")
     return sorted(parsed)
 
 
@@ -170,9 +174,10 @@ def first_seeds(runs):
 
 def model_names(models):
     """The model names of --models, all-layers expanded, and the layer_support records when it was asked for."""
-    requested = [m.strip() for m in models.split(",") if m.strip()]
-    if not requested:
+    if not models.replace(",", "").strip():
         raise UsageError(f"--models is empty; give a comma-separated list such as {DEFAULT_MODELS}")
+    requested = cli.list_items(models, "--models")
+    cli.refuse_twice(requested, f"--models {models!r}")
     records = guard.layer_support() if ALL_LAYERS in requested else None
     names = []
     for m in requested:
@@ -238,7 +243,7 @@ def plan_run(model, graph, pos, seed, args, extra, rate=None):
     # a SLURM job's device is that of its node, where its training checks it; a report reads runs made elsewhere
     named = args.launcher == "slurm" or (args.report_only and args.device != "auto")
     device = torch.device(args.device) if named else cli.resolve_device(training_args.device)
-    preset, settings = cli.resolve_settings(script, training_args, device)
+    preset, settings = cli.resolve_settings(script, training_args, device, "--graphs")
     name = run_name(model, settings)
     with_rate = "" if args.learning_rate is None else f"_lr{settings['learning_rate']:g}"
     out_dir = Path(args.runs) / f"{name}{with_rate}_s{seed}"

@@ -221,6 +221,9 @@ def test_bfloat16_autocast_evaluates_close_to_float32():
     (["gpt.py", "--exact_at", "0"], "error: argument --exact_at: '0' is not a comma-separated list of positive steps"),
     (["gpt.py", "--exact_at", "2,x"], "error: argument --exact_at: '2,x' is not a comma-separated list of positive "
                                       "steps"),
+    (["gpt.py", "--exact_at", "4,2,4"], "error: argument --exact_at: '4,2,4' names a step twice; give each once"),
+    (["gpt.py", "--n_layer", "1", "--graph", "window:2,full"], "error: --graph 'window:2,full' lists 2 graphs for 1 "
+                                                               "layer; give one graph\n"),
 ])
 def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
     result = run_script(args, tmp_path)

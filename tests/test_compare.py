@@ -323,7 +323,15 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seeds", "0"], "error: --seeds must be a positive integer, got 0"),
     (["--seed", "1,x"], "error: --seed '1,x' is not an integer or a comma-separated list of integers"),
     (["--seed", "1,2", "--seeds", "2"], "error: --seeds 2 and a list in --seed 1,2 exclude each other"),
-    (["--seed", "1,2,1"], "error: --seed 1,2,1 names a seed twice; give each seed once"),
+    (["--seed", "1,2,1"], "error: --seed '1,2,1' names seed 1 twice; give each once\n"),
+    (["--seed", "1,,2"], "error: --seed '1,,2' has an empty item; remove the extra comma\n"),
+    (["--models", "gpt,,bigram"], "error: --models 'gpt,,bigram' has an empty item; remove the extra comma\n"),
+    (["--models", "gpt,bigram,gpt"], "error: --models 'gpt,bigram,gpt' names gpt twice; give each once\n"),
+    (["--learning_rate", "=1e-3"], "error: --learning_rate '=1e-3' names no model before =; give MODEL=RATE,... for "
+                                   "one model, or the rates alone for every model\n"),
+    (["--learning_rate", "gpt=1e-3,bigram=abc"], "error: --learning_rate 'gpt=1e-3,bigram=abc' gives the rates of "
+                                                 "several models; repeat the flag, one model each, as in "
+                                                 "--learning_rate gpt=1e-3 --learning_rate bigram=1e-2\n"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}\n"),
     (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
     (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
@@ -333,9 +341,11 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
                                  "5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model\n"),
     (["--learning_rate", "1e-3,0"], "error: --learning_rate 1e-3,0: '0' is not a positive number"),
     (["--learning_rate", "-1"], "error: --learning_rate -1: '-1' is not a positive number"),
-    (["--learning_rate", "1e-3,,2e-3"], "error: --learning_rate 1e-3,,2e-3: '' is not a positive number"),
+    (["--learning_rate", "1e-3,,2e-3"], "error: --learning_rate '1e-3,,2e-3' has an empty item; remove the extra "
+                                        "comma\n"),
     (["--learning_rate", "gpt=nan"], "error: --learning_rate gpt=nan: 'nan' is not a positive number"),
-    (["--learning_rate", "1e-3,1e-3"], "error: --learning_rate 1e-3,1e-3 names a rate twice; give each rate once\n"),
+    (["--learning_rate", "1e-3,0.001"], "error: --learning_rate '1e-3,0.001' names the rate 0.001 twice; give each "
+                                        "once\n"),
     (["--learning_rate", "GCNConv=1e-3"], "error: --learning_rate GCNConv=1e-3: GCNConv is not in --models; name "
                                           "one of bigram, gpt, GATConv, GATv2Conv\n"),
     (["--learning_rate", "gpt=1e-3", "--learning_rate", "gpt=2e-3"], "error: --learning_rate gives the rates of gpt "

@@ -238,7 +238,16 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message
 @pytest.mark.parametrize("args,message", [
     (["--graphs", ","], "--graphs ',' names no graph"),
     (["--graphs", "full,[window:2,full"], "--graphs 'full,[window:2,full' has an unpaired bracket"),
-    (["--graphs", "full,dilated:2"], "--graph 'dilated:2': dilated takes 2 number(s)"),
+    (["--graphs", "full,dilated:2"], "--graphs 'dilated:2': dilated takes 2 number(s)"),
+    (["--graphs", "full,[window:2,full,full]"], "--graphs '[window:2,full,full]' lists 3 graphs for 2 layers; give one "
+                                                "graph for every layer or one for each of the 2\n"),
+    (["--graphs", "full,,window:2"], "--graphs 'full,,window:2' has an empty item; remove the extra comma\n"),
+    (["--graphs", "full,[full]"], "--graphs 'full,[full]' with --pos 'abs' names full with abs positions twice; give "
+                                  "each once\n"),
+    (["--graphs", "full@rel,full", "--pos", "abs,rel"], "--graphs 'full@rel,full' with --pos 'abs,rel' names full "
+                                                        "with rel positions twice; give each once\n"),
+    (["--pos", "rel,rel"], "--pos 'rel,rel' names rel twice; give each once\n"),
+    (["--pos", "abs,"], "--pos 'abs,' has an empty item; remove the extra comma\n"),
     (["--pos", "relative"], "--pos 'relative': give abs, rel or abs,rel"),
     (["--graphs", "full@relative"], "--graphs entry 'full@relative': after @ give abs or rel, as in full@abs"),
     (["--graphs", "window:2@"], "--graphs entry 'window:2@': after @ give abs or rel, as in full@abs"),
