@@ -49,7 +49,7 @@ def build_parser():
                         "of its own; repeat the flag for several (default: the preset's rate, no tuning)")
     p.add_argument("--device", choices=cli.DEVICES, default="auto",
                    help=f"where to train; {cli.AUTO_DEVICE_HELP} (default: auto)")
-    p.add_argument("--data", metavar="PATH", help=f"UTF-8 training text (default: {DEFAULT_DATA})")
+    p.add_argument("--data", metavar="PATH", type=cli.path_value, help=f"UTF-8 training text (default: {DEFAULT_DATA})")
     p.add_argument("--seed", default=str(SEED), metavar="SEED[,SEED...]",
                    help=f"the first seed of every configuration, or a comma-separated list of seeds (default: {SEED})")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
@@ -68,10 +68,10 @@ def build_parser():
                    help="with --report_only: report every run as it was at this step, with the exact evaluation its "
                         "training wrote there (training flag --exact_at STEP): the tables, figures and curves up to "
                         "it (default: the last step)")
-    p.add_argument("--runs", default="runs", metavar="DIR",
+    p.add_argument("--runs", default="runs", metavar="DIR", type=cli.path_value,
                    help="each run goes to DIR/<run name>, with its sample in DIR/<run name>/sample.txt "
                         "(default: runs)")
-    p.add_argument("--out", metavar="DIR",
+    p.add_argument("--out", metavar="DIR", type=cli.path_value,
                    help="where the tables, figures and samples go (default: the --runs DIR; --out plots/paper writes "
                         "the published comparison, and at the paper preset's settings the samples this repository "
                         "ships in model_outputs/)")

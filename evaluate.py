@@ -27,8 +27,9 @@ def build_parser():
     p = cli.ArgumentParser(description="Score a trained run exactly: consecutive windows of block_size characters, "
                                        "every character after the first a target once, in nats and bits per "
                                        "character.")
-    p.add_argument("--out_dir", required=True, metavar="DIR", help="the run directory (with ckpt.pt)")
-    p.add_argument("--data", metavar="FILE",
+    p.add_argument("--out_dir", required=True, metavar="DIR", type=cli.path_value,
+                   help="the run directory (with ckpt.pt)")
+    p.add_argument("--data", metavar="FILE", type=cli.path_value,
                    help="evaluate all of this UTF-8 file instead of the run's validation split")
     p.add_argument("--device", choices=cli.DEVICES, default="auto", help=f"{cli.AUTO_DEVICE_HELP} (default: auto)")
     p.add_argument("--batch_size", type=int, help="windows per forward pass (default: the run's batch_size)")

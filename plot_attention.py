@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from gnngpt.attention import attention_maps, rank_agreement
-from gnngpt.cli import DEVICES, ArgumentParser, resolve_device
+from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.plots import plot_attention
@@ -17,12 +17,12 @@ DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
 
 def build_parser():
     p = ArgumentParser(description="Draw the attention of a trained gpt.py or pyg-gpt.py model over a prompt.")
-    p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR",
+    p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR", type=path_value,
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"text to draw the attention over, or FILE:path (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--out", metavar="PNG", help="where the figure goes (default: attention.png in --out_dir, beside "
-                                                "the checkpoint)")
+    p.add_argument("--out", metavar="PNG", type=path_value,
+                   help="where the figure goes (default: attention.png in --out_dir, beside the checkpoint)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where to run the model (default: cpu)")
     return p

@@ -7,7 +7,15 @@ import sys
 
 import torch
 
-from gnngpt.cli import AUTO_DEVICE_HELP, DEVICES, ArgumentParser, check_compile, check_seed, resolve_device
+from gnngpt.cli import (
+    AUTO_DEVICE_HELP,
+    DEVICES,
+    ArgumentParser,
+    check_compile,
+    check_seed,
+    path_value,
+    resolve_device,
+)
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import Failure, UsageError, exit_code
 from gnngpt.results import load_run_model
@@ -18,7 +26,7 @@ SEPARATOR = "---------------"
 
 def build_parser():
     p = ArgumentParser(description="Sample text from a checkpoint written by pyg-gpt.py, gpt.py or bigram.py.")
-    p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR",
+    p.add_argument("--out_dir", default="runs/GATConv", metavar="DIR", type=path_value,
                    help="run directory holding ckpt.pt (default: runs/GATConv)")
     p.add_argument("--prompt", "--start", default="\n",
                    help="text the samples continue, or FILE:path to read it from a file; --start is nanoGPT's name "

@@ -77,9 +77,9 @@ def build_parser(script):
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help=f"where to train; {AUTO_DEVICE_HELP} (default: auto)")
-    p.add_argument("--data", default=None, metavar="PATH",
+    p.add_argument("--data", default=None, metavar="PATH", type=path_value,
                    help=f"UTF-8 training text (default: {DEFAULT_DATA}, tinyshakespeare, downloaded when missing)")
-    p.add_argument("--out_dir", metavar="DIR",
+    p.add_argument("--out_dir", metavar="DIR", type=path_value,
                    help="where config.json, metrics.csv and ckpt.pt go (default: runs/<name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out_dir from its ckpt.pt (pass the flags of the original run; "
@@ -105,6 +105,14 @@ def build_parser(script):
                         "(default: float32)")
     add_tracking_arguments(p)
     return p
+
+
+def path_value(text):
+    """The value of a path flag; an empty one is refused rather than read as the current directory (or, for
+    --out_dir, as not given)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty; give a path")
+    return text
 
 
 def list_items(text, flag, items=None):

@@ -211,6 +211,23 @@ def test_bfloat16_autocast_evaluates_close_to_float32():
         assert abs(losses["float32"][split] - losses["bfloat16"][split]) < 0.05
 
 
+@pytest.mark.parametrize("script,flag", [("gpt.py", "--out_dir"), ("pyg-gpt.py", "--data"), ("sample.py", "--out_dir"),
+                                         ("evaluate.py", "--out_dir"), ("plot_attention.py", "--out"),
+                                         ("compare.py", "--runs"), ("compare.py", "--out"), ("compare.py", "--data")])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory_or_the_default(script, flag, monkeypatch,
+                                                                                   tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        if script.endswith("gpt.py"):
+            main(GPT_SCRIPT if script == "gpt.py" else PYG_GPT, [f"{flag}="])
+        else:
+            __import__(script.removesuffix(".py")).main([f"{flag}=", *(["--out_dir", "run"] * (flag != "--out_dir"))])
+    assert stop.value.code == 2
+    prog, err = capsys.readouterr().err.split(": ", 1)
+    assert err == f"error: argument {flag}: the path is empty; give a path (see --help)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["pyg-gpt.py", "--gat_version", "GATv3Conv"], "error: unknown --gat_version"),
     (["gpt.py", "--n_embd", "many"], "error: argument --n_embd: invalid int value: 'many' (see --help)"),
