@@ -1,5 +1,6 @@
 """What bench.py measures and prints: models built for timing, training steps and generations timed side by side,
 and the tables and ratios of one run's measurements."""
+import os
 import statistics
 import time
 
@@ -82,6 +83,8 @@ class TrainingBench:
             base = torch.cuda.memory_allocated(self.device)
             self.step()
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else the profiler logs its start and stop to stderr
+        self.optimizer.zero_grad(set_to_none=True)  # freed before: the profiler would warn of blocks it never saw
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                      with_stack=True) as prof:
             self.step()
