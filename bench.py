@@ -31,6 +31,7 @@ from gnngpt.cli import (
     check_compile,
     check_dtype,
     placement_list,
+    refuse_twice_placed,
     resolve_device,
 )
 from gnngpt.config import PRESETS, resolve_preset
@@ -92,6 +93,7 @@ def configurations(args, preset):
         runs = [m for m in models if i == 0 or m[0] not in GRAPHLESS]  # graphless models: once
         graphs = parse_graph(graph, base["n_layer"], "--graphs")
         configs.append(dict(base, graph=graph_spec(graphs), pos=pos, models=runs))
+    refuse_twice_placed([(c["graph"], c["pos"]) for c in configs], args.graphs, args.pos)
     bigram = dict(PRESETS[preset]["bigram"], **{f: getattr(args, f) for f in ("block_size", "batch_size")
                                                 if getattr(args, f) is not None})
     return configs, bigram

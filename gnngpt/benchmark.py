@@ -8,8 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from gnngpt.cli import list_items, refuse_twice
 from gnngpt.errors import UsageError
+from gnngpt.lists import list_items, refuse_twice
 from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, GPTConfig
 from gnngpt.sampling import sample_tokens
@@ -213,12 +213,11 @@ def selected_models(text):
     names = {name: [(m, b) for m, b in MODELS if m == name] for name, _ in MODELS}
     names |= {f"{m}/{b}": [(m, b)] for m, b in MODELS if b != "-"}
     chosen = []
-    items = list_items(text, "--models")
-    refuse_twice(items, f"--models {text!r}")
-    for item in items:
+    for item in list_items(text, "--models", "gpt,GATConv"):
         if item not in names:
             raise UsageError(f"--models: unknown model {item!r}; choose among {', '.join(names)}")
         chosen += names[item]
+    refuse_twice(chosen, f"--models {text!r}", lambda model: "/".join(model) if model[1] != "-" else model[0])
     return [m for m in MODELS if m in chosen]
 
 

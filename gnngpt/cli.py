@@ -23,6 +23,7 @@ from .evaluation import describe_evaluation, exact_evaluation, write_eval
 from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
+from .lists import list_items, refuse_twice
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
 from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
@@ -115,22 +116,6 @@ def path_value(text):
     return text
 
 
-def list_items(text, flag, items=None):
-    """The comma-separated items of a list flag's value text (or items, split from it otherwise), stripped;
-    UsageError for an empty item."""
-    items = [item.strip() for item in (text.split(",") if items is None else items)]
-    if "" in items:
-        raise UsageError(f"{flag} {text!r} has an empty item; remove the extra comma")
-    return items
-
-
-def refuse_twice(values, what, shown=str):
-    """UsageError for the first of values given twice (what: the flags that gave them; shown: how to name one)."""
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-    if twice is not None:
-        raise UsageError(f"{what} names {shown(twice)} twice; give each once")
-
-
 def graph_list(text):
     """The entries of --graphs: separated by commas, a per-layer list in brackets (see graph.parse_graph), each
     perhaps with @abs or @rel after it."""
@@ -138,14 +123,12 @@ def graph_list(text):
     if "[" in outside or "]" in outside:
         raise UsageError(f"--graphs {text!r} has an unpaired bracket; write a per-layer list as [window:4,full], "
                          "one graph per layer")
-    if not text.replace(",", "").strip():
-        raise UsageError(f"--graphs {text!r} names no graph; give a comma-separated list such as full,window:16")
-    return list_items(text, "--graphs", re.split(r",(?![^\[\]]*\])", text))  # the commas outside brackets
+    return list_items(text, "--graphs", "full,window:16", re.split(r",(?![^\[\]]*\])", text))  # commas outside []
 
 
 def position_list(text):
     """The positions of --pos: abs, rel or both, comma-separated."""
-    positions = list_items(text, "--pos")
+    positions = list_items(text, "--pos", "abs,rel")
     if any(p not in ("abs", "rel") for p in positions):
         raise UsageError(f"--pos {text!r}: give abs, rel or abs,rel")
     refuse_twice(positions, f"--pos {text!r}")
@@ -164,8 +147,13 @@ def placement_list(graphs, pos):
         if spec.startswith("[") and spec.endswith("]"):
             spec = spec[1:-1].strip()
         pairs += [(spec, p) for p in ([named] if at else positions)]
-    refuse_twice(pairs, f"--graphs {graphs!r} with --pos {pos!r}", lambda pair: f"{pair[0]} with {pair[1]} positions")
     return pairs
+
+
+def refuse_twice_placed(placed, graphs, pos):
+    """UsageError for a (graph, positions) pair of --graphs and --pos given twice, the graphs in canonical form
+    (graph.graph_spec): window:2 and [window:2,window:2] are one graph."""
+    refuse_twice(placed, f"--graphs {graphs!r} with --pos {pos!r}", lambda pair: f"{pair[0]} with {pair[1]} positions")
 
 
 def resolve_device(requested):

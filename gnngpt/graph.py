@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+from .lists import list_items
 
 KINDS = {"full": (), "window": ("W",), "dilated": ("W", "D"), "strided": ("W", "S"), "sink": ("G", "W")}
 MAX_PARAM = 2**31 - 1  # so that products of two parameters stay within int64
@@ -136,7 +137,7 @@ def parse_graph(spec, n_layer, flag="--graph"):
     if "[" in spec or "]" in spec:
         raise UsageError(f"--graph {spec!r} has a bracket; write a per-layer list without brackets, as in "
                          f"window:4,window:16 (only compare.py's --graphs groups one in brackets)")
-    parts = [p.strip() for p in spec.split(",")]
+    parts = list_items(spec, flag, "window:4,full")
     where = f"{flag} {f'[{spec}]' if flag == '--graphs' and len(parts) > 1 else spec!r}"
     if len(parts) not in (1, n_layer):
         fix = "give one graph" if n_layer == 1 else f"give one graph for every layer or one for each of the {n_layer}"

@@ -12,6 +12,7 @@ from . import cli, guard
 from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA
 from .errors import UsageError
+from .lists import list_items, refuse_twice
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
 from .rundir import (
@@ -77,7 +78,7 @@ def has_values(config, expected):
 
 
 def plan_comparison(args, extra):
-    """The runs of compare.py's args (one per run name, in the order of --models, graphs, positions and seeds),
+    """The runs of compare.py's args (in the order of --models, graphs, positions, rates and seeds),
     checked before anything trains, with extra the training flags passed through; the baseline (see
     baseline_name), the layer_support records of all-layers (None without it) and the (graph, positions) pairs."""
     names, layer_records = model_names(args.models)
@@ -88,10 +89,14 @@ def plan_comparison(args, extra):
         raise UsageError("several learning rates compare models on one graph with one kind of positions; a graph "
                          "study or a leaderboard trains at one rate: give one rate per model, or one graph")
     passed = pass_through_flags(extra)
-    runs = [plan_run(name, graph, pos, seed, args, passed[script_for(name)], rate)  # checks everything first
-            for name in names for graph, pos in placements(name, pairs)
-            for rate in (grids[name] if grids else [None]) for seed in seeds]
-    runs = list({r.name: r for r in runs}.values())
+    runs = []
+    for name in names:
+        placed = [[plan_run(name, graph, pos, seed, args, passed[script_for(name)], rate)  # checks everything first
+                   for rate in (grids[name] if grids else [None]) for seed in seeds]
+                  for graph, pos in placements(name, pairs)]
+        cli.refuse_twice_placed([(p[0].expected["settings"].get("graph"), p[0].expected["settings"].get("pos"))
+                                 for p in placed], args.graphs, args.pos)
+        runs += [r for p in placed for r in p]
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     return runs, baseline, layer_records, pairs
 
@@ -99,14 +104,14 @@ def plan_comparison(args, extra):
 def seed_list(seed, count):
     """The seeds of --seed (one, or a comma-separated list) and --seeds N (N seeds from one --seed)."""
     try:
-        seeds = [int(s) for s in cli.list_items(seed, "--seed")]
+        seeds = [int(s) for s in list_items(seed, "--seed", "1337,1338,1339")]
     except ValueError:
         raise UsageError(f"--seed {seed!r} is not an integer or a comma-separated list of integers") from None
     if count < 1:
         raise UsageError(f"--seeds must be a positive integer, got {count}")
     if len(seeds) > 1 and count != 1:
         raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
-    cli.refuse_twice(seeds, f"--seed {seed!r}", lambda s: f"seed {s}")
+    refuse_twice(seeds, f"--seed {seed!r}", lambda s: f"seed {s}")
     return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
 
 
@@ -118,11 +123,12 @@ def rate_grids(values, names):
         return None
     shared, own = [None], {}
     for value in values:
-        model, _, rates = value.rpartition("=")
-        if "=" in model:
+        model, equals, rates = value.rpartition("=")
+        model = model.strip()
+        if "," in model:
             raise UsageError(f"--learning_rate {value!r} gives the rates of several models; repeat the flag, one "
                              f"model each, as in --learning_rate gpt=1e-3 --learning_rate bigram=1e-2")
-        if value.startswith("="):
+        if equals and not model:
             raise UsageError(f"--learning_rate {value!r} names no model before =; give MODEL=RATE,... for one "
                              f"model, or the rates alone for every model")
         if model and model not in names:
@@ -141,7 +147,7 @@ def rate_grids(values, names):
 def rate_list(rates, value):
     """The positive finite learning rates of a comma-separated list, each once, in increasing order."""
     parsed = []
-    for item in cli.list_items(value, "--learning_rate", rates.split(",")):
+    for item in list_items(value, "--learning_rate", "5e-4,1e-3,2e-3", rates.split(",")):
         try:
             rate = float(item)
         except ValueError:
@@ -150,7 +156,7 @@ def rate_list(rates, value):
             raise UsageError(f"--learning_rate {value}: {item!r} is not a positive number; give rates as "
                              f"in 5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model")
         parsed.append(rate)
-    cli.refuse_twice(parsed, f"--learning_rate {value!r}", lambda rate: f"the rate {rate:g}")
+    refuse_twice(parsed, f"--learning_rate {value!r}", lambda rate: f"the rate {rate:g}")
     return sorted(parsed)
 
 
@@ -174,10 +180,8 @@ def first_seeds(runs):
 
 def model_names(models):
     """The model names of --models, all-layers expanded, and the layer_support records when it was asked for."""
-    if not models.replace(",", "").strip():
-        raise UsageError(f"--models is empty; give a comma-separated list such as {DEFAULT_MODELS}")
-    requested = cli.list_items(models, "--models")
-    cli.refuse_twice(requested, f"--models {models!r}")
+    requested = list_items(models, "--models", DEFAULT_MODELS)
+    refuse_twice(requested, f"--models {models!r}")
     records = guard.layer_support() if ALL_LAYERS in requested else None
     names = []
     for m in requested:

@@ -95,6 +95,9 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     (["--graphs", "[window:2,full]", "--n_layer", "3"], "--graphs '[window:2,full]' lists 2 graphs for 3 layers"),
     (["--models", "gpt,GATConv,gpt"], "--models 'gpt,GATConv,gpt' names gpt twice; give each once\n"),
     (["--models", "gpt,"], "--models 'gpt,' has an empty item; remove the extra comma\n"),
+    (["--models", "GATConv,GATConv/pyg"], "--models 'GATConv,GATConv/pyg' names GATConv/pyg twice; give each once\n"),
+    (["--graphs", "window:2,window:02"], "--graphs 'window:2,window:02' with --pos 'abs' names window:2 with abs "
+                                         "positions twice; give each once\n"),
     (["--pos", "abs,absolute"], "--pos 'abs,absolute': give abs, rel or abs,rel"),
     (["--graphs", "full@rel,window:2@pos"], "--graphs entry 'window:2@pos': after @ give abs or rel, as in full@abs"),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),

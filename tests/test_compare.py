@@ -311,7 +311,8 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
                                        "choose bigram, gpt, all-layers or a PyG convolution such as GATConv or "
                                        "GATv2Conv (python pyg-gpt.py --list_layers shows all)\n"),
     (["--models", "gpt,Bigram"], "error: unknown model 'Bigram' in --models; did you mean bigram? "),
-    (["--models", " , "], "error: --models is empty"),
+    (["--models", " , "], "error: --models ' , ' names nothing; give a comma-separated list such as "
+                          "bigram,gpt,GATConv,GATv2Conv\n"),
     (["--frobnicate", "3"], "error: unknown flag --frobnicate"),
     (["--out_dir", "x"], "error: --out_dir is not passed through compare.py"),
     (["--resume"], "error: --resume is not passed through compare.py"),
@@ -327,6 +328,11 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seed", "1,,2"], "error: --seed '1,,2' has an empty item; remove the extra comma\n"),
     (["--models", "gpt,,bigram"], "error: --models 'gpt,,bigram' has an empty item; remove the extra comma\n"),
     (["--models", "gpt,bigram,gpt"], "error: --models 'gpt,bigram,gpt' names gpt twice; give each once\n"),
+    (["--learning_rate", "gpt="], "error: --learning_rate 'gpt=' names nothing; give a comma-separated list such as "
+                                  "5e-4,1e-3,2e-3\n"),
+    (["--learning_rate", " =1e-3"], "error: --learning_rate ' =1e-3' names no model before =; give MODEL=RATE,... for "
+                                    "one model, or the rates alone for every model\n"),
+    (["--seed", ""], "error: --seed '' names nothing; give a comma-separated list such as 1337,1338,1339\n"),
     (["--learning_rate", "=1e-3"], "error: --learning_rate '=1e-3' names no model before =; give MODEL=RATE,... for "
                                    "one model, or the rates alone for every model\n"),
     (["--learning_rate", "gpt=1e-3,bigram=abc"], "error: --learning_rate 'gpt=1e-3,bigram=abc' gives the rates of "

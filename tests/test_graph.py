@@ -58,8 +58,8 @@ def test_the_complete_causal_graph_is_the_full_graph(B, T):
 
 
 BAD_SPECS = [
-    ("", "--graph '': unknown graph ''; use full, window:W, dilated:W:D, strided:W:S or sink:G:W, or a "
-         "comma-separated list of one per layer"),
+    ("", "--graph '' names nothing; give a comma-separated list such as window:4,full"),
+    ("window:2,,full", "--graph 'window:2,,full' has an empty item; remove the extra comma"),
     ("ring:3", "--graph 'ring:3': unknown graph 'ring'; use full, window:W"),
     ("window", "--graph 'window': window takes 1 number(s), as in window:W"),
     ("window:3:2", "--graph 'window:3:2': window takes 1 number(s), as in window:W"),

@@ -236,7 +236,14 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--graphs", ","], "--graphs ',' names no graph"),
+    (["--graphs", ","], "--graphs ',' names nothing; give a comma-separated list such as full,window:16\n"),
+    (["--graphs", "[]"], "--graphs '' names nothing; give a comma-separated list such as window:4,full\n"),
+    (["--graphs", "[window:2,,full]"], "--graphs 'window:2,,full' has an empty item; remove the extra comma\n"),
+    (["--graphs", "window:2,window:02"], "--graphs 'window:2,window:02' with --pos 'abs' names window:2 with abs "
+                                         "positions twice; give each once\n"),
+    (["--graphs", "window:2,[window:2,window:2]"], "--graphs 'window:2,[window:2,window:2]' with --pos 'abs' names "
+                                                   "window:2 with abs positions twice; give each once\n"),
+    (["--pos", ""], "--pos '' names nothing; give a comma-separated list such as abs,rel\n"),
     (["--graphs", "full,[window:2,full"], "--graphs 'full,[window:2,full' has an unpaired bracket"),
     (["--graphs", "full,dilated:2"], "--graphs 'dilated:2': dilated takes 2 number(s)"),
     (["--graphs", "full,[window:2,full,full]"], "--graphs '[window:2,full,full]' lists 3 graphs for 2 layers; give one "
