@@ -250,9 +250,9 @@ def main(script, argv=None):
         if distributed.is_main_process():
             print(f"{e}; resume with: {resume_command(script, argv)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # or Terminated
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
         distributed.teardown()
     return 0
@@ -324,13 +324,16 @@ def run(script, args):
             start_run_dir(out_dir, config, args.overwrite)  # writes config.json
             meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
                     "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
-            with resumable_on_ctrl_c(out_dir / "ckpt.pt"):
+            with resumable_on_stop(out_dir / "ckpt.pt"):
                 train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking,
                       after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
                 if not distributed.is_main_process():
                     return
                 result = exact_evaluation(model, val_data, settings, device)
-                write_eval(out_dir, result, settings["max_iters"])
+                try:
+                    write_eval(out_dir, result, settings["max_iters"])
+                except UsageError as e:
+                    raise UsageError(f"{e}, then finish the run with --resume") from None
                 print(f"{describe_evaluation(result)}; in {result['eval_s']:.1f} s")
                 sample_file = sample_path(out_dir)
                 sample = write_sample(model.eval(), tokenizer, sample_file, device, out_dir)
@@ -339,17 +342,34 @@ def run(script, args):
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and {sample_file}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where training does not catch it, as KeyboardInterrupt is SIGINT there."""
+
+    signum = signal.SIGTERM
+
+
 @contextlib.contextmanager
-def resumable_on_ctrl_c(checkpoint_path):
-    """Turn a KeyboardInterrupt (a second Ctrl-C in training, or one in the exact evaluation or the sampling after
-    it) into Interrupted once checkpoint_path exists: --resume goes on from it, and finishes a run stopped after
-    its last step."""
+def resumable_on_stop(checkpoint_path):
+    """Turn a stop where training does not catch it (a second Ctrl-C or SIGTERM in training; one in the exact
+    evaluation or the sampling after the last step) into Interrupted once checkpoint_path exists: --resume goes
+    on from it, and finishes a run stopped after its last step. Where no handler of SIGTERM was set, it raises
+    Terminated meanwhile."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    handles = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handles:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not checkpoint_path.is_file():
             raise
-        raise Interrupted(signal.SIGINT, f"before the run finished; its last checkpoint is {checkpoint_path}") from None
+        raise Interrupted(getattr(e, "signum", signal.SIGINT),
+                          f"before the run finished; its last checkpoint is {checkpoint_path}") from None
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def snapshot(steps, model, val_data, settings, out_dir, step):

@@ -103,6 +103,8 @@ def read_prompt(prompt):
     """The prompt text; "FILE:path" reads it from a UTF-8 file, as nanoGPT's sample.py does."""
     if not prompt.startswith("FILE:"):
         return prompt
+    if not prompt[len("FILE:"):].strip():
+        raise UsageError("--prompt FILE: names no file; give --prompt FILE:PATH to a UTF-8 text file")
     path = Path(prompt[len("FILE:"):])
     try:
         return path.read_text(encoding="utf-8")

@@ -44,7 +44,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_fix(error):
-    """What to do about an OSError of a write: free disk space when the disk or quota is full, else make the
-    place writable."""
-    return "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+def write_fix(error, place="the run directory"):
+    """What to do about an OSError of a write in place: free disk space when the disk or quota is full, else
+    make place writable (the directory, where the file is written atomically beside it)."""
+    return "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {place} writable"

@@ -40,8 +40,9 @@ class GPTConfig:
 
     def __post_init__(self):
         """Refuse heads that do not split the width (the scripts check their flags before, with the flags' names)."""
-        if not (isinstance(self.n_head, int) and self.n_head > 0 and self.n_embd % self.n_head == 0):
-            raise ValueError(f"n_head {self.n_head} does not divide n_embd {self.n_embd}")
+        sizes = (self.n_embd, self.n_head)
+        if not (all(isinstance(n, int) and n > 0 for n in sizes) and self.n_embd % self.n_head == 0):
+            raise ValueError(f"n_head {self.n_head!r} does not divide n_embd {self.n_embd!r}")
 
     @classmethod
     def from_settings(cls, settings, vocab_size, **fields):

@@ -243,7 +243,8 @@ def start_run_dir(out_dir, config, overwrite=False):
 
 
 def cannot_write(out_dir, error):
-    return f"cannot write to --out_dir {out_dir} ({error.strerror}); {write_fix(error)} or choose another --out_dir"
+    fix = write_fix(error, "it")
+    return f"cannot write to --out_dir {out_dir} ({error.strerror}); {fix} or choose another --out_dir"
 
 
 def holds_run(out_dir):
@@ -259,8 +260,12 @@ def describe_run(out_dir, config):
         return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
                 "it again or choose another --out_dir")
     if finished and not has_final_files(out_dir):
-        return (f"holds a run stopped after its last step, before its exact validation loss ({EVAL_FILE}) and "
-                f"sample ({SAMPLE_FILE}) were written; pass --resume to write them, or --overwrite to replace it")
+        missing = [what for name, what in ((EVAL_FILE, f"its exact validation loss ({EVAL_FILE})"),
+                                           (SAMPLE_FILE, f"its sample ({SAMPLE_FILE})"))
+                   if not (Path(out_dir) / name).is_file()]
+        return (f"holds a run stopped after its last step, before {' and '.join(missing)} "
+                f"{'was' if len(missing) == 1 else 'were'} written; pass --resume to write "
+                f"{'it' if len(missing) == 1 else 'them'}, or --overwrite to replace it")
     if finished:
         return ("holds a finished run; pass --overwrite to replace it, --resume with a larger --max_iters to "
                 "train it further, or choose another --out_dir")

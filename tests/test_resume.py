@@ -271,27 +271,31 @@ def test_a_run_without_its_checkpoint_is_refused_with_overwrite_as_the_way_on(ti
                                        f"--out_dir\n")
 
 
-@pytest.mark.parametrize("target", ["exact_evaluation", "write_model_output"])
-def test_ctrl_c_after_the_last_step_gives_the_resume_command_which_finishes_the_run(target, reference,
+@pytest.mark.parametrize("target,signum", [("exact_evaluation", signal.SIGINT), ("write_model_output", signal.SIGINT),
+                                           ("exact_evaluation", signal.SIGTERM)])
+def test_a_stop_after_the_last_step_gives_the_resume_command_which_finishes_the_run(target, signum, reference,
                                                                                    tiny_text_file, tmp_path,
                                                                                    monkeypatch, capsys):
     out = tmp_path / "out"
 
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
+    def stop(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # a SIGINT raises KeyboardInterrupt, as Ctrl-C does
+        time.sleep(5)  # the handler runs before this ends
 
     with monkeypatch.context() as m:
-        m.setattr(cli, target, ctrl_c)
-        assert run(out, tiny_text_file) == 130
+        m.setattr(cli, target, stop)
+        assert run(out, tiny_text_file) == 128 + signum
     err = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
-    assert err == (f"stopped by SIGINT before the run finished; its last checkpoint is {out / 'ckpt.pt'}; resume "
-                   f"with: python gpt.py {shlex.join(['--data', str(tiny_text_file), '--out_dir', str(out), *TINY])} "
-                   f"--resume")
+    command = shlex.join(["python", "gpt.py", "--data", str(tiny_text_file), "--out_dir", str(out), *TINY, "--resume"])
+    assert err == (f"stopped by {signal.Signals(signum).name} before the run finished; its last checkpoint is "
+                   f"{out / 'ckpt.pt'}; resume with: {command}")
     assert load_checkpoint(out / "ckpt.pt")["step"] == 12 and not (out / "sample.txt").exists()
     assert run(out, tiny_text_file) == 2
-    assert capsys.readouterr().err == (f"error: {out} holds a run stopped after its last step, before its exact "
-                                       f"validation loss (eval.json) and sample (sample.txt) were written; pass "
-                                       f"--resume to write them, or --overwrite to replace it\n")
+    missing = ("its sample (sample.txt) was written; pass --resume to write it" if target == "write_model_output" else
+               "its exact validation loss (eval.json) and its sample (sample.txt) were written; pass --resume to write "
+               "them")
+    assert capsys.readouterr().err == (f"error: {out} holds a run stopped after its last step, before {missing}, or "
+                                       f"--overwrite to replace it\n")
     assert run(out, tiny_text_file, "--resume") == 0
     assert losses(out) == losses(reference)
     assert_same_state(out, reference)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import compare
+import evaluate
 import sample
 from conftest import TINY_GPT_RUN, train_tiny_gpt
 from gnngpt import checkpoint as ckpt_module, evaluation
@@ -193,7 +194,7 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
         if fails.startswith("ckpt.pt"):  # the second checkpoint, at step 2
             code = errno.EROFS if fails.endswith("read-only") else errno.ENOSPC
             mp.setattr(ckpt_module.torch, "save", disk_full_at_call(2, ckpt_module.torch.save, code))
-            fix = "make it writable" if code == errno.EROFS else "free disk space"
+            fix = "make the run directory writable" if code == errno.EROFS else "free disk space"
             message = (f"could not write {out / 'ckpt.pt'} ({os.strerror(code)}); the previous checkpoint is "
                        f"unchanged; {fix} or choose another --out_dir, then --resume")
         else:  # the second row of metrics.csv, at step 2: opening the file to append it
@@ -220,10 +221,25 @@ def test_a_full_disk_at_the_exact_evaluation_is_one_line_and_resume_finishes_the
         mp.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text))
         assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (No space left "
-                                                        f"on device); free disk space")
+                                                        f"on device); free disk space, then finish the run with "
+                                                        f"--resume")
     assert not (out / "eval.json").exists() and not (out / "sample.txt").exists()
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2", "--resume") == 0
     assert (out / "eval.json").is_file() and (out / "sample.txt").is_file()
+
+
+def test_evaluate_write_to_a_run_directory_it_cannot_write_is_one_line_and_changes_nothing(tiny_text_file, tmp_path,
+                                                                                          monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    monkeypatch.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text,
+                                                                          errno.EACCES))
+    assert evaluate.main(["--out_dir", str(out), "--write", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (Permission "
+                                                        f"denied); make the run directory writable")
+    assert snapshot(out) == before
 
 
 def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_checkpoint(tiny_text_file, tmp_path):

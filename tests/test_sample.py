@@ -121,9 +121,10 @@ def test_ctrl_c_while_sampling_ends_with_one_line_and_exit_code_130(tiny_run, mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    run = tiny_run("gpt")  # trained first, should this test run alone: its sampling is not the one interrupted
     monkeypatch.setattr("gnngpt.sampling.torch.multinomial", interrupt)
     capsys.readouterr()
-    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "1", "--max_new_tokens", "5"]) == 130
+    assert sample.main(["--out_dir", str(run), "--num_samples", "1", "--max_new_tokens", "5"]) == 130
     assert capsys.readouterr() == ("", "interrupted\n")
 
 
@@ -186,6 +187,7 @@ def write_foreign_checkpoints(tmp_path):
     (["--prompt", "ROMEO: To be!"], "error: the prompt has characters outside the model's vocabulary: "
                                     "'R' 'M' 'E' ':' '!'; use only characters of the training text"),
     (["--prompt", ""], "error: the prompt is empty"),
+    (["--prompt", "FILE:"], "error: --prompt FILE: names no file; give --prompt FILE:PATH to a UTF-8 text file\n"),
     (["--prompt", "FILE:nowhere.txt"], "error: cannot read the prompt file nowhere.txt (No such file or directory)"),
     (["--prompt", "FILE:latin1.txt"], "error: cannot read the prompt file latin1.txt (not UTF-8 text)"),
     (["--num_samples", "0"], "error: --num_samples must be a positive integer, got 0"),
@@ -214,7 +216,8 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
     (lambda c: c["model"].update({"lm_head.weight": torch.zeros(3, 3)}),
      "holds a model this version cannot rebuild (Error(s) in loading state_dict for GPT: size mismatch"),
     (lambda c: c["model_config"].update(n_kv_head=1), "holds a model this version cannot rebuild ("),
-    (lambda c: c["model_config"].update(n_embd="16"), "holds a model this version cannot rebuild ("),
+    (lambda c: c["model_config"].update(n_embd="16"), "holds a model this version cannot rebuild (n_head 2 does not "
+                                                      "divide n_embd '16'); retrain it with this version"),
     (lambda c: c["model_config"].update(graph="window:x"), "holds a model this version cannot rebuild (--graph "
                                                            "'window:x': W must be an integer"),
     (lambda c: c["model_config"].update(n_head=0), "holds a model this version cannot rebuild (n_head 0 does not "
