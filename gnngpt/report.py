@@ -28,6 +28,25 @@ from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 
+REPORT_FILES = ("results.md", "leaderboard.md", "graphs.md")
+
+
+def check_report_owner(out, runs):
+    """UsageError when out holds a report (results.md, leaderboard.md or graphs.md) made from the runs of another
+    directory than runs: a comparison writes over the report of its own runs alone (the command that made it, or
+    the same on more runs or with --report_only), never over another's, such as a report this repository ships."""
+    for name in REPORT_FILES:
+        try:
+            made_by = (Path(out) / name).read_text(encoding="utf-8").split("`")[1]
+            argv = shlex.split(made_by)[2:]
+        except (OSError, UnicodeDecodeError, IndexError, ValueError):
+            continue  # no report there, or none this project wrote
+        made_from = next((value for flag, value in zip(argv, argv[1:]) if flag == "--runs"),
+                         next((a.split("=", 1)[1] for a in argv if a.startswith("--runs=")), "runs"))
+        if Path(made_from).resolve() != Path(runs).resolve():
+            raise UsageError(f"--out {out} holds {name}, the report of the runs in {made_from}; pass --runs "
+                             f"{made_from} to make it again, or choose another --out")
+
 
 def model_samples_dir(out, configs, shipped=True):
     """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the published

@@ -9,7 +9,7 @@ from . import runner, slurm
 from .data import check_length, load_text, split
 from .errors import UsageError
 from .plan import plan_comparison
-from .report import report, write_model_samples, write_report
+from .report import check_report_owner, report, write_model_samples, write_report
 from .rundir import file_in_the_way, unwritable
 
 
@@ -35,6 +35,7 @@ def compare(args, extra, argv):
     for check, flag, directory in ((runs_check, "--runs", args.runs), (unwritable, "--out", out)):
         if refusal := check(directory, flag):
             raise UsageError(refusal)
+    check_report_owner(out, args.runs)
     runs, baseline, layer_records, pairs = plan_comparison(args, extra)
     waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}

@@ -173,21 +173,37 @@ def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samp
     for name, text in shipped.items():
         assert text == (tmp_path / "runs" / f"{name}_s1337" / "sample.txt").read_text()
 
-    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper", "--runs", "other",
+    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper", "--overwrite",
                         "--dropout", "0.1") == 0  # one setting not the preset's: samples of its own
     paper = tmp_path / "plots" / "paper"
     assert "Samples: `plots/paper/model_outputs/bigram.txt`" in (paper / "results.md").read_text()
     assert (paper / "model_outputs" / "gpt.txt").read_text() == \
-        (tmp_path / "other" / "gpt_s1337" / "sample.txt").read_text()
+        (tmp_path / "runs" / "gpt_s1337" / "sample.txt").read_text()
     assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
 
-    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper", "--runs", "tuned",
+    assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper",
                         "--learning_rate", "gpt=3e-4,1e-7", "--learning_rate", "bigram=1e-2,1e-7") == 0  # presets win
     line = next(s for s in (paper / "results.md").read_text().splitlines() if s.startswith("Samples: "))
     written = re.findall(r"`([^`]+)`", line)
     assert [Path(w).parent.as_posix() for w in written] == ["plots/paper/model_outputs"] * 2
     assert all((tmp_path / w).is_file() for w in written)
     assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
+
+
+@pytest.mark.parametrize("made_by", ["--runs", "--runs=", None], ids=["--runs DIR", "--runs=DIR", "the default"])
+def test_a_report_of_other_runs_is_never_written_over(made_by, trainings, tmp_path, capsys):
+    mine = [] if made_by is None else ([made_by + "mine"] if made_by.endswith("=") else [made_by, "mine"])
+    runs = "runs" if made_by is None else "mine"
+    assert compare_main("--models", "bigram", *mine, "--out", "shipped") == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "shipped").rglob("*") if p.is_file()}
+    trainings.clear()
+    capsys.readouterr()
+    assert compare_main("--models", "bigram", "--runs", "elsewhere", "--out", "shipped") == 2
+    assert capsys.readouterr().err == (f"error: --out shipped holds results.md, the report of the runs in {runs}; pass "
+                                       f"--runs {runs} to make it again, or choose another --out\n")
+    assert trainings == [] and not (tmp_path / "elsewhere").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "shipped").rglob("*") if p.is_file()} == before
+    assert compare_main("--models", "bigram", "--runs", f"./{runs}", "--out", "shipped", "--report_only") == 0
 
 
 def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_loss_and_sample(trainings, tmp_path,
