@@ -99,8 +99,9 @@ def rates_figure(choices, title):
         chosen = choice.chosen["halves"]["test"]["loss"].mean
         ax.plot([choice.chosen["learning_rate"]], [chosen], "*", markersize=16, color=color,
                 markeredgecolor="black")
-        ax.plot(sorted(choice.failed), [0.97] * len(choice.failed), "x", markersize=10, markeredgewidth=2,
-                color=color, transform=ax.get_xaxis_transform(), clip_on=False)
+        if choice.failed:  # an empty unclipped line would widen the figure's margins
+            ax.plot(sorted(choice.failed), [0.97] * len(choice.failed), "x", markersize=10, markeredgewidth=2,
+                    color=color, transform=ax.get_xaxis_transform(), clip_on=False)
     ax.plot([], [], "*", color="gray", markeredgecolor="black", markersize=12, label="chosen on the tune half")
     if any(choice.failed for choice in choices):
         ax.plot([], [], "x", color="gray", markersize=10, markeredgewidth=2, label="every training failed")

@@ -24,6 +24,7 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
+from .rundir import EVAL_FILE, SAMPLE_FILE
 from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
@@ -107,17 +108,31 @@ def rate_choices(configs, failed=None):
 
 
 def report(runs, states, args, out, argv, baseline, layer_records, pairs):
-    """--report_only: the tables and figures of finished runs, from their small files; refused while any run
-    is unfinished or lacks its exact validation loss."""
+    """--report_only: the tables, figures and samples of finished runs, from their small files; refused while any
+    run is unfinished or lacks its exact validation loss."""
     at, wanted = args.report_step, "eval.json" if args.report_step is None else f"eval_step{args.report_step}.json"
+    past = next((r for r in runs if at is not None and at > r.expected["settings"]["max_iters"]), None)
+    if past:
+        raise UsageError(f"--report_step {at} is past the last step of {past.out_dir} "
+                         f"({past.expected['settings']['max_iters']}); choose a step up to it")
     why = {"new": "not there", "resume": "not finished", "restart": "not finished", "replace": "other settings",
-           "lost": "no eval.json or sample.txt, and no checkpoint to make them", "submitted": "not finished"}
-    missing = [f"{r.out_dir} ({why.get(states[r.name], 'no ' + wanted)})" for r in runs if states[r.name] != "reuse"
+           "submitted": "not finished"}
+
+    def why_missing(run):
+        if states[run.name] != "lost":
+            return why.get(states[run.name], f"no {wanted}")
+        lacks = [name for name in (EVAL_FILE, SAMPLE_FILE) if not (run.out_dir / name).is_file()]
+        return f"no {' or '.join(lacks)}, and no checkpoint to make {'it' if len(lacks) == 1 else 'them'}"
+
+    missing = [f"{r.out_dir} ({why_missing(r)})" for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
     if missing:
+        fix = ("run the same command without --report_only" if at is None else
+               f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)")
         raise UsageError(f"--report_only needs every run finished with its {wanted}, and {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not; run the same command without --report_only"
-                         + ("" if at is None else f", with --exact_at {at} among the training flags"))
+                         f"{'is' if len(missing) == 1 else 'are'} not; {fix}")
+    if at is None:  # the samples are the last checkpoint's: a report of an earlier step has none
+        write_model_samples(runs, out, shipped=layer_records is None and len(pairs) == 1)
     write_report(runs, args, out, argv, baseline, layer_records, pairs, {})
     return 0
 
@@ -138,7 +153,7 @@ def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
         argv = [a for a in argv if a != "--report_only"]
     left_out = failure_note(runs, failed, None if layer_records is not None else baseline)  # a leaderboard ranks
     choices = rate_choices(configs, failed_rates(runs, failed)) if tuned(runs) else None
-    seeds = {r.config_name: r.seed for r in sampled_runs(done, choices)}
+    seeds = {r.config_name: r.seed for r in sampled_runs(done, choices)} if args.report_step is None else None
     if choices is not None:
         write_tuned_comparison(choices, next((c for c in choices if c.name == baseline), None), args.target_loss,
                                seeds, out, argv, args.jobs, left_out)
@@ -242,7 +257,10 @@ def position_figure(configs, path, which=""):
 
 
 def samples_line(configs, seeds, directory):
-    """Where each configuration's sample is (directory: model_samples_dir of all the comparison's runs)."""
+    """Where each configuration's sample is (directory: model_samples_dir of all the comparison's runs); nothing
+    for a report of an earlier step (seeds None), whose runs' samples are those of their last step."""
+    if seeds is None:
+        return ""
     names = list(dict.fromkeys(c["name"] for c in configs))
     return "Samples: " + ", ".join(f"`{(directory / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
                                    for name in names) + ".\n"

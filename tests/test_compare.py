@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -634,17 +635,20 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
     for checkpoint in (tmp_path / "runs").glob("*/ckpt.pt"):
         checkpoint.unlink()
     (tmp_path / "plots" / "results.md").unlink()
+    samples = {p.name: p.read_text() for p in (tmp_path / "plots" / "model_outputs").iterdir()}
+    shutil.rmtree(tmp_path / "plots" / "model_outputs")
     trainings.clear()
     assert compare_main(*args, "--report_only") == 0
     assert trainings == []
     assert (tmp_path / "plots" / "results.md").read_text() == results
+    assert {p.name: p.read_text() for p in (tmp_path / "plots" / "model_outputs").iterdir()} == samples
 
     (tmp_path / "runs" / "gpt_s3" / "eval.json").unlink()
     capsys.readouterr()
     assert compare_main(*args, "--report_only") == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
-                                       "runs/gpt_s3 (no eval.json or sample.txt, and no checkpoint to make them) is "
-                                       "not; run the same command without --report_only\n")
+                                       "runs/gpt_s3 (no eval.json, and no checkpoint to make it) is not; run the same "
+                                       "command without --report_only\n")
 
     args = ["--models", "bigram,gpt", "--seed", "7"]
     for config_file in (tmp_path / "runs").glob("*_s7/config.json"):  # as runs trained on a GPU, read on this CPU

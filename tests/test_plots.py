@@ -76,6 +76,10 @@ def test_a_rate_whose_every_training_failed_is_a_cross_on_its_models_colour():
     assert "every training failed" in [t.get_text() for t in ax.get_legend().get_texts()]
     assert "every training failed" not in [t.get_text() for t in rates_figure(choices[1:], "rates").axes[0]
                                            .get_legend().get_texts()]
+    for fig in (rates_figure(choices, "rates"), rates_figure(choices[1:], "rates")):
+        fig.draw_without_rendering()  # lays the figure out: the axes fill it, with or without a cross
+        box = fig.axes[0].get_position()
+        assert box.x0 < 0.12 and box.y0 < 0.15, box
 
 
 @pytest.mark.parametrize("threads,description", [(1, "2-core x86_64 CPU, 1 torch thread"),
