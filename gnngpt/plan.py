@@ -156,7 +156,8 @@ def rate_list(rates, value):
             raise UsageError(f"--learning_rate {value}: {item!r} is not a positive number; give rates as "
                              f"in 5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model")
         parsed.append(rate)
-    refuse_twice(parsed, f"--learning_rate {value!r}", lambda rate: f"the rate {rate:g}")
+    # rates that print alike would share a run directory (gpt_lr0.001_s1337): refused as one rate given twice
+    refuse_twice([f"{rate:g}" for rate in parsed], f"--learning_rate {value!r}", lambda rate: f"the rate {rate}")
     return sorted(parsed)
 
 

@@ -37,6 +37,9 @@ def compare(args, extra, argv):
             raise UsageError(refusal)
     check_report_owner(out, args.runs)
     runs, baseline, layer_records, pairs = plan_comparison(args, extra)
+    if in_the_way := next((r for r in runs if r.out_dir.exists() and not r.out_dir.is_dir()), None):
+        raise UsageError(f"{in_the_way.out_dir} is a file where the run {in_the_way.name} goes; move it away or "
+                         f"choose another --runs")
     waiting = slurm.waiting_runs(runs, launcher) if launcher else set()  # their jobs are still going
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:

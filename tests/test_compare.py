@@ -382,6 +382,8 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--target_loss", "0"], "error: --target_loss must be a positive number, got 0.0\n"),
     (["--out", "/proc/x"], "error: --out /proc/x cannot be written (/proc: "),
     (["--runs", "/proc/x/runs"], "error: --runs /proc/x/runs cannot be written (/proc: "),
+    (["--models", "gpt", "--learning_rate", "1e-3,0.0010000001"], "error: --learning_rate '1e-3,0.0010000001' names "
+                                                                  "the rate 0.001 twice; give each once\n"),
     (["--report_only"], "error: --report_only needs every run finished with its eval.json, and "
                         "runs/bigram_s1337 (not there), runs/gpt_s1337 (not there), "
                         "runs/GATConv_s1337 (not there), runs/GATv2Conv_s1337 (not there) are not; run the "
@@ -392,6 +394,16 @@ def test_bad_input_gives_one_line_error_and_trains_nothing(args, message, traini
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(message)
     assert trainings == [] and list(tmp_path.iterdir()) == [tmp_path / "tiny.txt"]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_file_where_a_run_goes_is_refused_before_anything_trains(jobs, trainings, tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "gpt_s1337").write_text("x")
+    assert compare_main("--models", "bigram,gpt", "--jobs", jobs) == 2
+    assert capsys.readouterr().err == ("error: runs/gpt_s1337 is a file where the run gpt_s1337 goes; move it away or "
+                                       "choose another --runs\n")
+    assert trainings == [] and [p.name for p in (tmp_path / "runs").iterdir()] == ["gpt_s1337"]
 
 
 def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(trainings, tmp_path, monkeypatch, capsys):
