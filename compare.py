@@ -5,7 +5,7 @@
     python compare.py --jobs 4                          # the four at once, each in a process of its own
     python compare.py --models gpt,GATv2Conv --graphs full,window:16,dilated:8:4 --pos abs,rel   # a graph study
     python compare.py --seeds 3                         # each configuration with seeds 1337, 1338 and 1339
-    python compare.py --seeds 3 --report_only           # the tables and figures again, from the run files alone
+    python compare.py --seeds 3 --report_only           # the tables, figures and samples again, from the run files
     python compare.py --seeds 3 --learning_rate 5e-4,1e-3,2e-3 --learning_rate bigram=3e-3,1e-2,3e-2
                                                         # each model at its own best rate, chosen on held-out text
     python compare.py --launcher slurm --slurm_gpus 1 --slurm_time 4:00:00   # each run a SLURM job (docs/slurm.md)
@@ -62,8 +62,9 @@ def build_parser():
                    help="also tabulate the steps, tokens and training seconds at which each configuration first "
                         "reached validation loss X")
     p.add_argument("--report_only", action="store_true",
-                   help="train nothing: rebuild the tables and figures from the finished runs' small files "
-                        "(config.json, metrics.csv, eval.json, loss_by_position.csv); no checkpoint is needed")
+                   help="train nothing: rebuild the tables, figures and samples from the finished runs' small "
+                        "files (config.json, metrics.csv, eval.json, loss_by_position.csv, sample.txt); no checkpoint "
+                        "is needed")
     p.add_argument("--report_step", type=int, metavar="STEP",
                    help="with --report_only: report every run as it was at this step, with the exact evaluation its "
                         "training wrote there (training flag --exact_at STEP): the tables, figures and curves up to "
