@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, sampling
-from .config import PRESETS, SEED, resolve_preset
+from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import Failure, UsageError
 from .evaluation import describe_evaluation, exact_evaluation, write_eval
@@ -314,6 +314,7 @@ def run(script, args):
         "parameters": n_params,
         "processes": distributed.world_size(),
         "torch_threads": torch.get_num_threads(),
+        "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),  # trainings sharing the machine (compare.py --jobs)
         "versions": versions(),
     }
     with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written

@@ -51,6 +51,8 @@ PRESETS = {
     },
 }
 SEED = 1337
+# set by compare.py --jobs N for its child trainings: how many run at once (their config.json records it)
+RUNS_AT_ONCE = "GNNGPT_RUNS_AT_ONCE"
 # The original's validation loss after 5000 steps of the paper preset (an A100), read from its plot.
 PUBLISHED_VAL_LOSS = {"bigram": 2.47, "gpt": 1.50, "GATConv": 1.65, "GATv2Conv": 1.57}
 PUBLISHED_STEP = 5000

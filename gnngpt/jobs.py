@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .config import RUNS_AT_ONCE
 from .processes import start_logged
 from .results import format_duration, format_rate
 from .rundir import read_metrics
@@ -74,7 +75,7 @@ def run_jobs(jobs, at_once, stream=None):
             queued = [job for job in jobs if job.state == "queued"]
             if not signals:
                 for job in queued[:at_once - len(running)]:
-                    start(job, least_loaded(gpus, running), threads)
+                    start(job, least_loaded(gpus, running), threads, together)
                     running.append(job)
             if not running and (signals or not queued):
                 break
@@ -99,10 +100,10 @@ def child_threads(together):
     return int(explicit) if explicit.isdigit() and int(explicit) > 0 else max(1, cpu_cores() // together)
 
 
-def start(job, gpu, threads):
+def start(job, gpu, threads, together):
     """Start job's command on threads torch threads with its output in its train.log (appended to when
-    resuming)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    resuming), telling it that up to `together` trainings run at once (its config.json records runs_at_once)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", RUNS_AT_ONCE: str(together)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     job.process = start_logged(job.command, job.log_path, job.resume, env=env, start_new_session=True)

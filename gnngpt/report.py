@@ -233,12 +233,17 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs, lef
 
 def run_notes(configs, jobs, ignored=()):
     """The notes under a comparison's tables: the settings that differ from the preset (but those ignored), and
-    the runs trained at once."""
+    how many runs trained at once, as their config.json records it (for runs from before it did, the --jobs of
+    this command)."""
     notes = ""
     differences = setting_notes(configs, ignored)
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
-    if jobs > 1:
+    recorded = [r["runs_at_once"] for c in configs for r in c["runs"] if r["runs_at_once"] is not None]
+    if recorded and max(recorded) > 1:
+        notes += (f"Up to {max(recorded)} runs trained at once: the tokens/s and wall times of the runs that "
+                  f"did so were measured while they shared the machine.\n\n")
+    elif not recorded and jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
     return notes

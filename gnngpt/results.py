@@ -78,6 +78,7 @@ def run_summary(out_dir, at=None):
         "by_position": read_loss_by_position(out_dir, at),
         "parameters": config["parameters"],
         "tokens_per_s": statistics.median(rates) if rates else None,
+        "runs_at_once": config.get("runs_at_once"),  # None in runs from before it was recorded
         "wall_s": rows[-1]["elapsed_s"],
         "preset": config["preset"],
         "device": config["device"],

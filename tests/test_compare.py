@@ -247,6 +247,9 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
     assert "- DenseGCNConv: dense layer: takes a (B, N, N) adjacency" in board
     assert not (tmp_path / "board" / "val_loss.png").exists()  # the four-model comparison is left alone
     assert "runs trained at once" not in board
+    for config_file in (tmp_path / "runs").glob("*/config.json"):  # runs from before config.json recorded it
+        config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                           if k != "runs_at_once"}))
     assert compare_main("--models", "all-layers", "--out", "board", "--jobs", "2", "--report_only") == 0
     assert "Up to 2 runs trained at once (--jobs 2)" in (tmp_path / "board" / "leaderboard.md").read_text()
 
@@ -423,11 +426,18 @@ def test_two_jobs_at_once_give_the_metrics_and_samples_of_one_at_a_time(training
         assert [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(two)] == \
             [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(one)]
         assert json.loads((two / "config.json").read_text())["machine"].endswith(" CPU, 1 torch thread")
+        assert [json.loads((d / "config.json").read_text())["runs_at_once"] for d in (one, two)] == [1, 2]
         assert (two / "sample.txt").read_text() == (one / "sample.txt").read_text()
         assert f"step 4: train loss {read_metrics(two)[-1]['train_loss']:.4f}" in (two / "train.log").read_text()
         status = rf"^{name}_s1337 +done +step 4/4 +val loss {read_metrics(two)[-1]['val_loss']:.4f} "
         assert re.search(status, out, re.MULTILINE), out
     assert [row[0] for row in table_rows((tmp_path / "two" / "results.md").read_text())] == names
+    assert ("Up to 2 runs trained at once: the tokens/s and wall times of the runs that did so were measured while "
+            "they shared the machine.") in (tmp_path / "two" / "results.md").read_text()
+    assert "trained at once" not in (tmp_path / "one" / "results.md").read_text()
+    assert compare_main("--models", "bigram,gpt", "--runs", "one", "--out", "one", "--jobs", "2", "--report_only") == 0
+    assert "trained at once" not in (tmp_path / "one" / "results.md").read_text()  # the runs', not the command's
+    capsys.readouterr()
     assert not (tmp_path / "plots").exists() and not (tmp_path / "model_outputs").exists()
     assert compare_main("--models", "bigram,gpt", "--runs", "two", "--jobs", "2") == 0
     assert capsys.readouterr().out.startswith("bigram_s1337: reusing the finished run in two/bigram_s1337\n"
