@@ -57,7 +57,7 @@ class Run:
         if not holds_run(self.out_dir):
             return "new"
         config = read_config(self.out_dir)
-        same = config is not None and has_values(config, self.expected)
+        same = config is not None and not value_differences(config, self.expected)
         checkpointed = has_checkpoint(self.out_dir)
         made = all((self.out_dir / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
         if same and is_finished(self.out_dir, config) and (checkpointed or made):
@@ -69,12 +69,16 @@ class Run:
         return "lost" if same else "replace"
 
 
-def has_values(config, expected):
-    """Whether config holds each value of expected; nested dicts are compared key by key."""
-    return all(
-        has_values(config.get(key, {}), value) if isinstance(value, dict) else config.get(key) == value
-        for key, value in expected.items()
-    )
+def value_differences(config, expected):
+    """"key was X, now Y" for each value of expected that config does not hold; nested dicts are compared key by
+    key."""
+    differences = []
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            differences += value_differences(config.get(key, {}), value)
+        elif config.get(key) != value:
+            differences.append(f"{key} was {config.get(key)}, now {value}")
+    return differences
 
 
 def plan_comparison(args, extra):

@@ -8,9 +8,9 @@ from pathlib import Path
 from . import runner, slurm
 from .data import check_length, load_text, split
 from .errors import UsageError
-from .plan import plan_comparison
+from .plan import plan_comparison, value_differences
 from .report import check_report_owner, report, write_model_samples, write_report
-from .rundir import file_in_the_way, unwritable
+from .rundir import file_in_the_way, read_config, unwritable
 
 
 def compare(args, extra, argv):
@@ -44,11 +44,14 @@ def compare(args, extra, argv):
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
-    taken = [str(r.out_dir) for r in runs if states[r.name] in ("replace", "lost")]
+    taken = [r for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
-        raise UsageError(f"{', '.join(taken)} already hold runs that these settings can neither reuse nor resume "
-                         f"(other settings, or no checkpoint to resume from); pass --overwrite "
-                         f"to replace them or --runs DIR to train elsewhere")
+        config = read_config(taken[0].out_dir)
+        differences = value_differences(config, taken[0].expected) if config else []
+        why = f"; {taken[0].out_dir}: {'; '.join(differences)}" if differences else ""
+        raise UsageError(f"{', '.join(str(r.out_dir) for r in taken)} already hold runs that these settings can "
+                         f"neither reuse nor resume (other settings, or no checkpoint to resume from{why}); pass "
+                         f"--overwrite to replace them or --runs DIR to train elsewhere")
 
     for r in runs:
         if states[r.name] == "reuse":

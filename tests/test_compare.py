@@ -105,8 +105,9 @@ def test_runs_with_other_settings_are_refused_or_replaced_with_overwrite(trainin
     capsys.readouterr()
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8") == 2
     assert capsys.readouterr().err == ("error: runs/gpt_s1337 already hold runs that these settings can neither "
-                                       "reuse nor resume (other settings, or no checkpoint to resume from); pass "
-                                       "--overwrite to replace them or --runs DIR to train elsewhere\n")
+                                       "reuse nor resume (other settings, or no checkpoint to resume from; "
+                                       "runs/gpt_s1337: n_embd was 16, now 8); pass --overwrite to replace them or "
+                                       "--runs DIR to train elsewhere\n")
     assert trainings == []
     assert compare_main("--models", "bigram,gpt", "--n_embd", "8", "--overwrite") == 0  # bigram has no width
     assert [script for script, _ in trainings] == ["gpt.py"]
