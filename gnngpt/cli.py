@@ -319,6 +319,8 @@ def run(script, args):
     }
     with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
         resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
+        if resume_from:  # the most that shared the machine with any part of the run
+            config["runs_at_once"] = max(config["runs_at_once"], resume_from["config"].get("runs_at_once", 1))
         wandb_run_id = resume_from.get("wandb_run_id") if resume_from else None
         # the trackers start before config.json is written: a failed wandb.init leaves no run behind
         with open_tracking(args, name, out_dir, config, wandb_run_id) as tracking:

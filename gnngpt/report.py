@@ -35,18 +35,38 @@ REPORT_FILES = ("results.md", "leaderboard.md", "graphs.md")
 def check_report_owner(out, runs):
     """UsageError when out holds a report (results.md, leaderboard.md or graphs.md) made from the runs of another
     directory than runs: a comparison writes over the report of its own runs alone (the command that made it, or
-    the same on more runs or with --report_only), never over another's, such as a report this repository ships."""
+    the same on more runs or with --report_only), never over another's, such as a report this repository ships.
+    The report's --runs is read where its command ran: the directory that holds its --out as out does now."""
     for name in REPORT_FILES:
         try:
             made_by = (Path(out) / name).read_text(encoding="utf-8").split("`")[1]
-            argv = shlex.split(made_by)[2:]
+            argv = shlex.split(made_by)
         except (OSError, UnicodeDecodeError, IndexError, ValueError):
             continue  # no report there, or none this project wrote
-        made_from = next((value for flag, value in zip(argv, argv[1:]) if flag == "--runs"),
-                         next((a.split("=", 1)[1] for a in argv if a.startswith("--runs=")), "runs"))
-        if Path(made_from).resolve() != Path(runs).resolve():
-            raise UsageError(f"--out {out} holds {name}, the report of the runs in {made_from}; pass --runs "
-                             f"{made_from} to make it again, or choose another --out")
+        if argv[:2] != ["python", "compare.py"]:
+            continue
+        made_runs = last_value(argv, "--runs", "runs")
+        if (ran_in(out, last_value(argv, "--out", made_runs)) / made_runs).resolve() != Path(runs).resolve():
+            raise UsageError(f"--out {out} holds {name}, the report of the runs in {made_runs}; pass --runs "
+                             f"{made_runs} to make it again, or choose another --out")
+
+
+def last_value(argv, flag, default):
+    """The value of the last flag in argv (as --flag VALUE or --flag=VALUE), as argparse reads it; else default."""
+    at = [i for i, a in enumerate(argv[:-1]) if a == flag] + [i for i, a in enumerate(argv) if a.startswith(flag + "=")]
+    if not at:
+        return default
+    last = argv[max(at)]
+    return argv[max(at) + 1] if last == flag else last.split("=", 1)[1]
+
+
+def ran_in(out, made_out):
+    """The directory a report's command ran in: the one that holds its --out (made_out) where out lies now; the
+    current directory where that cannot be told (an absolute --out, or one that is not out's tail)."""
+    here, made = Path(out).resolve().parts, Path(made_out).parts
+    if not made or Path(made_out).is_absolute() or here[-len(made):] != made:
+        return Path.cwd()
+    return Path(*here[:-len(made)])
 
 
 def model_samples_dir(out, configs, shipped=True):
@@ -239,13 +259,13 @@ def run_notes(configs, jobs, ignored=()):
     differences = setting_notes(configs, ignored)
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
-    recorded = [r["runs_at_once"] for c in configs for r in c["runs"] if r["runs_at_once"] is not None]
-    if recorded and max(recorded) > 1:
-        notes += (f"Up to {max(recorded)} runs trained at once: the tokens/s and wall times of the runs that "
-                  f"did so were measured while they shared the machine.\n\n")
-    elif not recorded and jobs > 1:
+    recorded = [r["runs_at_once"] for c in configs for r in c["runs"]]
+    if None in recorded and jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
+    elif max(n or 1 for n in recorded) > 1:
+        notes += (f"Up to {max(n or 1 for n in recorded)} runs trained at once: the tokens/s and wall times of the "
+                  f"runs that did so were measured while they shared the machine.\n\n")
     return notes
 
 

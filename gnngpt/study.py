@@ -46,9 +46,10 @@ def compare(args, extra, argv):
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
     taken = [r for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
-        config = read_config(taken[0].out_dir)
-        differences = value_differences(config, taken[0].expected) if config else []
-        why = f"; {taken[0].out_dir}: {'; '.join(differences)}" if differences else ""
+        differing = ((r, value_differences(config, r.expected)) for r in taken
+                     if states[r.name] == "replace" and (config := read_config(r.out_dir)) is not None)
+        run, differences = next(differing, (None, []))
+        why = f"; {run.out_dir}: {'; '.join(differences)}" if differences else ""
         raise UsageError(f"{', '.join(str(r.out_dir) for r in taken)} already hold runs that these settings can "
                          f"neither reuse nor resume (other settings, or no checkpoint to resume from{why}); pass "
                          f"--overwrite to replace them or --runs DIR to train elsewhere")

@@ -16,7 +16,7 @@ import torch
 
 import compare
 from conftest import t_interval, tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard, results, tuning
+from gnngpt import cli, guard, report, results, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
@@ -206,6 +206,20 @@ def test_a_report_of_other_runs_is_never_written_over(made_by, trainings, tmp_pa
     assert trainings == [] and not (tmp_path / "elsewhere").exists()
     assert {p: p.read_bytes() for p in (tmp_path / "shipped").rglob("*") if p.is_file()} == before
     assert compare_main("--models", "bigram", "--runs", f"./{runs}", "--out", "shipped", "--report_only") == 0
+    assert compare_main("--models", "bigram", "--runs", "elsewhere", "--runs", runs, "--out", "shipped",
+                        "--report_only") == 0  # the last --runs counts, as argparse reads it
+    (tmp_path / "sub").mkdir()
+    os.chdir(tmp_path / "sub")  # the same runs, from another directory (the fixture's tmp_path is the cwd again)
+    report.check_report_owner("../shipped", f"../{runs}")
+    with pytest.raises(UsageError, match=f"^--out ../shipped holds results.md, the report of the runs in {runs}; "):
+        report.check_report_owner("../shipped", runs)
+
+
+def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "results.md").write_text("My notes: see `python train.py --runs other`\n")
+    assert compare_main("--models", "bigram", "--out", "notes") == 0
+    assert (tmp_path / "notes" / "results.md").read_text().startswith("# Results\n\nMade by `python compare.py ")
 
 
 def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_loss_and_sample(trainings, tmp_path,

@@ -17,7 +17,7 @@ from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_mult
 from gnngpt import cli
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
-from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT, RUNS_AT_ONCE
 from gnngpt.data import BatchSampler
 from gnngpt.decoder import KVCache
 from gnngpt.guard import one_thread
@@ -432,3 +432,15 @@ def test_sigint_during_a_slow_evaluation_of_a_training_process_stops_it_at_once(
                           f"with: python gpt.py ") and err.endswith(" --resume")
     checkpoint = load_checkpoint(tmp_path / "slow" / "ckpt.pt")
     assert checkpoint["step"] == 0 and checkpoint["metrics"] == []
+
+
+def test_a_resumed_run_records_the_most_runs_that_trained_at_once_in_any_part_of_it(tiny_text_file, tmp_path,
+                                                                                   monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv(RUNS_AT_ONCE, "3")  # as compare.py --jobs 3 tells its child trainings
+    assert run(out, tiny_text_file, "--max_iters", "6") == 0
+    monkeypatch.delenv(RUNS_AT_ONCE)
+    assert run(out, tiny_text_file, "--resume") == 0  # alone, to step 12
+    assert json.loads((out / "config.json").read_text())["runs_at_once"] == 3
+    assert run(tmp_path / "alone", tiny_text_file) == 0
+    assert json.loads((tmp_path / "alone" / "config.json").read_text())["runs_at_once"] == 1
