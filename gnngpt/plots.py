@@ -1,4 +1,6 @@
 """Figures of the results, drawn with matplotlib's Agg canvas (no display needed) and written atomically."""
+from pathlib import Path
+
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -117,7 +119,8 @@ def plot_loss_by_position(configs, path, title):
     """The exact validation loss of the targets at each offset t of their windows (t earlier characters of
     context) against t on a log axis, t >= 1: one line per configuration with a run's loss_by_position.csv
     through the mean over its seeds, with a band from the min to the max over them. Returns the names of the
-    configurations left out for want of that file (drawing nothing when none has it)."""
+    configurations left out for want of that file (drawing nothing when none has it, and removing an older
+    figure at path, which would not be theirs)."""
     drawn = [c for c in configs if all(r["by_position"] for r in c["runs"])]
     if drawn:
         fig = Figure(figsize=(8, 5), layout="constrained")
@@ -136,6 +139,8 @@ def plot_loss_by_position(configs, path, title):
         ax.legend(title="mean over seeds" + (", band: min to max" if seeds > 1 else ""), fontsize=8)
         fig.suptitle(title)
         save_figure(fig, path)
+    else:
+        Path(path).unlink(missing_ok=True)
     return [c["name"] for c in configs if c not in drawn]
 
 

@@ -189,11 +189,13 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
     assert "`graphs_by_position.png`: the exact validation loss at each offset of the windows, mean over seeds; " \
            "without gpt_window-2_rel, whose runs have no loss_by_position.csv." in table
 
+    assert (runs / "graphs_by_position.png").is_file()
     for path in runs.glob("*/loss_by_position.csv"):  # a study from before any run wrote it
         path.unlink()
     assert compare.main([*argv, "--report_only"]) == 0
     table = (runs / "graphs.md").read_text()
     assert "at offsets 8–15" not in table and "No loss by position: no run has loss_by_position.csv" in table
+    assert not (runs / "graphs_by_position.png").exists()  # the figure of the runs as they were is gone with it
 
 
 def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text_file, capsys):
