@@ -16,9 +16,8 @@ from .lists import list_items, refuse_twice
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
 from .rundir import (
-    EVAL_FILE,
-    SAMPLE_FILE,
     has_checkpoint,
+    has_final_files,
     holds_run,
     is_finished,
     read_config,
@@ -59,8 +58,7 @@ class Run:
         config = read_config(self.out_dir)
         same = config is not None and not value_differences(config, self.expected)
         checkpointed = has_checkpoint(self.out_dir)
-        made = all((self.out_dir / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
-        if same and is_finished(self.out_dir, config) and (checkpointed or made):
+        if same and is_finished(self.out_dir, config) and (checkpointed or has_final_files(self.out_dir)):
             return "reuse"
         if same and checkpointed:
             return "resume"

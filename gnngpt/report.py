@@ -24,7 +24,7 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
-from .rundir import EVAL_FILE, SAMPLE_FILE
+from .rundir import missing_final_files
 from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
@@ -141,7 +141,7 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     def why_missing(run):
         if states[run.name] != "lost":
             return why.get(states[run.name], f"no {wanted}")
-        lacks = [name for name in (EVAL_FILE, SAMPLE_FILE) if not (run.out_dir / name).is_file()]
+        lacks = missing_final_files(run.out_dir)
         return f"no {' or '.join(lacks)}, and no checkpoint to make {'it' if len(lacks) == 1 else 'them'}"
 
     missing = [f"{r.out_dir} ({why_missing(r)})" for r in runs if states[r.name] != "reuse"
@@ -260,12 +260,13 @@ def run_notes(configs, jobs, ignored=()):
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
     recorded = [r["runs_at_once"] for c in configs for r in c["runs"]]
+    at_once = max(n or 1 for n in recorded)
     if None in recorded and jobs > 1:
         notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
                   f"by this command were measured while they shared the machine.\n\n")
-    elif max(n or 1 for n in recorded) > 1:
-        notes += (f"Up to {max(n or 1 for n in recorded)} runs trained at once: the tokens/s and wall times of the "
-                  f"runs that did so were measured while they shared the machine.\n\n")
+    elif at_once > 1:
+        notes += (f"Up to {at_once} runs trained at once: the tokens/s and wall times of the runs that did so were "
+                  f"measured while they shared the machine.\n\n")
     return notes
 
 

@@ -260,9 +260,8 @@ def describe_run(out_dir, config):
         return ("holds a finished run of which only the small files are kept (no ckpt.pt); pass --overwrite to train "
                 "it again or choose another --out_dir")
     if finished and not has_final_files(out_dir):
-        missing = [what for name, what in ((EVAL_FILE, f"its exact validation loss ({EVAL_FILE})"),
-                                           (SAMPLE_FILE, f"its sample ({SAMPLE_FILE})"))
-                   if not (Path(out_dir) / name).is_file()]
+        what = {EVAL_FILE: f"its exact validation loss ({EVAL_FILE})", SAMPLE_FILE: f"its sample ({SAMPLE_FILE})"}
+        missing = [what[name] for name in missing_final_files(out_dir)]
         return (f"holds a run stopped after its last step, before {' and '.join(missing)} "
                 f"{'was' if len(missing) == 1 else 'were'} written; pass --resume to write "
                 f"{'it' if len(missing) == 1 else 'them'}, or --overwrite to replace it")
@@ -335,9 +334,15 @@ def stopped_before_first_checkpoint(out_dir):
     return not has_checkpoint(out_dir) and all(row["step"] == 0 for row in read_metrics(out_dir))
 
 
+def missing_final_files(out_dir):
+    """The names of what a run writes after its last step, its exact loss (eval.json) and sample, that out_dir
+    lacks."""
+    return [name for name in (EVAL_FILE, SAMPLE_FILE) if not (Path(out_dir) / name).is_file()]
+
+
 def has_final_files(out_dir):
-    """Whether out_dir holds what a run writes after its last step: its exact loss (eval.json) and sample."""
-    return all((Path(out_dir) / name).is_file() for name in (EVAL_FILE, SAMPLE_FILE))
+    """Whether out_dir holds what a run writes after its last step (see missing_final_files)."""
+    return not missing_final_files(out_dir)
 
 
 def has_checkpoint(out_dir):
