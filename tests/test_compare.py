@@ -363,6 +363,11 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--seed", "1,,2"], "error: --seed '1,,2' has an empty item; remove the extra comma\n"),
     (["--models", "gpt,,bigram"], "error: --models 'gpt,,bigram' has an empty item; remove the extra comma\n"),
     (["--models", "gpt,bigram,gpt"], "error: --models 'gpt,bigram,gpt' names gpt twice; give each once\n"),
+    (["--models", "bigram", "--graphs", "full,full"], "error: --graphs and --pos place a token mixer, and --models "
+                                                     "bigram has none (the bigram reads one token); drop them, or add "
+                                                     "a model such as gpt\n"),
+    (["--models", "bigram", "--pos", "rel"], "error: --graphs and --pos place a token mixer, and --models bigram has "
+                                             "none"),
     (["--learning_rate", "gpt="], "error: --learning_rate 'gpt=' names nothing; give a comma-separated list such as "
                                   "5e-4,1e-3,2e-3\n"),
     (["--learning_rate", " =1e-3"], "error: --learning_rate ' =1e-3' names no model before =; give MODEL=RATE,... for "
