@@ -223,15 +223,16 @@ def test_a_full_disk_at_the_exact_evaluation_is_one_line_and_resume_finishes_the
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (No space left "
                                                         f"on device); free disk space, then finish the run with "
                                                         f"--resume")
-    assert not (out / "eval.json").exists() and not (out / "sample.txt").exists()
+    assert not any((out / name).exists() for name in ("eval.json", "loss_by_position.csv", "sample.txt"))
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2", "--resume") == 0
-    assert (out / "eval.json").is_file() and (out / "sample.txt").is_file()
+    assert all((out / name).is_file() for name in ("eval.json", "loss_by_position.csv", "sample.txt"))
 
 
 def test_evaluate_write_to_a_run_directory_it_cannot_write_is_one_line_and_changes_nothing(tiny_text_file, tmp_path,
                                                                                           monkeypatch, capsys):
     out = tmp_path / "run"
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
+    (out / "loss_by_position.csv").write_text("offset,loss,targets\n0,1.0,1\n")  # unlike the one --write computes
     before = snapshot(out)
     capsys.readouterr()
     monkeypatch.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text,
