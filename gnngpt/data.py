@@ -56,8 +56,11 @@ def load_text(path=None):
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"data file {path} is a directory; pass --data PATH to a UTF-8 text file in it")
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"data file {path} does not exist; pass --data PATH to a UTF-8 text file")
+    if not path.is_file():
+        raise UsageError(f"data file {path} is not a regular file (a device or a pipe); pass --data PATH to a UTF-8 "
+                         f"text file")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -99,6 +102,9 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
+MAX_PROMPT_BYTES = 10 * 2**20  # a prompt file holds at most this much: /dev/zero would never end
+
+
 def read_prompt(prompt):
     """The prompt text; "FILE:path" reads it from a UTF-8 file, as nanoGPT's sample.py does."""
     if not prompt.startswith("FILE:"):
@@ -107,7 +113,12 @@ def read_prompt(prompt):
         raise UsageError("--prompt FILE: names no file; give --prompt FILE:PATH to a UTF-8 text file")
     path = Path(prompt[len("FILE:"):])
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # a pipe such as /dev/stdin is read too, up to MAX_PROMPT_BYTES
+            raw = f.read(MAX_PROMPT_BYTES + 1)
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise UsageError(f"the prompt file {path} holds more than {MAX_PROMPT_BYTES:,} bytes; give --prompt "
+                             f"FILE:PATH to a shorter UTF-8 text file")
+        return raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
         raise UsageError(

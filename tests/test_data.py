@@ -1,5 +1,6 @@
 import hashlib
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnngpt.data import PINNED_BATCHES, BatchSampler, CharTokenizer, download, load_text, split
+from gnngpt import data
+from gnngpt.data import PINNED_BATCHES, BatchSampler, CharTokenizer, download, load_text, read_prompt, split
 from gnngpt.errors import UsageError
 
 PAYLOAD = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200).encode()
@@ -74,6 +76,7 @@ def test_download_missing_file_on_server_leaves_nothing(server, tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (None, "data file {path} does not exist; pass --data PATH to a UTF-8 text file"),
+    ("fifo", "data file {path} is not a regular file (a device or a pipe); pass --data PATH to a UTF-8 text file"),
     ("dir", "data file {path} is a directory; pass --data PATH to a UTF-8 text file in it"),
     (b"", "data file {path} is empty; pass --data PATH to a non-empty UTF-8 text file"),
     (b"caf\xe9 au lait", "data file {path} is not UTF-8 text (byte 3); convert it to UTF-8 or pass another --data"),
@@ -82,6 +85,8 @@ def test_load_text_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "data.txt"
     if content == "dir":
         path.mkdir()
+    elif content == "fifo":
+        os.mkfifo(path)
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(UsageError) as e:
@@ -175,3 +180,20 @@ def test_missing_default_file_is_downloaded(server, tmp_path, monkeypatch):
     monkeypatch.setattr("gnngpt.data.DATA_SHA256", hashlib.sha256(PAYLOAD).hexdigest())
     assert load_text() == PAYLOAD.decode()
     assert (tmp_path / "input.txt").read_bytes() == PAYLOAD
+
+
+def test_a_prompt_file_is_read_from_a_pipe_and_refused_past_its_size_limit(tmp_path, monkeypatch):
+    fifo = tmp_path / "prompt"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("ROMEO:"))
+    writer.start()
+    assert read_prompt(f"FILE:{fifo}") == "ROMEO:"
+    writer.join()
+    monkeypatch.setattr(data, "MAX_PROMPT_BYTES", 5)
+    (tmp_path / "long.txt").write_text("ROMEO:")
+    with pytest.raises(UsageError) as e:
+        read_prompt(f"FILE:{tmp_path / 'long.txt'}")
+    assert str(e.value) == (f"the prompt file {tmp_path / 'long.txt'} holds more than 5 bytes; give --prompt "
+                            f"FILE:PATH to a shorter UTF-8 text file")
+    (tmp_path / "five.txt").write_text("ROMEO")
+    assert read_prompt(f"FILE:{tmp_path / 'five.txt'}") == "ROMEO"  # at the limit
