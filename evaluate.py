@@ -59,9 +59,7 @@ def run(args):
     device = cli.resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]
-    config = read_config(args.out_dir)
-    if config is None:
-        raise UsageError(f"{args.out_dir} has no readable config.json; evaluate a run written by this project")
+    config = run_config(args.out_dir, checkpoint)
     if args.data:
         data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
     else:
@@ -84,6 +82,22 @@ def run(args):
               f"({r['mean'] - result['nats']:+.4f} from the exact loss), sample deviation {r['sd']:.4f}")
     if args.write:
         print(f"wrote {args.out_dir}/eval.json and loss_by_position.csv")
+
+
+def run_config(out_dir, checkpoint):
+    """The run's config.json, refused unless this project wrote it, for the model of the run's ckpt.pt
+    (load_run_model's checkpoint)."""
+    config = read_config(out_dir)
+    settings = config.get("settings") if config is not None else None
+    if not (isinstance(settings, dict) and isinstance(config.get("data"), str)
+            and all(type(settings.get(key)) is int and settings[key] > 0
+                    for key in ("block_size", "batch_size", "eval_iters"))):
+        raise UsageError(f"{out_dir} has no readable config.json; evaluate a run written by this project")
+    if config.get("name") != checkpoint["name"] or checkpoint["block_size"] not in (None, settings["block_size"]):
+        raise UsageError(f"{out_dir}/config.json ({config.get('name')}, block_size {settings['block_size']}) is not "
+                         f"that of its ckpt.pt ({checkpoint['name']}, block_size {checkpoint['block_size']}); "
+                         f"evaluate a run whose files are its own")
+    return config
 
 
 if __name__ == "__main__":

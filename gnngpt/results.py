@@ -19,7 +19,8 @@ PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos":
 
 
 def load_run_model(out_dir, device="cpu", backend=None):
-    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's {"name", "step"}.
+    """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's {"name", "step",
+    "block_size"} (block_size None for the bigram, which reads one token).
 
     backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
     a training holds (see rundir.hold_run_dir) is refused.
@@ -44,7 +45,8 @@ def load_run_model(out_dir, device="cpu", backend=None):
         raise UsageError(f"{path} holds weights that are not finite numbers (NaN or infinity); retrain it, at a lower "
                          f"--learning_rate if its loss diverged")
     model = model.to(device)
-    return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"]}
+    return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"],
+                                                       "block_size": checkpoint["model_config"].get("block_size")}
 
 
 def run_summary(out_dir, at=None):

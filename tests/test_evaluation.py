@@ -1,5 +1,6 @@
 """The exact validation loss: equal to a plain loop over windows, deterministic, in nats and bits; evaluate.py."""
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import evaluate as evaluate_py
 from conftest import tiny_config, train_tiny_gpt
 from gnngpt.data import split
 from gnngpt.evaluation import exact_evaluation, exact_loss, read_loss_by_position
@@ -127,6 +129,30 @@ def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, 
     other.write_text(content)
     result = evaluate(["--out_dir", str(tiny_run("gpt")), "--data", str(other), *args], cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message.format(other=other))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda config: {}, "error: {run} has no readable config.json; evaluate a run written by this project\n"),
+    (lambda config: {**config, "data": None}, "error: {run} has no readable config.json; "),
+    (lambda config: {**config, "settings": {**config["settings"], "block_size": "16"}},
+     "error: {run} has no readable config.json; "),
+    (lambda config: {**config, "settings": {**config["settings"], "block_size": 8}},
+     "error: {run}/config.json (gpt, block_size 8) is not that of its ckpt.pt (gpt, block_size 16); evaluate a run "
+     "whose files are its own\n"),
+    (lambda config: {**config, "name": "GATConv"}, "error: {run}/config.json (GATConv, block_size 16) is not that of "
+                                                   "its ckpt.pt (gpt, block_size 16); "),
+])
+def test_evaluate_py_refuses_a_config_json_not_written_for_its_checkpoint(tiny_run, tmp_path, monkeypatch, capsys,
+                                                                         change, message):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run("gpt"), run)
+    monkeypatch.chdir(tiny_run("gpt").parent)  # where the run's training text is
+    capsys.readouterr()  # the training's output, should this test train the run
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(change(config)))
+    assert evaluate_py.main(["--out_dir", str(run), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(message.format(run=run))
 
 
 def test_evaluate_py_writes_the_eval_json_a_training_writes(in_tmp_path, tiny_text_file):
