@@ -45,6 +45,11 @@ def fsync_dir(path):
 
 
 def write_fix(error, place="the run directory"):
-    """What to do about an OSError of a write in place: free disk space when the disk or quota is full, else
-    make place writable (the directory, where the file is written atomically beside it)."""
-    return "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {place} writable"
+    """What to do about an OSError of a write in place: free disk space when the disk or quota is full, remove
+    the directory where the file goes, else make place writable (the directory, where the file is written
+    atomically beside it)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space"
+    if error.errno == errno.EISDIR:
+        return "remove the directory in the file's place"
+    return f"make {place} writable"

@@ -243,6 +243,21 @@ def test_evaluate_write_to_a_run_directory_it_cannot_write_is_one_line_and_chang
     assert snapshot(out) == before
 
 
+def test_evaluate_write_with_a_directory_in_the_place_of_eval_json_says_so_and_changes_nothing(tiny_text_file,
+                                                                                                  tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
+    (out / "eval.json").unlink()
+    (out / "eval.json").mkdir()
+    (out / "loss_by_position.csv").write_text("offset,loss,targets\n0,1.0,1\n")  # unlike the one --write computes
+    before = snapshot(out)
+    capsys.readouterr()
+    assert evaluate.main(["--out_dir", str(out), "--write", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (Is a "
+                                                        f"directory); remove the directory in the file's place")
+    assert snapshot(out) == before
+
+
 def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_checkpoint(tiny_text_file, tmp_path):
     out = tmp_path / "run"
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
