@@ -1,5 +1,8 @@
 """The error types the command-line scripts turn into a one-line message: exit code 2 for bad input, 1 for a
 failure of the run itself."""
+import errno
+import os
+import signal
 import sys
 
 
@@ -19,12 +22,30 @@ def one_line(error):
 
 def exit_code(run, *args):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
-    Failure one line and code 1, Ctrl-C "interrupted" and code 130."""
+    Failure one line and code 1, Ctrl-C "interrupted" and code 130, an OSError that reached here
+    os_error_exit's."""
     try:
-        return run(*args) or 0
+        code = run(*args) or 0
+        sys.stdout.flush()  # a reader of the output that left, or a full disk, shows here, not at the exit
+        return code
     except (UsageError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        return os_error_exit(e)
+
+
+def os_error_exit(error):
+    """The exit code of an OSError no step turned into a message, such as a failed write of the output: a pipe
+    whose reader left (as head does) ends quietly with 141, as a shell pipeline's writer does; any other prints
+    one line and gives 1."""
+    if isinstance(error, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
+        return 128 + signal.SIGPIPE
+    where = f": {error.filename}" if error.filename else ""
+    fix = "; free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    print(f"error: {error.strerror or one_line(error)}{where}{fix}", file=sys.stderr)
+    return 1

@@ -264,3 +264,22 @@ def test_help_documents_every_flag(script, tmp_path):
         flags += ["--gat_version", "--gnn", "--gnn_kwargs", "--list_layers", "--backend"]
     for flag in flags:
         assert flag in result.stdout
+
+
+PRINTS_A_MEGABYTE = ("import sys; from gnngpt.errors import exit_code; "
+                     "sys.exit(exit_code(lambda: [print('x' * 1023) for _ in range(1024)] and None))")
+
+
+def test_output_to_a_pipe_whose_reader_left_ends_quietly_as_a_pipeline_writer_does():
+    child = subprocess.Popen([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=Path(__file__).parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.read(10) == b"x" * 10
+    child.stdout.close()  # as head does after its lines
+    assert (child.wait(timeout=60), child.stderr.read()) == (141, b"")
+
+
+def test_output_to_a_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=Path(__file__).parents[1],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "error: No space left on device; free disk space\n")
