@@ -35,7 +35,7 @@ from gnngpt.cli import (
     resolve_device,
 )
 from gnngpt.config import PRESETS, resolve_preset
-from gnngpt.errors import UsageError, exit_code
+from gnngpt.errors import UsageError, exit_code, one_line, out_of_memory
 from gnngpt.graph import graph_spec, parse_graph
 
 SHAPE_FLAGS = ("block_size", "batch_size", "n_embd", "n_head", "n_layer")
@@ -113,11 +113,17 @@ def run(args):
     common = {"preset": preset, "device": str(device), "block_size": shape["block_size"],
               "batch_size": shape["batch_size"]}
 
-    train_rows = bench_training(
-        [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
-        device, args.dtype, args.compile, args.warmup, args.iters, common)
-    gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
-                if args.gen_repeats else [])
+    try:
+        train_rows = bench_training(
+            [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
+            device, args.dtype, args.compile, args.warmup, args.iters, common)
+        gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
+                    if args.gen_repeats else [])
+    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
+        if not out_of_memory(e):
+            raise
+        raise UsageError(f"the benchmark does not fit in the memory of {device} ({one_line(e)[:160]}); lower "
+                         f"--batch_size, --block_size or --n_embd") from None
 
     print_tables(train_rows, gen_rows, args.gen_length, args.compile)
     if args.json:

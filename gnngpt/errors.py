@@ -20,6 +20,12 @@ def one_line(error):
     return lines[0] if lines else type(error).__name__
 
 
+def out_of_memory(error):
+    """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU."""
+    return isinstance(error, MemoryError) or any(text in str(error) for text in ("can't allocate memory",
+                                                                                 "out of memory"))
+
+
 def exit_code(run, *args):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
     Failure one line and code 1, Ctrl-C "interrupted" and code 130, an OSError that reached here

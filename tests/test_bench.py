@@ -108,6 +108,17 @@ def test_bench_refuses_bad_input_with_one_line(args, message, capsys):
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
+def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys):
+    def allocation_fails(self):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(benchmark.TrainingBench, "step", allocation_fails)
+    assert bench.main([*TINY, "--models", "gpt"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the benchmark does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] data. "
+        "DefaultCPUAllocator: can't allocate memory); lower --batch_size, --block_size or --n_embd")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bench_refuses_bfloat16_without_cuda(capsys):
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2
