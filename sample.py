@@ -17,11 +17,12 @@ from gnngpt.cli import (
     resolve_device,
 )
 from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import Failure, UsageError, exit_code
+from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory
 from gnngpt.results import load_run_model
 from gnngpt.sampling import generate, sampling_failure
 
 SEPARATOR = "---------------"
+MIN_TEMPERATURE = 1e-6  # logits of float32 divided by less can overflow to infinity, and their softmax is NaN
 
 
 def build_parser():
@@ -58,6 +59,9 @@ def check_args(args):
             raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.temperature < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature must be at least {MIN_TEMPERATURE:g}, got {args.temperature:g} (the logits "
+                         f"divided by it would overflow); --top_k 1 always takes the most likely character")
     if args.top_k < 0:
         raise UsageError(f"--top_k must be 0 (no limit) or a positive integer, got {args.top_k}")
     check_seed(args.seed)
@@ -82,6 +86,9 @@ def run(args):
                        use_cache=not args.no_cache, compile=args.compile)  # (num_samples, T + max_new_tokens)
     except Exception as e:  # whatever sampling raised, in one line
         error, decoder_raised = sampling_failure(e)
+        if out_of_memory(e):
+            raise UsageError(f"sampling failed ({error}); draw fewer samples at once (--num_samples "
+                             f"{args.num_samples}) or shorter ones (--max_new_tokens {args.max_new_tokens})") from None
         advice = "; --no_cache samples without the cached decoder, which raised it" if decoder_raised else ""
         raise Failure(f"sampling failed ({error}){advice}") from None
     for row in out.tolist():

@@ -117,6 +117,20 @@ def test_a_failure_while_sampling_ends_with_one_line_and_exit_code_1(tiny_run, m
     assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {MULTINOMIAL_ERROR})\n")
 
 
+ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
+
+
+def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples(tiny_run, monkeypatch, capsys):
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(ALLOCATION_ERROR)
+
+    monkeypatch.setattr("gnngpt.sampling.torch.multinomial", allocation_fails)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "3", "--max_new_tokens", "5"]) == 2
+    assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {ALLOCATION_ERROR}); draw fewer "
+                                       f"samples at once (--num_samples 3) or shorter ones (--max_new_tokens 5)\n")
+
+
 def test_ctrl_c_while_sampling_ends_with_one_line_and_exit_code_130(tiny_run, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -194,6 +208,8 @@ def write_foreign_checkpoints(tmp_path):
     (["--max_new_tokens", "-1"], "error: --max_new_tokens must be a positive integer, got -1"),
     (["--temperature", "0"], "error: --temperature must be a positive number, got 0.0"),
     (["--temperature", "inf"], "error: --temperature must be a positive number, got inf"),
+    (["--temperature", "1e-300"], "error: --temperature must be at least 1e-06, got 1e-300 (the logits divided by it "
+                                  "would overflow); --top_k 1 always takes the most likely character\n"),
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
