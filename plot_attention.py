@@ -9,7 +9,7 @@ from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import UsageError, exit_code
-from gnngpt.plots import plot_attention
+from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
 from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
@@ -33,12 +33,23 @@ def main(argv=None):
     return exit_code(run, build_parser().parse_args(argv))
 
 
+def check_out(out):
+    """Refuse an --out the figure cannot go to, or must not: a name without .png (the figure is a PNG), and an
+    existing file other than an attention figure of this script (a run's file, or a figure the repository ships)."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name, such as {out / 'attention.png'}")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"--out {out} is not a regular file (a device or a pipe); give a file name")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the figure is a PNG; give a file name ending in .png")
+    if out.exists() and png_description(out) != ATTENTION_FIGURE:
+        raise UsageError(f"--out {out} exists and is not an attention figure of plot_attention.py; choose another "
+                         f"--out, or remove that file first")
+
+
 def run(args):
-    if args.out and Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a directory; give a file name, such as "
-                         f"{Path(args.out) / 'attention.png'}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_file():
-        raise UsageError(f"--out {args.out} is not a regular file (a device or a pipe); give a file name")
+    out = Path(args.out or Path(args.out_dir) / "attention.png")
+    check_out(out)
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]
@@ -46,7 +57,6 @@ def run(args):
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
     agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
-    out = Path(args.out or Path(args.out_dir) / "attention.png")
     try:
         plot_attention(maps, list(text), out,
                        f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",

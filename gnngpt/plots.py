@@ -5,12 +5,26 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from PIL import Image
 
 from .files import atomic_write
 
+ATTENTION_FIGURE = "attention maps drawn by plot_attention.py"  # the Description of plot_attention's PNGs
 
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+def save_figure(fig, path, description=None):
+    """fig as a PNG at path, with description in its metadata where given."""
+    metadata = {"Description": description} if description else None
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata=metadata))
+
+
+def png_description(path):
+    """The Description in the metadata of the PNG at path; None where there is none, or no PNG."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Description") if image.format == "PNG" else None
+    except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        return None
 
 
 def mean_curve(runs, key):
@@ -223,4 +237,4 @@ def plot_attention(maps, tokens, path, title, agreement=None):
             ax.set_ylabel("query token", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     fig.suptitle(title)
-    save_figure(fig, path)
+    save_figure(fig, path, ATTENTION_FIGURE)

@@ -1,6 +1,7 @@
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -12,6 +13,7 @@ from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.errors import UsageError
 from gnngpt.graph import parse_graph
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
+from gnngpt.plots import ATTENTION_FIGURE, png_description
 
 ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
                     ("GATv2Conv", "pyg")]
@@ -155,6 +157,30 @@ def test_an_out_that_cannot_be_written_is_one_line(out, message, tiny_run, tmp_p
     assert capsys.readouterr().err == message
     assert sorted(tmp_path.rglob("*")) == [tmp_path / "pipe", tmp_path / "plots"]
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
+
+
+def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_run, tmp_path, monkeypatch, capsys):
+    run = tiny_run("gpt")
+    monkeypatch.chdir(tmp_path)
+    shipped = Path(__file__).parents[1] / "plots" / "paper" / "val_loss.png"
+    (tmp_path / "val_loss.png").write_bytes(shipped.read_bytes())
+    (tmp_path / "notes.png").write_text("not a figure")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    for out, message in [("fig.pdf", "error: --out fig.pdf: the figure is a PNG; give a file name ending in .png\n"),
+                         (str(run / "ckpt.pt"), f"error: --out {run / 'ckpt.pt'}: the figure is a PNG; give a file "
+                                                f"name ending in .png\n"),
+                         ("val_loss.png", "error: --out val_loss.png exists and is not an attention figure of "
+                                          "plot_attention.py; choose another --out, or remove that file first\n"),
+                         ("notes.png", "error: --out notes.png exists and is not an attention figure of "
+                                       "plot_attention.py; ")]:
+        assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", out]) == 2
+        assert capsys.readouterr().err.startswith(message)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    for _ in range(2):  # its own figure it draws again
+        assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", "attention.PNG"]) == 0
+        assert png_description(tmp_path / "attention.PNG") == ATTENTION_FIGURE
 
 
 @pytest.mark.parametrize("name,prompt,message", [
