@@ -64,6 +64,9 @@ def check_args(args):
                          f"divided by it would overflow); --top_k 1 always takes the most likely character")
     if args.top_k < 0:
         raise UsageError(f"--top_k must be 0 (no limit) or a positive integer, got {args.top_k}")
+    if args.compile and args.no_cache:
+        raise UsageError("--compile compiles the cached decoder's one-token step, which --no_cache does not run; "
+                         "drop one of them")
     check_seed(args.seed)
 
 

@@ -211,6 +211,8 @@ def write_foreign_checkpoints(tmp_path):
     (["--temperature", "1e-300"], "error: --temperature must be at least 1e-06, got 1e-300 (the logits divided by it "
                                   "would overflow); --top_k 1 always takes the most likely character\n"),
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
+    (["--compile", "--no_cache"], "error: --compile compiles the cached decoder's one-token step, which --no_cache "
+                                  "does not run; drop one of them\n"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
 ])
