@@ -1,5 +1,4 @@
 """The exact validation loss: every character of a split predicted once, from consecutive windows, in eval mode."""
-import contextlib
 import csv
 import json
 import math
@@ -12,7 +11,7 @@ from tqdm import tqdm
 
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
 from .errors import UsageError
-from .files import atomic_write_text, write_fix
+from .files import atomic_writes, utf8, write_fix
 from .rundir import eval_files
 from .train import evaluate
 
@@ -146,23 +145,11 @@ def write_eval(out_dir, result, step, at=None):
     for part in (part for part in HALVES if part in result):
         record.update({f"{part}_loss": round(result[part]["nats"], 6), f"{part}_bpc": round(result[part]["bits"], 6),
                        f"{part}_targets": result[part]["targets"]})
-    try:
-        before = position_path.read_text()
-    except OSError:
-        before = None
-    path = position_path
-    try:
-        atomic_write_text(path, "offset,loss,targets\n" + rows)
-        path = eval_path
-        atomic_write_text(path, json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n")
+    try:  # both or neither: losses by position beside an eval.json of another evaluation would mislead
+        atomic_writes([(position_path, utf8("offset,loss,targets\n" + rows)),
+                       (eval_path, utf8(json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n"))])
     except OSError as e:
-        if path == eval_path:  # the losses by position go back to those of the eval.json there was, or none
-            with contextlib.suppress(OSError):
-                if before is None:
-                    position_path.unlink()
-                else:
-                    atomic_write_text(position_path, before)
-        raise UsageError(f"could not write {path} ({e.strerror or e}); {write_fix(e)}") from None
+        raise UsageError(f"could not write {e.filename} ({e.strerror or e}); {write_fix(e)}") from None
 
 
 def read_eval(out_dir, step=None, at=None):

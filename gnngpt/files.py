@@ -8,25 +8,49 @@ from pathlib import Path
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside path, fsync it, then rename it over path (over the file a
     symlink at path points to, so that the link stays)."""
-    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_writes([(path, write)])
+
+
+def atomic_writes(writes):
+    """atomic_write of each (path, write) of writes, all or none: every temporary file is written first, and only
+    then renamed over its path (renames need no space), so that a failed write changes none of the paths. An
+    OSError names the path whose write failed."""
+    targets = [Path(path).resolve() if Path(path).is_symlink() else Path(path) for path, _ in writes]
+    temporary = []
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        for path, (_, write) in zip(targets, writes):
+            try:
+                if path.is_dir():  # os.replace would fail on it after the renames before had been made
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                temporary.append(tmp)
+                os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                e.filename = str(path)
+                raise
+        for tmp, path in zip(temporary, targets):
+            os.replace(tmp, path)
+        for directory in dict.fromkeys(path.parent for path in targets):
+            fsync_dir(directory)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temporary:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def atomic_write_text(path, text):
     """Write text as UTF-8 to path atomically."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, utf8(text))
+
+
+def utf8(text):
+    """A write (see atomic_write) of text as UTF-8."""
+    return lambda f: f.write(text.encode("utf-8"))
 
 
 def current_umask():

@@ -172,18 +172,25 @@ def test_a_run_directory_made_read_only_after_a_training_is_refused(read_only_di
     assert [p.name for p in read_only_dir.iterdir()] == [".lock"]
 
 
-def disk_full_at_call(n, real, code=errno.ENOSPC):
-    """real, except that its n-th call raises ENOSPC, as a full disk would (or another errno code)."""
+def disk_full_from_call(n, real, code=errno.ENOSPC):
+    """real, except that its n-th call and every later one raise ENOSPC, as a disk that fills and stays full
+    would (or another errno code)."""
     calls = 0
 
     def write(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls == n:
+        if calls >= n:
             raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     return write
+
+
+def writes_failing_from(n, code=errno.ENOSPC):
+    """A stand-in for files.utf8 whose writes fail from the n-th on (see disk_full_from_call)."""
+    write = disk_full_from_call(n, lambda f, data: f.write(data), code)
+    return lambda text: lambda f: write(f, text.encode("utf-8"))
 
 
 @pytest.mark.parametrize("fails", ["ckpt.pt", "ckpt.pt, read-only", "metrics.csv"])
@@ -193,13 +200,13 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
     with monkeypatch.context() as mp:
         if fails.startswith("ckpt.pt"):  # the second checkpoint, at step 2
             code = errno.EROFS if fails.endswith("read-only") else errno.ENOSPC
-            mp.setattr(ckpt_module.torch, "save", disk_full_at_call(2, ckpt_module.torch.save, code))
+            mp.setattr(ckpt_module.torch, "save", disk_full_from_call(2, ckpt_module.torch.save, code))
             fix = "make the run directory writable" if code == errno.EROFS else "free disk space"
             message = (f"could not write {out / 'ckpt.pt'} ({os.strerror(code)}); the previous checkpoint is "
                        f"unchanged; {fix} or choose another --out_dir, then --resume")
         else:  # the second row of metrics.csv, at step 2: opening the file to append it
             real_open = Path.open
-            append = disk_full_at_call(2, real_open)
+            append = disk_full_from_call(2, real_open)
             mp.setattr(Path, "open", lambda path, mode="r", *a, **k: (
                 append if path.name == "metrics.csv" and mode == "a" else real_open)(path, mode, *a, **k))
             message = (f"could not write {out / 'metrics.csv'} (No space left on device); free disk space or "
@@ -218,7 +225,7 @@ def test_a_full_disk_at_the_exact_evaluation_is_one_line_and_resume_finishes_the
                                                                                     monkeypatch, capsys):
     out = tmp_path / "run"
     with monkeypatch.context() as mp:
-        mp.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text))
+        mp.setattr(evaluation, "utf8", writes_failing_from(2))  # the second of loss_by_position.csv, eval.json
         assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (No space left "
                                                         f"on device); free disk space, then finish the run with "
@@ -232,11 +239,10 @@ def test_evaluate_write_to_a_run_directory_it_cannot_write_is_one_line_and_chang
                                                                                           monkeypatch, capsys):
     out = tmp_path / "run"
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", "--eval_interval", "2") == 0
-    (out / "loss_by_position.csv").write_text("offset,loss,targets\n0,1.0,1\n")  # unlike the one --write computes
+    (out / "loss_by_position.csv").write_bytes(b"\xff\xfe")  # unlike the one --write computes, and not even text
     before = snapshot(out)
     capsys.readouterr()
-    monkeypatch.setattr(evaluation, "atomic_write_text", disk_full_at_call(2, evaluation.atomic_write_text,
-                                                                          errno.EACCES))
+    monkeypatch.setattr(evaluation, "utf8", writes_failing_from(2, errno.EACCES))
     assert evaluate.main(["--out_dir", str(out), "--write", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / 'eval.json'} (Permission "
                                                         f"denied); make the run directory writable")
