@@ -22,7 +22,7 @@ from gnngpt.results import load_run_model
 from gnngpt.sampling import generate, sampling_failure
 
 SEPARATOR = "---------------"
-MIN_TEMPERATURE = 1e-6  # logits of float32 divided by less can overflow to infinity, and their softmax is NaN
+MIN_TEMPERATURE = 1e-30  # float32 logits divided by much less overflow to infinity, whose softmax is NaN
 
 
 def build_parser():
@@ -61,7 +61,7 @@ def check_args(args):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.temperature < MIN_TEMPERATURE:
         raise UsageError(f"--temperature must be at least {MIN_TEMPERATURE:g}, got {args.temperature:g} (the logits "
-                         f"divided by it would overflow); --top_k 1 always takes the most likely character")
+                         f"divided by it can overflow); --top_k 1 always takes the most likely character")
     if args.top_k < 0:
         raise UsageError(f"--top_k must be 0 (no limit) or a positive integer, got {args.top_k}")
     if args.compile and args.no_cache:

@@ -117,6 +117,15 @@ def test_a_failure_while_sampling_ends_with_one_line_and_exit_code_1(tiny_run, m
     assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {MULTINOMIAL_ERROR})\n")
 
 
+def test_the_lowest_temperature_samples_the_most_likely_character_as_top_k_1_does(tiny_run, capsys):
+    args = ["--out_dir", str(tiny_run("gpt")), "--num_samples", "2", "--max_new_tokens", "30"]
+    capsys.readouterr()
+    assert sample.main([*args, "--top_k", "1"]) == 0
+    greedy = capsys.readouterr().out
+    assert sample.main([*args, "--top_k", "0", "--temperature", str(sample.MIN_TEMPERATURE)]) == 0
+    assert capsys.readouterr().out == greedy
+
+
 ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
 
 
@@ -208,8 +217,8 @@ def write_foreign_checkpoints(tmp_path):
     (["--max_new_tokens", "-1"], "error: --max_new_tokens must be a positive integer, got -1"),
     (["--temperature", "0"], "error: --temperature must be a positive number, got 0.0"),
     (["--temperature", "inf"], "error: --temperature must be a positive number, got inf"),
-    (["--temperature", "1e-300"], "error: --temperature must be at least 1e-06, got 1e-300 (the logits divided by it "
-                                  "would overflow); --top_k 1 always takes the most likely character\n"),
+    (["--temperature", "1e-31"], "error: --temperature must be at least 1e-30, got 1e-31 (the logits divided by it "
+                                 "can overflow); --top_k 1 always takes the most likely character\n"),
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
     (["--compile", "--no_cache"], "error: --compile compiles the cached decoder's one-token step, which --no_cache "
                                   "does not run; drop one of them\n"),
