@@ -79,8 +79,12 @@ def main(argv=None):
 def run(args):
     check_args(args)
     device = resolve_device(args.device)
+    model, tokenizer, checkpoint = load_run_model(args.out_dir, device, args.backend)
+    if args.compile and not model.supports_cache:
+        raise UsageError(f"--compile compiles the cached decoder's one-token step, and the {checkpoint['name']} model "
+                         f"of {args.out_dir}{' on --backend pyg' if args.backend == 'pyg' else ''} samples without "
+                         f"the cache; drop --compile")
     check_compile(args.compile, device)
-    model, tokenizer, _ = load_run_model(args.out_dir, device, args.backend)
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     try:

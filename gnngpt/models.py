@@ -225,6 +225,7 @@ class BigramLanguageModel(nn.Module):
     """Each token reads the logits of the next one from a vocab x vocab table."""
 
     arch = "bigram"
+    supports_cache = False  # it reads one token: the lecture's sampler is all it needs
 
     def __init__(self, cfg):
         super().__init__()

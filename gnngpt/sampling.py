@@ -29,7 +29,7 @@ def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, gener
     sampler). With use_cache, where the model supports it, a CachedDecoder computes those same logits with less
     work (compile: its one-token step compiled by torch.compile); use_cache=False runs the lecture's sampler.
     """
-    cached = use_cache and getattr(model, "supports_cache", False)
+    cached = use_cache and model.supports_cache
     decoder = CachedDecoder(model, compile) if cached else None
     logits = decoder.start(idx) if decoder else full_logits(model, idx)
     for i in range(max_new_tokens):

@@ -222,17 +222,23 @@ def write_foreign_checkpoints(tmp_path):
     (["--top_k", "-2"], "error: --top_k must be 0 (no limit) or a positive integer, got -2"),
     (["--compile", "--no_cache"], "error: --compile compiles the cached decoder's one-token step, which --no_cache "
                                   "does not run; drop one of them\n"),
+    (["--compile", "--backend", "pyg", "--out_dir", "{GATConv}"], "error: --compile compiles the cached decoder's "
+                                                                  "one-token step, and the GATConv model of {GATConv} "
+                                                                  "on --backend pyg samples without the cache; drop "
+                                                                  "--compile\n"),
+    (["--compile", "--out_dir", "{bigram}"], "error: --compile compiles the cached decoder's one-token step, and the "
+                                             "bigram model of {bigram} samples without the cache; drop --compile\n"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
 ])
 def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monkeypatch, capsys):
     write_foreign_checkpoints(tmp_path)
     monkeypatch.chdir(tmp_path)
-    run = tiny_run("gpt")  # trained first, should this test run alone: its output is not the error's
-    capsys.readouterr()
-    assert sample.main(["--out_dir", str(run), "--num_samples", "1", *args]) == 2
+    runs = {name: str(tiny_run(name)) for name in ("gpt", "GATConv", "bigram")}  # trained first, should this test
+    capsys.readouterr()  # run alone: their output is not the error's
+    assert sample.main(["--out_dir", runs["gpt"], "--num_samples", "1", *(a.format(**runs) for a in args)]) == 2
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and captured.err.startswith(message)
+    assert captured.err.count("\n") == 1 and captured.err.startswith(message.format(**runs))
     assert captured.out == ""
 
 
