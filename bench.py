@@ -19,6 +19,7 @@ kernel for the shapes of decoding); the time of the first and last fifth of the 
 a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does;
 --compile compiles the cached decoder's one-token step too (sample.py --compile), not the lecture's sampler.
 """
+import contextlib
 import json
 import sys
 
@@ -99,6 +100,18 @@ def configurations(args, preset):
     return configs, bigram
 
 
+@contextlib.contextmanager
+def fitting(device, what, fix):
+    """Turn memory running out on device during what into a UsageError that says fix."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
+        if not out_of_memory(e):
+            raise
+        raise UsageError(f"the benchmark's {what} does not fit in the memory of {device} ({one_line(e)[:160]}); "
+                         f"{fix}") from None
+
+
 def run(args):
     check_counts(args)
     device = resolve_device(args.device)
@@ -113,17 +126,15 @@ def run(args):
     common = {"preset": preset, "device": str(device), "block_size": shape["block_size"],
               "batch_size": shape["batch_size"]}
 
-    try:
+    with fitting(device, "training", "lower --batch_size, --block_size or --n_embd, or leave the pyg backends, "
+                                     "whose memory grows with the square of the block, out of --models"):
         train_rows = bench_training(
             [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
             device, args.dtype, args.compile, args.warmup, args.iters, common)
+    with fitting(device, "generation", "lower --gen_length, --block_size or --n_embd, or skip generation with "
+                                       "--gen_repeats 0"):
         gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
                     if args.gen_repeats else [])
-    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
-        if not out_of_memory(e):
-            raise
-        raise UsageError(f"the benchmark does not fit in the memory of {device} ({one_line(e)[:160]}); lower "
-                         f"--batch_size, --block_size or --n_embd") from None
 
     print_tables(train_rows, gen_rows, args.gen_length, args.compile)
     if args.json:

@@ -115,8 +115,17 @@ def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(mo
     monkeypatch.setattr(benchmark.TrainingBench, "step", allocation_fails)
     assert bench.main([*TINY, "--models", "gpt"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: the benchmark does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] data. "
-        "DefaultCPUAllocator: can't allocate memory); lower --batch_size, --block_size or --n_embd")
+        "error: the benchmark's training does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] "
+        "data. DefaultCPUAllocator: can't allocate memory); lower --batch_size, --block_size or --n_embd, or leave the "
+        "pyg backends, whose memory grows with the square of the block, out of --models")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(benchmark, "time_generation", lambda *args: allocation_fails(None))
+    assert bench.main([*TINY, "--models", "gpt", "--gen_repeats", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the benchmark's generation does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] "
+        "data. DefaultCPUAllocator: can't allocate memory); lower --gen_length, --block_size or --n_embd, or skip "
+        "generation with --gen_repeats 0")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
