@@ -254,7 +254,7 @@ def main(script, argv=None):
     except KeyboardInterrupt as e:  # or Terminated
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except OSError as e:
+    except BrokenPipeError as e:  # other OSErrors: a comparison names the run they stopped (runner.train_here)
         return os_error_exit(e)
     finally:
         distributed.teardown()

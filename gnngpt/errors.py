@@ -1,9 +1,10 @@
 """The error types the command-line scripts turn into a one-line message: exit code 2 for bad input, 1 for a
 failure of the run itself."""
-import errno
 import os
 import signal
 import sys
+
+from .files import write_fix
 
 
 class UsageError(Exception):
@@ -51,7 +52,9 @@ def os_error_exit(error):
     if isinstance(error, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
         return 128 + signal.SIGPIPE
-    where = f": {error.filename}" if error.filename else ""
-    fix = "; free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    print(f"error: {error.strerror or one_line(error)}{where}{fix}", file=sys.stderr)
+    reason = error.strerror or one_line(error)
+    if error.filename:
+        print(f"error: {error.filename}: {reason}", file=sys.stderr)
+    else:  # every step names the files it reads and writes: this is the output
+        print(f"error: could not write the output ({reason}); {write_fix(error, 'where it goes')}", file=sys.stderr)
     return 1

@@ -282,4 +282,5 @@ def test_output_to_a_full_disk_is_one_line():
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=Path(__file__).parents[1],
                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (1, "error: No space left on device; free disk space\n")
+    assert (result.returncode, result.stderr) == (1, "error: could not write the output (No space left on device); "
+                                                     "free disk space\n")
