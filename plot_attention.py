@@ -33,23 +33,25 @@ def main(argv=None):
     return exit_code(run, build_parser().parse_args(argv))
 
 
-def check_out(out):
-    """Refuse an --out the figure cannot go to, or must not: a name without .png (the figure is a PNG), and an
-    existing file other than an attention figure of this script (a run's file, or a figure the repository ships)."""
+def check_out(out, given):
+    """Refuse a path the figure cannot go to, or must not: a name without .png (the figure is a PNG), and, given
+    as --out, an existing file other than an attention figure of this script (a run's file, or a figure the
+    repository ships). Its default path, attention.png in the run directory, is its own."""
+    name = f"--out {out}" if given else str(out)
     if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name, such as {out / 'attention.png'}")
+        raise UsageError(f"{name} is a directory; give --out a file name, such as {out / 'attention.png'}")
     if out.exists() and not out.is_file():
-        raise UsageError(f"--out {out} is not a regular file (a device or a pipe); give a file name")
+        raise UsageError(f"{name} is not a regular file (a device or a pipe); give --out a file name")
     if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the figure is a PNG; give a file name ending in .png")
-    if out.exists() and png_description(out) != ATTENTION_FIGURE:
-        raise UsageError(f"--out {out} exists and is not an attention figure of plot_attention.py; choose another "
+        raise UsageError(f"{name}: the figure is a PNG; give a file name ending in .png")
+    if given and out.exists() and png_description(out) != ATTENTION_FIGURE:
+        raise UsageError(f"{name} exists and is not an attention figure of plot_attention.py; choose another "
                          f"--out, or remove that file first")
 
 
 def run(args):
     out = Path(args.out or Path(args.out_dir) / "attention.png")
-    check_out(out)
+    check_out(out, given=args.out is not None)
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]

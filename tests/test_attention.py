@@ -142,10 +142,10 @@ def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tin
 
 
 @pytest.mark.parametrize("out,message", [
-    ("plots", "error: --out plots is a directory; give a file name, such as plots/attention.png\n"),
+    ("plots", "error: --out plots is a directory; give --out a file name, such as plots/attention.png\n"),
     ("/proc/attention.png", "error: cannot write --out /proc/attention.png (No such file or directory); choose "
                             "another --out\n"),
-    ("pipe", "error: --out pipe is not a regular file (a device or a pipe); give a file name\n"),
+    ("pipe", "error: --out pipe is not a regular file (a device or a pipe); give --out a file name\n"),
 ])
 def test_an_out_that_cannot_be_written_is_one_line(out, message, tiny_run, tmp_path, monkeypatch, capsys):
     run = tiny_run("gpt")
@@ -181,6 +181,11 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
     for _ in range(2):  # its own figure it draws again
         assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", "attention.PNG"]) == 0
         assert png_description(tmp_path / "attention.PNG") == ATTENTION_FIGURE
+
+    mine = shutil.copytree(run, tmp_path / "run")  # its default path is its own, marked or not (drawn before marks)
+    (mine / "attention.png").write_bytes(shipped.read_bytes())
+    assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be"]) == 0
+    assert png_description(mine / "attention.png") == ATTENTION_FIGURE
 
 
 @pytest.mark.parametrize("name,prompt,message", [
