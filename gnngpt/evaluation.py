@@ -149,7 +149,7 @@ def write_eval(out_dir, result, step, at=None):
         atomic_writes([(position_path, utf8("offset,loss,targets\n" + rows)),
                        (eval_path, utf8(json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n"))])
     except OSError as e:
-        raise UsageError(f"could not write {e.filename} ({e.strerror or e}); {write_fix(e)}") from None
+        raise UsageError(f"could not write {e.target} ({e.strerror or e}); {write_fix(e)}") from None
 
 
 def read_eval(out_dir, step=None, at=None):

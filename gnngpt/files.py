@@ -13,30 +13,31 @@ def atomic_write(path, write):
 
 def atomic_writes(writes):
     """atomic_write of each (path, write) of writes, all or none: every temporary file is written first, and only
-    then renamed over its path (renames need no space), so that a failed write changes none of the paths. An
-    OSError names the path whose write failed."""
+    then renamed over its path, so that a failed write (a full disk, say) changes none of the paths; a rename
+    needs no space, and a directory in a path's place, on which it would fail, is refused before anything is
+    written. An OSError carries the path it failed on as its target."""
     targets = [Path(path).resolve() if Path(path).is_symlink() else Path(path) for path, _ in writes]
     temporary = []
+    path = targets[0]
     try:
         for path, (_, write) in zip(targets, writes):
-            try:
-                if path.is_dir():  # os.replace would fail on it after the renames before had been made
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                temporary.append(tmp)
-                os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                e.filename = str(path)
-                raise
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temporary.append(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         for tmp, path in zip(temporary, targets):
             os.replace(tmp, path)
         for directory in dict.fromkeys(path.parent for path in targets):
             fsync_dir(directory)
+    except OSError as e:
+        e.target = path
+        raise
     finally:
         for tmp in temporary:
             if os.path.exists(tmp):
@@ -68,11 +69,14 @@ def fsync_dir(path):
         os.close(fd)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errno codes of a full disk, or a full quota
+
+
 def write_fix(error, place="the run directory"):
     """What to do about an OSError of a write in place: free disk space when the disk or quota is full, remove
     the directory where the file goes, else make place writable (the directory, where the file is written
     atomically beside it)."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return "free disk space"
     if error.errno == errno.EISDIR:
         return "remove the directory in the file's place"
