@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import Failure, UsageError, os_error_exit
+from .errors import Failure, UsageError, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, write_eval
 from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -239,7 +239,7 @@ def main(script, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         run(script, build_parser(script).parse_args(argv))
-        sys.stdout.flush()  # see errors.exit_code
+        flush_output()
     except UsageError as e:
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr)
@@ -254,7 +254,7 @@ def main(script, argv=None):
     except KeyboardInterrupt as e:  # or Terminated
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except BrokenPipeError as e:  # other OSErrors: a comparison names the run they stopped (runner.train_here)
+    except OSError as e:
         return os_error_exit(e)
     finally:
         distributed.teardown()

@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from .files import write_fix
+from .files import DISK_FULL
 
 
 class UsageError(Exception):
@@ -33,7 +33,7 @@ def exit_code(run, *args):
     os_error_exit's."""
     try:
         code = run(*args) or 0
-        sys.stdout.flush()  # a reader of the output that left, or a full disk, shows here, not at the exit
+        flush_output()
         return code
     except (UsageError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,9 +52,14 @@ def os_error_exit(error):
     if isinstance(error, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
         return 128 + signal.SIGPIPE
-    reason = error.strerror or one_line(error)
-    if error.filename:
-        print(f"error: {error.filename}: {reason}", file=sys.stderr)
-    else:  # every step names the files it reads and writes: this is the output
-        print(f"error: could not write the output ({reason}); {write_fix(error, 'where it goes')}", file=sys.stderr)
+    where = f"{error.filename}: " if error.filename else ""
+    fix = "; free disk space" if error.errno in DISK_FULL else ""
+    print(f"error: {where}{error.strerror or one_line(error)}{fix}", file=sys.stderr)
     return 1
+
+
+def flush_output():
+    """Flush stdout (None where it was closed): a reader of the output that left, or a full disk, then shows as an
+    OSError here, and not at the interpreter's exit."""
+    if sys.stdout is not None:
+        sys.stdout.flush()

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, train_tiny_gpt
+from conftest import TINY_GPT_RUN, tiny_config, train_tiny_gpt
 from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
@@ -278,9 +279,17 @@ def test_output_to_a_pipe_whose_reader_left_ends_quietly_as_a_pipeline_writer_do
     assert (child.wait(timeout=60), child.stderr.read()) == (141, b"")
 
 
-def test_output_to_a_full_disk_is_one_line():
+def test_output_to_a_full_disk_is_one_line_and_a_closed_output_no_error(tiny_text_file, tmp_path):
+    root = Path(__file__).parents[1]
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=Path(__file__).parents[1],
-                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (1, "error: could not write the output (No space left on device); "
-                                                     "free disk space\n")
+        result = subprocess.run([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=root, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (1, "error: No space left on device; free disk space\n")
+        training = subprocess.run([sys.executable, "gpt.py", "--data", str(tiny_text_file), "--out_dir",
+                                   str(tmp_path / "run"), *TINY_GPT_RUN, "--max_iters", "2"], cwd=root, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+    assert training.returncode == 1
+    assert training.stderr.splitlines()[-1] == "error: No space left on device; free disk space"
+    closed = subprocess.run(f"{shlex.quote(sys.executable)} -c \"{PRINTS_A_MEGABYTE}\" >&-", shell=True, cwd=root,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (closed.returncode, closed.stderr) == (0, "")
