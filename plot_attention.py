@@ -36,7 +36,8 @@ def main(argv=None):
 def check_out(out, given):
     """Refuse a path the figure cannot go to, or must not: a name without .png (the figure is a PNG), and, given
     as --out, an existing file other than an attention figure of this script (a run's file, or a figure the
-    repository ships). Its default path, attention.png in the run directory, is its own."""
+    repository ships). Its default path, attention.png in the run directory, is its own, unless it links to
+    another file."""
     name = f"--out {out}" if given else str(out)
     if out.is_dir():
         raise UsageError(f"{name} is a directory; give --out a file name, such as {out / 'attention.png'}")
@@ -44,7 +45,7 @@ def check_out(out, given):
         raise UsageError(f"{name} is not a regular file (a device or a pipe); give --out a file name")
     if out.suffix.lower() != ".png":
         raise UsageError(f"{name}: the figure is a PNG; give a file name ending in .png")
-    if given and out.exists() and png_description(out) != ATTENTION_FIGURE:
+    if (given or out.is_symlink()) and out.exists() and png_description(out) != ATTENTION_FIGURE:
         raise UsageError(f"{name} exists and is not an attention figure of plot_attention.py; choose another "
                          f"--out, or remove that file first")
 

@@ -1,15 +1,17 @@
 """Figures of the results, drawn with matplotlib's Agg canvas (no display needed) and written atomically."""
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from PIL import Image
 
 from .files import atomic_write
 
 ATTENTION_FIGURE = "attention maps drawn by plot_attention.py"  # the Description of plot_attention's PNGs
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def save_figure(fig, path, description=None):
@@ -19,12 +21,24 @@ def save_figure(fig, path, description=None):
 
 
 def png_description(path):
-    """The Description in the metadata of the PNG at path; None where there is none, or no PNG."""
+    """The Description among the text chunks of the PNG at path, read chunk by chunk without decoding its image;
+    None where there is none, or no PNG."""
     try:
-        with Image.open(path) as image:
-            return image.text.get("Description") if image.format == "PNG" else None
-    except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            while len(header := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", header)
+                if kind == b"tEXt":
+                    key, _, value = f.read(length).partition(b"\0")
+                    if key == b"Description":
+                        return value.decode("latin-1")  # the encoding of tEXt chunks
+                else:
+                    f.seek(length, os.SEEK_CUR)
+                f.seek(4, os.SEEK_CUR)  # its CRC
+    except OSError:
         return None
+    return None
 
 
 def mean_curve(runs, key):

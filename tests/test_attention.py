@@ -1,6 +1,8 @@
 import os
 import shutil
 import stat
+import struct
+import zlib
 from pathlib import Path
 
 import matplotlib.image
@@ -165,6 +167,9 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
     shipped = Path(__file__).parents[1] / "plots" / "paper" / "val_loss.png"
     (tmp_path / "val_loss.png").write_bytes(shipped.read_bytes())
     (tmp_path / "notes.png").write_text("not a figure")
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)  # a header no image decoder would load
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr
+                                         + struct.pack(">I", zlib.crc32(ihdr)))
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     capsys.readouterr()
     for out, message in [("fig.pdf", "error: --out fig.pdf: the figure is a PNG; give a file name ending in .png\n"),
@@ -173,7 +178,8 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
                          ("val_loss.png", "error: --out val_loss.png exists and is not an attention figure of "
                                           "plot_attention.py; choose another --out, or remove that file first\n"),
                          ("notes.png", "error: --out notes.png exists and is not an attention figure of "
-                                       "plot_attention.py; ")]:
+                                       "plot_attention.py; "),
+                         ("huge.png", "error: --out huge.png exists and is not an attention figure of ")]:
         assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", out]) == 2
         assert capsys.readouterr().err.startswith(message)
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -183,6 +189,12 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
         assert png_description(tmp_path / "attention.PNG") == ATTENTION_FIGURE
 
     mine = shutil.copytree(run, tmp_path / "run")  # its default path is its own, marked or not (drawn before marks)
+    (mine / "attention.png").symlink_to(tmp_path / "notes.png")  # unless it links elsewhere
+    assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be"]) == 2
+    assert capsys.readouterr().err == (f"error: {mine / 'attention.png'} exists and is not an attention figure of "
+                                       f"plot_attention.py; choose another --out, or remove that file first\n")
+    assert (tmp_path / "notes.png").read_text() == "not a figure"
+    (mine / "attention.png").unlink()
     (mine / "attention.png").write_bytes(shipped.read_bytes())
     assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be"]) == 0
     assert png_description(mine / "attention.png") == ATTENTION_FIGURE
