@@ -376,12 +376,14 @@ def read_metrics(out_dir):
 
 
 def read_config(out_dir):
-    """A run's config.json as a dict, or None when it is missing or unreadable, or its settings are no dict."""
+    """A run's config.json as a dict, or None when it is missing or unreadable, or its settings or model_config
+    are no dict."""
     try:
         config = json.loads((Path(out_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or not isinstance(config.get("settings", {}), dict):
+    if not isinstance(config, dict) or not all(isinstance(config.get(key, {}), dict)
+                                               for key in ("settings", "model_config")):
         return None
     return with_original_graph(config)
 

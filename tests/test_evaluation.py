@@ -135,6 +135,9 @@ def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, 
     (lambda config: {}, "error: {run} has no readable config.json; evaluate a run written by this project\n"),
     (lambda config: {**config, "data": None}, "error: {run} has no readable config.json; "),
     (lambda config: {**config, "settings": 5}, "error: {run} has no readable config.json; "),
+    (lambda config: {**config, "model_config": 5, "settings": {k: v for k, v in config["settings"].items()
+                                                               if k not in ("graph", "pos")}},  # as an older run's
+     "error: {run} has no readable config.json; "),
     (lambda config: {**config, "settings": {**config["settings"], "block_size": "16"}},
      "error: {run} has no readable config.json; "),
     (lambda config: {**config, "settings": {**config["settings"], "block_size": 8}},
