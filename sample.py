@@ -18,6 +18,7 @@ from gnngpt.cli import (
 )
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory
+from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.results import load_run_model
 from gnngpt.sampling import generate, sampling_failure
 
@@ -81,9 +82,10 @@ def run(args):
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device, args.backend)
     if args.compile and not model.supports_cache:
+        fast = checkpoint["name"] in DENSE_LAYERS and args.backend != "fast"  # it may have a cache on fast
         raise UsageError(f"--compile compiles the cached decoder's one-token step, and the {checkpoint['name']} model "
                          f"of {args.out_dir}{' on --backend pyg' if args.backend == 'pyg' else ''} samples without "
-                         f"the cache; drop --compile")
+                         f"the cache; drop --compile{', or sample with --backend fast' if fast else ''}")
     check_compile(args.compile, device)
     prompt = encode_prompt(tokenizer, read_prompt(args.prompt), device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)

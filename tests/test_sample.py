@@ -225,7 +225,7 @@ def write_foreign_checkpoints(tmp_path):
     (["--compile", "--backend", "pyg", "--out_dir", "{GATConv}"], "error: --compile compiles the cached decoder's "
                                                                   "one-token step, and the GATConv model of {GATConv} "
                                                                   "on --backend pyg samples without the cache; drop "
-                                                                  "--compile\n"),
+                                                                  "--compile, or sample with --backend fast\n"),
     (["--compile", "--out_dir", "{bigram}"], "error: --compile compiles the cached decoder's one-token step, and the "
                                              "bigram model of {bigram} samples without the cache; drop --compile\n"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
