@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import http.server
 import os
@@ -45,6 +46,19 @@ def test_download_writes_verified_file(server, tmp_path):
     download(f"{server}/input.txt", dest, hashlib.sha256(PAYLOAD).hexdigest())
     assert dest.read_bytes() == PAYLOAD
     assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_download_onto_a_full_disk_says_so_and_leaves_nothing(server, tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("gnngpt.files.os.fsync", full)
+    dest = tmp_path / "input.txt"
+    with pytest.raises(UsageError) as e:
+        download(f"{server}/input.txt", dest, hashlib.sha256(PAYLOAD).hexdigest())
+    assert str(e.value) == (f"could not write {dest} (No space left on device); free disk space or pass --data PATH "
+                            f"to a local copy")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
