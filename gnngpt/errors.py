@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from .files import DISK_FULL
+from .files import DISK_FULL, write_fix
 
 
 class UsageError(Exception):
@@ -52,9 +52,15 @@ def os_error_exit(error):
     if isinstance(error, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
         return 128 + signal.SIGPIPE
-    where = f"{error.filename}: " if error.filename else ""
-    fix = "; free disk space" if error.errno in DISK_FULL else ""
-    print(f"error: {where}{error.strerror or one_line(error)}{fix}", file=sys.stderr)
+    reason = error.strerror or one_line(error)
+    if getattr(error, "target", None):  # files.atomic_writes' path
+        print(f"error: could not write {error.target} ({reason}); {write_fix(error, 'its directory')}",
+              file=sys.stderr)
+    elif error.filename:
+        print(f"error: {error.filename}: {reason}{'; free disk space' if error.errno in DISK_FULL else ''}",
+              file=sys.stderr)
+    else:  # every step names the files it reads, and atomic_writes those it writes: this is the output
+        print(f"error: could not write the output ({reason}); {write_fix(error, 'where it goes')}", file=sys.stderr)
     return 1
 
 

@@ -18,7 +18,7 @@ def atomic_writes(writes):
     written. An OSError carries the path it failed on as its target."""
     targets = [Path(path).resolve() if Path(path).is_symlink() else Path(path) for path, _ in writes]
     temporary = []
-    path = targets[0]
+    path = None
     try:
         for path, (_, write) in zip(targets, writes):
             if path.is_dir():

@@ -1,6 +1,8 @@
 import csv
+import errno
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from conftest import TINY_GPT_RUN, tiny_config, train_tiny_gpt
 from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
-from gnngpt.errors import UsageError
+from gnngpt.errors import UsageError, exit_code
+from gnngpt.files import atomic_write
 from gnngpt.models import GPT
 from gnngpt.train import evaluate
 
@@ -284,12 +287,24 @@ def test_output_to_a_full_disk_is_one_line_and_a_closed_output_no_error(tiny_tex
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, "-c", PRINTS_A_MEGABYTE], cwd=root, stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=60)
-        assert (result.returncode, result.stderr) == (1, "error: No space left on device; free disk space\n")
+        assert (result.returncode, result.stderr) == (1, "error: could not write the output (No space left on "
+                                                         "device); free disk space\n")
         training = subprocess.run([sys.executable, "gpt.py", "--data", str(tiny_text_file), "--out_dir",
                                    str(tmp_path / "run"), *TINY_GPT_RUN, "--max_iters", "2"], cwd=root, stdout=full,
                                   stderr=subprocess.PIPE, text=True, timeout=120)
     assert training.returncode == 1
-    assert training.stderr.splitlines()[-1] == "error: No space left on device; free disk space"
+    assert training.stderr.splitlines()[-1] == ("error: could not write the output (No space left on device); free "
+                                                "disk space")
     closed = subprocess.run(f"{shlex.quote(sys.executable)} -c \"{PRINTS_A_MEGABYTE}\" >&-", shell=True, cwd=root,
                             stderr=subprocess.PIPE, text=True, timeout=60)
     assert (closed.returncode, closed.stderr) == (0, "")
+
+
+def test_a_failed_atomic_write_that_reaches_the_top_names_its_file(tmp_path, capsys):
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    assert exit_code(atomic_write, tmp_path / "results.md", full) == 1
+    assert capsys.readouterr().err == (f"error: could not write {tmp_path / 'results.md'} (No space left on device); "
+                                       f"free disk space\n")
+    assert list(tmp_path.iterdir()) == []
