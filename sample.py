@@ -18,7 +18,7 @@ from gnngpt.cli import (
 )
 from gnngpt.data import encode_prompt, read_prompt
 from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory
-from gnngpt.mixers import DENSE_LAYERS
+from gnngpt.models import dense_refusal
 from gnngpt.results import load_run_model
 from gnngpt.sampling import generate, sampling_failure
 
@@ -82,7 +82,8 @@ def run(args):
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device, args.backend)
     if args.compile and not model.supports_cache:
-        fast = checkpoint["name"] in DENSE_LAYERS and args.backend != "fast"  # it may have a cache on fast
+        fast = (args.backend != "fast" and hasattr(model, "blocks")  # layers with a dense form decode with a cache
+                and not any(dense_refusal(block.mixer.conv) for block in model.blocks))
         raise UsageError(f"--compile compiles the cached decoder's one-token step, and the {checkpoint['name']} model "
                          f"of {args.out_dir}{' on --backend pyg' if args.backend == 'pyg' else ''} samples without "
                          f"the cache; drop --compile{', or sample with --backend fast' if fast else ''}")

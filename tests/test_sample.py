@@ -126,6 +126,18 @@ def test_the_lowest_temperature_samples_the_most_likely_character_as_top_k_1_doe
     assert capsys.readouterr().out == greedy
 
 
+def test_compile_without_a_cache_names_the_fast_backend_only_where_the_layer_has_a_dense_form(tiny_run, tmp_path,
+                                                                                              capsys):
+    run = shutil.copytree(tiny_run("GATConv"), tmp_path / "mean")
+    checkpoint = load_checkpoint(run / "ckpt.pt")
+    checkpoint["model_config"]["mixer_kwargs"] = {"aggr": "mean"}  # no softmax sum: the dense form cannot compute it
+    save_checkpoint(run / "ckpt.pt", checkpoint)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(run), "--compile"]) == 2
+    assert capsys.readouterr().err == (f"error: --compile compiles the cached decoder's one-token step, and the "
+                                       f"GATConv model of {run} samples without the cache; drop --compile\n")
+
+
 ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
 
 
