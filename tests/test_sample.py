@@ -13,6 +13,7 @@ from conftest import (
     CACHE_ERROR,
     CAPTURE_ERROR,
     MULTINOMIAL_ERROR,
+    assert_cached_decoding_equals_full,
     capture_that_raises,
     cuda_graph_warning,
     failing_cache,
@@ -88,6 +89,10 @@ def test_greedy_text_is_the_same_with_and_without_the_cache_over_three_windows(n
     cached = run_sample(capsys, *args)
     assert len(cached[0]) == 52
     assert run_sample(capsys, *args, "--no_cache") == cached
+    model, tokenizer, _ = load_run_model(run)  # greedy text soon repeats itself: the logits of a varied one too
+    tokens = torch.randint(0, len(tokenizer.chars), (50, 1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_cached_decoding_equals_full(model, torch.tensor([tokenizer.encode("To")]), tokens)
 
 
 def test_a_capture_that_raises_warns_once_and_samples_what_no_cache_samples(tiny_run, capture_anywhere, capsys):
@@ -170,7 +175,13 @@ def test_either_backend_samples_the_same_text_from_one_checkpoint(name, tiny_run
     fast = run_sample(capsys, *args)
     assert run_sample(capsys, *args, "--backend", "pyg") == fast
     assert run_sample(capsys, *args, "--backend", "fast") == fast
-    assert not any(b.mixer.dense for b in load_run_model(run, backend="pyg")[0].blocks)
+    pyg, tokenizer, _ = load_run_model(run, backend="pyg")
+    assert not any(b.mixer.dense for b in pyg.blocks)
+    idx = torch.tensor([tokenizer.encode("To be or not tha")])  # the text above is too short a check: a trained
+    with torch.no_grad():  # two steps, the model's logits are nearly flat, and samples would hide a wrong backend
+        expected, _ = pyg(idx)
+        logits, _ = load_run_model(run, backend="fast")[0](idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_top_k_samples_only_among_the_k_most_likely(tiny_run, capsys):
