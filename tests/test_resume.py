@@ -38,22 +38,39 @@ def one_thread_in_tmp_path(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def at_forward(n, action, training=True):
-    """Call action(output) at the n-th forward pass (1-based) of a whole model in training (or eval) mode."""
-    calls = 0
-
+def on_forward(callback, training=True):
+    """Call callback(output) after each forward pass of a whole model in training (or eval) mode; what it returns,
+    where not None, replaces the output."""
     def hook(module, args, output):
-        nonlocal calls
         if isinstance(module, (GPT, BigramLanguageModel)) and module.training == training:
-            calls += 1
-            if calls == n:
-                return action(output)
+            return callback(output)
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+def at_forward(n, action, training=True):
+    """Call action(output) at the n-th forward pass (1-based) of a whole model in training (or eval) mode."""
+    calls = 0
+
+    def callback(output):
+        nonlocal calls
+        calls += 1
+        return action(output) if calls == n else None
+
+    return on_forward(callback, training)
+
+
+def resume(out, data, *args):
+    """The exit code of --resume of the run in out, and the training steps it took (its training forward passes):
+    a resume that took up its checkpoint trains only the steps after it."""
+    passes = []
+    with on_forward(passes.append):
+        code = run(out, data, "--resume", *args)
+    return code, len(passes)
 
 
 def send(signum):
@@ -120,7 +137,7 @@ def test_stop_at_any_step_then_resume_equals_the_run_never_stopped(stop_step, si
     assert load_checkpoint(out / "ckpt.pt")["step"] == stop_step
     assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step, 3))  # step 6's evaluation: on --resume
 
-    assert run(out, tiny_text_file, "--resume") == 0
+    assert resume(out, tiny_text_file) == (0, 12 - stop_step)
     assert losses(out) == losses(reference)
     assert_same_state(out, reference)
 
@@ -142,7 +159,7 @@ def test_stop_during_an_evaluation_keeps_its_step_and_resume_runs_it_whole(stop_
     assert load_checkpoint(out / "ckpt.pt")["step"] == stop_step
     assert [int(s) for s, _, _ in losses(out)] == list(range(0, stop_step, 3))
 
-    assert run(out, tiny_text_file, "--resume") == 0
+    assert resume(out, tiny_text_file) == (0, 12 - stop_step)
     assert losses(out) == losses(reference)
     assert_same_state(out, reference)
 
@@ -150,7 +167,7 @@ def test_stop_during_an_evaluation_keeps_its_step_and_resume_runs_it_whole(stop_
 def test_a_run_stopped_between_evaluations_and_resumed_to_that_step_ends_evaluated_there(stopped, tiny_text_file,
                                                                                          tmp_path):
     assert run(tmp_path / "five", tiny_text_file, "--max_iters", "5") == 0
-    assert run(stopped, tiny_text_file, "--resume", "--max_iters", "5") == 0
+    assert resume(stopped, tiny_text_file, "--max_iters", "5") == (0, 0)
     assert [int(s) for s, _, _ in losses(stopped)] == [0, 3, 5]
     assert losses(stopped) == losses(tmp_path / "five")
     assert_same_state(stopped, tmp_path / "five")
@@ -160,7 +177,7 @@ def test_two_stops_and_resumes_equal_the_run_never_stopped(reference, stopped, t
     with at_forward(3, send(signal.SIGTERM)):
         assert run(stopped, tiny_text_file, "--resume") == 143
     assert load_checkpoint(stopped / "ckpt.pt")["step"] == 8
-    assert run(stopped, tiny_text_file, "--resume") == 0
+    assert resume(stopped, tiny_text_file) == (0, 4)
     assert losses(stopped) == losses(reference)
     assert_same_state(stopped, reference)
 
@@ -169,7 +186,7 @@ def test_resume_with_more_iterations_equals_a_longer_run(tiny_text_file, tmp_pat
     longer, extended = tmp_path / "longer", tmp_path / "extended"
     assert run(longer, tiny_text_file, "--max_iters", "18") == 0
     assert run(extended, tiny_text_file) == 0
-    assert run(extended, tiny_text_file, "--resume", "--max_iters", "18") == 0
+    assert resume(extended, tiny_text_file, "--max_iters", "18") == (0, 6)
     assert losses(extended) == losses(longer)
     assert_same_state(extended, longer)
 
@@ -204,7 +221,7 @@ def test_a_failed_sample_keeps_the_trained_model_which_samples_and_resumes(targe
 
     assert sample.main(shlex.split(command)[2:]) == 0
     assert len(capsys.readouterr().out.split(f"\n{sample.SEPARATOR}\n")[0]) == 1 + 500
-    assert run(out, tiny_text_file, "--resume", "--max_iters", "18") == 0
+    assert resume(out, tiny_text_file, "--max_iters", "18") == (0, 6)
     assert losses(out) == losses(longer)
     assert_same_state(out, longer)
 
@@ -296,7 +313,7 @@ def test_a_stop_after_the_last_step_gives_the_resume_command_which_finishes_the_
                "them")
     assert capsys.readouterr().err == (f"error: {out} holds a run stopped after its last step, before {missing}, or "
                                        f"--overwrite to replace it\n")
-    assert run(out, tiny_text_file, "--resume") == 0
+    assert resume(out, tiny_text_file) == (0, 0)  # what it lacks: no step trained again
     assert losses(out) == losses(reference)
     assert_same_state(out, reference)
     exact = [{k: v for k, v in json.loads((d / "eval.json").read_text()).items() if k != "eval_s"}
@@ -405,7 +422,7 @@ def test_sigint_to_a_training_process_then_resume_equals_the_run_never_stopped(t
 
     code, out, err = finish(start_script([*args, "--out_dir", "stopped", "--resume"], tmp_path))
     assert code == 0, err
-    assert f"step {step}:" not in out and "step 300:" in out
+    assert "step 0:" not in out and f"step {step}:" not in out and "step 300:" in out  # from its checkpoint on
     assert finish(reference)[0] == 0
     assert losses(tmp_path / "stopped") == losses(tmp_path / "reference")
     assert_same_state(tmp_path / "stopped", tmp_path / "reference")
