@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -207,6 +209,11 @@ def test_adapter_feeds_x0_and_edge_features():
 
 def test_pna_gets_the_in_degree_histogram_of_the_causal_graph():
     assert causal_degree_histogram(4).tolist() == [0, 1, 1, 1, 1]  # token t has in-degree t + 1
+    cfg = support_config("PNAConv")
+    scaler = build_conv(cfg).conv.aggr_module  # PNA scales by the average degree it was given, linear and log
+    degrees = range(1, cfg.block_size + 1)
+    assert scaler.init_avg_deg_lin == pytest.approx(statistics.fmean(degrees))
+    assert scaler.init_avg_deg_log == pytest.approx(statistics.fmean(math.log(d + 1) for d in degrees))
 
 
 def test_gnn_flag_and_kwargs_train_end_to_end(tiny_text_file, tmp_path, monkeypatch):
