@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gnngpt.jobs import Job, StatusBoard, least_loaded, run_jobs, visible_gpus
+from gnngpt import jobs
+from gnngpt.jobs import Job, StatusBoard, child_threads, least_loaded, run_jobs, visible_gpus
 
 COUNT_SIGINTS = """
 import signal, sys, time
@@ -117,3 +118,11 @@ def test_on_a_terminal_the_status_lines_are_redrawn_in_place(tmp_path):
     assert terminal.getvalue() == ("bigram     queued\nGATv2Conv  queued\n"
                                    "\x1b[2F\x1b[J"  # up two lines, cleared
                                    "bigram     training\nGATv2Conv  queued\n")
+
+
+def test_trainings_at_once_share_the_cores_unless_omp_num_threads_says_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(jobs, "cpu_cores", lambda: 8)  # this machine's cores might give every share one thread
+    assert [child_threads(together) for together in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert child_threads(2) == 3
