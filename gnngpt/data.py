@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from .errors import UsageError
 from .fallback import Acceleration
-from .files import atomic_write, write_fix
+from .files import atomic_write, write_failure
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -45,8 +45,7 @@ def download(url, dest, sha256, timeout=30.0):
             f"could not download {url} ({reason}); check the connection or pass --data PATH to a local copy"
         ) from None
     except OSError as e:  # writing it
-        raise UsageError(f"could not write {dest} ({e.strerror or e}); {write_fix(e, 'its directory')} or pass "
-                         f"--data PATH to a local copy") from None
+        raise UsageError(f"{write_failure(dest, e, 'its directory')} or pass --data PATH to a local copy") from None
     return Path(dest)
 
 

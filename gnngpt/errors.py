@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from .files import DISK_FULL, write_fix
+from .files import DISK_FULL, write_failure, write_fix
 
 
 class UsageError(Exception):
@@ -54,8 +54,7 @@ def os_error_exit(error):
         return 128 + signal.SIGPIPE
     reason = error.strerror or one_line(error)
     if getattr(error, "target", None):  # files.atomic_writes' path
-        print(f"error: could not write {error.target} ({reason}); {write_fix(error, 'its directory')}",
-              file=sys.stderr)
+        print(f"error: {write_failure(error.target, error, 'its directory')}", file=sys.stderr)
     elif error.filename:
         print(f"error: {error.filename}: {reason}{'; free disk space' if error.errno in DISK_FULL else ''}",
               file=sys.stderr)

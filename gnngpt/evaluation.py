@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
 from .errors import UsageError
-from .files import atomic_writes, utf8, write_fix
+from .files import atomic_writes, utf8, write_failure
 from .rundir import eval_files
 from .train import evaluate
 
@@ -149,7 +149,7 @@ def write_eval(out_dir, result, step, at=None):
         atomic_writes([(position_path, utf8("offset,loss,targets\n" + rows)),
                        (eval_path, utf8(json.dumps({**record, "eval_s": result["eval_s"]}, indent=2) + "\n"))])
     except OSError as e:
-        raise UsageError(f"could not write {e.target} ({e.strerror or e}); {write_fix(e)}") from None
+        raise UsageError(write_failure(e.target, e)) from None
 
 
 def read_eval(out_dir, step=None, at=None):

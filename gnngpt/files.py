@@ -72,6 +72,11 @@ def fsync_dir(path):
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errno codes of a full disk, or a full quota
 
 
+def write_failure(path, error, place="the run directory"):
+    """"could not write PATH (REASON); FIX" for an OSError of a write of path in place (see write_fix)."""
+    return f"could not write {path} ({error.strerror or error}); {write_fix(error, place)}"
+
+
 def write_fix(error, place="the run directory"):
     """What to do about an OSError of a write in place: free disk space when the disk or quota is full, remove
     the directory where the file goes, else make place writable (the directory, where the file is written

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import distributed
 from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .files import atomic_write_text, write_fix
+from .files import atomic_write_text, write_failure, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
@@ -91,8 +91,8 @@ class MetricsLog:
             with self.path.open(mode, newline="") as f:
                 csv.writer(f).writerows(lines)
         except OSError as e:
-            raise UsageError(f"could not write {self.path} ({e.strerror or e}); {write_fix(e)} or choose another "
-                             f"--out_dir, then --resume from the last checkpoint") from None
+            raise UsageError(f"{write_failure(self.path, e)} or choose another --out_dir, then --resume from the last "
+                             f"checkpoint") from None
 
 
 @contextlib.contextmanager
