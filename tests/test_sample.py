@@ -10,6 +10,7 @@ import torch
 import evaluate
 import sample
 from conftest import (
+    ALLOCATION_ERROR,
     CACHE_ERROR,
     CAPTURE_ERROR,
     MULTINOMIAL_ERROR,
@@ -143,16 +144,14 @@ def test_compile_without_a_cache_names_the_fast_backend_only_where_the_layer_has
                                        f"GATConv model of {run} samples without the cache; drop --compile\n")
 
 
-ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
-
-
 def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples(tiny_run, monkeypatch, capsys):
     def allocation_fails(*args, **kwargs):
         raise RuntimeError(ALLOCATION_ERROR)
 
+    run = tiny_run("gpt")  # trained first, should this test run alone: its training samples too
     monkeypatch.setattr("gnngpt.sampling.torch.multinomial", allocation_fails)
     capsys.readouterr()
-    assert sample.main(["--out_dir", str(tiny_run("gpt")), "--num_samples", "3", "--max_new_tokens", "5"]) == 2
+    assert sample.main(["--out_dir", str(run), "--num_samples", "3", "--max_new_tokens", "5"]) == 2
     assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {ALLOCATION_ERROR}); draw fewer "
                                        f"samples at once (--num_samples 3) or shorter ones (--max_new_tokens 5)\n")
 
