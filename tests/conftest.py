@@ -133,6 +133,7 @@ def capture_whose_replay_raises(run_pass, idx):
 
 CACHE_ERROR = "CUDA error: misaligned address"
 MULTINOMIAL_ERROR = "probability tensor contains either `inf`, `nan` or element < 0"
+ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
 
 
 def failing_cache(cache, T):

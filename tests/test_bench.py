@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+from conftest import ALLOCATION_ERROR
 from gnngpt import benchmark
 from gnngpt.config import PRESETS
 
@@ -110,21 +111,21 @@ def test_bench_refuses_bad_input_with_one_line(args, message, capsys):
 
 def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys):
     def allocation_fails(self):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+        raise RuntimeError(ALLOCATION_ERROR)
 
     monkeypatch.setattr(benchmark.TrainingBench, "step", allocation_fails)
     assert bench.main([*TINY, "--models", "gpt"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: the benchmark's training does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] "
-        "data. DefaultCPUAllocator: can't allocate memory); lower --batch_size, --block_size or --n_embd, or leave the "
+        f"error: the benchmark's training does not fit in the memory of cpu ({ALLOCATION_ERROR}); lower "
+        "--batch_size, --block_size or --n_embd, or leave the "
         "pyg backends, whose memory grows with the square of the block, out of --models")
     monkeypatch.undo()
 
     monkeypatch.setattr(benchmark, "time_generation", lambda *args: allocation_fails(None))
     assert bench.main([*TINY, "--models", "gpt", "--gen_repeats", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: the benchmark's generation does not fit in the memory of cpu ([enforce fail at alloc_cpu.cpp:117] "
-        "data. DefaultCPUAllocator: can't allocate memory); lower --gen_length, --block_size or --n_embd, or skip "
+        f"error: the benchmark's generation does not fit in the memory of cpu ({ALLOCATION_ERROR}); lower "
+        "--gen_length, --block_size or --n_embd, or skip "
         "generation with --gen_repeats 0")
 
 
