@@ -83,7 +83,7 @@ def model_samples_dir(out, configs, shipped=True):
 def write_model_samples(runs, out, shipped):
     """Each model's sample, its first seed's (at its chosen learning rate where the runs choose one), in
     model_samples_dir/<model>.txt; a run without a sample of its own (see sampling.sample_path) gets one from its
-    checkpoint first."""
+    checkpoint first, the one its training would have written (runner.write_missing_sample)."""
     configs = summarized(runs)
     choices = rate_choices(configs) if tuned(runs) else None
     directory = model_samples_dir(out, configs, shipped)

@@ -21,6 +21,7 @@ from .jobs import Job, run_jobs
 from .results import load_run_model
 from .rundir import has_checkpoint, read_config
 from .sampling import write_model_output
+from .train import set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
 
@@ -98,9 +99,10 @@ def reading_device(run):
 
 
 def write_missing_sample(run, path):
-    """Write the run's sample to path from its checkpoint."""
+    """Write the run's sample to path from its checkpoint, drawn as its training draws it: from the random states
+    saved with its last step (on the run's own device; another device's draws differ)."""
     device = reading_device(run)
-    model, tokenizer, _ = load_run_model(run.out_dir, device)
-    torch.manual_seed(run.seed)
+    model, tokenizer, info = load_run_model(run.out_dir, device)
+    set_rng_state(info["rng"])
     write_model_output(model, tokenizer, path, device)
     print(f"wrote {path}")

@@ -276,14 +276,16 @@ def rng_state(sampler):
     }
 
 
-def set_rng_state(state, sampler):
-    """Set the random states of this process to state (an rng_state)."""
+def set_rng_state(state, sampler=None):
+    """Set the random states of this process to state (an rng_state): torch's, and the batch sampler's where one is
+    given."""
     torch.set_rng_state(state["cpu"])
     for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(cuda_state, device)
     if state.get("mps") is not None:
         torch.mps.set_rng_state(state["mps"])
-    sampler.generator.set_state(state["sampler"])
+    if sampler is not None:
+        sampler.generator.set_state(state["sampler"])
 
 
 def restore(checkpoint, model, optimizer, sampler):

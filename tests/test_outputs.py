@@ -39,8 +39,10 @@ def test_runs_comparisons_and_figures_elsewhere_change_no_file_of_the_repository
     comparison = ["--data", str(tiny_text_file), "--runs", str(runs), *COMPARE_TINY]
     assert compare.main(comparison) == 0
     assert repository_files() == before
+    trained = (runs / "gpt_s1337" / "sample.txt").read_text()
     (runs / "gpt_s1337" / "sample.txt").unlink()
     assert compare.main(comparison) == 0  # reuses both runs and writes gpt's sample again, from its checkpoint
+    assert (runs / "gpt_s1337" / "sample.txt").read_text() == trained  # drawn from the training's random states
     assert repository_files() == before
     assert plot_attention.main(["--out_dir", str(trial), "--prompt", "To be"]) == 0
     assert repository_files() == before
