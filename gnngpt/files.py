@@ -1,4 +1,5 @@
 """Files written atomically: a crash at any point leaves the old file or the new one, never a mix."""
+import contextlib
 import errno
 import os
 import tempfile
@@ -15,14 +16,16 @@ def atomic_writes(writes):
     """atomic_write of each (path, write) of writes, all or none: every temporary file is written first, and only
     then renamed over its path, so that a failed write (a full disk, say) changes none of the paths; a rename
     needs no space, and a directory in a path's place, on which it would fail, is refused before anything is
-    written. An OSError carries the path it failed on as its target."""
+    written; directories made for them are removed again. An OSError carries the path it failed on as its
+    target."""
     targets = [Path(path).resolve() if Path(path).is_symlink() else Path(path) for path, _ in writes]
-    temporary = []
-    path = None
+    temporary, created = [], []
+    path, renamed = None, False
     try:
         for path, (_, write) in zip(targets, writes):
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            created += missing_directories(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temporary.append(tmp)
@@ -33,6 +36,7 @@ def atomic_writes(writes):
                 os.fsync(f.fileno())
         for tmp, path in zip(temporary, targets):
             os.replace(tmp, path)
+        renamed = True
         for directory in dict.fromkeys(path.parent for path in targets):
             fsync_dir(directory)
     except OSError as e:
@@ -42,6 +46,19 @@ def atomic_writes(writes):
         for tmp in temporary:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if not renamed:
+            for directory in sorted(created, key=lambda d: len(d.parts), reverse=True):
+                with contextlib.suppress(OSError):  # left where something else has been put in it since
+                    directory.rmdir()
+
+
+def missing_directories(directory):
+    """directory and those above it that do not exist."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
 
 
 def atomic_write_text(path, text):

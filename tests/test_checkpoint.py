@@ -13,7 +13,7 @@ from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import BIGRAM
 from gnngpt.errors import UsageError
-from gnngpt.files import atomic_write
+from gnngpt.files import atomic_write, atomic_writes, utf8
 from gnngpt.models import build_model
 
 
@@ -157,6 +157,21 @@ def test_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_link(t
     assert (tmp_path / "figure.png").is_symlink()
     assert (tmp_path / "store" / "figure.png").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["figure.png", "figure.png", "store"]
+
+
+def test_a_failed_atomic_write_removes_the_directories_it_made_and_keeps_the_others(tmp_path):
+    (tmp_path / "kept").mkdir()
+
+    def disk_full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    x, y, z = tmp_path / "kept" / "a" / "b" / "x.txt", tmp_path / "kept" / "a" / "y.txt", tmp_path / "new" / "z.txt"
+    with pytest.raises(OSError) as failed:
+        atomic_writes([(x, utf8("x")), (y, utf8("y")), (z, disk_full)])
+    assert failed.value.target == z
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["kept"]
+    atomic_writes([(x, utf8("x")), (z, utf8("z"))])
+    assert x.read_text() == "x" and z.read_text() == "z"
 
 
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
