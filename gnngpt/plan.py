@@ -66,6 +66,12 @@ class Run:
             return "restart"
         return "lost" if same else "replace"
 
+    def differences(self):
+        """"key was X, now Y" for each value of the run in its directory that differs from this run's (none where
+        that run has no readable config.json)."""
+        config = read_config(self.out_dir)
+        return [] if config is None else value_differences(config, self.expected)
+
 
 def value_differences(config, expected):
     """"key was X, now Y" for each value of expected that config does not hold; nested dicts are compared key by

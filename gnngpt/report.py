@@ -135,10 +135,11 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     if past:
         raise UsageError(f"--report_step {at} is past the last step of {past.out_dir} "
                          f"({past.expected['settings']['max_iters']}); choose a step up to it")
-    why = {"new": "not there", "resume": "not finished", "restart": "not finished", "replace": "other settings",
-           "submitted": "not finished"}
+    why = {"new": "not there", "resume": "not finished", "restart": "not finished", "submitted": "not finished"}
 
     def why_missing(run):
+        if states[run.name] == "replace":
+            return "; ".join(["other settings", *run.differences()])
         if states[run.name] != "lost":
             return why.get(states[run.name], f"no {wanted}")
         lacks = missing_final_files(run.out_dir)

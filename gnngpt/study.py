@@ -8,9 +8,9 @@ from pathlib import Path
 from . import runner, slurm
 from .data import check_length, load_text, split
 from .errors import UsageError
-from .plan import plan_comparison, value_differences
+from .plan import plan_comparison
 from .report import check_report_owner, report, write_model_samples, write_report
-from .rundir import file_in_the_way, read_config, unwritable
+from .rundir import file_in_the_way, unwritable
 
 
 def compare(args, extra, argv):
@@ -46,9 +46,8 @@ def compare(args, extra, argv):
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
     taken = [r for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
-        differing = ((r, value_differences(config, r.expected)) for r in taken
-                     if states[r.name] == "replace" and (config := read_config(r.out_dir)) is not None)
-        run, differences = next(differing, (None, []))
+        run, differences = next(((r, d) for r in taken if states[r.name] == "replace" and (d := r.differences())),
+                                (None, []))
         why = f"; {run.out_dir}: {'; '.join(differences)}" if differences else ""
         raise UsageError(f"{', '.join(str(r.out_dir) for r in taken)} already hold runs that these settings can "
                          f"neither reuse nor resume (other settings, or no checkpoint to resume from{why}); pass "
