@@ -282,7 +282,7 @@ def set_rng_state(state, sampler=None):
     torch.set_rng_state(state["cpu"])
     for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(cuda_state, device)
-    if state.get("mps") is not None:
+    if state.get("mps") is not None and torch.backends.mps.is_available():  # not where a Mac's run is read elsewhere
         torch.mps.set_rng_state(state["mps"])
     if sampler is not None:
         sampler.generator.set_state(state["sampler"])

@@ -22,6 +22,7 @@ from gnngpt.data import BatchSampler
 from gnngpt.decoder import KVCache
 from gnngpt.guard import one_thread
 from gnngpt.models import GPT, BigramLanguageModel
+from gnngpt.train import set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "12", "--eval_interval", "3", "--eval_iters", "2", "--batch_size", "4", "--block_size", "16",
@@ -461,3 +462,12 @@ def test_a_resumed_run_records_the_most_runs_that_trained_at_once_in_any_part_of
     assert json.loads((out / "config.json").read_text())["runs_at_once"] == 3
     assert run(tmp_path / "alone", tiny_text_file) == 0
     assert json.loads((tmp_path / "alone" / "config.json").read_text())["runs_at_once"] == 1
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without an MPS device")
+def test_random_states_saved_on_a_mac_set_the_cpu_state_where_there_is_no_mps():
+    torch.manual_seed(5)
+    saved = {"cpu": torch.get_rng_state(), "cuda": [], "mps": torch.get_rng_state()}  # as rng_state on a Mac
+    drawn = torch.rand(3)
+    set_rng_state(saved)  # as compare.py does to sample a reused run that lacks its sample (any machine's)
+    assert torch.equal(torch.rand(3), drawn)
