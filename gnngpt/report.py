@@ -145,13 +145,19 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
         lacks = missing_final_files(run.out_dir)
         return f"no {' or '.join(lacks)}, and no checkpoint to make {'it' if len(lacks) == 1 else 'them'}"
 
-    missing = [f"{r.out_dir} ({why_missing(r)})" for r in runs if states[r.name] != "reuse"
+    lacking = [r for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
-    if missing:
-        fix = ("run the same command without --report_only" if at is None else
-               f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)")
-        raise UsageError(f"--report_only needs every run finished with its {wanted}, and {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not; {fix}")
+    if lacking:
+        if any(states[r.name] == "replace" for r in lacking):
+            fix = ("give the settings the runs were trained with (a relative --data as it was given, from the "
+                   "directory they were trained in)")
+        elif at is None:
+            fix = "run the same command without --report_only"
+        else:
+            fix = f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)"
+        missing = ", ".join(f"{r.out_dir} ({why_missing(r)})" for r in lacking)
+        raise UsageError(f"--report_only needs every run finished with its {wanted}, and {missing} "
+                         f"{'is' if len(lacking) == 1 else 'are'} not; {fix}")
     if at is None:  # the samples are the last checkpoint's: a report of an earlier step has none
         write_model_samples(runs, out, shipped=layer_records is None and len(pairs) == 1)
     write_report(runs, args, out, argv, baseline, layer_records, pairs, {})

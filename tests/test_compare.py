@@ -693,8 +693,9 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
                                        "command without --report_only\n")
     assert compare_main("--models", "gpt", "--seed", "7", "--data", "./tiny.txt", "--report_only") == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
-                                       "runs/gpt_s7 (other settings; data was tiny.txt, now ./tiny.txt) is not; run "
-                                       "the same command without --report_only\n")
+                                       "runs/gpt_s7 (other settings; data was tiny.txt, now ./tiny.txt) is not; give "
+                                       "the settings the runs were trained with (a relative --data as it was given, "
+                                       "from the directory they were trained in)\n")
 
     args = ["--models", "bigram,gpt", "--seed", "7"]
     for config_file in (tmp_path / "runs").glob("*_s7/config.json"):  # as runs trained on a GPU, read on this CPU
