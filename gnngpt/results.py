@@ -21,7 +21,7 @@ PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos":
 def load_run_model(out_dir, device="cpu", backend=None):
     """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's {"name", "step",
     "block_size", "rng"} (block_size None for the bigram, which reads one token; rng the random states that rank 0
-    of its training saved with it, train.rng_state).
+    of its training saved with it, train.rng_state, or None where it holds the weights alone).
 
     backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
     a training holds (see rundir.hold_run_dir) is refused.
@@ -48,7 +48,7 @@ def load_run_model(out_dir, device="cpu", backend=None):
     model = model.to(device)
     return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"],
                                                        "block_size": checkpoint["model_config"].get("block_size"),
-                                                       "rng": checkpoint["rng"][0]}
+                                                       "rng": (checkpoint.get("rng") or [None])[0]}
 
 
 def run_summary(out_dir, at=None):

@@ -100,9 +100,13 @@ def reading_device(run):
 
 def write_missing_sample(run, path):
     """Write the run's sample to path from its checkpoint, drawn as its training draws it: from the random states
-    saved with its last step (on the run's own device; another device's draws differ)."""
+    saved with its last step (on the run's own device; another device's draws differ), or from its seed where the
+    checkpoint holds the weights alone."""
     device = reading_device(run)
     model, tokenizer, info = load_run_model(run.out_dir, device)
-    set_rng_state(info["rng"])
+    if info["rng"] is None:
+        torch.manual_seed(run.seed)
+    else:
+        set_rng_state(info["rng"])
     write_model_output(model, tokenizer, path, device)
     print(f"wrote {path}")

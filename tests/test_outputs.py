@@ -7,8 +7,12 @@ import matplotlib.image
 import pytest
 
 import compare
+import evaluate
 import plot_attention
+import sample
 from conftest import train_tiny_gpt
+from gnngpt.checkpoint import load_checkpoint, save_checkpoint
+from gnngpt.rundir import TRAINING_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE_TINY = ["--models", "bigram,gpt", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
@@ -57,3 +61,22 @@ def test_runs_comparisons_and_figures_elsewhere_change_no_file_of_the_repository
            f"`{(runs / 'model_outputs' / 'gpt.txt').as_posix()}` (seed 1337)" in results
     assert matplotlib.image.imread(runs / "val_loss.png").ndim == 3
     assert matplotlib.image.imread(trial / "attention.png").ndim == 3
+
+
+def test_a_checkpoint_of_the_weights_alone_is_sampled_evaluated_and_given_its_missing_sample(tiny_text_file,
+                                                                                              tmp_path, monkeypatch):
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    runs = tmp_path / "runs"
+    comparison = ["--data", str(tiny_text_file), "--runs", str(runs), *COMPARE_TINY]
+    assert compare.main(comparison) == 0
+    run = runs / "gpt_s1337"
+    checkpoint = load_checkpoint(run / "ckpt.pt")
+    save_checkpoint(run / "ckpt.pt", {k: v for k, v in checkpoint.items() if k == "step" or k not in TRAINING_STATE})
+    samples = []
+    for _ in range(2):  # drawn from the run's seed where no random states were saved: the same each time
+        (run / "sample.txt").unlink()
+        assert compare.main(comparison) == 0
+        samples.append((run / "sample.txt").read_text())
+    assert len(samples[0]) == 21 and samples[1] == samples[0]
+    assert sample.main(["--out_dir", str(run), "--max_new_tokens", "5", "--device", "cpu"]) == 0
+    assert evaluate.main(["--out_dir", str(run), "--data", str(tiny_text_file)]) == 0
