@@ -25,8 +25,7 @@ def atomic_writes(writes):
         for path, (_, write) in zip(targets, writes):
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            created += missing_directories(path.parent)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created += make_directories(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temporary.append(tmp)
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
@@ -52,13 +51,23 @@ def atomic_writes(writes):
                     directory.rmdir()
 
 
-def missing_directories(directory):
-    """directory and those above it that do not exist."""
+def make_directories(directory):
+    """Make directory and those above it that do not exist, as mkdir -p; returns those this call made, not those
+    another process made meanwhile."""
     missing = []
     while not directory.exists() and directory != directory.parent:
         missing.append(directory)
         directory = directory.parent
-    return missing
+    made = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+        else:
+            made.append(directory)
+    return made
 
 
 def atomic_write_text(path, text):

@@ -4,6 +4,7 @@ import os
 import pickle
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,12 +160,12 @@ def test_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_link(t
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["figure.png", "figure.png", "store"]
 
 
+def disk_full(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_a_failed_atomic_write_removes_the_directories_it_made_and_keeps_the_others(tmp_path):
     (tmp_path / "kept").mkdir()
-
-    def disk_full(f):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     x, y, z = tmp_path / "kept" / "a" / "b" / "x.txt", tmp_path / "kept" / "a" / "y.txt", tmp_path / "new" / "z.txt"
     with pytest.raises(OSError) as failed:
         atomic_writes([(x, utf8("x")), (y, utf8("y")), (z, disk_full)])
@@ -172,6 +173,20 @@ def test_a_failed_atomic_write_removes_the_directories_it_made_and_keeps_the_oth
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["kept"]
     atomic_writes([(x, utf8("x")), (z, utf8("z"))])
     assert x.read_text() == "x" and z.read_text() == "z"
+
+
+def test_a_failed_atomic_write_keeps_a_directory_another_writer_made_meanwhile(tmp_path, monkeypatch):
+    shared, mkdir = tmp_path / "shared", Path.mkdir
+
+    def after_another_writer(self, *args, **kwargs):
+        if self == shared and not self.exists():
+            mkdir(self)  # another process makes it between this write's look and its own mkdir
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", after_another_writer)
+    with pytest.raises(OSError):
+        atomic_writes([(shared / "x.txt", disk_full)])
+    assert shared.is_dir()  # the other writer's, about to put its own file in it
 
 
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
