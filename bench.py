@@ -18,6 +18,8 @@ medians of --gen_repeats rounds that each run every model in turn, after one unt
 kernel for the shapes of decoding); the time of the first and last fifth of the cached generation shows whether
 a character costs the same late as early. Generation runs in float32 whatever --dtype says, as sample.py does;
 --compile compiles the cached decoder's one-token step too (sample.py --compile), not the lecture's sampler.
+On the CPU, --profile_steps N splits the self CPU time of N more training steps of each model into matrix
+products, scaled_dot_product_attention's kernels and the rest.
 """
 import contextlib
 import json
@@ -65,6 +67,10 @@ def build_parser():
                    help="torch.compile every model for training, and the cached decoder's one-token step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast the forward passes to bf16 (CUDA only; default: float32)")
+    p.add_argument("--profile_steps", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile N more of each model with the PyTorch profiler and print "
+                        "where their time goes, in self CPU time: matrix products (mm, addmm, bmm), "
+                        "scaled_dot_product_attention's kernels and the rest (CPU only; default: 0, no profile)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per result row")
     return p
 
@@ -77,7 +83,7 @@ def check_counts(args):
     for key in ("iters", "gen_length", *(f for f in SHAPE_FLAGS if getattr(args, f) is not None)):
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
-    for key in ("warmup", "gen_repeats"):
+    for key in ("warmup", "gen_repeats", "profile_steps"):
         if getattr(args, key) < 0:
             raise UsageError(f"--{key} must be zero or more, got {getattr(args, key)}")
 
@@ -115,6 +121,9 @@ def fitting(device, what, fix):
 def run(args):
     check_counts(args)
     device = resolve_device(args.device)
+    if args.profile_steps and device.type != "cpu":
+        raise UsageError(f"--profile_steps measures CPU time, which on {device} is not the step's time; profile "
+                         f"with --device cpu")
     check_dtype(args.dtype, device)
     check_compile(args.compile, device)
     preset = resolve_preset(args.preset, device)
@@ -130,7 +139,7 @@ def run(args):
                                      "whose memory grows with the square of the block, out of --models"):
         train_rows = bench_training(
             [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
-            device, args.dtype, args.compile, args.warmup, args.iters, common)
+            device, args.dtype, args.compile, args.warmup, args.iters, common, args.profile_steps)
     with fitting(device, "generation", "lower --gen_length, --block_size or --n_embd, or skip generation with "
                                        "--gen_repeats 0"):
         gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)

@@ -20,6 +20,7 @@ MODELS = [("bigram", "-"), ("gpt", "-"), ("GATConv", "fast"), ("GATConv", "pyg")
           ("GATv2Conv", "pyg"), ("TransformerConv", "fast"), ("TransformerConv", "pyg"), ("no-mixer", "-")]
 GRAPHLESS = {"bigram", "no-mixer"}  # benchmarked once, not per graph
 GENERATORS = [("gpt", "-"), *((name, "fast") for name in DENSE_LAYERS)]
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
 
 
 class NoMixer(torch.nn.Module):
@@ -83,10 +84,8 @@ class TrainingBench:
             base = torch.cuda.memory_allocated(self.device)
             self.step()
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else the profiler logs its start and stop to stderr
         self.optimizer.zero_grad(set_to_none=True)  # freed before: the profiler would warn of blocks it never saw
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+        with cpu_profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
             self.step()
         try:  # the profiler's memory timeline is a private API that may change between torch releases
             from torch.profiler._memory_profiler import MemoryProfileTimeline
@@ -96,18 +95,37 @@ class TrainingBench:
             return None
         return max(sum(s) for s in sizes) / 2**20
 
-    def row(self, common):
+    def time_spent(self, steps):
+        """Where steps more training steps spend their time, in ms a step of self CPU time by the PyTorch profiler:
+        in all operators, in matrix products (MATRIX_PRODUCTS) and in scaled_dot_product_attention's kernels."""
+        with cpu_profile() as prof:
+            for _ in range(steps):
+                self.step()
+        ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+        return {"profiled_ms": round(sum(ms.values()), 2),
+                "matmul_ms": round(sum(t for op, t in ms.items() if op in MATRIX_PRODUCTS), 2),
+                "sdpa_ms": round(sum(t for op, t in ms.items() if "scaled_dot_product" in op), 2)}
+
+    def row(self, common, profile_steps):
         ms = statistics.median(self.times) * 1e3
         peak = self.peak_memory_mb()
         return {"model": self.name, "backend": self.backend, "graph": self.graph, "pos": self.pos, **common,
                 "task": "train", "dtype": self.dtype, "ms_per_iter": round(ms, 2),
                 "tokens_per_s": round(self.tokens / ms * 1e3, 1),
-                "peak_mem_mb": None if peak is None else round(peak, 1)}
+                "peak_mem_mb": None if peak is None else round(peak, 1),
+                **(self.time_spent(profile_steps) if profile_steps else {})}
 
 
-def bench_training(models, device, dtype, compile_model, warmup, iters, common):
+def cpu_profile(**options):
+    """The PyTorch profiler of CPU activity, quiet (else it logs its start and stop to stderr)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return profile(activities=[ProfilerActivity.CPU], **options)
+
+
+def bench_training(models, device, dtype, compile_model, warmup, iters, common, profile_steps=0):
     """The training row of each (name, backend, settings): warmup untimed steps of each model, then iters rounds
-    that each time one step of every model in turn, so that load on the machine hits all of them alike."""
+    that each time one step of every model in turn, so that load on the machine hits all of them alike; with
+    profile_steps, where that many more steps of each spend their time (TrainingBench.time_spent)."""
     benches = [TrainingBench(name, backend, settings, device, dtype, compile_model)
                for name, backend, settings in models]
     for bench in tqdm(benches, desc="warm-up", leave=False):
@@ -116,7 +134,7 @@ def bench_training(models, device, dtype, compile_model, warmup, iters, common):
     for _ in tqdm(range(iters), desc="training steps", leave=False):
         for bench in benches:
             bench.timed_step()
-    return [b.row(common) for b in benches]
+    return [b.row(common, profile_steps) for b in benches]
 
 
 def time_generation(model, device, use_cache, length, compile_decoder):
@@ -228,6 +246,14 @@ def print_tables(train_rows, gen_rows, gen_length, compiled):
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         print(f"| {r['model']} | {r['backend']} | {r['graph']} | {r['pos']} | {r['ms_per_iter']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {peak} |")
+    profiled = [r for r in train_rows if "profiled_ms" in r]
+    if profiled:
+        print("\n| where a step's time goes (ms, self CPU time) | graph | pos | all operators | matrix products | "
+              "scaled_dot_product_attention | the rest |\n" + "| --- " * 7 + "|")
+        for r in profiled:
+            rest = r["profiled_ms"] - r["matmul_ms"] - r["sdpa_ms"]
+            print(f"| {r['model']} {r['backend']} | {r['graph']} | {r['pos']} | {r['profiled_ms']:.1f} | "
+                  f"{r['matmul_ms']:.1f} | {r['sdpa_ms']:.1f} | {rest:.1f} |")
     if gen_rows:
         step = ", one-token step compiled" if compiled else ""
         print(f"\n| generate {gen_length} chars{step} | graph | pos | cached ms | cached chars/s | "

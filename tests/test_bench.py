@@ -48,6 +48,7 @@ def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     assert "TransformerConv fast peak memory / pyg [full abs]" in ratios
     assert not [r for r in rows if r["task"] == "generate"] and "generate" not in out
     assert "target" not in out  # measurements and ratios only: the targets live in the docs
+    assert "where a step's time goes" not in out and not any("profiled_ms" in r for r in train)
 
 
 def test_bench_gives_relative_against_absolute_positions_for_every_model_on_every_graph(capsys):
@@ -78,6 +79,28 @@ def test_bench_times_cached_and_lectures_generation_with_the_models_it_is_given(
             == pytest.approx(r["cached_last_fifth_ms"] / r["cached_first_fifth_ms"], abs=0.006)
 
 
+def test_bench_profiles_where_each_models_step_spends_its_time(capsys):
+    out, rows, _ = run_bench(capsys, "--models", "bigram,gpt,TransformerConv,no-mixer", "--gen_repeats", "0",
+                             "--profile_steps", "2")
+    spent = {(r["model"], r["backend"]): r for r in rows}
+    for r in spent.values():
+        assert r["profiled_ms"] >= r["matmul_ms"] + r["sdpa_ms"]
+        assert f"| {r['model']} {r['backend']} | {r['graph']} | {r['pos']} | {r['profiled_ms']:.1f} | " \
+               f"{r['matmul_ms']:.1f} | {r['sdpa_ms']:.1f} | " in out
+    assert spent["bigram", "-"]["matmul_ms"] == spent["bigram", "-"]["sdpa_ms"] == 0  # an embedding lookup alone
+    assert spent["no-mixer", "-"]["matmul_ms"] > 0 and spent["no-mixer", "-"]["sdpa_ms"] == 0
+    for attends in (("gpt", "-"), ("TransformerConv", "fast")):
+        assert spent[attends]["matmul_ms"] > 0 and spent[attends]["sdpa_ms"] > 0
+    assert spent["TransformerConv", "pyg"]["sdpa_ms"] == 0  # message passing: gathers and scatters
+
+
+def test_bench_profiles_cpu_time_alone(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda"))
+    assert bench.main([*TINY, "--profile_steps", "1"]) == 2
+    assert capsys.readouterr().err == ("error: --profile_steps measures CPU time, which on cuda is not the step's "
+                                       "time; profile with --device cpu\n")
+
+
 def test_no_mixer_model_predicts_each_token_from_itself_alone():
     model = benchmark.build("no-mixer", "-", PRESETS["cpu"]["gpt"], torch.device("cpu")).eval()
     x = torch.randint(benchmark.VOCAB_SIZE, (1, 16))
@@ -91,6 +114,7 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     (["--iters", "0"], "--iters must be a positive integer, got 0"),
     (["--block_size", "-4"], "--block_size must be a positive integer, got -4"),
     (["--gen_repeats", "-1"], "--gen_repeats must be zero or more, got -1"),
+    (["--profile_steps", "-2"], "--profile_steps must be zero or more, got -2"),
     (["--models", "gpt,GATv3Conv"], "--models: unknown model 'GATv3Conv'; choose among bigram, gpt, GATConv"),
     (["--graphs", "window:0"], "--graphs 'window:0': W must be an integer from 1 to 2147483647, got '0' (in window:W)"),
     (["--graphs", "[window:2,full]", "--n_layer", "3"], "--graphs '[window:2,full]' lists 2 graphs for 3 layers"),
