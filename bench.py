@@ -25,21 +25,23 @@ import contextlib
 import json
 import sys
 
-import torch
+from gnngpt.errors import UsageError, exit_code, one_line, out_of_memory, quiet_interrupt
 
-from gnngpt.benchmark import GRAPHLESS, MODELS, bench_generation, bench_training, print_tables, selected_models
-from gnngpt.cli import (
-    DEVICES,
-    ArgumentParser,
-    check_compile,
-    check_dtype,
-    placement_list,
-    refuse_twice_placed,
-    resolve_device,
-)
-from gnngpt.config import PRESETS, resolve_preset
-from gnngpt.errors import UsageError, exit_code, one_line, out_of_memory
-from gnngpt.graph import graph_spec, parse_graph
+with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+    import torch
+
+    from gnngpt.benchmark import GRAPHLESS, MODELS, bench_generation, bench_training, print_tables, selected_models
+    from gnngpt.cli import (
+        DEVICES,
+        ArgumentParser,
+        check_compile,
+        check_dtype,
+        placement_list,
+        refuse_twice_placed,
+        resolve_device,
+    )
+    from gnngpt.config import PRESETS, resolve_preset
+    from gnngpt.graph import graph_spec, parse_graph
 
 SHAPE_FLAGS = ("block_size", "batch_size", "n_embd", "n_head", "n_layer")
 

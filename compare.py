@@ -12,11 +12,13 @@
 """
 import sys
 
-from gnngpt import cli, study
-from gnngpt.config import SEED
-from gnngpt.data import DEFAULT_DATA
-from gnngpt.errors import exit_code
-from gnngpt.plan import ALL_LAYERS, DEFAULT_MODELS
+from gnngpt.errors import exit_code, quiet_interrupt
+
+with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+    from gnngpt import cli, study
+    from gnngpt.config import SEED
+    from gnngpt.data import DEFAULT_DATA
+    from gnngpt.plan import ALL_LAYERS, DEFAULT_MODELS
 
 
 def build_parser():

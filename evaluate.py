@@ -8,19 +8,21 @@ import json
 import statistics
 import sys
 
-from gnngpt import cli
-from gnngpt.data import load_text
-from gnngpt.errors import UsageError, exit_code
-from gnngpt.evaluation import (
-    describe_evaluation,
-    encode_whole,
-    exact_evaluation,
-    random_estimates,
-    run_validation_split,
-    write_eval,
-)
-from gnngpt.results import load_run_model
-from gnngpt.rundir import read_config
+from gnngpt.errors import UsageError, exit_code, quiet_interrupt
+
+with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+    from gnngpt import cli
+    from gnngpt.data import load_text
+    from gnngpt.evaluation import (
+        describe_evaluation,
+        encode_whole,
+        exact_evaluation,
+        random_estimates,
+        run_validation_split,
+        write_eval,
+    )
+    from gnngpt.results import load_run_model
+    from gnngpt.rundir import read_config
 
 
 def build_parser():

@@ -5,12 +5,14 @@
 import sys
 from pathlib import Path
 
-from gnngpt.attention import attention_maps, rank_agreement
-from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
-from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import UsageError, exit_code
-from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
-from gnngpt.results import load_run_model
+from gnngpt.errors import UsageError, exit_code, quiet_interrupt
+
+with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+    from gnngpt.attention import attention_maps, rank_agreement
+    from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
+    from gnngpt.data import encode_prompt, read_prompt
+    from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
+    from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
 

@@ -5,22 +5,24 @@
 import math
 import sys
 
-import torch
+from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory, quiet_interrupt
 
-from gnngpt.cli import (
-    AUTO_DEVICE_HELP,
-    DEVICES,
-    ArgumentParser,
-    check_compile,
-    check_seed,
-    path_value,
-    resolve_device,
-)
-from gnngpt.data import encode_prompt, read_prompt
-from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory
-from gnngpt.models import dense_refusal
-from gnngpt.results import load_run_model
-from gnngpt.sampling import generate, sampling_failure
+with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+    import torch
+
+    from gnngpt.cli import (
+        AUTO_DEVICE_HELP,
+        DEVICES,
+        ArgumentParser,
+        check_compile,
+        check_seed,
+        path_value,
+        resolve_device,
+    )
+    from gnngpt.data import encode_prompt, read_prompt
+    from gnngpt.models import dense_refusal
+    from gnngpt.results import load_run_model
+    from gnngpt.sampling import generate, sampling_failure
 
 SEPARATOR = "---------------"
 MIN_TEMPERATURE = 1e-30  # float32 logits divided by much less overflow to infinity, whose softmax is NaN

@@ -1,5 +1,6 @@
 """The error types the command-line scripts turn into a one-line message: exit code 2 for bad input, 1 for a
 failure of the run itself."""
+import contextlib
 import os
 import signal
 import sys
@@ -43,6 +44,17 @@ def exit_code(run, *args):
         return 130
     except OSError as e:
         return os_error_exit(e)
+
+
+@contextlib.contextmanager
+def quiet_interrupt():
+    """Ctrl-C inside ends the process as exit_code does: "interrupted" and code 130, not a traceback. The scripts
+    import torch inside it, which takes seconds."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def os_error_exit(error):

@@ -308,3 +308,13 @@ def test_a_failed_atomic_write_that_reaches_the_top_names_its_file(tmp_path, cap
     assert capsys.readouterr().err == (f"error: could not write {tmp_path / 'results.md'} (No space left on device); "
                                        f"free disk space\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["pyg-gpt.py", "gpt.py", "bigram.py", "compare.py", "sample.py", "bench.py",
+                                    "evaluate.py", "plot_attention.py"])
+def test_ctrl_c_while_a_script_imports_torch_ends_in_one_line(script, tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt  # Ctrl-C in the seconds of the import\n")
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
