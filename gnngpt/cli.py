@@ -26,7 +26,7 @@ from .guard import check_layer, check_layer_name, format_layer_table, layer_supp
 from .lists import list_items, refuse_twice
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
+from .rundir import check_run_dir, default_run_dir, eval_files, hold_run_dir, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
@@ -322,7 +322,9 @@ def run(script, args):
     }
     with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
         resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
-        if resume_from:  # the most that shared the machine with any part of the run
+        if resume_from:
+            check_snapshot_steps(args.exact_at, resume_from["step"], out_dir)
+            # the most that shared the machine with any part of the run
             config["runs_at_once"] = max(config["runs_at_once"], resume_from["config"].get("runs_at_once", 1))
         wandb_run_id = resume_from.get("wandb_run_id") if resume_from else None
         # the trackers start before config.json is written: a failed wandb.init leaves no run behind
@@ -380,14 +382,25 @@ def resumable_on_stop(checkpoint_path):
 
 def snapshot(steps, model, val_data, settings, out_dir, step):
     """At each of steps (--exact_at), the exact evaluation of the validation split, written by rank 0 as that step's
-    snapshot (evaluation.write_eval)."""
-    if step not in steps:
+    snapshot (evaluation.write_eval), unless the run has it already (a resumed run calls this again for the step
+    it resumes from, whose snapshot a stop may have cut short)."""
+    if step not in steps or distributed.from_main(lambda: eval_files(out_dir, step)[0].exists()):
         return
     if distributed.is_main_process():
         result = exact_evaluation(model, val_data, settings, next(model.parameters()).device)
         write_eval(out_dir, result, step, at=step)
         tqdm.write(f"step {step}: {describe_evaluation(result)}; in {result['eval_s']:.1f} s")
     distributed.barrier()
+
+
+def check_snapshot_steps(steps, resumed_step, out_dir):
+    """Refuse an --exact_at step before the step a run resumes from where the run has no snapshot: the weights of
+    that step are gone."""
+    lost = [step for step in steps if step < resumed_step and not eval_files(out_dir, step)[0].exists()]
+    if lost:
+        raise UsageError(f"--exact_at {lost[0]} is before step {resumed_step}, where the run in {out_dir} resumes, "
+                         f"and the run has no snapshot of it: its weights at step {lost[0]} are gone; choose steps "
+                         f"from {resumed_step} on, or train the run again with --overwrite")
 
 
 def write_sample(model, tokenizer, path, device, out_dir):

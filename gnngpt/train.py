@@ -57,7 +57,8 @@ def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
     metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
     of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row, and after_evaluation(step)
-    runs (on every rank; its time counts as the evaluation's, not the training's). resume_from (such a
+    runs (on every rank; its time counts as the evaluation's, not the training's), and again on resuming from that
+    step. resume_from (such a
     checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step, or within one batch of
     an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an evaluation stopped so
     runs whole on resuming); a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
@@ -102,6 +103,8 @@ class Trainer:
                      disable=not self.main) as self.bar:
             if self.eval_due() and (not self.rows or self.rows[-1]["step"] < self.step):
                 self.evaluate_and_save()
+            elif self.rows:  # resumed after the evaluation of its step: what came after it may have been cut short
+                self.after_evaluation(self.step)
             while self.step < max_iters:
                 self.train_step()
                 eval_due = self.eval_due()

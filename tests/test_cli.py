@@ -148,6 +148,25 @@ def test_exact_at_writes_what_a_run_that_ends_there_writes(in_tmp_path, tiny_tex
     assert not list((in_tmp_path / "long").glob("*_step*"))  # a replaced run leaves no snapshot of the old one
 
 
+def test_a_resumed_run_takes_the_snapshots_it_can_and_refuses_those_it_has_passed(in_tmp_path, tiny_text_file,
+                                                                                  capsys):
+    assert train_tiny_gpt("run", "tiny.txt", "--max_iters", "4", "--eval_interval", "2") == 0
+    ended = json.loads((in_tmp_path / "run" / "eval.json").read_text())
+    before = sorted(p.name for p in (in_tmp_path / "run").iterdir())
+    capsys.readouterr()
+    longer = ["--max_iters", "8", "--eval_interval", "2", "--resume"]
+    assert train_tiny_gpt("run", "tiny.txt", *longer, "--exact_at", "2,6") == 2
+    assert capsys.readouterr().err == (f"error: --exact_at 2 is before step 4, where the run in {Path('run')} resumes, "
+                                       f"and the run has no snapshot of it: its weights at step 2 are gone; choose "
+                                       f"steps from 4 on, or train the run again with --overwrite\n")
+    assert sorted(p.name for p in (in_tmp_path / "run").iterdir()) == before
+    assert train_tiny_gpt("run", "tiny.txt", *longer, "--exact_at", "4,6") == 0
+    snapshot = json.loads((in_tmp_path / "run" / "eval_step4.json").read_text())
+    assert snapshot.pop("eval_s") >= 0 and ended.pop("eval_s") >= 0
+    assert snapshot == ended  # taken from the checkpoint it resumed from, the weights that ended the first run
+    assert json.loads((in_tmp_path / "run" / "eval_step6.json").read_text())["step"] == 6
+
+
 @pytest.mark.parametrize("kwargs,backend", [
     ("{}", "fast (masked dense attention)"),
     ('{"aggr": "mean"}', "pyg (message passing: the fast backend does not cover TransformerConv with aggr='mean' "
