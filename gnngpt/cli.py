@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import Failure, UsageError, flush_output, os_error_exit
+from .errors import TOO_BIG, Failure, UsageError, flush_output, one_line, os_error_exit, out_of_memory
 from .evaluation import describe_evaluation, exact_evaluation, write_eval
 from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -234,8 +234,8 @@ def check_seed(seed):
 
 
 def main(script, argv=None):
-    """Run one training script (a config.Script); bad input ends with a one-line error and exit code 2,
-    SIGINT/SIGTERM with 130/143."""
+    """Run one training script (a config.Script); bad input (memory too small for its sizes included) ends with a
+    one-line error and exit code 2, SIGINT/SIGTERM with 130/143."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         run(script, build_parser(script).parse_args(argv))
@@ -256,6 +256,12 @@ def main(script, argv=None):
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:
         return os_error_exit(e)
+    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
+        if not out_of_memory(e):
+            raise
+        print(f"error: {TOO_BIG} ({one_line(e)[:160]}); lower --batch_size, --block_size, --n_embd or --n_layer",
+              file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
     return 0

@@ -22,6 +22,9 @@ def one_line(error):
     return lines[0] if lines else type(error).__name__
 
 
+TOO_BIG = "the model and batch do not fit in memory"
+
+
 def out_of_memory(error):
     """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU."""
     return isinstance(error, MemoryError) or any(text in str(error) for text in ("can't allocate memory",

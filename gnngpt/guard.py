@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .errors import UsageError, one_line
+from .errors import TOO_BIG, UsageError, one_line, out_of_memory
 from .graph import causal_edge_index
 from .mixers import GAT_LAYERS, build_conv, conv_layer_names, reads_distances_when_relative, run_conv
 from .models import GPTConfig
@@ -154,13 +154,22 @@ def refusal_reason(cfg):
         except ImportError as e:
             return f"needs a package that is not installed: {one_line(e)}"
         except Exception as e:  # noqa: BLE001 - any failure of a third-party layer is a refusal with its reason
+            refuse_if_too_big(e)
             return f"cannot be built: {one_line(e)}"
         try:
             return future_leak(conv, cfg.n_embd, seq_len=min(cfg.block_size, PROBE_LEN), block_size=cfg.block_size)
         except ImportError as e:
             return f"needs a package that is not installed: {one_line(e)}"
         except Exception as e:  # noqa: BLE001
+            refuse_if_too_big(e)
             return f"fails on the causal graph: {one_line(e)}"
+
+
+def refuse_if_too_big(error):
+    """A UsageError when error is memory running out: the sizes asked for are at fault, not the layer."""
+    if out_of_memory(error):
+        raise UsageError(f"{TOO_BIG} ({one_line(error)[:160]}); lower --n_embd, or the layer's sizes in "
+                         f"--gnn_kwargs") from None
 
 
 def check_layer(cfg):

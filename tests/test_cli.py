@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_GPT_RUN, tiny_config, train_tiny_gpt
+from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
 from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
@@ -337,3 +337,27 @@ def test_ctrl_c_while_a_script_imports_torch_ends_in_one_line(script, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
     assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
+
+
+def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming_the_sizes(tiny_text_file, tmp_path,
+                                                                                          monkeypatch, capsys):
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(ALLOCATION_ERROR)
+
+    args = ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "out"), *TINY_GPT]
+    monkeypatch.setattr("gnngpt.train.Trainer.train_step", allocation_fails)
+    assert main(GPT_SCRIPT, args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: the model and batch do not fit in memory "
+                                                        f"({ALLOCATION_ERROR}); lower --batch_size, --block_size, "
+                                                        f"--n_embd or --n_layer")
+    monkeypatch.setattr("gnngpt.guard.build_conv", allocation_fails)
+    assert main(PYG_GPT, ["--gat_version", "GATConv", *args, "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"error: the model and batch do not fit in memory ({ALLOCATION_ERROR}); lower "
+                                       f"--n_embd, or the layer's sizes in --gnn_kwargs\n")
+
+    def other_failure(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("gnngpt.train.Trainer.train_step", other_failure)
+    with pytest.raises(RuntimeError, match="a bug"):  # not taken for memory running out
+        main(GPT_SCRIPT, [*args, "--overwrite"])
