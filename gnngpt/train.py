@@ -266,7 +266,7 @@ def check_finite(losses, step, ckpt_path, saved_step):
 def kept_checkpoint(ckpt_path, saved_step):
     kept = "no checkpoint was written" if saved_step is None else \
         f"{ckpt_path} keeps the last good state (step {saved_step})"
-    return f"training stopped and {kept}; try a lower --learning_rate"
+    return f"training stopped and {kept}; train again with --overwrite and a lower --learning_rate"
 
 
 def rng_state(sampler):

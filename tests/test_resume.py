@@ -229,7 +229,7 @@ def test_a_failed_sample_keeps_the_trained_model_which_samples_and_resumes(targe
 
 @pytest.mark.parametrize("nan_at,training,message", [
     (8, True, "the training loss is not finite at step 7; training stopped and {ckpt} keeps the last good state "
-              "(step 6); try a lower --learning_rate"),
+              "(step 6); train again with --overwrite and a lower --learning_rate"),
     (5, False, "the evaluation loss is not finite at step 3"),  # the first forward pass of the step 3 evaluation
 ])
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(nan_at, training, message,
