@@ -223,15 +223,25 @@ def pass_through_flags(extra):
         else:
             raise UsageError(f"unexpected argument {token!r}; see python compare.py --help")
     parsers = {script: cli.build_parser(script) for script in SCRIPTS}
+    flags = {script: {f for action in parser._actions for f in action.option_strings} for script, parser in
+             parsers.items()}
+    known = set().union(*flags.values())
     passed = {script: [] for script in SCRIPTS}
     for group in groups:
         flag = group[0].split("=")[0]
         if flag in NOT_PASSED:
             raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer, directory and "
                              f"W&B run name and resumes unfinished runs itself; see python compare.py --help")
-        accepting = [script for script, parser in parsers.items() if not parser.parse_known_args(group)[1]]
+        if flag not in known:  # the training scripts' argparse would take an abbreviation for the flag it begins
+            meant = sorted(f for f in known if f.startswith(flag))
+            named = ", ".join(meant[:-1]) + " or " + meant[-1] if len(meant) > 1 else "".join(meant)
+            raise UsageError(f"{flag} abbreviates {named}; write training flags in full" if meant else
+                             f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
+        having = [script for script in SCRIPTS if flag in flags[script]]
+        accepting = [script for script in having if not parsers[script].parse_known_args(group)[1]]
         if not accepting:
-            raise UsageError(f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")
+            stray = parsers[having[0]].parse_known_args(group)[1][0]
+            raise UsageError(f"unexpected argument {stray!r} after {flag}; see python compare.py --help")
         for script in accepting:
             passed[script] += group
     return passed
@@ -249,11 +259,6 @@ def plan_run(model, graph, pos, seed, args, extra, rate=None):
             *(["--learning_rate", repr(rate)] if rate is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
-    set_by_compare = (training_args.out_dir, getattr(training_args, "gat_version", model), training_args.resume,
-                      training_args.wandb_run_name)
-    if set_by_compare != (None, model, False, None):
-        raise UsageError("a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name, which "
-                         "compare.py sets itself; write training flags in full")
     if script.graph_layer:
         guard.check_layer_name(model)
     # a SLURM job's device is that of its node, where its training checks it; a report reads runs made elsewhere

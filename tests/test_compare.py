@@ -353,7 +353,12 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     (["--resume"], "error: --resume is not passed through compare.py"),
     (["--wandb_log", "--wandb_run_name", "x"], "error: --wandb_run_name is not passed through compare.py, which picks "
                                                "each run's layer, directory and W&B run name"),
-    (["--wandb_run", "x"], "error: a training flag abbreviates --out_dir, --gat_version, --resume or --wandb_run_name"),
+    (["--wandb_run", "x"], "error: --wandb_run abbreviates --wandb_run_name; write training flags in full\n"),
+    (["--see", "5"], "error: --see abbreviates --seed; write training flags in full\n"),  # else every run seed 5
+    (["--dat=other.txt"], "error: --dat abbreviates --data; write training flags in full\n"),
+    (["--wandb", "x"], "error: --wandb abbreviates --wandb_log, --wandb_project or --wandb_run_name; write training "
+                       "flags in full\n"),
+    (["--n_layer", "1", "stray"], "error: unexpected argument 'stray' after --n_layer; see python compare.py --help\n"),
     (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
     (["--jobs", "0"], "error: --jobs must be a positive integer, got 0"),
     (["--seeds", "0"], "error: --seeds must be a positive integer, got 0"),
