@@ -32,6 +32,15 @@ from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 REPORT_FILES = ("results.md", "leaderboard.md", "graphs.md")
 
 
+def check_shipped_samples(out, flag):
+    """UsageError when out's model_outputs folder, where a comparison that is not the published one puts its
+    samples, is the one this repository ships; flag is the one that gave out (--out, or --runs without it)."""
+    if (Path(out) / "model_outputs").resolve() == SHIPPED_SAMPLES.resolve():
+        raise UsageError(f"{flag} {out} would put the samples over {SHIPPED_SAMPLES}, the ones this repository ships "
+                         f"(only the published comparison writes them: --out plots/paper at the paper preset); "
+                         f"choose another {flag}")
+
+
 def check_report_owner(out, runs):
     """UsageError when out holds a report (results.md, leaderboard.md or graphs.md) made from the runs of another
     directory than runs: a comparison writes over the report of its own runs alone (the command that made it, or
@@ -67,6 +76,9 @@ def ran_in(out, made_out):
     if not made or Path(made_out).is_absolute() or here[-len(made):] != made:
         return Path.cwd()
     return Path(*here[:-len(made)])
+
+
+SHIPPED_SAMPLES = Path(__file__).resolve().parents[1] / "model_outputs"
 
 
 def model_samples_dir(out, configs, shipped=True):

@@ -341,6 +341,18 @@ def test_changed_gnn_kwargs_are_not_reused(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "TAGConv", "--gnn_kwargs", '{"K": 3}') == 2  # refused without --overwrite
 
 
+def test_a_comparison_never_writes_its_samples_over_the_shipped_ones(trainings, tmp_path, capsys):
+    shipped = ROOT / "model_outputs"
+    for flags, flag in ((["--out", str(ROOT)], "--out"), (["--runs", str(ROOT), "--out", str(ROOT)], "--out"),
+                        (["--runs", f"{ROOT}/model_outputs/.."], "--runs")):
+        assert compare.main(["--data", "tiny.txt", *TINY, "--models", "bigram", *flags]) == 2
+        out = Path(flags[flags.index(flag) + 1])
+        assert capsys.readouterr().err == (f"error: {flag} {out} would put the samples over {shipped}, the ones this "
+                                           f"repository ships (only the published comparison writes them: --out "
+                                           f"plots/paper at the paper preset); choose another {flag}\n")
+    assert trainings == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["--models", "bigram,GATv3Conv"], "error: unknown model 'GATv3Conv' in --models; did you mean GATv2Conv? "
                                        "choose bigram, gpt, all-layers or a PyG convolution such as GATConv or "
