@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RUNS_AT_ONCE
+from .errors import one_line
 from .processes import start_logged
 from .results import format_duration, format_rate
 from .rundir import read_metrics
@@ -153,8 +154,12 @@ def latest_metrics(job):
 
 
 def last_line(path):
-    """The last non-empty line of a log (progress bars' carriage returns split lines too), without "error: "."""
-    text = Path(path).read_text(errors="replace")
+    """The last non-empty line of a log (progress bars' carriage returns split lines too), without "error: "; what
+    stopped it being read where it cannot be (its run directory removed meanwhile, say)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"its log cannot be read ({e.strerror or one_line(e)})"
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
     return lines[-1].removeprefix("error: ") if lines else "no output"
 

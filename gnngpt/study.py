@@ -10,7 +10,7 @@ from .data import check_length, load_text, split
 from .errors import UsageError
 from .plan import plan_comparison
 from .report import check_report_owner, check_shipped_samples, report, write_model_samples, write_report
-from .rundir import file_in_the_way, unwritable
+from .rundir import file_in_the_way, read_config, unwritable
 
 
 def compare(args, extra, argv):
@@ -72,6 +72,11 @@ def compare(args, extra, argv):
         print("compare.py stopped; run the same command again to go on: finished runs are reused and "
               "stopped ones resume", file=sys.stderr)
         return stopped
+    for r in runs:
+        if r.name not in failed and read_config(r.out_dir) is None:
+            print(f"error: {r.name}: {r.out_dir} no longer holds its run's config.json (removed or damaged while the "
+                  f"comparison ran)", file=sys.stderr)
+            failed[r.name] = 1
     done = [r for r in runs if r.name not in failed]
     for r in done:
         runner.write_missing_exact_loss(r)

@@ -39,6 +39,25 @@ def trainings(monkeypatch, in_tmp_path, tiny_text_file):
     return calls
 
 
+def test_a_run_removed_while_the_comparison_runs_is_a_failed_run(monkeypatch, in_tmp_path, tiny_text_file, capsys):
+    real_main = cli.main
+
+    def train_then_remove_the_first(script, argv):
+        code = real_main(script, argv)
+        if script.filename == "gpt.py":
+            shutil.rmtree(in_tmp_path / "runs" / "bigram_s1337")
+        return code
+
+    monkeypatch.setattr(cli, "main", train_then_remove_the_first)
+    assert compare_main("--models", "bigram,gpt") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"error: bigram_s1337: {Path('runs/bigram_s1337')} no longer holds its run's config.json "
+                        f"(removed or damaged while the comparison ran)",
+                        "error: training failed for bigram_s1337 (see the errors above); run compare.py again to "
+                        "retry them: finished runs are reused"]
+    assert (in_tmp_path / "plots" / "model_outputs" / "gpt.txt").is_file()  # the other run is reported
+
+
 def compare_main(*args):
     """compare.py on tiny models, its tables and figures in plots/ as the shipped ones are (a later --out wins)."""
     return compare.main(["--data", "tiny.txt", *TINY, "--out", "plots", *args])

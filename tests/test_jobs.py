@@ -80,6 +80,15 @@ def test_a_failed_job_is_reported_with_the_end_of_its_log_and_the_next_one_start
     assert (tmp_path / "failing" / "train.log").read_text().startswith(f"$ {sys.executable} -c ")
 
 
+def test_a_job_whose_directory_is_removed_fails_alone_and_the_others_go_on(tmp_path, capsys):
+    removed = job(tmp_path, "removed", 'import shutil, sys; shutil.rmtree(os.getcwd()); sys.exit(1)')
+    other = job(tmp_path, "other", 'import time; time.sleep(0.5); open("finished", "w").close()')
+    assert run_jobs([removed, other], at_once=2) == 0
+    assert (removed.state, other.state) == ("failed", "done") and (tmp_path / "other" / "finished").exists()
+    assert capsys.readouterr().err == (f"error: removed failed: its log cannot be read (No such file or directory) "
+                                       f"(exit code 1; its output is in {tmp_path / 'removed' / 'train.log'})\n")
+
+
 def test_when_starting_a_job_fails_the_running_ones_are_stopped_before_the_error_goes_on(tmp_path):
     running = job(tmp_path, "running", "import time; time.sleep(60)")
     missing = Job("missing", [str(tmp_path / "no-such-program")], tmp_path / "missing", 4)
