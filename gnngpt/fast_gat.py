@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 
 import torch
 from torch.nn import functional as F
@@ -245,8 +246,10 @@ def recomputed(function, *args):
 
 
 def compiler_available():
-    """Whether torch.compile can build CPU kernels here: it needs a C++ compiler."""
-    return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+    """Whether torch.compile can build CPU kernels here: it needs the C++ compiler its inductor runs, $CXX or else
+    g++ (clang++ on macOS), and tries no other."""
+    command = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++").split()
+    return bool(command) and shutil.which(command[0]) is not None
 
 
 @functools.cache

@@ -270,6 +270,20 @@ def test_chunked_gatv2_kernel_with_many_chunks(graph, pos, monkeypatch):
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
+def test_the_compiler_check_looks_for_the_compiler_torch_runs_alone(monkeypatch):
+    monkeypatch.setattr(fast_gat.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    monkeypatch.setattr(fast_gat.sys, "platform", "linux")
+    monkeypatch.delenv("CXX", raising=False)
+    assert not fast_gat.compiler_available()  # torch's inductor runs g++ here, and no other
+    monkeypatch.setenv("CXX", "clang++")
+    assert fast_gat.compiler_available()
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert not fast_gat.compiler_available()
+    monkeypatch.setattr(fast_gat.sys, "platform", "darwin")
+    monkeypatch.delenv("CXX")
+    assert fast_gat.compiler_available()  # clang++ on macOS
+
+
 @pytest.mark.fused_kernel
 @pytest.mark.skipif(not fast_gat.compiler_available(), reason="no C++ compiler for torch.compile")
 def test_fused_gatv2_kernel_equals_pyg():
