@@ -56,8 +56,8 @@ def run_jobs(jobs, at_once, stream=None):
     together = min(at_once, len(jobs))
     threads = child_threads(together)
     if any(job.device == "cpu" for job in jobs) and together * threads > cpu_cores():
-        why = (f"OMP_NUM_THREADS={threads} gives each training {threads} threads" if os.environ.get("OMP_NUM_THREADS")
-               else "each training needs a thread of its own")
+        why = (f"OMP_NUM_THREADS={threads} gives each training {threads} thread{'s' if threads > 1 else ''}"
+               if os.environ.get("OMP_NUM_THREADS") else "each training needs a thread of its own")
         print(f"note: {why}; {together} at once on {cpu_cores()} CPU cores wait for each other: --jobs "
               f"{max(1, cpu_cores() // threads)} would share them", file=stream)
     board = StatusBoard(jobs, stream)

@@ -123,6 +123,9 @@ def seed_list(seed, count):
     if len(seeds) > 1 and count != 1:
         raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
     refuse_twice(seeds, f"--seed {seed!r}", lambda s: f"seed {s}")
+    if len(seeds) == 1 and count > 1 and seeds[0] + count - 1 >= 2**63:
+        raise UsageError(f"--seed {seeds[0]} and --seeds {count} go up to seed {seeds[0] + count - 1}, past 2**63 - 1; "
+                         f"choose a lower --seed")
     return seeds if len(seeds) > 1 else [seeds[0] + i for i in range(count)]
 
 
@@ -177,7 +180,7 @@ def baseline_name(requested, names):
     if requested is None:
         return "gpt" if "gpt" in names else None
     if requested not in names:
-        raise UsageError(f"--baseline {requested} is not in this comparison; choose one of "
+        raise UsageError(f"--baseline {requested!r} is not in this comparison; choose one of "
                          f"{', '.join(dict.fromkeys(names))}")
     return requested
 

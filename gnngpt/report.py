@@ -147,6 +147,12 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     if past:
         raise UsageError(f"--report_step {at} is past the last step of {past.out_dir} "
                          f"({past.expected['settings']['max_iters']}); choose a step up to it")
+    between = next((r for r in runs if at is not None and at != r.expected["settings"]["max_iters"]
+                    and at % r.expected["settings"]["eval_interval"]), None)
+    if between:
+        every = between.expected["settings"]["eval_interval"]
+        raise UsageError(f"--report_step {at} is not an evaluation step of {between.out_dir} (every {every} steps, and "
+                         f"the last); choose one of those")
     why = {"new": "not there", "resume": "not finished", "restart": "not finished", "submitted": "not finished"}
 
     def why_missing(run):

@@ -417,7 +417,10 @@ def test_a_comparison_never_writes_its_samples_over_the_shipped_ones(trainings, 
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}\n"),
     (["--models", "gpt,GATConv", "--gnn_kwargs", '{"heads": 0}'], "error: GATConv cannot replace attention: "),
     (["--models", "bigram,gpt", "--block_size", "5000"], "error: --data has too little text for block_size 5000: "),
-    (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline GATConv is not in this comparison; "
+    (["--models", "bigram,gpt", "--baseline", ""], "error: --baseline '' is not in this comparison; "),
+    (["--seed", str(2**63 - 1), "--seeds", "2"], f"error: --seed {2**63 - 1} and --seeds 2 go up to seed {2**63}, past "
+                                                 f"2**63 - 1; choose a lower --seed\n"),
+    (["--models", "bigram,gpt", "--baseline", "GATConv"], "error: --baseline 'GATConv' is not in this comparison; "
                                                           "choose one of bigram, gpt"),
     (["--learning_rate", "abc"], "error: --learning_rate abc: 'abc' is not a positive number; give rates as in "
                                  "5e-4,1e-3,2e-3, or MODEL=5e-4,1e-3 for one model\n"),

@@ -220,6 +220,9 @@ def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval_step2.json, and "
                                        "runs/gpt_s1337 (no eval_step2.json) is not; train them with --exact_at 2 among "
                                        "the training flags (with --overwrite, finished ones again)\n")
+    assert compare.main([*argv, "--report_only", "--report_step", "3", "--out", "at3"]) == 2
+    assert capsys.readouterr().err == ("error: --report_step 3 is not an evaluation step of runs/gpt_s1337 (every 2 "
+                                       "steps, and the last); choose one of those\n")
     assert compare.main([*argv, "--report_only", "--report_step", "6", "--out", "at6"]) == 2
     assert capsys.readouterr().err == ("error: --report_step 6 is past the last step of runs/gpt_s1337 (4); choose a "
                                        "step up to it\n")
