@@ -367,12 +367,12 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_started_again_with_ove
                                                                                       monkeypatch, capsys):
     out = tmp_path / "out"
 
-    def out_of_memory(sampler, split):
-        raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
+    def fails(sampler, split):
+        raise RuntimeError("a device error")  # in the evaluation before the first step, which checkpoints
 
     with monkeypatch.context() as m:
-        m.setattr(BatchSampler, "get", out_of_memory)
-        with pytest.raises(RuntimeError, match="out of memory"):
+        m.setattr(BatchSampler, "get", fails)
+        with pytest.raises(RuntimeError, match="a device error"):
             run(out, tiny_text_file)
     assert (out / "config.json").is_file() and not (out / "ckpt.pt").exists()
     capsys.readouterr()
