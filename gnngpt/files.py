@@ -25,7 +25,7 @@ def atomic_writes(writes):
         for path, (_, write) in zip(targets, writes):
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            created += make_directories(path.parent)
+            make_directories(path.parent, created)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temporary.append(tmp)
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a new file's usual mode
@@ -51,14 +51,13 @@ def atomic_writes(writes):
                     directory.rmdir()
 
 
-def make_directories(directory):
-    """Make directory and those above it that do not exist, as mkdir -p; returns those this call made, not those
-    another process made meanwhile."""
+def make_directories(directory, made):
+    """Make directory and those above it that do not exist, as mkdir -p, each added to made as it is made (not
+    those another process made meanwhile), so that made lists them when a deeper one fails."""
     missing = []
     while not directory.exists() and directory != directory.parent:
         missing.append(directory)
         directory = directory.parent
-    made = []
     for directory in reversed(missing):
         try:
             directory.mkdir()
@@ -67,7 +66,6 @@ def make_directories(directory):
                 raise
         else:
             made.append(directory)
-    return made
 
 
 def atomic_write_text(path, text):

@@ -171,6 +171,9 @@ def test_a_failed_atomic_write_removes_the_directories_it_made_and_keeps_the_oth
         atomic_writes([(x, utf8("x")), (y, utf8("y")), (z, disk_full)])
     assert failed.value.target == z
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["kept"]
+    with pytest.raises(OSError, match="File name too long"):  # the deeper directory cannot be made
+        atomic_writes([(tmp_path / "new" / ("x" * 300) / "f.txt", utf8("f"))])
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["kept"]
     atomic_writes([(x, utf8("x")), (z, utf8("z"))])
     assert x.read_text() == "x" and z.read_text() == "z"
 
