@@ -141,8 +141,9 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def refusal_reason(cfg):
-    """Why cfg.mixer cannot mix tokens with cfg's sizes and kwargs, or "" when it builds and is causal."""
+def refusal_reason(cfg, sized=False):
+    """Why cfg.mixer cannot mix tokens with cfg's sizes and kwargs, or "" when it builds and is causal. sized: the
+    sizes are the user's, whose memory running out is a UsageError about them, not a reason of the layer's."""
     reason = static_refusal(cfg.mixer)
     if reason:
         return reason
@@ -154,20 +155,20 @@ def refusal_reason(cfg):
         except ImportError as e:
             return f"needs a package that is not installed: {one_line(e)}"
         except Exception as e:  # noqa: BLE001 - any failure of a third-party layer is a refusal with its reason
-            refuse_if_too_big(e)
+            refuse_if_too_big(e, sized)
             return f"cannot be built: {one_line(e)}"
         try:
             return future_leak(conv, cfg.n_embd, seq_len=min(cfg.block_size, PROBE_LEN), block_size=cfg.block_size)
         except ImportError as e:
             return f"needs a package that is not installed: {one_line(e)}"
         except Exception as e:  # noqa: BLE001
-            refuse_if_too_big(e)
+            refuse_if_too_big(e, sized)
             return f"fails on the causal graph: {one_line(e)}"
 
 
-def refuse_if_too_big(error):
-    """A UsageError when error is memory running out: the sizes asked for are at fault, not the layer."""
-    if out_of_memory(error):
+def refuse_if_too_big(error, sized):
+    """A UsageError when error is memory running out at the user's sizes: they are at fault, not the layer."""
+    if sized and out_of_memory(error):
         raise UsageError(f"{TOO_BIG} ({one_line(error)[:160]}); lower --n_embd, or the layer's sizes in "
                          f"--gnn_kwargs") from None
 
@@ -175,7 +176,7 @@ def refuse_if_too_big(error):
 def check_layer(cfg):
     """The causality guard: refuse cfg.mixer with a one-line UsageError unless it builds and never sees the future."""
     check_layer_name(cfg.mixer)
-    reason = refusal_reason(cfg)
+    reason = refusal_reason(cfg, sized=True)
     if reason:
         fix = "change --gnn_kwargs or choose" if cfg.mixer_kwargs else "choose"
         raise UsageError(f"{cfg.mixer} cannot replace attention: {reason}; "

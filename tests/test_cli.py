@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
+from gnngpt import guard
 from gnngpt.cli import main, resolve_device
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.files import atomic_write
-from gnngpt.models import GPT
+from gnngpt.models import GPT, GPTConfig
 from gnngpt.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +355,8 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
     assert main(PYG_GPT, ["--gat_version", "GATConv", *args, "--overwrite"]) == 2
     assert capsys.readouterr().err == (f"error: the model and batch do not fit in memory ({ALLOCATION_ERROR}); lower "
                                        f"--n_embd, or the layer's sizes in --gnn_kwargs\n")
+    probed = guard.refusal_reason(GPTConfig(**guard.SUPPORT_SIZES, mixer="GATConv"))  # as --list_layers probes each
+    assert probed == f"cannot be built: {ALLOCATION_ERROR}"  # a reason of that layer's, the listing goes on
 
     def other_failure(self):
         raise RuntimeError("a bug")
