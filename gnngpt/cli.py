@@ -259,7 +259,9 @@ def main(script, argv=None):
     except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
         if not out_of_memory(e):
             raise
-        print(f"error: {TOO_BIG} ({one_line(e)[:160]}); lower --batch_size, --block_size, --n_embd or --n_layer",
+        sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
+            "--batch_size or --block_size"
+        print(f"error: {TOO_BIG} ({one_line(e)[:160]}); train again with a lower {sizes} and --overwrite",
               file=sys.stderr)
         return 2
     finally:

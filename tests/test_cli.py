@@ -14,7 +14,7 @@ import torch
 from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
 from gnngpt import guard
 from gnngpt.cli import main, resolve_device
-from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.files import atomic_write
@@ -349,8 +349,12 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
     monkeypatch.setattr("gnngpt.train.Trainer.train_step", allocation_fails)
     assert main(GPT_SCRIPT, args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: the model and batch do not fit in memory "
-                                                        f"({ALLOCATION_ERROR}); lower --batch_size, --block_size, "
-                                                        f"--n_embd or --n_layer")
+                                                        f"({ALLOCATION_ERROR}); train again with a lower --batch_size, "
+                                                        f"--block_size, --n_embd or --n_layer and --overwrite")
+    assert main(BIGRAM_SCRIPT, ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "bigram"), *TINY]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: the model and batch do not fit in memory "
+                                                        f"({ALLOCATION_ERROR}); train again with a lower --batch_size "
+                                                        f"or --block_size and --overwrite")
     monkeypatch.setattr("gnngpt.guard.build_conv", allocation_fails)
     assert main(PYG_GPT, ["--gat_version", "GATConv", *args, "--overwrite"]) == 2
     assert capsys.readouterr().err == (f"error: the model and batch do not fit in memory ({ALLOCATION_ERROR}); lower "
