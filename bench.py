@@ -27,7 +27,7 @@ import sys
 
 from gnngpt.errors import UsageError, exit_code, one_line, out_of_memory, quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
 
     from gnngpt.benchmark import GRAPHLESS, MODELS, bench_generation, bench_training, print_tables, selected_models

@@ -14,7 +14,7 @@ import sys
 
 from gnngpt.errors import exit_code, quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli, study
     from gnngpt.config import SEED
     from gnngpt.data import DEFAULT_DATA

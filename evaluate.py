@@ -10,7 +10,7 @@ import sys
 
 from gnngpt.errors import UsageError, exit_code, quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli
     from gnngpt.data import load_text
     from gnngpt.evaluation import (

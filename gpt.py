@@ -6,7 +6,7 @@ import sys
 
 from gnngpt.errors import quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt.cli import main
     from gnngpt.config import GPT
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gnngpt.errors import UsageError, exit_code, quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt.attention import attention_maps, rank_agreement
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt

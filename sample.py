@@ -7,7 +7,7 @@ import sys
 
 from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory, quiet_interrupt
 
-with quiet_interrupt():  # importing torch takes seconds: Ctrl-C meanwhile ends in one line, not a traceback
+with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
 
     from gnngpt.cli import (

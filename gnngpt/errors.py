@@ -50,12 +50,15 @@ def exit_code(run, *args):
 
 
 @contextlib.contextmanager
-def quiet_interrupt():
-    """Ctrl-C inside ends the process as exit_code does: "interrupted" and code 130, not a traceback. The scripts
-    import torch inside it, which takes seconds."""
+def quiet_interrupt(run_as_script):
+    """Ctrl-C inside ends the process as exit_code does, "interrupted" and code 130, not a traceback, where
+    run_as_script (a module imported elsewhere, as by the tests, lets it through). The scripts import torch inside
+    it, which takes seconds."""
     try:
         yield
     except KeyboardInterrupt:
+        if not run_as_script:
+            raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -338,6 +338,9 @@ def test_ctrl_c_while_a_script_imports_torch_ends_in_one_line(script, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
     assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
+    imported = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(ROOT / script)!r})"],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert "KeyboardInterrupt" in imported.stderr  # imported, not run: the Ctrl-C goes on to the importer
 
 
 def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming_the_sizes(tiny_text_file, tmp_path,
