@@ -232,11 +232,14 @@ def pass_through_flags(extra):
     passed = {script: [] for script in SCRIPTS}
     for group in groups:
         flag = group[0].split("=")[0]
-        if flag in NOT_PASSED:
-            raise UsageError(f"{flag} is not passed through compare.py, which picks each run's layer, directory and "
-                             f"W&B run name and resumes unfinished runs itself; see python compare.py --help")
-        if flag not in known:  # the training scripts' argparse would take an abbreviation for the flag it begins
-            meant = sorted(f for f in known if f.startswith(flag))
+        # the training scripts' argparse would take an abbreviation for the flag it begins
+        meant = [] if flag in known or flag == "--" else sorted(f for f in known if f.startswith(flag))
+        if flag in NOT_PASSED or meant and set(meant) <= set(NOT_PASSED):
+            raise UsageError(f"{' or '.join(meant) or flag} is not passed through compare.py, which picks each run's "
+                             f"layer, directory and W&B run name and resumes unfinished runs itself; see python "
+                             f"compare.py --help")
+        meant = [f for f in meant if f not in NOT_PASSED]
+        if flag not in known:
             named = ", ".join(meant[:-1]) + " or " + meant[-1] if len(meant) > 1 else "".join(meant)
             raise UsageError(f"{flag} abbreviates {named}; write training flags in full" if meant else
                              f"unknown flag {flag}; see python compare.py --help and python pyg-gpt.py --help")

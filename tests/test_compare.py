@@ -384,11 +384,12 @@ def test_a_comparison_never_writes_its_samples_over_the_shipped_ones(trainings, 
     (["--resume"], "error: --resume is not passed through compare.py"),
     (["--wandb_log", "--wandb_run_name", "x"], "error: --wandb_run_name is not passed through compare.py, which picks "
                                                "each run's layer, directory and W&B run name"),
-    (["--wandb_run", "x"], "error: --wandb_run abbreviates --wandb_run_name; write training flags in full\n"),
+    (["--wandb_run", "x"], "error: --wandb_run_name is not passed through compare.py"),
     (["--see", "5"], "error: --see abbreviates --seed; write training flags in full\n"),  # else every run seed 5
+    (["--res"], "error: --resume is not passed through compare.py"),
+    (["--", "x"], "error: unknown flag --; see python compare.py --help"),
     (["--dat=other.txt"], "error: --dat abbreviates --data; write training flags in full\n"),
-    (["--wandb", "x"], "error: --wandb abbreviates --wandb_log, --wandb_project or --wandb_run_name; write training "
-                       "flags in full\n"),
+    (["--wandb", "x"], "error: --wandb abbreviates --wandb_log or --wandb_project; write training flags in full\n"),
     (["--n_layer", "1", "stray"], "error: unexpected argument 'stray' after --n_layer; see python compare.py --help\n"),
     (["--n_head", "3"], "error: n_embd 16 is not divisible by n_head 3"),
     (["--jobs", "0"], "error: --jobs must be a positive integer, got 0"),
