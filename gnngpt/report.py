@@ -166,13 +166,13 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
     lacking = [r for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
     if lacking:
-        if any(states[r.name] == "replace" for r in lacking):
-            fix = ("give the settings the runs were trained with (a relative --data as it was given, from the "
-                   "directory they were trained in)")
-        elif at is None:
-            fix = "run the same command without --report_only"
-        else:
-            fix = f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)"
+        given = ("give the settings the runs were trained with (a relative --data as it was given, from the directory "
+                 "they were trained in)")
+        train = ("run the same command without --report_only" if at is None else
+                 f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)")
+        other = sum(states[r.name] == "replace" for r in lacking)
+        fix = (train if not other else given if other == len(lacking) else
+               f"for those of other settings, {given}; for the others, {train}")
         missing = ", ".join(f"{r.out_dir} ({why_missing(r)})" for r in lacking)
         raise UsageError(f"--report_only needs every run finished with its {wanted}, and {missing} "
                          f"{'is' if len(lacking) == 1 else 'are'} not; {fix}")

@@ -736,6 +736,11 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
                                        "runs/gpt_s7 (other settings; data was tiny.txt, now ./tiny.txt) is not; give "
                                        "the settings the runs were trained with (a relative --data as it was given, "
                                        "from the directory they were trained in)\n")
+    assert compare_main("--models", "gpt,GATConv", "--seed", "7", "--data", "./tiny.txt", "--report_only") == 2
+    assert capsys.readouterr().err.endswith("runs/GATConv_s7 (not there) are not; for those of other settings, give "
+                                            "the settings the runs were trained with (a relative --data as it was "
+                                            "given, from the directory they were trained in); for the others, run the "
+                                            "same command without --report_only\n")
 
     args = ["--models", "bigram,gpt", "--seed", "7"]
     for config_file in (tmp_path / "runs").glob("*_s7/config.json"):  # as runs trained on a GPU, read on this CPU
