@@ -25,7 +25,7 @@ from .results import (
     uncertainty_notes,
 )
 from .rundir import missing_final_files
-from .runner import write_missing_sample
+from .runner import ROOT, write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 
@@ -78,7 +78,7 @@ def ran_in(out, made_out):
     return Path(*here[:-len(made)])
 
 
-SHIPPED_SAMPLES = Path(__file__).resolve().parents[1] / "model_outputs"
+SHIPPED_SAMPLES = ROOT / "model_outputs"
 
 
 def model_samples_dir(out, configs, shipped=True):
