@@ -55,14 +55,14 @@ def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, 
     """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
-    metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states
-    of every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row, and after_evaluation(step)
+    metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states of
+    every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row, and after_evaluation(step)
     runs (on every rank; its time counts as the evaluation's, not the training's), and again on resuming from that
-    step. resume_from (such a
-    checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step, or within one batch of
-    an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an evaluation stopped so
-    runs whole on resuming); a non-finite loss raises UsageError and keeps the last checkpoint. Under torchrun the
-    model trains in DistributedDataParallel; rank 0 alone evaluates and writes files. Returns the metrics rows.
+    step. resume_from (such a checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step,
+    or within one batch of an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an
+    evaluation stopped so runs whole on resuming); a non-finite loss raises UsageError and keeps the last
+    checkpoint. Under torchrun the model trains in DistributedDataParallel; rank 0 alone evaluates and writes files.
+    Returns the metrics rows.
     """
     return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking,
                    after_evaluation).run(log_interval)
