@@ -21,11 +21,10 @@ a character costs the same late as early. Generation runs in float32 whatever --
 On the CPU, --profile_steps N splits the self CPU time of N more training steps of each model into matrix
 products, scaled_dot_product_attention's kernels and the rest.
 """
-import contextlib
 import json
 import sys
 
-from gnngpt.errors import UsageError, exit_code, one_line, out_of_memory, quiet_interrupt
+from gnngpt.errors import UsageError, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -108,18 +107,6 @@ def configurations(args, preset):
     return configs, bigram
 
 
-@contextlib.contextmanager
-def fitting(device, what, fix):
-    """Turn memory running out on device during what into a UsageError that says fix."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
-        if not out_of_memory(e):
-            raise
-        raise UsageError(f"the benchmark's {what} does not fit in the memory of {device} ({one_line(e)[:160]}); "
-                         f"{fix}") from None
-
-
 def run(args):
     check_counts(args)
     device = resolve_device(args.device)
@@ -137,13 +124,14 @@ def run(args):
     common = {"preset": preset, "device": str(device), "block_size": shape["block_size"],
               "batch_size": shape["batch_size"]}
 
-    with fitting(device, "training", "lower --batch_size, --block_size or --n_embd, or leave the pyg backends, "
-                                     "whose memory grows with the square of the block, out of --models"):
+    with fitting(f"the benchmark's training does not fit in the memory of {device}",
+                 "lower --batch_size, --block_size or --n_embd, or leave the pyg backends, whose memory grows with the "
+                 "square of the block, out of --models"):
         train_rows = bench_training(
             [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
             device, args.dtype, args.compile, args.warmup, args.iters, common, args.profile_steps)
-    with fitting(device, "generation", "lower --gen_length, --block_size or --n_embd, or skip generation with "
-                                       "--gen_repeats 0"):
+    with fitting(f"the benchmark's generation does not fit in the memory of {device}",
+                 "lower --gen_length, --block_size or --n_embd, or skip generation with --gen_repeats 0"):
         gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
                     if args.gen_repeats else [])
 

@@ -5,7 +5,7 @@
 import math
 import sys
 
-from gnngpt.errors import Failure, UsageError, exit_code, out_of_memory, quiet_interrupt
+from gnngpt.errors import Failure, UsageError, exit_code, memory_error, out_of_memory, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -97,10 +97,11 @@ def run(args):
                        top_k=args.top_k or None, generator=generator,
                        use_cache=not args.no_cache, compile=args.compile)  # (num_samples, T + max_new_tokens)
     except Exception as e:  # whatever sampling raised, in one line
-        error, decoder_raised = sampling_failure(e)
         if out_of_memory(e):
-            raise UsageError(f"sampling failed ({error}); draw fewer samples at once (--num_samples "
-                             f"{args.num_samples}) or shorter ones (--max_new_tokens {args.max_new_tokens})") from None
+            raise memory_error(e, "sampling does not fit in memory", f"draw fewer samples at once (--num_samples "
+                               f"{args.num_samples}) or shorter ones (--max_new_tokens {args.max_new_tokens})"
+                               ) from None
+        error, decoder_raised = sampling_failure(e)
         advice = "; --no_cache samples without the cached decoder, which raised it" if decoder_raised else ""
         raise Failure(f"sampling failed ({error}){advice}") from None
     for row in out.tolist():

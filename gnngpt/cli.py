@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import TOO_BIG, Failure, UsageError, flush_output, one_line, os_error_exit, out_of_memory
+from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, write_eval
 from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -237,8 +237,11 @@ def main(script, argv=None):
     """Run one training script (a config.Script); bad input (memory too small for its sizes included) ends with a
     one-line error and exit code 2, SIGINT/SIGTERM with 130/143."""
     argv = sys.argv[1:] if argv is None else argv
+    sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
+        "--batch_size or --block_size"
     try:
-        run(script, build_parser(script).parse_args(argv))
+        with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite"):
+            run(script, build_parser(script).parse_args(argv))
         flush_output()
     except UsageError as e:
         if distributed.is_main_process():
@@ -256,14 +259,6 @@ def main(script, argv=None):
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:
         return os_error_exit(e)
-    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
-        if not out_of_memory(e):
-            raise
-        sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
-            "--batch_size or --block_size"
-        print(f"error: {TOO_BIG} ({one_line(e)[:160]}); train again with a lower {sizes} and --overwrite",
-              file=sys.stderr)
-        return 2
     finally:
         distributed.teardown()
     return 0

@@ -26,9 +26,28 @@ TOO_BIG = "the model and batch do not fit in memory"
 
 
 def out_of_memory(error):
-    """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU."""
+    """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU (not one of
+    the one-line errors that quote it)."""
+    if isinstance(error, (UsageError, Failure)):
+        return False
     return isinstance(error, MemoryError) or any(text in str(error) for text in ("can't allocate memory",
                                                                                  "out of memory"))
+
+
+def memory_error(error, what, fix, kind=UsageError):
+    """kind's one line for memory running out (error): what did not fit, the allocator's first line, and fix."""
+    return kind(f"{what} ({one_line(error)[:160]}); {fix}")
+
+
+@contextlib.contextmanager
+def fitting(what, fix, kind=UsageError):
+    """Memory running out inside becomes memory_error's one line; any other error passes through."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
+        if not out_of_memory(e):
+            raise
+        raise memory_error(e, what, fix, kind) from None
 
 
 def exit_code(run, *args):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .errors import TOO_BIG, UsageError, one_line, out_of_memory
+from .errors import TOO_BIG, UsageError, memory_error, one_line, out_of_memory
 from .graph import causal_edge_index
 from .mixers import GAT_LAYERS, build_conv, conv_layer_names, reads_distances_when_relative, run_conv
 from .models import GPTConfig
@@ -169,8 +169,7 @@ def refusal_reason(cfg, sized=False):
 def refuse_if_too_big(error, sized):
     """A UsageError when error is memory running out at the user's sizes: they are at fault, not the layer."""
     if sized and out_of_memory(error):
-        raise UsageError(f"{TOO_BIG} ({one_line(error)[:160]}); lower --n_embd, or the layer's sizes in "
-                         f"--gnn_kwargs") from None
+        raise memory_error(error, TOO_BIG, "lower --n_embd, or the layer's sizes in --gnn_kwargs") from None
 
 
 def check_layer(cfg):

@@ -152,7 +152,7 @@ def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples
     monkeypatch.setattr("gnngpt.sampling.torch.multinomial", allocation_fails)
     capsys.readouterr()
     assert sample.main(["--out_dir", str(run), "--num_samples", "3", "--max_new_tokens", "5"]) == 2
-    assert capsys.readouterr() == ("", f"error: sampling failed (RuntimeError: {ALLOCATION_ERROR}); draw fewer "
+    assert capsys.readouterr() == ("", f"error: sampling does not fit in memory ({ALLOCATION_ERROR}); draw fewer "
                                        f"samples at once (--num_samples 3) or shorter ones (--max_new_tokens 5)\n")
 
 
