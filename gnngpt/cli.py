@@ -340,7 +340,10 @@ def run(script, args):
                       after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
                 if not distributed.is_main_process():
                     return
-                result = exact_evaluation(model, val_data, settings, device)
+                with fitting("the exact evaluation after the last step does not fit in memory",
+                             f"the trained model is saved in {out_dir / 'ckpt.pt'}; finish the run with --resume",
+                             Failure):
+                    result = exact_evaluation(model, val_data, settings, device)
                 try:
                     write_eval(out_dir, result, settings["max_iters"])
                 except UsageError as e:

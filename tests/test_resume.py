@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sample
-from conftest import CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
+from conftest import ALLOCATION_ERROR, CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
 from gnngpt import cli
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
@@ -225,6 +225,28 @@ def test_a_failed_sample_keeps_the_trained_model_which_samples_and_resumes(targe
     assert resume(out, tiny_text_file, "--max_iters", "18") == (0, 6)
     assert losses(out) == losses(longer)
     assert_same_state(out, longer)
+
+
+def test_memory_running_out_in_the_final_exact_evaluation_keeps_the_model_and_resume_finishes(tiny_text_file,
+                                                                                                tmp_path, monkeypatch,
+                                                                                                capsys):
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    assert run(whole, tiny_text_file) == 0
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(ALLOCATION_ERROR)
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "exact_evaluation", allocation_fails)
+        capsys.readouterr()
+        assert run(out, tiny_text_file) == 1
+    err = capsys.readouterr().err
+    assert err.replace("\r", "\n").endswith(  # after the progress bars
+        f"\nerror: the exact evaluation after the last step does not fit in memory ({ALLOCATION_ERROR}); the "
+        f"trained model is saved in {out / 'ckpt.pt'}; finish the run with --resume\n")
+    assert "Traceback" not in err and not (out / "eval.json").exists()
+    assert resume(out, tiny_text_file) == (0, 0)  # no step trained again: it evaluates and samples
+    assert json.loads((out / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
 
 
 @pytest.mark.parametrize("nan_at,training,message", [
