@@ -19,14 +19,14 @@ from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, os_error_exit
-from .evaluation import describe_evaluation, exact_evaluation, write_eval
+from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
 from .fast_gat import NO_DENSE_FORM, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .lists import list_items, refuse_twice
 from .mixers import GAT_LAYERS, parse_layer_kwargs
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, default_run_dir, eval_files, hold_run_dir, run_name, start_run_dir
+from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
@@ -390,7 +390,7 @@ def snapshot(steps, model, val_data, settings, out_dir, step):
     """At each of steps (--exact_at), the exact evaluation of the validation split, written by rank 0 as that step's
     snapshot (evaluation.write_eval), unless the run has it already (a resumed run calls this again for the step
     it resumes from, whose snapshot a stop may have cut short)."""
-    if step not in steps or distributed.from_main(lambda: eval_files(out_dir, step)[0].exists()):
+    if step not in steps or distributed.from_main(lambda: has_snapshot(out_dir, step)):
         return
     if distributed.is_main_process():
         result = exact_evaluation(model, val_data, settings, next(model.parameters()).device)
@@ -402,7 +402,7 @@ def snapshot(steps, model, val_data, settings, out_dir, step):
 def check_snapshot_steps(steps, resumed_step, out_dir):
     """Refuse an --exact_at step before the step a run resumes from where the run has no snapshot: the weights of
     that step are gone."""
-    lost = [step for step in steps if step < resumed_step and not eval_files(out_dir, step)[0].exists()]
+    lost = [step for step in steps if step < resumed_step and not has_snapshot(out_dir, step)]
     if lost:
         raise UsageError(f"--exact_at {lost[0]} is before step {resumed_step}, where the run in {out_dir} resumes, "
                          f"and the run has no snapshot of it: its weights at step {lost[0]} are gone; choose steps "

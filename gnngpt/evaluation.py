@@ -164,6 +164,11 @@ def read_eval(out_dir, step=None, at=None):
     return record
 
 
+def has_snapshot(out_dir, step):
+    """Whether the run in out_dir has a readable snapshot of step (--exact_at), as read_eval reads it."""
+    return read_eval(out_dir, step, at=step) is not None
+
+
 def has_halves(record):
     """Whether an eval.json record holds the losses of the validation split's halves (runs from before it did not)."""
     return record is not None and all(f"{part}_loss" in record for part in HALVES)

@@ -166,6 +166,17 @@ def test_a_resumed_run_takes_the_snapshots_it_can_and_refuses_those_it_has_passe
     assert snapshot.pop("eval_s") >= 0 and ended.pop("eval_s") >= 0
     assert snapshot == ended  # taken from the checkpoint it resumed from, the weights that ended the first run
     assert json.loads((in_tmp_path / "run" / "eval_step6.json").read_text())["step"] == 6
+    at_8 = json.loads((in_tmp_path / "run" / "eval.json").read_text())
+    for step in (4, 8):  # a snapshot cut short, or an eval.json of step 8 copied over it: unreadable as a snapshot
+        (in_tmp_path / "run" / f"eval_step{step}.json").write_text("{" if step == 4 else json.dumps(ended))
+    capsys.readouterr()
+    even_longer = ["--max_iters", "10", "--eval_interval", "2", "--resume"]
+    assert train_tiny_gpt("run", "tiny.txt", *even_longer, "--exact_at", "4,8") == 2
+    assert capsys.readouterr().err.startswith("error: --exact_at 4 is before step 8, where the run in ")
+    assert train_tiny_gpt("run", "tiny.txt", *even_longer, "--exact_at", "8") == 0
+    retaken = json.loads((in_tmp_path / "run" / "eval_step8.json").read_text())
+    assert retaken.pop("eval_s") >= 0 and at_8.pop("eval_s") >= 0
+    assert retaken == at_8
 
 
 @pytest.mark.parametrize("kwargs,backend", [
