@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .files import atomic_writes, utf8, write_failure
 from .rundir import eval_files
 from .train import evaluate
@@ -155,13 +155,24 @@ def write_eval(out_dir, result, step, at=None):
 def read_eval(out_dir, step=None, at=None):
     """A run's eval.json (at: its snapshot of that step) as a dict, or None when it is missing, unreadable or (with
     step) of another step."""
+    return read_eval_or_why(out_dir, step, at)[0]
+
+
+def read_eval_or_why(out_dir, step=None, at=None):
+    """read_eval's dict and "", or None and why: "no eval.json", "eval.json cannot be read (...)" or "eval.json is
+    of step N, not step"."""
+    path = eval_files(out_dir, at)[0]
     try:
-        record = json.loads(eval_files(out_dir, at)[0].read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or (step is not None and record.get("step") != step):
-        return None
-    return record
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"no {path.name}"
+    except (OSError, ValueError) as e:
+        return None, f"{path.name} cannot be read ({one_line(e)})"
+    if not isinstance(record, dict):
+        return None, f"{path.name} cannot be read (not a JSON object)"
+    if step is not None and record.get("step") != step:
+        return None, f"{path.name} is of step {record.get('step')}, not {step}"
+    return record, ""
 
 
 def has_snapshot(out_dir, step):

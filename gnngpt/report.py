@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import PUBLISHED_STEP
 from .errors import UsageError
-from .evaluation import read_eval
+from .evaluation import read_eval, read_eval_or_why
 from .files import atomic_write_text
 from .plan import first_seeds
 from .plots import plot_graph_study, plot_leaderboard, plot_loss_by_position, plot_rates, plot_val_loss
@@ -153,18 +153,21 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
         every = between.expected["settings"]["eval_interval"]
         raise UsageError(f"--report_step {at} is not an evaluation step of {between.out_dir} (every {every} steps, and "
                          f"the last); choose one of those")
+    def step_of(run):
+        return run.expected["settings"]["max_iters"] if at is None else at
+
     why = {"new": "not there", "resume": "not finished", "restart": "not finished", "submitted": "not finished"}
 
     def why_missing(run):
         if states[run.name] == "replace":
             return "; ".join(["other settings", *run.differences()])
         if states[run.name] != "lost":
-            return why.get(states[run.name], f"no {wanted}")
+            return why.get(states[run.name]) or read_eval_or_why(run.out_dir, step_of(run), snapshot_step(run, at))[1]
         lacks = missing_final_files(run.out_dir)
         return f"no {' or '.join(lacks)}, and no checkpoint to make {'it' if len(lacks) == 1 else 'them'}"
 
     lacking = [r for r in runs if states[r.name] != "reuse"
-               or read_eval(r.out_dir, at or r.expected["settings"]["max_iters"], snapshot_step(r, at)) is None]
+               or read_eval(r.out_dir, step_of(r), snapshot_step(r, at)) is None]
     if lacking:
         given = ("give the settings the runs were trained with (a relative --data as it was given, from the directory "
                  "they were trained in)")

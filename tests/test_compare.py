@@ -760,6 +760,22 @@ def test_a_loss_that_is_not_finite_is_refused_with_its_run(trainings, tmp_path, 
                                        "loss diverges\n")
 
 
+@pytest.mark.parametrize("content,why", [
+    ("{", "eval.json cannot be read (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ("[]", "eval.json cannot be read (not a JSON object)"),
+    ('{"step": 2}', "eval.json is of step 2, not 4"),  # an extended run whose last exact evaluation did not end
+])
+def test_report_only_says_why_a_finished_run_s_exact_loss_cannot_serve(content, why, trainings, tmp_path, capsys):
+    assert compare_main("--models", "gpt") == 0
+    (tmp_path / "runs" / "gpt_s1337" / "eval.json").write_text(content)
+    capsys.readouterr()
+    assert compare_main("--models", "gpt", "--report_only") == 2
+    assert capsys.readouterr().err == (f"error: --report_only needs every run finished with its eval.json, and "
+                                       f"runs/gpt_s1337 ({why}) is not; run the same command without --report_only\n")
+    assert compare_main("--models", "gpt") == 0  # which makes it again from the checkpoint
+    assert compare_main("--models", "gpt", "--report_only") == 0
+
+
 def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(trainings, tmp_path, capsys):
     assert compare_main("--models", "gpt") == 0
     run = tmp_path / "runs" / "gpt_s1337"
