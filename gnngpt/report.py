@@ -41,23 +41,38 @@ def check_shipped_samples(out, flag):
                          f"choose another {flag}")
 
 
-def check_report_owner(out, runs):
+def check_report_owner(out, runs, argv):
     """UsageError when out holds a report (results.md, leaderboard.md or graphs.md) made from the runs of another
     directory than runs: a comparison writes over the report of its own runs alone (the command that made it, or
-    the same on more runs or with --report_only), never over another's, such as a report this repository ships.
-    The report's --runs is read where its command ran: the directory that holds its --out as out does now."""
+    the same on more runs or with --report_only), never over another's. A report this repository ships (under
+    SHIPPED_REPORTS) is written over by its own command alone, with or without --report_only: argv, compare.py's
+    command line, must be that. The report's --runs is read where its command ran: the directory that holds its
+    --out as out does now."""
     for name in REPORT_FILES:
         try:
             made_by = (Path(out) / name).read_text(encoding="utf-8").split("`")[1]
-            argv = shlex.split(made_by)
+            made_argv = shlex.split(made_by)
         except (OSError, UnicodeDecodeError, IndexError, ValueError):
             continue  # no report there, or none this project wrote
-        if argv[:2] != ["python", "compare.py"]:
+        if made_argv[:2] != ["python", "compare.py"]:
             continue
-        made_runs = last_value(argv, "--runs", "runs")
-        if (ran_in(out, last_value(argv, "--out", made_runs)) / made_runs).resolve() != Path(runs).resolve():
+        if shipped(out) and without_report_only(made_argv[2:]) != without_report_only(argv):
+            raise UsageError(f"--out {out} holds {name}, a report this repository ships, which only its own command "
+                             f"makes again: {made_by} (from the repository's root; add --report_only to rebuild it "
+                             f"from its runs); choose another --out for other settings")
+        made_runs = last_value(made_argv, "--runs", "runs")
+        if (ran_in(out, last_value(made_argv, "--out", made_runs)) / made_runs).resolve() != Path(runs).resolve():
             raise UsageError(f"--out {out} holds {name}, the report of the runs in {made_runs}; pass --runs "
                              f"{made_runs} to make it again, or choose another --out")
+
+
+def shipped(path):
+    """Whether path lies in SHIPPED_REPORTS, among the reports and runs this repository ships."""
+    return Path(path).resolve().is_relative_to(SHIPPED_REPORTS.resolve())
+
+
+def without_report_only(argv):
+    return [a for a in argv if a != "--report_only"]
 
 
 def last_value(argv, flag, default):
@@ -79,6 +94,7 @@ def ran_in(out, made_out):
 
 
 SHIPPED_SAMPLES = ROOT / "model_outputs"
+SHIPPED_REPORTS = ROOT / "plots"
 
 
 def model_samples_dir(out, configs, shipped=True):

@@ -9,7 +9,7 @@ from . import runner, slurm
 from .data import check_length, load_text, split
 from .errors import UsageError
 from .plan import plan_comparison
-from .report import check_report_owner, check_shipped_samples, report, write_model_samples, write_report
+from .report import check_report_owner, check_shipped_samples, report, shipped, write_model_samples, write_report
 from .rundir import file_in_the_way, read_config, unwritable
 
 
@@ -35,7 +35,7 @@ def compare(args, extra, argv):
     for check, flag, directory in ((runs_check, "--runs", args.runs), (unwritable, "--out", out)):
         if refusal := check(directory, flag):
             raise UsageError(refusal)
-    check_report_owner(out, args.runs)
+    check_report_owner(out, args.runs, argv)
     check_shipped_samples(out, "--out" if args.out else "--runs")
     runs, baseline, layer_records, pairs = plan_comparison(args, extra)
     if in_the_way := next((r for r in runs if r.out_dir.exists() and not r.out_dir.is_dir()), None):
@@ -45,6 +45,10 @@ def compare(args, extra, argv):
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
+    if kept := next((r for r in runs if states[r.name] not in ("new", "reuse") and shipped(r.out_dir)), None):
+        why = "; ".join(kept.differences()) or "it lacks what reusing it needs"
+        raise UsageError(f"{kept.out_dir} holds a run this repository ships, which these settings cannot reuse "
+                         f"({why}); choose another --runs")
     taken = [r for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
         run, differences = next(((r, d) for r in taken if states[r.name] == "replace" and (d := r.differences())),

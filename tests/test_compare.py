@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -229,9 +230,34 @@ def test_a_report_of_other_runs_is_never_written_over(made_by, trainings, tmp_pa
                         "--report_only") == 0  # the last --runs counts, as argparse reads it
     (tmp_path / "sub").mkdir()
     os.chdir(tmp_path / "sub")  # the same runs, from another directory (the fixture's tmp_path is the cwd again)
-    report.check_report_owner("../shipped", f"../{runs}")
+    report.check_report_owner("../shipped", f"../{runs}", [])
     with pytest.raises(UsageError, match=f"^--out ../shipped holds results.md, the report of the runs in {runs}; "):
-        report.check_report_owner("../shipped", runs)
+        report.check_report_owner("../shipped", runs, [])
+
+
+def test_a_shipped_report_or_run_is_written_over_by_its_own_command_alone(trainings, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # where the shipped command runs
+    paper = Path("plots/paper")
+    before = {p: p.read_bytes() for p in paper.rglob("*") if p.is_file()}
+    made_by = (paper / "results.md").read_text().split("`")[1]
+    argv = shlex.split(made_by)[2:]
+    fewer = [a.replace("bigram,gpt,GATConv,GATv2Conv", "bigram,gpt") for a in argv]
+    assert fewer != argv and compare.main([*fewer, "--report_only"]) == 2  # its runs, but fewer of them
+    assert capsys.readouterr().err == (f"error: --out {paper} holds results.md, a report this repository ships, which "
+                                       f"only its own command makes again: {made_by} (from the repository's root; "
+                                       f"add --report_only to rebuild it from its runs); choose another --out for "
+                                       f"other settings\n")
+    shorter = ["--models", "gpt", "--preset", "paper", "--max_iters", "10", "--runs", str(paper / "runs"), "--out",
+               "mine", "--overwrite"]
+    assert compare.main(shorter) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {paper / 'runs' / 'gpt_s1337'} holds a run this repository ships, which these "
+                          f"settings cannot reuse (") and err.endswith("); choose another --runs\n")
+    assert "max_iters was 5000, now 10" in err
+    assert trainings == [] and not Path("mine").exists()
+    assert {p: p.read_bytes() for p in paper.rglob("*") if p.is_file()} == before
+    for given in (argv, [*argv, "--report_only"]):  # the shipped command passes, with --report_only or without
+        report.check_report_owner(paper, "plots/paper/runs", given)
 
 
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
