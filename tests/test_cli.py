@@ -13,7 +13,7 @@ import torch
 
 from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
 from gnngpt import guard
-from gnngpt.cli import main, resolve_device
+from gnngpt.cli import build_parser, main, resolve_device
 from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError, exit_code
@@ -283,6 +283,19 @@ def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["--learning_rate", "-1e-3"], "; pass a value that starts with '-' as --learning_rate=-1e-3"),
+    (["--learning_rate"], ""),  # no value at all
+    (["--out_dir", "-x"], ""),  # a flag after all
+])
+def test_a_negative_number_taken_for_a_flag_gets_the_way_to_pass_it(argv, hint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["gpt.py"])
+    with pytest.raises(SystemExit) as stop:
+        build_parser(GPT_SCRIPT).parse_args(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"gpt.py: error: argument {argv[0]}: expected one argument{hint} (see --help)\n"
 
 
 @pytest.mark.parametrize("script", ["pyg-gpt.py", "gpt.py", "bigram.py"])
