@@ -24,6 +24,22 @@ MAX_PARAM = 2**31 - 1  # so that products of two parameters stay within int64
 GRAPH_HELP = "full, window:W, dilated:W:D, strided:W:S or sink:G:W, or a comma-separated list of one per layer"
 
 
+def eager_cache(maxsize):
+    """functools.lru_cache(maxsize) for the eager calls of a function of a graph's shape alone; under torch.compile
+    the function runs as written, traced into the compiled code (which Dynamo would do anyway, past the cache,
+    warning that it does). The cache's tensors are shared: treat them as read-only."""
+    def decorate(function):
+        cached = functools.lru_cache(maxsize=maxsize)(function)
+
+        @functools.wraps(function)
+        def call(*args):
+            return function(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        call.cache_clear = cached.cache_clear
+        return call
+    return decorate
+
+
 @dataclass(frozen=True)
 class ContextGraph:
     """One causal context graph: its kind and its integer parameters (see KINDS)."""
@@ -94,13 +110,13 @@ class ContextGraph:
 FULL = ContextGraph("full")
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def graph_bias(graph, T, device, dtype):
     mask = graph.mask(T, device)
     return torch.zeros((T, T), dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
 
-@functools.lru_cache(maxsize=32)
+@eager_cache(maxsize=32)
 def graph_edge_index(graph, batch_size, seq_len, device):
     """The edges of one sequence, in order of target then source, repeated per sequence. A window-like graph
     builds them from its candidate sources per target (reach + 1 of them, plus its sinks, neither more than the

@@ -17,10 +17,10 @@ lie at distance i - j + K' - Q from query i (K' of them), the same for every blo
 distance is a skewed matrix product there (distance_scores, distance_sum). The keys before it reach rows of a
 table by distance that rows_reached names.
 """
-import functools
-
 import torch
 from torch.nn import functional as F
+
+from .graph import eager_cache
 
 MIN_CHUNK = 32  # queries per chunk of a BandedLayout, at least: fewer would spend more on overhead than they save
 
@@ -30,7 +30,7 @@ def layout_for(graph, T, device):
     return cached_layout(graph, T, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def cached_layout(graph, T, device):
     if graph.window is not None:
         chunk = max(MIN_CHUNK, graph.window + 1)

@@ -1,4 +1,6 @@
 """Window-like graphs are computed on their bands: work and memory that grow with the edges, not with T * T."""
+import warnings
+
 import pytest
 import torch
 
@@ -90,3 +92,18 @@ def test_terms_by_distance_equal_the_table_looked_up_at_each_pairs_distance(kind
     want = torch.autograd.grad((expected_scores * w_scores).sum() + (expected_sum * w_sum).sum(), (q, table, alpha))
     assert torch.allclose(got[0], want[0]) and torch.allclose(got[1], want[1])
     assert torch.allclose(got[2].where(edge, 0), want[2].where(edge, 0))  # masked weights are zero, whatever they get
+
+
+@pytest.mark.parametrize("mixer,backend,spec", [("GATConv", "fast", "full"), ("GATConv", "fast", "window:4"),
+                                                ("GATConv", "pyg", "full")])
+def test_the_graph_caches_serve_eager_passes_and_are_traced_under_torch_compile(mixer, backend, spec):
+    model = GPT(tiny_config(mixer, block_size=64, graph=spec, backend=backend)).eval()
+    x = torch.randint(0, 17, (2, 64))
+    eager = model(x)[0]
+    assert layout_for(ContextGraph("full"), 8, "cpu") is layout_for(ContextGraph("full"), 8, "cpu")
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.compile(model, backend="eager")(x)[0]  # Dynamo's trace, no C++ compiler needed
+    assert not [w for w in caught if "lru_cache" in str(w.message)]  # Dynamo skipped none, and said nothing
+    torch.testing.assert_close(traced, eager)
