@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from gnngpt.errors import UsageError
+from gnngpt.fast_gat import compiled
 from gnngpt.lists import list_items, refuse_twice
 from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, GPTConfig
@@ -57,7 +58,7 @@ class TrainingBench:
         self.tokens = settings["batch_size"] * settings["block_size"]
         self.model = build(name, backend, settings, device)
         if compile_model:
-            self.model.compile()
+            compiled(self.model)
         self.optimizer = make_optimizer(self.model, settings["learning_rate"])
         self.x, self.y = torch.randint(VOCAB_SIZE, (2, settings["batch_size"], settings["block_size"]),
                                        device=device)

@@ -20,7 +20,7 @@ from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
 from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
-from .fast_gat import NO_DENSE_FORM, compiler_available
+from .fast_gat import NO_DENSE_FORM, compiled, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .lists import list_items, refuse_twice
@@ -315,7 +315,7 @@ def run(script, args):
     model_cfg = model_config(script, model_name, args, settings, tokenizer.vocab_size, mixer_kwargs)
     model = build_model(script.arch, asdict(model_cfg)).to(device)
     if settings["compile"]:
-        model.compile()  # compiles forward in place: state_dict keys and checkpoints stay the same
+        compiled(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters ({n_params:,})")
     if script.graph_layer:

@@ -13,6 +13,7 @@ import torch
 
 from .distributed import is_distributed
 from .fallback import Acceleration
+from .fast_gat import compiled
 
 PIECE = 16  # tokens per pass when a prompt fills rolling buffers: each layer holds its reach plus one piece
 CUDA_GRAPHS = Acceleration("capturing or replaying a decoding pass as a CUDA graph",
@@ -137,7 +138,7 @@ class CachedDecoder:
     def __init__(self, model, compile=False):
         self.model = model
         on_cuda = next(model.parameters()).is_cuda  # there the CUDA graphs do the compiling's job
-        self.one_token_pass = torch.compile(self.cached_pass, dynamic=False) if compile and not on_cuda \
+        self.one_token_pass = compiled(self.cached_pass, dynamic=False) if compile and not on_cuda \
             else self.cached_pass
         self.context = model.context_size
         self.rolling = model.reach is not None and model.reach < self.context

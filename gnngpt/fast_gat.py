@@ -258,10 +258,14 @@ def fused_gatv2_scores():
     return compiled(gatv2_scores_expression)
 
 
-def compiled(function):
-    """function compiled by torch.compile (without the "No CUDA runtime" warning on CPU machines)."""
+def compiled(function, **options):
+    """function compiled by torch.compile(**options), or a module compiled in place (its state_dict keys, and so
+    its checkpoints, stay the same), without the "No CUDA runtime" warning on CPU machines."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(function)
+    if isinstance(function, torch.nn.Module):
+        function.compile(**options)
+        return function
+    return torch.compile(function, **options)
 
 
 FUSED_KERNEL = compiler_available()  # whether GATv2Conv's scores use the compiled kernel outside torch.compile

@@ -2,6 +2,8 @@
 
 These tests run on --device: python -m pytest --device cuda tests/test_fast_backend.py checks them on a GPU.
 """
+import logging
+
 import pytest
 import torch
 
@@ -282,6 +284,16 @@ def test_the_compiler_check_looks_for_the_compiler_torch_runs_alone(monkeypatch)
     monkeypatch.setattr(fast_gat.sys, "platform", "darwin")
     monkeypatch.delenv("CXX")
     assert fast_gat.compiler_available()  # clang++ on macOS
+
+
+def test_a_model_is_compiled_in_place_and_without_the_cuda_runtime_warning(monkeypatch):
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    model = GPT(tiny_config("GATConv", block_size=8))
+    keys = list(model.state_dict())
+    assert fast_gat.compiled(model) is model and list(model.state_dict()) == keys  # its checkpoints stay the same
+    assert model._compiled_call_impl is not None  # what nn.Module.compile sets: its calls go through torch.compile
+    assert logger.getEffectiveLevel() == logging.ERROR  # "No CUDA runtime is found" on a CPU machine is a warning
 
 
 @pytest.mark.fused_kernel
