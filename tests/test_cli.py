@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
-from gnngpt import guard
+from gnngpt import cli, guard
 from gnngpt.cli import build_parser, main, resolve_device
 from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
@@ -177,6 +177,38 @@ def test_a_resumed_run_takes_the_snapshots_it_can_and_refuses_those_it_has_passe
     retaken = json.loads((in_tmp_path / "run" / "eval_step8.json").read_text())
     assert retaken.pop("eval_s") >= 0 and at_8.pop("eval_s") >= 0
     assert retaken == at_8
+
+
+@pytest.mark.parametrize("in_training,go_on", [(False, "--overwrite"), (True, "--resume")],
+                         ids=["before the first checkpoint", "after it"])
+def test_torch_compile_failing_to_build_is_one_line_saying_how_to_go_on_without_it(in_training, go_on, tmp_path,
+                                                                                   tiny_text_file, monkeypatch,
+                                                                                   capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def failing_compile(model):  # inductor's build fails at the first pass it compiles (in_training: a step's)
+        forward = model.forward
+
+        def compiled_forward(*args, **kwargs):
+            if torch.is_grad_enabled() or not in_training:
+                raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
+            return forward(*args, **kwargs)
+        model.forward = compiled_forward
+        return model
+
+    args = ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "out"), *TINY_GPT]
+    monkeypatch.setattr(cli, "compiled", failing_compile)
+    monkeypatch.setattr(cli, "compiler_available", lambda: True)  # the build fails, whether or not g++ is here
+    assert main(GPT_SCRIPT, [*args, "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert err.replace("\r", "\n").endswith(  # after any progress bar
+        f"\nerror: torch.compile could not compile the model (RuntimeError: C++ compile error); train it without "
+        f"--compile, with {go_on}\n") and "Traceback" not in err
+    assert (tmp_path / "out" / "ckpt.pt").is_file() == in_training
+    assert main(GPT_SCRIPT, [*args, go_on]) == 0
+    with pytest.raises(BackendCompilerFailed):  # without --compile: a fused kernel's own, under GNNGPT_NO_FALLBACK
+        with cli.compile_failures(False, tmp_path / "out" / "ckpt.pt"):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error"), None)
 
 
 @pytest.mark.parametrize("kwargs,backend", [
