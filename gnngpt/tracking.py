@@ -110,12 +110,18 @@ def open_tracking(args, name, out_dir, config, wandb_run_id=None):
 
 
 def start_wandb(args, name, out_dir, config, run_id):
-    """wandb.init of the run, its files under out_dir: a new W&B run, or the run_id one continued."""
+    """wandb.init of the run, its files under out_dir: a new W&B run, or the run_id one continued. A project name
+    that W&B's settings refuse is refused as such first, before any login or network is tried."""
     import wandb
 
     try:
+        wandb.Settings(project=args.wandb_project)
+    except Exception as e:  # noqa: BLE001 - wandb.errors.UsageError, or pydantic's where a later wandb validates so
+        raise UsageError(f"--wandb_project {args.wandb_project!r} is not a name W&B takes ({one_line(e)[:200]}); "
+                         f"choose another") from None
+    try:
         return wandb.init(project=args.wandb_project, name=args.wandb_run_name or name, config=config,
                           dir=str(out_dir), id=run_id, resume="allow" if run_id else None)
-    except Exception as e:  # noqa: BLE001 - wandb raises many types: no login, no network, a bad project name
+    except Exception as e:  # noqa: BLE001 - wandb raises many types: no login, no network, a project not ours
         raise UsageError(f"wandb.init failed ({one_line(e)[:200]}); log in with wandb login, set "
                          f"WANDB_MODE=offline, or drop --wandb_log") from None

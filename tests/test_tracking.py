@@ -110,11 +110,21 @@ def test_a_tracker_whose_package_is_missing_ends_before_anything_is_written(flag
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_project_name_that_w_and_b_refuses_is_named_before_any_login(tiny_text_file, tmp_path, capsys):
+    pytest.importorskip("wandb")
+    before = sorted(tmp_path.rglob("*"))
+    assert train(tmp_path / "run", tiny_text_file, "--max_iters", "2", "--wandb_log", "--wandb_project", "me/it") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --wandb_project 'me/it' is not a name W&B takes (Invalid project name 'me/it': ")
+    assert err.endswith("); choose another\n") and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_failed_wandb_init_leaves_the_out_dir_as_it_found_it(tiny_text_file, tmp_path, monkeypatch, capsys):
     def init(**kwargs):
         raise RuntimeError("api_key not configured (no-tty)")
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Settings=dict))
     (tmp_path / "kept").mkdir()
     before = sorted(tmp_path.rglob("*"))
     for out in (tmp_path / "runs" / "new", tmp_path / "kept"):  # directories it made, and one that was there
