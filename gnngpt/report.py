@@ -57,9 +57,10 @@ def check_report_owner(out, runs, argv):
         if made_argv[:2] != ["python", "compare.py"]:
             continue
         if shipped(out) and without_report_only(made_argv[2:]) != without_report_only(argv):
-            raise UsageError(f"--out {out} holds {name}, a report this repository ships, which only its own command "
-                             f"makes again: {made_by} (from the repository's root; add --report_only to rebuild it "
-                             f"from its runs); choose another --out for other settings")
+            raise UsageError(f"--out {out} holds {name}, a report in the repository's plots/, where it keeps the "
+                             f"reports it ships, which only the command that made it writes over: {made_by} (from "
+                             f"the repository's root; add --report_only to rebuild it from its runs); choose "
+                             f"another --out for other settings")
         made_runs = last_value(made_argv, "--runs", "runs")
         if (ran_in(out, last_value(made_argv, "--out", made_runs)) / made_runs).resolve() != Path(runs).resolve():
             raise UsageError(f"--out {out} holds {name}, the report of the runs in {made_runs}; pass --runs "

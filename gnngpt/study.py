@@ -45,10 +45,10 @@ def compare(args, extra, argv):
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
-    if kept := next((r for r in runs if states[r.name] not in ("new", "reuse") and shipped(r.out_dir)), None):
-        why = "; ".join(kept.differences()) or "it lacks what reusing it needs"
-        raise UsageError(f"{kept.out_dir} holds a run this repository ships, which these settings cannot reuse "
-                         f"({why}); choose another --runs")
+    if kept := next((r for r in runs if states[r.name] in ("replace", "lost") and shipped(r.out_dir)), None):
+        why = "; ".join(kept.differences()) or "no checkpoint to resume from"
+        raise UsageError(f"{kept.out_dir} holds a run in the repository's plots/, where it keeps the runs it ships, "
+                         f"and these settings can neither reuse nor resume it ({why}); choose another --runs")
     taken = [r for r in runs if states[r.name] in ("replace", "lost")]
     if taken and not args.overwrite:
         run, differences = next(((r, d) for r in taken if states[r.name] == "replace" and (d := r.differences())),

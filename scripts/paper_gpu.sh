@@ -19,9 +19,9 @@
 #   current directory (model_outputs at the published size only). LOG_DIR (default: paper_logs) gets one log per step and summary.txt. COMPARE_FLAGs
 #   follow the script's own compare.py flags and so override them. Environment: PAPER_STEPS (default:
 #   "tests bench compare") picks the steps, PAPER_BUDGET_S the budget, PYTHON the interpreter (default: python3).
-#   Its comparison on a CPU at a tiny size (in the repository root it writes plots/paper there, its samples in
-#   plots/paper/model_outputs: the shipped samples are those of the published size; tests/test_paper_gpu.py
-#   runs it in a scratch directory):
+#   Its comparison on a CPU at a tiny size, run in a scratch directory with input.txt (in the repository root,
+#   compare.py refuses other flags than the shipped report's over plots/paper; tests/test_paper_gpu.py runs it
+#   so):
 #     PAPER_STEPS=compare bash scripts/paper_gpu.sh /tmp/paper_logs --device cpu --max_iters 20 --batch_size 4 \
 #         --block_size 16 --n_embd 16 --n_head 2 --n_layer 1 --eval_iters 2
 set -u

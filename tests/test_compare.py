@@ -243,21 +243,46 @@ def test_a_shipped_report_or_run_is_written_over_by_its_own_command_alone(traini
     argv = shlex.split(made_by)[2:]
     fewer = [a.replace("bigram,gpt,GATConv,GATv2Conv", "bigram,gpt") for a in argv]
     assert fewer != argv and compare.main([*fewer, "--report_only"]) == 2  # its runs, but fewer of them
-    assert capsys.readouterr().err == (f"error: --out {paper} holds results.md, a report this repository ships, which "
-                                       f"only its own command makes again: {made_by} (from the repository's root; "
-                                       f"add --report_only to rebuild it from its runs); choose another --out for "
-                                       f"other settings\n")
+    assert capsys.readouterr().err == (f"error: --out {paper} holds results.md, a report in the repository's plots/, "
+                                       f"where it keeps the reports it ships, which only the command that made it "
+                                       f"writes over: {made_by} (from the repository's root; add --report_only to "
+                                       f"rebuild it from its runs); choose another --out for other settings\n")
     shorter = ["--models", "gpt", "--preset", "paper", "--max_iters", "10", "--runs", str(paper / "runs"), "--out",
                "mine", "--overwrite"]
     assert compare.main(shorter) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {paper / 'runs' / 'gpt_s1337'} holds a run this repository ships, which these "
-                          f"settings cannot reuse (") and err.endswith("); choose another --runs\n")
+    assert err.startswith(f"error: {paper / 'runs' / 'gpt_s1337'} holds a run in the repository's plots/, where it "
+                          f"keeps the runs it ships, and these settings can neither reuse nor resume it (")
+    assert err.endswith("); choose another --runs\n")
     assert "max_iters was 5000, now 10" in err
     assert trainings == [] and not Path("mine").exists()
     assert {p: p.read_bytes() for p in paper.rglob("*") if p.is_file()} == before
     for given in (argv, [*argv, "--report_only"]):  # the shipped command passes, with --report_only or without
         report.check_report_owner(paper, "plots/paper/runs", given)
+
+
+def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    mine = ["--models", "gpt", "--runs", "plots/mine/runs", "--out", "plots/mine"]
+    real_get = BatchSampler.get
+    batches = []
+
+    def interrupt_at_step_3(sampler, split):
+        batches.append(split)
+        if batches.count("train") == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third step, after the step-2 checkpoint
+        return real_get(sampler, split)
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchSampler, "get", interrupt_at_step_3)
+        assert compare_main(*mine) == 130
+    assert compare_main(*mine) == 0  # the same command again resumes it, as compare.py says
+    assert "--resume" in trainings[-1][1]
+    capsys.readouterr()
+    assert compare_main(*mine, "--eval_iters", "3", "--overwrite", "--out", "elsewhere") == 2
+    assert capsys.readouterr().err == ("error: plots/mine/runs/gpt_s1337 holds a run in the repository's plots/, where "
+                                       "it keeps the runs it ships, and these settings can neither reuse nor resume "
+                                       "it (eval_iters was 2, now 3); choose another --runs\n")
 
 
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
