@@ -40,7 +40,8 @@ POSITIVE_INTS = ("batch_size", "block_size", "max_iters", "eval_interval", "eval
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem, a pointer to --help, exit code 2. A negative number that argparse
-    takes for a flag (-1e-3; it reads -0.001 as a number) gets the way to pass it."""
+    takes for a flag (-1e-3 after the flag as given in full; argparse reads -0.001 as a number) gets the way to pass
+    it."""
 
     def parse_known_args(self, args=None, namespace=None):
         self.given = list(sys.argv[1:] if args is None else args)
@@ -49,8 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         flag = re.fullmatch(r"argument (\S+?)(?:/\S+)?: expected one argument", message)
         given = getattr(self, "given", [])
-        value = next((b for a, b in zip(given, given[1:]) if flag and a == flag[1] and is_number(b)), None)
-        hint = f"; pass a value that starts with '-' as {flag[1]}={value}" if value else ""
+        values = [b for a, b in zip(given, given[1:]) if flag and a == flag[1] and b.startswith("-") and is_number(b)]
+        hint = f"; pass a negative number as {flag[1]}={values[-1]}" if values else ""
         self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
 
 

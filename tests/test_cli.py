@@ -318,8 +318,9 @@ def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
 
 
 @pytest.mark.parametrize("argv,hint", [
-    (["--learning_rate", "-1e-3"], "; pass a value that starts with '-' as --learning_rate=-1e-3"),
-    (["--learning_rate"], ""),  # no value at all
+    (["--learning_rate", "-1e-3"], "; pass a negative number as --learning_rate=-1e-3"),
+    (["--learning_rate", "2e-3", "--learning_rate", "-1e-3"], "; pass a negative number as --learning_rate=-1e-3"),
+    (["--learning_rate", "1e-3", "--learning_rate"], ""),  # no value at all
     (["--out_dir", "-x"], ""),  # a flag after all
 ])
 def test_a_negative_number_taken_for_a_flag_gets_the_way_to_pass_it(argv, hint, monkeypatch, capsys):
