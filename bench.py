@@ -40,6 +40,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
         resolve_device,
     )
     from gnngpt.config import PRESETS, resolve_preset
+    from gnngpt.fast_gat import compile_failures
     from gnngpt.graph import graph_spec, parse_graph
 
 SHAPE_FLAGS = ("block_size", "batch_size", "n_embd", "n_head", "n_layer")
@@ -124,14 +125,17 @@ def run(args):
     common = {"preset": preset, "device": str(device), "block_size": shape["block_size"],
               "batch_size": shape["batch_size"]}
 
-    with fitting(f"the benchmark's training does not fit in the memory of {device}",
-                 "lower --batch_size, --block_size or --n_embd, or leave the pyg backends, whose memory grows with the "
-                 "square of the block, out of --models"):
+    def compiling():  # --compile whose kernels fail to build ends in one line
+        return compile_failures(args.compile, "the benchmark's models", lambda: "benchmark them without --compile")
+
+    with compiling(), fitting(f"the benchmark's training does not fit in the memory of {device}",
+                              "lower --batch_size, --block_size or --n_embd, or leave the pyg backends, whose memory "
+                              "grows with the square of the block, out of --models"):
         train_rows = bench_training(
             [(name, backend, bigram if name == "bigram" else s) for s in configs for name, backend in s["models"]],
             device, args.dtype, args.compile, args.warmup, args.iters, common, args.profile_steps)
-    with fitting(f"the benchmark's generation does not fit in the memory of {device}",
-                 "lower --gen_length, --block_size or --n_embd, or skip generation with --gen_repeats 0"):
+    with compiling(), fitting(f"the benchmark's generation does not fit in the memory of {device}",
+                              "lower --gen_length, --block_size or --n_embd, or skip generation with --gen_repeats 0"):
         gen_rows = (bench_generation(configs, device, args.gen_length, args.gen_repeats, common, args.compile)
                     if args.gen_repeats else [])
 

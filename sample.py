@@ -20,6 +20,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
         resolve_device,
     )
     from gnngpt.data import encode_prompt, read_prompt
+    from gnngpt.fast_gat import compile_failure
     from gnngpt.models import dense_refusal
     from gnngpt.results import load_run_model
     from gnngpt.sampling import generate, sampling_failure
@@ -101,6 +102,8 @@ def run(args):
             raise memory_error(e, "sampling does not fit in memory", f"draw fewer samples at once (--num_samples "
                                f"{args.num_samples}) or shorter ones (--max_new_tokens {args.max_new_tokens})"
                                ) from None
+        if args.compile and (failure := compile_failure(e, "the cached decoder's one-token step")):
+            raise Failure(f"{failure}; sample without --compile") from None
         error, decoder_raised = sampling_failure(e)
         advice = "; --no_cache samples without the cached decoder, which raised it" if decoder_raised else ""
         raise Failure(f"sampling failed ({error}){advice}") from None

@@ -18,9 +18,9 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, one_line, os_error_exit
+from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
-from .fast_gat import NO_DENSE_FORM, compiled, compiler_available
+from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .lists import list_items, refuse_twice
@@ -353,7 +353,8 @@ def run(script, args):
             start_run_dir(out_dir, config, args.overwrite)  # writes config.json
             meta = {"name": name, "arch": script.arch, "model_config": asdict(model_cfg), "config": config,
                     "vocab": tokenizer.chars, "wandb_run_id": tracking.wandb_run_id or wandb_run_id}
-            with compile_failures(settings["compile"], out_dir / "ckpt.pt"), resumable_on_stop(out_dir / "ckpt.pt"):
+            go_on = functools.partial(go_on_without_compiling, out_dir / "ckpt.pt")
+            with compile_failures(settings["compile"], "the model", go_on), resumable_on_stop(out_dir / "ckpt.pt"):
                 train(model, sampler, settings, out_dir, meta, resume_from=resume_from, tracking=tracking,
                       after_evaluation=functools.partial(snapshot, args.exact_at, model, val_data, settings, out_dir))
                 if not distributed.is_main_process():
@@ -374,21 +375,9 @@ def run(script, args):
     print(f"wrote {out_dir}/config.json, metrics.csv, ckpt.pt, eval.json, loss_by_position.csv and {sample_file}")
 
 
-@contextlib.contextmanager
-def compile_failures(compiling, checkpoint_path):
-    """With --compile (compiling), torch.compile failing to build the model's kernels (inductor's C++ or Triton
-    compile, at the first pass of each shape) becomes one Failure line: how to go on without --compile, from
-    checkpoint_path where it exists."""
-    try:
-        yield
-    except Exception as e:
-        dynamo = sys.modules.get("torch._dynamo.exc")  # imported by any compiling
-        if not compiling or dynamo is None or not isinstance(e, dynamo.BackendCompilerFailed):
-            raise
-        cause = e.inner_exception
-        go_on = "--resume" if checkpoint_path.is_file() else "--overwrite"
-        raise Failure(f"torch.compile could not compile the model ({type(cause).__name__}: {one_line(cause)[:160]}); "
-                      f"train it without --compile, with {go_on}") from None
+def go_on_without_compiling(checkpoint_path):
+    """How a run whose compiling failed goes on: from checkpoint_path where it was written, else from the start."""
+    return f"train it without --compile, with {'--resume' if checkpoint_path.is_file() else '--overwrite'}"
 
 
 class Terminated(KeyboardInterrupt):

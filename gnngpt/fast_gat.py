@@ -9,6 +9,7 @@ where no compiler is available (and when decoding) it is computed in chunks of q
 backward pass. The edge feature e_ij is the distance (i - j) / block_size (mixers.distance_features), so its
 terms come from a table with one row per distance.
 """
+import contextlib
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .errors import Failure, one_line
 from .fallback import Acceleration
 from .mixers import pyg_nn
 
@@ -266,6 +268,29 @@ def compiled(function, **options):
         function.compile(**options)
         return function
     return torch.compile(function, **options)
+
+
+def compile_failure(error, what):
+    """"torch.compile could not compile what (its compiler's error)" where error is torch.compile failing to build
+    kernels (inductor's C++ or Triton compile), else ""."""
+    dynamo = sys.modules.get("torch._dynamo.exc")  # imported by any compiling
+    if dynamo is None or not isinstance(error, dynamo.BackendCompilerFailed):
+        return ""
+    cause = error.inner_exception
+    return f"torch.compile could not compile {what} ({type(cause).__name__}: {one_line(cause)[:160]})"
+
+
+@contextlib.contextmanager
+def compile_failures(compiling, what, fix):
+    """With compiling (--compile), torch.compile failing to build what's kernels inside becomes one Failure line:
+    compile_failure's, then fix() (called then, when what is on disk says how to go on)."""
+    try:
+        yield
+    except Exception as e:
+        failure = compile_failure(e, what) if compiling else ""
+        if not failure:
+            raise
+        raise Failure(f"{failure}; {fix()}") from None
 
 
 FUSED_KERNEL = compiler_available()  # whether GATv2Conv's scores use the compiled kernel outside torch.compile

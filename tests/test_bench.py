@@ -153,6 +153,23 @@ def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(mo
         "generation with --gen_repeats 0")
 
 
+def test_kernels_that_fail_to_build_under_compile_are_one_line(monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def build_fails(*args):
+        raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
+
+    monkeypatch.setattr("gnngpt.cli.compiler_available", lambda: True)  # the build fails, whether or not g++ is here
+    monkeypatch.setattr(benchmark, "compiled", lambda model: model)
+    monkeypatch.setattr(benchmark.TrainingBench, "step", build_fails)
+    assert bench.main([*TINY, "--models", "gpt", "--compile"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: torch.compile could not compile the benchmark's models "
+                                                        "(RuntimeError: C++ compile error); benchmark them without "
+                                                        "--compile")
+    with pytest.raises(BackendCompilerFailed):  # without --compile it is not ours to explain
+        bench.main([*TINY, "--models", "gpt"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bench_refuses_bfloat16_without_cuda(capsys):
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2

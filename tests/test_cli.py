@@ -17,6 +17,7 @@ from gnngpt.cli import build_parser, main, resolve_device
 from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError, exit_code
+from gnngpt.fast_gat import compile_failures
 from gnngpt.files import atomic_write
 from gnngpt.models import GPT, GPTConfig
 from gnngpt.train import evaluate
@@ -207,7 +208,7 @@ def test_torch_compile_failing_to_build_is_one_line_saying_how_to_go_on_without_
     assert (tmp_path / "out" / "ckpt.pt").is_file() == in_training
     assert main(GPT_SCRIPT, [*args, go_on]) == 0
     with pytest.raises(BackendCompilerFailed):  # without --compile: a fused kernel's own, under GNNGPT_NO_FALLBACK
-        with cli.compile_failures(False, tmp_path / "out" / "ckpt.pt"):
+        with compile_failures(False, "the model", lambda: "train it without --compile"):
             raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error"), None)
 
 

@@ -156,6 +156,21 @@ def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples
                                        f"samples at once (--num_samples 3) or shorter ones (--max_new_tokens 5)\n")
 
 
+def test_a_decoder_step_that_fails_to_build_under_compile_says_to_sample_without_it(tiny_run, monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def build_fails(*args, **kwargs):
+        raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
+
+    run = tiny_run("gpt")
+    monkeypatch.setattr("gnngpt.cli.compiler_available", lambda: True)  # the build fails, whether or not g++ is here
+    monkeypatch.setattr("gnngpt.decoder.compiled", lambda function, **options: build_fails)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(run), "--max_new_tokens", "5", "--compile"]) == 1
+    assert capsys.readouterr() == ("", "error: torch.compile could not compile the cached decoder's one-token step "
+                                       "(RuntimeError: C++ compile error); sample without --compile\n")
+
+
 def test_ctrl_c_while_sampling_ends_with_one_line_and_exit_code_130(tiny_run, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
