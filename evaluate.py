@@ -8,7 +8,7 @@ import json
 import statistics
 import sys
 
-from gnngpt.errors import UsageError, exit_code, quiet_interrupt
+from gnngpt.errors import UsageError, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli
@@ -66,7 +66,10 @@ def run(args):
         data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
     else:
         data, what = run_validation_split(config, tokenizer.chars), "its validation split"
-    result = exact_evaluation(model, data, config["settings"], device, args.batch_size, with_halves=not args.data)
+    batch_size = args.batch_size or config["settings"]["batch_size"]
+    with fitting(f"the evaluation in batches of {batch_size} windows does not fit in memory",
+                 "evaluate in smaller batches with a lower --batch_size"):
+        result = exact_evaluation(model, data, config["settings"], device, batch_size, with_halves=not args.data)
     if args.random_estimates:
         estimates = random_estimates(model, data, config["settings"], device, args.random_estimates)
         result["random_estimates"] = {"eval_iters": config["settings"]["eval_iters"], "values": estimates,

@@ -1,13 +1,14 @@
 """Training the planned runs of a comparison (compare.py): in this process one after the other, or by their
 training scripts in child processes (gnngpt/jobs.py; gnngpt/slurm.py takes training_command for its jobs); and
 the exact loss and sample that a reused run lacks, from its checkpoint."""
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 from . import cli
-from .errors import UsageError, one_line
+from .errors import UsageError, fitting, one_line
 from .evaluation import (
     describe_evaluation,
     exact_evaluation,
@@ -79,7 +80,11 @@ def write_missing_exact_loss(run):
         return
     device = reading_device(run)
     model, tokenizer, _ = load_run_model(run.out_dir, device)
-    result = exact_evaluation(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
+    batch_size = config["settings"]["batch_size"]
+    with fitting(f"the exact evaluation of {run.out_dir} in batches of {batch_size} windows does not fit in memory",
+                 f"write it in smaller batches with python evaluate.py --out_dir {shlex.quote(str(run.out_dir))} "
+                 f"--write --batch_size {max(1, batch_size // 2)}, then run the same command again"):
+        result = exact_evaluation(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
     write_eval(run.out_dir, result, config["settings"]["max_iters"])
     print(f"{run.name}: {describe_evaluation(result)} (computed from its checkpoint)")
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import compare
-from conftest import t_interval, tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard, report, results, tuning
+import evaluate
+from conftest import ALLOCATION_ERROR, t_interval, tensorboard_scalars, wandb_runs
+from gnngpt import cli, guard, report, results, runner, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
@@ -838,6 +839,38 @@ def test_a_reused_run_without_an_exact_loss_gets_it_from_its_checkpoint(training
     recomputed, original = json.loads((run / "eval.json").read_text()), json.loads(stored)
     assert {k: recomputed[k] for k in ("step", "val_loss", "val_bpc", "targets")} == \
         {k: original[k] for k in ("step", "val_loss", "val_bpc", "targets")}
+
+
+def test_an_exact_loss_that_does_not_fit_in_memory_says_how_to_write_it_in_smaller_batches(trainings, tmp_path,
+                                                                                            monkeypatch, capsys):
+    assert compare_main("--models", "gpt") == 0
+    run = tmp_path / "runs" / "gpt_s1337"
+    stored = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").unlink()
+    real = runner.exact_evaluation
+
+    def fits_in_batches_of_2(model, data, settings, device, batch_size=None, **kwargs):
+        if (batch_size or settings["batch_size"]) > 2:
+            raise RuntimeError(ALLOCATION_ERROR)
+        return real(model, data, settings, device, batch_size, **kwargs)
+
+    monkeypatch.setattr(runner, "exact_evaluation", fits_in_batches_of_2)
+    monkeypatch.setattr(evaluate, "exact_evaluation", fits_in_batches_of_2)
+    capsys.readouterr()
+    assert compare_main("--models", "gpt") == 2
+    command = "python evaluate.py --out_dir runs/gpt_s1337 --write --batch_size 2"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the exact evaluation of runs/gpt_s1337 in batches of 4 windows does not fit in memory "
+        f"({ALLOCATION_ERROR}); write it in smaller batches with {command}, then run the same command again")
+    assert evaluate.main(["--out_dir", "runs/gpt_s1337", "--write"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the evaluation in batches of 4 windows does not fit in memory ({ALLOCATION_ERROR}); evaluate in "
+        f"smaller batches with a lower --batch_size")
+    assert evaluate.main(shlex.split(command)[2:]) == 0
+    assert compare_main("--models", "gpt") == 0
+    written = json.loads((run / "eval.json").read_text())
+    assert (written["step"], written["targets"]) == (stored["step"], stored["targets"])
+    assert written["val_loss"] == pytest.approx(stored["val_loss"], abs=1e-5)  # in other batches, the same windows
 
 
 @pytest.mark.parametrize("difference,verdict", [
