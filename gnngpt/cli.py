@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import TOO_BIG, Failure, UsageError, fitting, flush_output, os_error_exit
+from .errors import TOO_BIG, Failure, TooBig, UsageError, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
 from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -258,11 +258,11 @@ def main(script, argv=None):
     sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
         "--batch_size or --block_size"
     try:
-        with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite"):
+        with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite", TooBig):
             run(script, build_parser(script).parse_args(argv))
         flush_output()
     except UsageError as e:
-        if distributed.is_main_process():
+        if distributed.is_main_process() or isinstance(e, TooBig):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Failure as e:  # raised on rank 0 alone, after training

@@ -12,6 +12,11 @@ class UsageError(Exception):
     """Bad input from the user: the message names the problem and the fix."""
 
 
+class TooBig(UsageError):
+    """Memory running out at the user's sizes: bad input that each process meets on its own (under torchrun one
+    rank may run out alone), so that each one that meets it says so."""
+
+
 class Failure(Exception):
     """A step of a run failed, not its input: the one-line message says what is kept and how to go on."""
 

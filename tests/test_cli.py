@@ -412,6 +412,17 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: the model and batch do not fit in memory "
                                                         f"({ALLOCATION_ERROR}); train again with a lower --batch_size, "
                                                         f"--block_size, --n_embd or --n_layer and --overwrite")
+    failed = []
+
+    def allocation_fails_here(*args, **kwargs):
+        failed.append(True)
+        allocation_fails()
+
+    with monkeypatch.context() as m:  # under torchrun, a rank other than 0 that runs out alone says so too
+        m.setattr("gnngpt.train.Trainer.train_step", allocation_fails_here)
+        m.setattr(cli.distributed, "is_main_process", lambda: not failed)  # rank 0 until then, as far as it goes
+        assert main(GPT_SCRIPT, [*args, "--overwrite"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith("error: the model and batch do not fit in memory ")
     assert main(BIGRAM_SCRIPT, ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "bigram"), *TINY]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: the model and batch do not fit in memory "
                                                         f"({ALLOCATION_ERROR}); train again with a lower --batch_size "
