@@ -152,6 +152,9 @@ def write_eval(out_dir, result, step, at=None):
         raise UsageError(write_failure(e.target, e)) from None
 
 
+EVAL_KEYS = ("step", "val_loss", "val_bpc", "targets")  # what every eval.json holds, halves or not
+
+
 def read_eval(out_dir, step=None, at=None):
     """A run's eval.json (at: its snapshot of that step) as a dict, or None when it is missing, unreadable or (with
     step) of another step."""
@@ -170,6 +173,8 @@ def read_eval_or_why(out_dir, step=None, at=None):
         return None, f"{path.name} cannot be read ({one_line(e)})"
     if not isinstance(record, dict):
         return None, f"{path.name} cannot be read (not a JSON object)"
+    if missing := [key for key in EVAL_KEYS if key not in record]:
+        return None, f"{path.name} cannot be read (no {', '.join(missing)})"
     if step is not None and record.get("step") != step:
         return None, f"{path.name} is of step {record.get('step')}, not {step}"
     return record, ""

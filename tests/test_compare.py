@@ -815,7 +815,8 @@ def test_a_loss_that_is_not_finite_is_refused_with_its_run(trainings, tmp_path, 
 @pytest.mark.parametrize("content,why", [
     ("{", "eval.json cannot be read (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
     ("[]", "eval.json cannot be read (not a JSON object)"),
-    ('{"step": 2}', "eval.json is of step 2, not 4"),  # an extended run whose last exact evaluation did not end
+    ('{"step": 2, "val_loss": 1, "val_bpc": 1.4, "targets": 9}', "eval.json is of step 2, not 4"),  # a run extended
+    ('{"step": 4}', "eval.json cannot be read (no val_loss, val_bpc, targets)"),
 ])
 def test_report_only_says_why_a_finished_run_s_exact_loss_cannot_serve(content, why, trainings, tmp_path, capsys):
     assert compare_main("--models", "gpt") == 0
