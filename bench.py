@@ -24,7 +24,7 @@ products, scaled_dot_product_attention's kernels and the rest.
 import json
 import sys
 
-from gnngpt.errors import UsageError, exit_code, fitting, quiet_interrupt
+from gnngpt.errors import UsageError, check_count, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -83,11 +83,9 @@ def main(argv=None):
 
 def check_counts(args):
     for key in ("iters", "gen_length", *(f for f in SHAPE_FLAGS if getattr(args, f) is not None)):
-        if getattr(args, key) <= 0:
-            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+        check_count(f"--{key}", getattr(args, key))
     for key in ("warmup", "gen_repeats", "profile_steps"):
-        if getattr(args, key) < 0:
-            raise UsageError(f"--{key} must be zero or more, got {getattr(args, key)}")
+        check_count(f"--{key}", getattr(args, key), least=0)
 
 
 def configurations(args, preset):

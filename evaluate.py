@@ -8,7 +8,7 @@ import json
 import statistics
 import sys
 
-from gnngpt.errors import UsageError, exit_code, fitting, quiet_interrupt
+from gnngpt.errors import UsageError, check_count, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli
@@ -51,9 +51,10 @@ def main(argv=None):
 
 
 def run(args):
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if args.random_estimates < 0 or args.random_estimates == 1:
+    if args.batch_size is not None:
+        check_count("--batch_size", args.batch_size)
+    check_count("--random_estimates", args.random_estimates, least=0)
+    if args.random_estimates == 1:
         raise UsageError(f"--random_estimates must be 0 or at least 2 (a deviation needs two), got "
                          f"{args.random_estimates}")
     if args.write and args.data:

@@ -5,7 +5,7 @@
 import math
 import sys
 
-from gnngpt.errors import Failure, UsageError, exit_code, memory_error, out_of_memory, quiet_interrupt
+from gnngpt.errors import Failure, UsageError, check_count, exit_code, memory_error, out_of_memory, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -59,8 +59,7 @@ def build_parser():
 
 def check_args(args):
     for key in ("num_samples", "max_new_tokens"):
-        if getattr(args, key) <= 0:
-            raise UsageError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+        check_count(f"--{key}", getattr(args, key))
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.temperature < MIN_TEMPERATURE:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
-from .errors import TOO_BIG, Failure, TooBig, UsageError, fitting, flush_output, os_error_exit
+from .errors import TOO_BIG, Failure, TooBig, UsageError, check_count, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
 from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -220,8 +220,8 @@ def resolve_settings(script, args, device, graph_flag="--graph"):
     settings = dict(PRESETS[preset][script.arch])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     for key in POSITIVE_INTS:
-        if key in settings and settings[key] <= 0:
-            raise UsageError(f"--{key} must be a positive integer, got {settings[key]}")
+        if key in settings:
+            check_count(f"--{key}", settings[key])
     if not (math.isfinite(settings["learning_rate"]) and settings["learning_rate"] > 0):
         raise UsageError(f"--learning_rate must be a positive number, got {settings['learning_rate']}")
     check_seed(args.seed)

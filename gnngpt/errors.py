@@ -28,6 +28,15 @@ def one_line(error):
 
 
 TOO_BIG = "the model and batch do not fit in memory"
+MAX_COUNT = 2**31 - 1  # past it, a size or count overflows a C integer in torch or in Python's ranges
+
+
+def check_count(flag, value, least=1):
+    """Refuse a count (an integer flag's value) below least (1 or 0) or past MAX_COUNT."""
+    if value < least:
+        raise UsageError(f"{flag} must be {'a positive integer' if least == 1 else 'zero or more'}, got {value}")
+    if value > MAX_COUNT:
+        raise UsageError(f"{flag} must be at most 2**31 - 1, got {value}")
 
 
 def out_of_memory(error):

@@ -11,7 +11,7 @@ import torch
 from . import cli, guard
 from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA
-from .errors import UsageError
+from .errors import UsageError, check_count
 from .lists import list_items, refuse_twice
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
@@ -118,8 +118,7 @@ def seed_list(seed, count):
         seeds = [int(s) for s in list_items(seed, "--seed", "1337,1338,1339")]
     except ValueError:
         raise UsageError(f"--seed {seed!r} is not an integer or a comma-separated list of integers") from None
-    if count < 1:
-        raise UsageError(f"--seeds must be a positive integer, got {count}")
+    check_count("--seeds", count)
     if len(seeds) > 1 and count != 1:
         raise UsageError(f"--seeds {count} and a list in --seed {seed} exclude each other; give one of them")
     refuse_twice(seeds, f"--seed {seed!r}", lambda s: f"seed {s}")

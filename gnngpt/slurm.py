@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError, one_line
+from .errors import UsageError, check_count, one_line
 from .files import atomic_write_text
 from .jobs import Job, SignalsReceived, StatusBoard, failure_message, latest_metrics
 from .processes import run_training
@@ -79,10 +79,9 @@ def options(args):
         raise UsageError(f"--launcher slurm needs SLURM's {' and '.join(missing)}, not found on the PATH; run "
                          f"compare.py on a login node of the cluster, or drop --launcher slurm to train here")
     gpus, cpus = args.slurm_gpus or 0, args.slurm_cpus
-    if gpus < 0:
-        raise UsageError(f"--slurm_gpus must be 0 or more, got {gpus}")
-    if cpus is not None and cpus < 1:
-        raise UsageError(f"--slurm_cpus must be a positive integer, got {cpus}")
+    check_count("--slurm_gpus", gpus, least=0)
+    if cpus is not None:
+        check_count("--slurm_cpus", cpus)
     parameters = {"job_name": "compare", "stderr_to_stdout": True, "partition": args.slurm_partition,
                   "time": None if args.slurm_time is None else minutes(args.slurm_time),  # None: the partition's
                   "cpus_per_task": cpus, "additional_parameters": sbatch_options(args.slurm_args or ""),

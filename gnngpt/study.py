@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import runner, slurm
 from .data import check_length, load_text, split
-from .errors import UsageError
+from .errors import UsageError, check_count
 from .plan import plan_comparison
 from .report import check_report_owner, check_shipped_samples, report, shipped, write_model_samples, write_report
 from .rundir import file_in_the_way, read_config, unwritable
@@ -18,13 +18,12 @@ def compare(args, extra, argv):
     the report): the runs planned and checked, then trained (here, in child processes or as SLURM jobs) and
     reported, or --report_only's report alone. The exit code: 0, 1 when a training failed, or that of a stop by
     SIGINT or SIGTERM."""
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    check_count("--jobs", args.jobs)
     launcher = slurm.options(args)  # None for --launcher local
     if launcher:
         args.device = launcher.device  # that of each job, checked by its training on its node
-    if args.report_step is not None and args.report_step <= 0:
-        raise UsageError(f"--report_step must be a positive integer, got {args.report_step}")
+    if args.report_step is not None:
+        check_count("--report_step", args.report_step)
     if args.report_step is not None and not args.report_only:
         raise UsageError("--report_step reports finished runs as they were at that step; add --report_only (and "
                          "train them first, with --exact_at among the training flags)")

@@ -318,6 +318,31 @@ def test_script_errors_exit_2_without_traceback(args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+HUGE = "99999999999999999999"  # past every C integer that a size or a count ends up in
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    ("gpt.py", ["--batch_size", HUGE], "--batch_size"),
+    ("pyg-gpt.py", ["--n_layer", HUGE], "--n_layer"),
+    ("bench.py", ["--iters", HUGE], "--iters"),
+    ("bench.py", ["--gen_repeats", HUGE], "--gen_repeats"),
+    ("sample.py", ["--out_dir", "run", "--num_samples", HUGE], "--num_samples"),
+    ("evaluate.py", ["--out_dir", "run", "--random_estimates", HUGE], "--random_estimates"),
+    ("compare.py", ["--models", "gpt", "--seeds", HUGE], "--seeds"),
+    ("compare.py", ["--models", "gpt", "--jobs", HUGE], "--jobs"),
+])
+def test_a_count_past_2_31_is_refused_in_one_line(script, argv, flag, in_tmp_path, tiny_text_file, capsys):
+    import bench
+    import compare
+    import evaluate
+    import sample
+    mains = {"gpt.py": lambda a: main(GPT_SCRIPT, a), "pyg-gpt.py": lambda a: main(PYG_GPT, a),
+             "bench.py": bench.main, "sample.py": sample.main, "evaluate.py": evaluate.main, "compare.py": compare.main}
+    assert mains[script](["--data", "tiny.txt", *argv] if script.endswith("gpt.py") else argv) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be at most 2**31 - 1, got {HUGE}\n"
+    assert sorted(p.name for p in in_tmp_path.iterdir()) == ["tiny.txt"]
+
+
 @pytest.mark.parametrize("argv,hint", [
     (["--learning_rate", "-1e-3"], "; pass a negative number as --learning_rate=-1e-3"),
     (["--learning_rate", "2e-3", "--learning_rate", "-1e-3"], "; pass a negative number as --learning_rate=-1e-3"),

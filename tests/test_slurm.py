@@ -243,7 +243,7 @@ def test_without_submitit_or_sbatch_nothing_is_submitted_or_written(missing, in_
     (["--launcher", "slurm", "--slurm_time", "4h"], "error: --slurm_time '4h' is not a SLURM time; write minutes, "
                                                     "H:MM:SS or D-HH:MM, as in 90, 4:00:00 or 1-12:00"),
     (["--launcher", "slurm", "--slurm_time", "0:00"], "error: --slurm_time '0:00' is no time at all"),
-    (["--launcher", "slurm", "--slurm_gpus", "-1"], "error: --slurm_gpus must be 0 or more, got -1"),
+    (["--launcher", "slurm", "--slurm_gpus", "-1"], "error: --slurm_gpus must be zero or more, got -1"),
     (["--launcher", "slurm", "--slurm_cpus", "0"], "error: --slurm_cpus must be a positive integer, got 0"),
     (["--launcher", "slurm", "--slurm_args", "account"], "error: --slurm_args takes KEY=VALUE pairs separated by "
                                                          "commas, as in account=abc,constraint=a100; got 'account'"),
