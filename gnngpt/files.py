@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -14,9 +15,11 @@ def atomic_write(path, write):
 
 def atomic_writes(writes):
     """atomic_write of each (path, write) of writes, all or none: every temporary file is written first, and only
-    then renamed over its path, so that a failed write (a full disk, say) changes none of the paths; a rename
-    needs no space, and a directory in a path's place, on which it would fail, is refused before anything is
-    written; directories made for them are removed again. An OSError carries the path it failed on as its
+    then renamed over its path, so that a failed write (a full disk, say) changes none of the paths; a directory
+    in a path's place is refused before anything is written. A rename needs no space, but may be refused (an
+    immutable file, another user's in a sticky directory): the paths renamed before it get their old files back,
+    from hard links made beforehand (where the file system has none, the new file stays), or are removed where
+    they were new. Directories made for them are removed again. An OSError carries the path it failed on as its
     target."""
     targets = [Path(path).resolve() if Path(path).is_symlink() else Path(path) for path, _ in writes]
     temporary, created = [], []
@@ -33,8 +36,10 @@ def atomic_writes(writes):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        for tmp, path in zip(temporary, targets):
-            os.replace(tmp, path)
+        with restorable(targets) as renaming:
+            for tmp, path in zip(temporary, targets):
+                os.replace(tmp, path)
+                renaming.append(path)
         renamed = True
         for directory in dict.fromkeys(path.parent for path in targets):
             fsync_dir(directory)
@@ -49,6 +54,38 @@ def atomic_writes(writes):
             for directory in sorted(created, key=lambda d: len(d.parts), reverse=True):
                 with contextlib.suppress(OSError):  # left where something else has been put in it since
                     directory.rmdir()
+
+
+@contextlib.contextmanager
+def restorable(paths):
+    """Yield a list to append each of paths to once it is replaced; should the block raise, each one appended gets
+    its old file back (from a hard link made before) or, where it had none, is removed."""
+    old = {path: old_link(path) for path in paths if path.exists()}
+    replaced = []
+    try:
+        yield replaced
+    except OSError:
+        for path in replaced:
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                if path not in old:
+                    path.unlink()
+                elif old[path]:
+                    os.replace(old[path], path)
+        raise
+    finally:
+        for link in filter(None, old.values()):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(link)
+
+
+def old_link(path):
+    """A new hard link to path's file beside it, or None where the file system makes none."""
+    link = path.parent / f".{path.name}.{secrets.token_hex(8)}.old"
+    try:
+        os.link(path, link)
+    except OSError:
+        return None
+    return link
 
 
 def make_directories(directory, made):

@@ -178,6 +178,33 @@ def test_a_failed_atomic_write_removes_the_directories_it_made_and_keeps_the_oth
     assert x.read_text() == "x" and z.read_text() == "z"
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard links", "a file system without them"])
+def test_a_rename_refused_partway_gives_the_renamed_paths_their_old_files_back(links, tmp_path, monkeypatch):
+    a, b, c = (tmp_path / name for name in ("a.csv", "b.json", "c.txt"))
+    a.write_text("old a")
+    b.write_text("old b")
+    replace = os.replace
+
+    def refused_over_c(source, target):
+        if Path(target) == c:  # as over an immutable file, or another user's in a sticky directory
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(target))
+        return replace(source, target)
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(target))
+
+    monkeypatch.setattr(os, "replace", refused_over_c)
+    if not links:
+        monkeypatch.setattr(os, "link", no_links)
+    c.write_text("old c")
+    with pytest.raises(PermissionError) as failed:
+        atomic_writes([(a, utf8("new a")), (tmp_path / "new.txt", utf8("new")), (b, utf8("new b")), (c, utf8("c"))])
+    assert failed.value.target == c
+    expected = ["old a", "old b"] if links else ["new a", "new b"]  # without links, the new files stay
+    assert [a.read_text(), b.read_text(), c.read_text()] == [*expected, "old c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.json", "c.txt"]  # nor new.txt, nor a link
+
+
 def test_a_failed_atomic_write_keeps_a_directory_another_writer_made_meanwhile(tmp_path, monkeypatch):
     shared, mkdir = tmp_path / "shared", Path.mkdir
 
