@@ -12,6 +12,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt
     from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
+    from gnngpt.report import shipped
     from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
@@ -52,12 +53,22 @@ def check_out(out, given):
                          f"--out, or remove that file first")
 
 
+def check_shipped(out, name):
+    """Refuse to replace a figure in the repository's plots/ but the one of the model named name,
+    attention_<name>.png: the figures the repository ships are each of its own model."""
+    own = f"attention_{name}.png"
+    if out.exists() and shipped(out) and out.resolve().name != own:
+        raise UsageError(f"{out} is a figure in the repository's plots/, where it keeps the figures it ships, and a "
+                         f"{name} model draws only plots/{own} there; choose another --out")
+
+
 def run(args):
     out = Path(args.out or Path(args.out_dir) / "attention.png")
     check_out(out, given=args.out is not None)
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]
+    check_shipped(out, name)
     text = read_prompt(args.prompt)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)

@@ -200,6 +200,23 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
     assert png_description(mine / "attention.png") == ATTENTION_FIGURE
 
 
+def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path, capsys):
+    run = tiny_run("gpt")
+    plots = Path(__file__).parents[1] / "plots"
+    before = {p: p.read_bytes() for p in plots.glob("attention_*.png")}
+    mine = shutil.copytree(run, tmp_path / "run")
+    (mine / "attention.png").symlink_to(plots / "attention_GATConv.png")
+    capsys.readouterr()
+    for out in (["--out", str(plots / "attention_GATConv.png")], []):  # named, or through the default path's link
+        assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be", *out]) == 2
+        shown = plots / "attention_GATConv.png" if out else mine / "attention.png"
+        assert capsys.readouterr().err == (f"error: {shown} is a figure in the repository's plots/, where it keeps "
+                                           f"the figures it ships, and a gpt model draws only "
+                                           f"plots/attention_gpt.png there; choose another --out\n")
+    assert {p: p.read_bytes() for p in plots.glob("attention_*.png")} == before
+    plot_attention.check_shipped(plots / "attention_gpt.png", "gpt")  # its own it may draw again
+
+
 @pytest.mark.parametrize("name,prompt,message", [
     ("bigram", "To be", "error: a bigram model has no attention weights to draw"),
     ("gpt", "To be!", "error: the prompt has characters outside the model's vocabulary: '!'"),
