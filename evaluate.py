@@ -67,6 +67,11 @@ def run(args):
         data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
     else:
         data, what = run_validation_split(config, tokenizer.chars), "its validation split"
+    block_size = config["settings"]["block_size"]
+    if args.random_estimates and len(data) <= block_size:
+        longer = ", or give a longer --data" if args.data else ""
+        raise UsageError(f"--random_estimates draws windows of block_size + 1 = {block_size + 1} characters, and "
+                         f"{what} has {len(data):,}; drop --random_estimates{longer}")
     batch_size = args.batch_size or config["settings"]["batch_size"]
     with fitting(f"the evaluation in batches of {batch_size} windows does not fit in memory",
                  "evaluate in smaller batches with a lower --batch_size"):

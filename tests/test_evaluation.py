@@ -121,6 +121,9 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     ("To be", ["--batch_size", "0"], "error: --batch_size must be a positive integer, got 0\n"),
     ("To be", ["--random_estimates", "1"], "error: --random_estimates must be 0 or at least 2 (a deviation needs "
                                            "two), got 1\n"),
+    ("To be", ["--random_estimates", "2"], "error: --random_estimates draws windows of block_size + 1 = 17 "
+                                           "characters, and all of {other} has 5; drop --random_estimates, or give a "
+                                           "longer --data\n"),
     ("To be", ["--write"], "error: --write records the run's own validation split in its eval.json; drop --data or "
                            "--write\n"),
 ])
