@@ -60,7 +60,7 @@ def atomic_writes(writes):
 def restorable(paths):
     """Yield a list to append each of paths to once it is replaced; should the block raise, each one appended gets
     its old file back (from a hard link made before) or, where it had none, is removed."""
-    old = {path: old_link(path) for path in paths if path.exists()}
+    old = {path: old_link(path) for path in dict.fromkeys(paths) if path.exists()}
     replaced = []
     try:
         yield replaced
@@ -74,12 +74,15 @@ def restorable(paths):
         raise
     finally:
         for link in filter(None, old.values()):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.remove(link)
 
 
 def old_link(path):
-    """A new hard link to path's file beside it, or None where the file system makes none."""
+    """A new hard link to path's file beside it, or None where the file system makes none or the file is another
+    user's (in a sticky directory, a link to it could not be removed again)."""
+    if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+        return None
     link = path.parent / f".{path.name}.{secrets.token_hex(8)}.old"
     try:
         os.link(path, link)

@@ -205,6 +205,18 @@ def test_a_rename_refused_partway_gives_the_renamed_paths_their_old_files_back(l
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.json", "c.txt"]  # nor new.txt, nor a link
 
 
+def test_atomic_writes_leave_no_link_behind_for_a_path_given_twice_or_another_users_file(tmp_path, monkeypatch):
+    target = tmp_path / "t.txt"
+    target.write_text("old")
+    (tmp_path / "l.txt").symlink_to(target)
+    atomic_writes([(target, utf8("1")), (tmp_path / "l.txt", utf8("2")), (target, utf8("3"))])  # one file, 3 times
+    assert target.read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["l.txt", "t.txt"]
+    monkeypatch.setattr(os, "getuid", lambda: target.stat().st_uid + 1)  # the file is another user's
+    monkeypatch.setattr(os, "link", None)  # no link is tried: in a sticky directory it could not be removed
+    atomic_writes([(target, utf8("4"))])
+    assert target.read_text() == "4"
+
+
 def test_a_failed_atomic_write_keeps_a_directory_another_writer_made_meanwhile(tmp_path, monkeypatch):
     shared, mkdir = tmp_path / "shared", Path.mkdir
 
