@@ -12,7 +12,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt
     from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
-    from gnngpt.report import shipped
+    from gnngpt.report import SHIPPED_REPORTS
     from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
@@ -54,10 +54,10 @@ def check_out(out, given):
 
 
 def check_shipped(out, name):
-    """Refuse to replace a figure in the repository's plots/ but the one of the model named name,
-    attention_<name>.png: the figures the repository ships are each of its own model."""
+    """Refuse to replace a figure in the repository's plots/ (not in its folders, such as runs) but the one of the
+    model named name, attention_<name>.png: the figures the repository ships there are each of its own model."""
     own = f"attention_{name}.png"
-    if out.exists() and shipped(out) and out.resolve().name != own:
+    if out.exists() and out.resolve().parent == SHIPPED_REPORTS.resolve() and out.resolve().name != own:
         raise UsageError(f"{out} is a figure in the repository's plots/, where it keeps the figures it ships, and a "
                          f"{name} model draws only plots/{own} there; choose another --out")
 

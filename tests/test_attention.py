@@ -200,7 +200,7 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
     assert png_description(mine / "attention.png") == ATTENTION_FIGURE
 
 
-def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path, capsys):
+def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path, monkeypatch, capsys):
     run = tiny_run("gpt")
     plots = Path(__file__).parents[1] / "plots"
     before = {p: p.read_bytes() for p in plots.glob("attention_*.png")}
@@ -215,6 +215,10 @@ def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path,
                                            f"plots/attention_gpt.png there; choose another --out\n")
     assert {p: p.read_bytes() for p in plots.glob("attention_*.png")} == before
     plot_attention.check_shipped(plots / "attention_gpt.png", "gpt")  # its own it may draw again
+    in_plots = shutil.copytree(run, tmp_path / "plots" / "runs" / "gpt")  # a run kept in a folder of plots/
+    monkeypatch.setattr(plot_attention, "SHIPPED_REPORTS", tmp_path / "plots")
+    for _ in range(2):  # its default attention.png is its own there too
+        assert plot_attention.main(["--out_dir", str(in_plots), "--prompt", "To be"]) == 0
 
 
 @pytest.mark.parametrize("name,prompt,message", [
