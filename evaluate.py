@@ -14,9 +14,11 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt import cli
     from gnngpt.data import load_text
     from gnngpt.evaluation import (
+        ONE_WINDOW,
         describe_evaluation,
         encode_whole,
         exact_evaluation,
+        in_batches,
         random_estimates,
         run_validation_split,
         write_eval,
@@ -73,11 +75,13 @@ def run(args):
         raise UsageError(f"--random_estimates draws windows of block_size + 1 = {block_size + 1} characters, and "
                          f"{what} has {len(data):,}; drop --random_estimates{longer}")
     batch_size = args.batch_size or config["settings"]["batch_size"]
-    with fitting(f"the evaluation in batches of {batch_size} windows does not fit in memory",
-                 "evaluate in smaller batches with a lower --batch_size"):
+    smaller = "evaluate in smaller batches with a lower --batch_size" if batch_size > 1 else ONE_WINDOW
+    with fitting(f"the evaluation {in_batches(batch_size)} does not fit in memory", smaller):
         result = exact_evaluation(model, data, config["settings"], device, batch_size, with_halves=not args.data)
     if args.random_estimates:
-        estimates = random_estimates(model, data, config["settings"], device, args.random_estimates)
+        with fitting(f"the random estimates {in_batches(config['settings']['batch_size'])}, the run's, do not fit in "
+                     f"memory", "drop --random_estimates"):
+            estimates = random_estimates(model, data, config["settings"], device, args.random_estimates)
         result["random_estimates"] = {"eval_iters": config["settings"]["eval_iters"], "values": estimates,
                                       "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates)}
     if args.write:

@@ -132,6 +132,14 @@ def run_validation_split(config, vocab):
     return validation_split(load_text(None if path == Path(DEFAULT_DATA) else path), vocab)
 
 
+ONE_WINDOW = "a single window does not fit either: free memory on the device"  # the advice where batches are 1
+
+
+def in_batches(batch_size):
+    """How an evaluation goes, as its memory errors say: "in batches of N windows", or "one window at a time"."""
+    return f"in batches of {batch_size} windows" if batch_size > 1 else "one window at a time"
+
+
 def write_eval(out_dir, result, step, at=None):
     """Write a run's exact evaluation at step (exact_evaluation's result, of its validation split): the loss at
     each position to loss_by_position.csv, then eval.json, the losses of the whole split and of its halves in

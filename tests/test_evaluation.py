@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 import evaluate as evaluate_py
-from conftest import tiny_config, train_tiny_gpt
+from conftest import ALLOCATION_ERROR, tiny_config, train_tiny_gpt
 from gnngpt.data import split
 from gnngpt.evaluation import exact_evaluation, exact_loss, read_loss_by_position
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
@@ -132,6 +132,27 @@ def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, 
     other.write_text(content)
     result = evaluate(["--out_dir", str(tiny_run("gpt")), "--data", str(other), *args], cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message.format(other=other))
+
+
+@pytest.mark.parametrize("args,patched,message", [
+    (["--batch_size", "4"], "exact_evaluation", "the evaluation in batches of 4 windows does not fit in memory ({}); "
+                                                "evaluate in smaller batches with a lower --batch_size"),
+    (["--batch_size", "1"], "exact_evaluation", "the evaluation one window at a time does not fit in memory ({}); a "
+                                                "single window does not fit either: free memory on the device"),
+    (["--random_estimates", "2"], "random_estimates", "the random estimates in batches of 2 windows, the run's, do not "
+                                                      "fit in memory ({}); drop --random_estimates"),
+])
+def test_evaluate_py_says_what_to_lower_when_memory_runs_out(args, patched, message, tiny_run, monkeypatch, capsys):
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(ALLOCATION_ERROR)
+
+    run = tiny_run("gpt")
+    monkeypatch.chdir(run.parent)  # where the run's text is
+    monkeypatch.setattr(evaluate_py, patched, allocation_fails)
+    capsys.readouterr()
+    assert evaluate_py.main(["--out_dir", str(run), *args]) == 2
+    err = capsys.readouterr().err  # after the exact evaluation's progress bars, where it ran
+    assert err.endswith("\n") and err.splitlines()[-1] == f"error: {message.format(ALLOCATION_ERROR)}"
 
 
 @pytest.mark.parametrize("change,message", [
