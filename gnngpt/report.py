@@ -170,6 +170,7 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
         every = between.expected["settings"]["eval_interval"]
         raise UsageError(f"--report_step {at} is not an evaluation step of {between.out_dir} (every {every} steps, and "
                          f"the last); choose one of those")
+
     def step_of(run):
         return run.expected["settings"]["max_iters"] if at is None else at
 
