@@ -873,6 +873,18 @@ def test_an_exact_loss_that_does_not_fit_in_memory_says_how_to_write_it_in_small
     assert (written["step"], written["targets"]) == (stored["step"], stored["targets"])
     assert written["val_loss"] == pytest.approx(stored["val_loss"], abs=1e-5)  # in other batches, the same windows
 
+    config = json.loads((run / "config.json").read_text())  # a run trained one window at a time
+    (run / "config.json").write_text(json.dumps({**config, "settings": {**config["settings"], "batch_size": 1}}))
+    (run / "eval.json").unlink()
+    def not_even_one_window(*args, **kwargs):
+        raise RuntimeError(ALLOCATION_ERROR)
+
+    monkeypatch.setattr(runner, "exact_evaluation", not_even_one_window)
+    with pytest.raises(UsageError, match=r"^the exact evaluation of \S+ one window at a time does not fit in memory "
+                                         r"\(.+\); a single window does not fit either: free memory on the device, "
+                                         r"then run the same command again$"):
+        runner.write_missing_exact_loss(SimpleNamespace(out_dir=run, name="gpt", expected={"device": "cpu"}))
+
 
 @pytest.mark.parametrize("difference,verdict", [
     (Difference(0.02, 0.01, 0.03, 3), "higher"),
