@@ -133,6 +133,7 @@ def capture_whose_replay_raises(run_pass, idx):
 
 CACHE_ERROR = "CUDA error: misaligned address"
 MULTINOMIAL_ERROR = "probability tensor contains either `inf`, `nan` or element < 0"
+COMPILE_ERROR = "C++ compile error"
 ALLOCATION_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
 
 
@@ -144,6 +145,19 @@ def failing_cache(cache, T):
 def failing_multinomial(*args, **kwargs):
     """A test double of torch.multinomial that raises: a failure of sampling outside the cached decoder."""
     raise RuntimeError(MULTINOMIAL_ERROR)
+
+
+def allocation_fails(*args, **kwargs):
+    """A test double of any call that allocates: memory running out, as torch's CPU allocator reports it."""
+    raise RuntimeError(ALLOCATION_ERROR)
+
+
+def build_fails(*args, **kwargs):
+    """A test double of a compiled call whose kernels fail to build, as torch.compile raises it (with
+    COMPILE_ERROR)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    raise BackendCompilerFailed(lambda: None, RuntimeError(f"{COMPILE_ERROR}\ng++ said more"), None)
 
 
 @pytest.fixture

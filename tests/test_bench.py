@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bench
-from conftest import ALLOCATION_ERROR
+from conftest import ALLOCATION_ERROR, allocation_fails, build_fails
 from gnngpt import benchmark
 from gnngpt.config import PRESETS
 
@@ -134,9 +134,6 @@ def test_bench_refuses_bad_input_with_one_line(args, message, capsys):
 
 
 def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys):
-    def allocation_fails(self):
-        raise RuntimeError(ALLOCATION_ERROR)
-
     monkeypatch.setattr(benchmark.TrainingBench, "step", allocation_fails)
     assert bench.main([*TINY, "--models", "gpt"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -145,7 +142,7 @@ def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(mo
         "pyg backends, whose memory grows with the square of the block, out of --models")
     monkeypatch.undo()
 
-    monkeypatch.setattr(benchmark, "time_generation", lambda *args: allocation_fails(None))
+    monkeypatch.setattr(benchmark, "time_generation", allocation_fails)
     assert bench.main([*TINY, "--models", "gpt", "--gen_repeats", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: the benchmark's generation does not fit in the memory of cpu ({ALLOCATION_ERROR}); lower "
@@ -155,9 +152,6 @@ def test_a_shape_that_does_not_fit_in_memory_is_one_line_naming_what_to_lower(mo
 
 def test_kernels_that_fail_to_build_under_compile_are_one_line(monkeypatch, capsys):
     from torch._dynamo.exc import BackendCompilerFailed
-
-    def build_fails(*args):
-        raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
 
     monkeypatch.setattr("gnngpt.cli.compiler_available", lambda: True)  # the build fails, whether or not g++ is here
     monkeypatch.setattr(benchmark, "compiled", lambda model: model)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, tiny_config, train_tiny_gpt
+from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, allocation_fails, build_fails, tiny_config, train_tiny_gpt
 from gnngpt import cli, guard
 from gnngpt.cli import build_parser, main, resolve_device
 from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
@@ -192,7 +192,7 @@ def test_torch_compile_failing_to_build_is_one_line_saying_how_to_go_on_without_
 
         def compiled_forward(*args, **kwargs):
             if torch.is_grad_enabled() or not in_training:
-                raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
+                build_fails()
             return forward(*args, **kwargs)
         model.forward = compiled_forward
         return model
@@ -209,7 +209,7 @@ def test_torch_compile_failing_to_build_is_one_line_saying_how_to_go_on_without_
     assert main(GPT_SCRIPT, [*args, go_on]) == 0
     with pytest.raises(BackendCompilerFailed):  # without --compile: a fused kernel's own, under GNNGPT_NO_FALLBACK
         with compile_failures(False, "the model", lambda: "train it without --compile"):
-            raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error"), None)
+            build_fails()
 
 
 @pytest.mark.parametrize("kwargs,backend", [
@@ -428,9 +428,6 @@ def test_ctrl_c_while_a_script_imports_torch_ends_in_one_line(script, tmp_path):
 
 def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming_the_sizes(tiny_text_file, tmp_path,
                                                                                           monkeypatch, capsys):
-    def allocation_fails(*args, **kwargs):
-        raise RuntimeError(ALLOCATION_ERROR)
-
     args = ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "out"), *TINY_GPT]
     monkeypatch.setattr("gnngpt.train.Trainer.train_step", allocation_fails)
     assert main(GPT_SCRIPT, args) == 2

@@ -17,7 +17,7 @@ import torch
 
 import compare
 import evaluate
-from conftest import ALLOCATION_ERROR, t_interval, tensorboard_scalars, wandb_runs
+from conftest import ALLOCATION_ERROR, allocation_fails, t_interval, tensorboard_scalars, wandb_runs
 from gnngpt import cli, guard, report, results, runner, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
@@ -852,7 +852,7 @@ def test_an_exact_loss_that_does_not_fit_in_memory_says_how_to_write_it_in_small
 
     def fits_in_batches_of_2(model, data, settings, device, batch_size=None, **kwargs):
         if (batch_size or settings["batch_size"]) > 2:
-            raise RuntimeError(ALLOCATION_ERROR)
+            allocation_fails()
         return real(model, data, settings, device, batch_size, **kwargs)
 
     monkeypatch.setattr(runner, "exact_evaluation", fits_in_batches_of_2)
@@ -876,10 +876,7 @@ def test_an_exact_loss_that_does_not_fit_in_memory_says_how_to_write_it_in_small
     config = json.loads((run / "config.json").read_text())  # a run trained one window at a time
     (run / "config.json").write_text(json.dumps({**config, "settings": {**config["settings"], "batch_size": 1}}))
     (run / "eval.json").unlink()
-    def not_even_one_window(*args, **kwargs):
-        raise RuntimeError(ALLOCATION_ERROR)
-
-    monkeypatch.setattr(runner, "exact_evaluation", not_even_one_window)
+    monkeypatch.setattr(runner, "exact_evaluation", allocation_fails)  # not even one window fits
     with pytest.raises(UsageError, match=r"^the exact evaluation of \S+ one window at a time does not fit in memory "
                                          r"\(.+\); a single window does not fit either: free memory on the device, "
                                          r"then run the same command again$"):

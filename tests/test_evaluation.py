@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 import evaluate as evaluate_py
-from conftest import ALLOCATION_ERROR, tiny_config, train_tiny_gpt
+from conftest import ALLOCATION_ERROR, allocation_fails, tiny_config, train_tiny_gpt
 from gnngpt.data import split
 from gnngpt.evaluation import exact_evaluation, exact_loss, read_loss_by_position
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
@@ -143,9 +143,6 @@ def test_evaluate_py_refuses_bad_input_in_one_line(tiny_run, tmp_path, content, 
                                                       "fit in memory ({}); drop --random_estimates"),
 ])
 def test_evaluate_py_says_what_to_lower_when_memory_runs_out(args, patched, message, tiny_run, monkeypatch, capsys):
-    def allocation_fails(*args, **kwargs):
-        raise RuntimeError(ALLOCATION_ERROR)
-
     run = tiny_run("gpt")
     monkeypatch.chdir(run.parent)  # where the run's text is
     monkeypatch.setattr(evaluate_py, patched, allocation_fails)

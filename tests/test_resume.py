@@ -13,7 +13,14 @@ import pytest
 import torch
 
 import sample
-from conftest import ALLOCATION_ERROR, CACHE_ERROR, MULTINOMIAL_ERROR, failing_cache, failing_multinomial
+from conftest import (
+    ALLOCATION_ERROR,
+    CACHE_ERROR,
+    MULTINOMIAL_ERROR,
+    allocation_fails,
+    failing_cache,
+    failing_multinomial,
+)
 from gnngpt import cli
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
@@ -232,9 +239,6 @@ def test_memory_running_out_in_the_final_exact_evaluation_keeps_the_model_and_re
                                                                                                 capsys):
     out, whole = tmp_path / "run", tmp_path / "whole"
     assert run(whole, tiny_text_file) == 0
-
-    def allocation_fails(*args, **kwargs):
-        raise RuntimeError(ALLOCATION_ERROR)
 
     with monkeypatch.context() as m:
         m.setattr(cli, "exact_evaluation", allocation_fails)

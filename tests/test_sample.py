@@ -14,7 +14,9 @@ from conftest import (
     CACHE_ERROR,
     CAPTURE_ERROR,
     MULTINOMIAL_ERROR,
+    allocation_fails,
     assert_cached_decoding_equals_full,
+    build_fails,
     capture_that_raises,
     cuda_graph_warning,
     failing_cache,
@@ -145,9 +147,6 @@ def test_compile_without_a_cache_names_the_fast_backend_only_where_the_layer_has
 
 
 def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples(tiny_run, monkeypatch, capsys):
-    def allocation_fails(*args, **kwargs):
-        raise RuntimeError(ALLOCATION_ERROR)
-
     run = tiny_run("gpt")  # trained first, should this test run alone: its training samples too
     monkeypatch.setattr("gnngpt.sampling.torch.multinomial", allocation_fails)
     capsys.readouterr()
@@ -157,11 +156,6 @@ def test_memory_running_out_while_sampling_says_to_draw_fewer_or_shorter_samples
 
 
 def test_a_decoder_step_that_fails_to_build_under_compile_says_to_sample_without_it(tiny_run, monkeypatch, capsys):
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    def build_fails(*args, **kwargs):
-        raise BackendCompilerFailed(lambda: None, RuntimeError("C++ compile error\ng++ said more"), None)
-
     run = tiny_run("gpt")
     monkeypatch.setattr("gnngpt.cli.compiler_available", lambda: True)  # the build fails, whether or not g++ is here
     monkeypatch.setattr("gnngpt.decoder.compiled", lambda function, **options: build_fails)
