@@ -14,7 +14,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt import cli
     from gnngpt.data import load_text
     from gnngpt.evaluation import (
-        ONE_WINDOW,
+        batch_advice,
         describe_evaluation,
         encode_whole,
         exact_evaluation,
@@ -75,8 +75,8 @@ def run(args):
         raise UsageError(f"--random_estimates draws windows of block_size + 1 = {block_size + 1} characters, and "
                          f"{what} has {len(data):,}; drop --random_estimates{longer}")
     batch_size = args.batch_size or config["settings"]["batch_size"]
-    smaller = "evaluate in smaller batches with a lower --batch_size" if batch_size > 1 else ONE_WINDOW
-    with fitting(f"the evaluation {in_batches(batch_size)} does not fit in memory", smaller):
+    with fitting(f"the evaluation {in_batches(batch_size)} does not fit in memory",
+                 batch_advice(batch_size, "evaluate in smaller batches with a lower --batch_size")):
         result = exact_evaluation(model, data, config["settings"], device, batch_size, with_halves=not args.data)
     if args.random_estimates:
         with fitting(f"the random estimates {in_batches(config['settings']['batch_size'])}, the run's, do not fit in "

@@ -132,12 +132,15 @@ def run_validation_split(config, vocab):
     return validation_split(load_text(None if path == Path(DEFAULT_DATA) else path), vocab)
 
 
-ONE_WINDOW = "a single window does not fit either: free memory on the device"  # the advice where batches are 1
-
-
 def in_batches(batch_size):
     """How an evaluation goes, as its memory errors say: "in batches of N windows", or "one window at a time"."""
     return f"in batches of {batch_size} windows" if batch_size > 1 else "one window at a time"
+
+
+def batch_advice(batch_size, smaller):
+    """What to do where an evaluation in batches of batch_size does not fit in memory: smaller (how to evaluate in
+    smaller batches), unless they hold one window already."""
+    return smaller if batch_size > 1 else "a single window does not fit either: free memory on the device"
 
 
 def write_eval(out_dir, result, step, at=None):
@@ -183,8 +186,8 @@ def read_eval_or_why(out_dir, step=None, at=None):
         return None, f"{path.name} cannot be read (not a JSON object)"
     if missing := [key for key in EVAL_KEYS if key not in record]:
         return None, f"{path.name} cannot be read (no {', '.join(missing)})"
-    if step is not None and record.get("step") != step:
-        return None, f"{path.name} is of step {record.get('step')}, not {step}"
+    if step is not None and record["step"] != step:
+        return None, f"{path.name} is of step {record['step']}, not {step}"
     return record, ""
 
 

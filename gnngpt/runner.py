@@ -10,7 +10,7 @@ import torch
 from . import cli
 from .errors import UsageError, fitting, one_line
 from .evaluation import (
-    ONE_WINDOW,
+    batch_advice,
     describe_evaluation,
     exact_evaluation,
     has_halves,
@@ -84,9 +84,9 @@ def write_missing_exact_loss(run):
     model, tokenizer, _ = load_run_model(run.out_dir, device)
     batch_size = config["settings"]["batch_size"]
     smaller = (f"write it in smaller batches with python evaluate.py --out_dir {shlex.quote(str(run.out_dir))} "
-               f"--write --batch_size {batch_size // 2}, then run the same command again" if batch_size > 1 else
-               f"{ONE_WINDOW}, then run the same command again")
-    with fitting(f"the exact evaluation of {run.out_dir} {in_batches(batch_size)} does not fit in memory", smaller):
+               f"--write --batch_size {batch_size // 2}")
+    with fitting(f"the exact evaluation of {run.out_dir} {in_batches(batch_size)} does not fit in memory",
+                 f"{batch_advice(batch_size, smaller)}, then run the same command again"):
         result = exact_evaluation(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
     write_eval(run.out_dir, result, config["settings"]["max_iters"])
     print(f"{run.name}: {describe_evaluation(result)} (computed from its checkpoint)")
