@@ -56,7 +56,7 @@ def check_report_owner(out, runs, argv):
             continue  # no report there, or none this project wrote
         if made_argv[:2] != ["python", "compare.py"]:
             continue
-        if shipped(out) and without_report_only(made_argv[2:]) != without_report_only(argv):
+        if in_shipped_plots(out) and without_report_only(made_argv[2:]) != without_report_only(argv):
             raise UsageError(f"--out {out} holds {name}, a report in the repository's plots/, where it keeps the "
                              f"reports it ships, which only the command that made it writes over: {made_by} (from "
                              f"the repository's root; add --report_only to rebuild it from its runs); choose "
@@ -67,7 +67,7 @@ def check_report_owner(out, runs, argv):
                              f"{made_runs} to make it again, or choose another --out")
 
 
-def shipped(path):
+def in_shipped_plots(path):
     """Whether path lies in SHIPPED_REPORTS, among the reports and runs this repository ships."""
     return Path(path).resolve().is_relative_to(SHIPPED_REPORTS.resolve())
 

@@ -9,7 +9,14 @@ from . import runner, slurm
 from .data import check_length, load_text, split
 from .errors import UsageError, check_count
 from .plan import plan_comparison
-from .report import check_report_owner, check_shipped_samples, report, shipped, write_model_samples, write_report
+from .report import (
+    check_report_owner,
+    check_shipped_samples,
+    in_shipped_plots,
+    report,
+    write_model_samples,
+    write_report,
+)
 from .rundir import file_in_the_way, read_config, unwritable
 
 
@@ -44,7 +51,7 @@ def compare(args, extra, argv):
     states = {r.name: "submitted" if r.name in waiting else r.state() for r in runs}
     if args.report_only:
         return report(runs, states, args, out, argv, baseline, layer_records, pairs)
-    if kept := next((r for r in runs if states[r.name] in ("replace", "lost") and shipped(r.out_dir)), None):
+    if kept := next((r for r in runs if states[r.name] in ("replace", "lost") and in_shipped_plots(r.out_dir)), None):
         why = "; ".join(kept.differences()) or "no checkpoint to resume from"
         raise UsageError(f"{kept.out_dir} holds a run in the repository's plots/, where it keeps the runs it ships, "
                          f"and these settings can neither reuse nor resume it ({why}); choose another --runs")
