@@ -70,7 +70,7 @@ def dense_gat(conv, x, layout, block_size, fused=True):
     def heads(t):
         return t.view(B, T, H, C).transpose(1, 2)  # (B, T, H*C) -> (B, H, T, C)
 
-    edges = edge_table(conv, block_size, x.device)  # (D, H) or (D, H, C), or None
+    edges = edge_table(conv, block_size, max(T, block_size), x.device)  # (D, H) or (D, H, C), or None
     if type(conv) is pyg_nn.GATConv:
         h = heads(conv.lin(x))
         a_src = (h * conv.att_src.view(1, H, 1, C)).sum(-1)  # (B, H, T)
@@ -96,13 +96,19 @@ def dense_gat(conv, x, layout, block_size, fused=True):
     return out
 
 
-def edge_table(conv, block_size, device):
-    """The edge term of every distance d = 0 .. block_size - 1 (feature d / block_size), or None without one:
-    (D, H) for GATConv, att_edge . lin_edge(e); (D, H, C) for GATv2Conv, lin_edge(e)."""
+def distance_table(conv, block_size, D, device):
+    """lin_edge of every distance d = 0 .. D - 1 (feature d / block_size): (D, H, C). D is block_size, or the
+    length of a longer input, whose distances past block_size PyG's layer reads all the same."""
+    features = torch.arange(D, device=device, dtype=conv.lin_edge.weight.dtype)[:, None] / block_size
+    return conv.lin_edge(features).view(D, conv.heads, conv.out_channels)
+
+
+def edge_table(conv, block_size, D, device):
+    """The edge term of every distance d = 0 .. D - 1 (distance_table), or None without one: (D, H) for GATConv,
+    att_edge . lin_edge(e); (D, H, C) for GATv2Conv, lin_edge(e)."""
     if conv.lin_edge is None:
         return None
-    features = torch.arange(block_size, device=device, dtype=conv.lin_edge.weight.dtype)[:, None] / block_size
-    table = conv.lin_edge(features).view(block_size, conv.heads, conv.out_channels)
+    table = distance_table(conv, block_size, D, device)
     if type(conv) is pyg_nn.GATConv:
         return (table * conv.att_edge).sum(-1)
     return table

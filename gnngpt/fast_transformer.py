@@ -17,7 +17,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .fast_gat import NO_DENSE_FORM, propagation_refusal
+from .fast_gat import NO_DENSE_FORM, distance_table, propagation_refusal
 from .layout import attention, distance_scores, distance_sum
 from .mixers import TokenMixer, pyg_nn
 
@@ -49,7 +49,7 @@ def dense_transformer(mixer, x, layout, block_size, causal=False):
     if conv.lin_edge is None:
         out = attention(q, k, v, None if causal else layout.bias, dropout)
     else:
-        table = distance_table(conv, block_size, max(T, block_size), x.device)  # (H, D, C)
+        table = distance_table(conv, block_size, max(T, block_size), x.device).transpose(0, 1)  # (H, D, C)
         q = q / math.sqrt(C)  # scaled once, not the (..., Q, K) scores
         scores = q @ k.transpose(-1, -2) + distance_scores(q, table, layout) + layout.bias
         alpha = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
@@ -75,8 +75,3 @@ def projections(conv, x):
     return (*parts, None) if len(parts) == 3 else parts
 
 
-def distance_table(conv, block_size, D, device):
-    """lin_edge of every distance d = 0 .. D - 1 (feature d / block_size), per head: (H, D, C). D is block_size, or
-    the length of a longer input, whose distances past block_size PyG's layer reads all the same."""
-    features = torch.arange(D, device=device, dtype=conv.lin_edge.weight.dtype)[:, None] / block_size
-    return conv.lin_edge(features).view(D, conv.heads, conv.out_channels).transpose(0, 1)

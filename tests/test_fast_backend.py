@@ -176,9 +176,10 @@ def test_fast_transformer_conv_with_every_option_changed_equals_pyg_on_every_gra
 
 
 @pytest.mark.parametrize("graph", ["full", "window:3", "sink:2:3"])
-def test_fast_transformer_conv_with_relative_positions_equals_pyg_on_inputs_longer_than_block_size(graph,
-                                                                                                   arrangement):
-    fast, pyg = model_pair("TransformerConv", {}, pos="rel", graph=graph, block_size=6)
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
+def test_the_fast_backend_with_relative_positions_equals_pyg_on_inputs_longer_than_block_size(mixer, graph,
+                                                                                             arrangement):
+    fast, pyg = model_pair(mixer, {}, pos="rel", graph=graph, block_size=6)
     idx, targets = torch.randint(0, 17, (2, 2, 14))  # distances up to 13, past the block's 5
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
