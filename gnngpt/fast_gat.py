@@ -221,7 +221,8 @@ def score_gradient(xl, xr, att, edge_term, negative_slope, grad):
     """The gradient of the scores' sum z = xr_i + xl_j + edge_ij (B, H, n, Q, K, C) for the scores' gradient
     grad (B, H, n, Q, K), and grad times LeakyReLU(z), whose sum is the gradient of att."""
     z = xr.unsqueeze(-2) + xl.unsqueeze(-3) + edge_term
-    slope = torch.where(z > 0, 1.0, negative_slope)  # LeakyReLU's derivative, as autograd takes it at 0
+    slope = torch.where(z > 0, z.new_ones(()), z.new_full((), negative_slope))  # LeakyReLU's derivative, as
+    # autograd takes it at 0, in z's dtype (two Python numbers would give the default dtype's 0.2000000030)
     grad = grad.unsqueeze(-1)
     return grad * att.view(att.size(0), 1, 1, 1, -1) * slope, grad * z * slope
 

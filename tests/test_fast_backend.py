@@ -185,8 +185,16 @@ def test_the_fast_backend_with_relative_positions_equals_pyg_on_inputs_longer_th
 
 
 @pytest.mark.parametrize("pos", ["abs", "rel"])
-def test_fast_transformer_conv_equals_pyg_in_float64(pos):
-    fast, pyg = model_pair("TransformerConv", {"beta": True}, n_head=2, pos=pos, graph="sink:2:3", block_size=12)
+@pytest.mark.parametrize("mixer, kwargs, fused", [
+    ("TransformerConv", {"beta": True}, False),
+    ("GATConv", {}, False),
+    ("GATv2Conv", {"negative_slope": 0.3}, False),  # the chunked kernel
+    ("GATv2Conv", {"negative_slope": 0.3}, True),  # the fused kernels' arithmetic, uncompiled
+])
+def test_the_fast_backend_equals_pyg_in_float64(mixer, kwargs, fused, pos, monkeypatch):
+    if fused:
+        eager_fused_kernels(monkeypatch)
+    fast, pyg = model_pair(mixer, kwargs, n_head=2, pos=pos, graph="sink:2:3", block_size=12)
     fast, pyg = fast.double(), pyg.double()
     idx, targets = torch.randint(0, 17, (2, 3, 12))
     out_fast, loss_fast = fast(idx, targets)
