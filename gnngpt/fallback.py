@@ -23,3 +23,13 @@ class Acceleration:
             print(f"warning: {self.name} failed ({type(error).__name__}: {one_line(error)}); "
                   f"{self.instead} from now on", file=sys.stderr)
         self.on = False
+
+    def portable(self, error, compute):
+        """compute(), the portable path, where the optimisation raised error; the optimisation goes off (fail) only
+        once compute has returned, so that an input both paths refuse raises compute's error and leaves it on."""
+        if os.environ.get(NO_FALLBACK) == "1":
+            raise error
+        error.with_traceback(None)  # the frames of the failed attempt, and the tensors they hold, go before compute
+        result = compute()
+        self.fail(error)
+        return result

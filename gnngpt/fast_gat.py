@@ -123,20 +123,22 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     chunks of queries. Inside a model compiled whole (--compile), the expression is traced into the model's graph
     and the compiler fuses it as it sees fit. With an edge term, the fused path is FusedEdgeScores: its
     backward pass is three compiled reductions. Where a compiled kernel raises (compiling it for
-    a new shape, say), FUSED_GATV2 warns once and goes off: the chunked kernel, which computes the same scores,
-    runs from then on.
-    """
+    a new shape, say), the chunked kernel, which computes the same scores, runs instead; once it has, FUSED_GATV2
+    warns once and goes off for the rest of the process (an input the chunked kernel refuses too leaves it on)."""
     if torch.compiler.is_compiling():
         edge_term = None if edges is None else edges_by_pair(edges, distance)
         return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
+    def chunked():
+        return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
+
     if fused and FUSED_KERNEL and FUSED_GATV2.on:
         try:
             if edges is None:
                 return fused_gatv2_scores()(xl, xr, att, negative_slope)
             return FusedEdgeScores.apply(xl, xr, att, edges, distance, negative_slope)
         except Exception as e:  # whatever compiling or running the kernel raised: the chunked kernel decides
-            FUSED_GATV2.fail(e)
-    return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
+            return FUSED_GATV2.portable(e, chunked)
+    return chunked()
 
 
 def edges_by_pair(edges, distance):
@@ -193,15 +195,19 @@ class FusedEdgeScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xl, xr, att, edges, distance = ctx.saved_tensors
+
+        def chunked():  # the chunked kernel's gradients, by autograd
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_() for t in (xl, xr, att, edges)]
+                scores = chunked_gatv2_scores(*inputs[:3], ctx.negative_slope, inputs[3], distance)
+                return (*torch.autograd.grad(scores, inputs, grad), None, None)
+
         if FUSED_GATV2.on:
             try:
                 return (*fused_edge_gradients(xl, xr, att, edges, distance, ctx.negative_slope, grad), None, None)
             except Exception as e:  # whatever compiling or running a kernel raised: the chunked kernel decides
-                FUSED_GATV2.fail(e)
-        with torch.enable_grad():  # the chunked kernel's gradients, by autograd
-            inputs = [t.detach().requires_grad_() for t in (xl, xr, att, edges)]
-            scores = chunked_gatv2_scores(*inputs[:3], ctx.negative_slope, inputs[3], distance)
-            return (*torch.autograd.grad(scores, inputs, grad), None, None)
+                return FUSED_GATV2.portable(e, chunked)
+        return chunked()
 
 
 def fused_edge_gradients(xl, xr, att, edges, distance, negative_slope, grad):

@@ -376,6 +376,27 @@ def test_a_fused_gatv2_kernel_that_raises_gives_way_to_the_chunked_kernel(monkey
     assert not fast_gat.FUSED_GATV2.on
 
 
+@pytest.mark.parametrize("failing", ["forward", "backward"])
+def test_an_input_the_chunked_kernel_refuses_too_leaves_the_fused_kernel_on(failing, monkeypatch, capsys,
+                                                                           with_fallbacks):
+    def fail(*args):
+        raise RuntimeError("INDICES element is out of DATA bounds")
+
+    def refuse(*args):
+        raise IndexError("index 6 is out of bounds for dimension 0 with size 6")
+
+    eager_fused_kernels(monkeypatch, failing="edges" if failing == "backward" else None)
+    if failing == "forward":
+        monkeypatch.setattr(fast_gat, "fused_gatv2_scores", lambda: fail)
+    monkeypatch.setattr(fast_gat, "chunked_gatv2_scores", refuse)
+    model = GPT(tiny_config("GATv2Conv", pos="rel", block_size=8))
+    idx, targets = torch.randint(0, 17, (2, 2, 8))
+    with pytest.raises(IndexError, match="index 6 is out of bounds"):
+        model(idx, targets)[1].backward()
+    assert fast_gat.FUSED_GATV2.on  # not the compiler's failure: the next input runs on the fused kernels
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("backend", ["fast", "pyg"])
 @pytest.mark.parametrize("mixer", DENSE_LAYERS)
 def test_attention_dropout_keeps_both_backends_causal(mixer, backend, device):
