@@ -36,7 +36,8 @@ def windows(data, block_size):
 @torch.no_grad()
 def losses_by_offset(model, data, block_size, batch_size, device, progress=True, part="val"):
     """The summed cross-entropy of the targets at each offset t = 0 .. block_size - 1 of the windows of `windows`
-    (the target at offset t is predicted from the t earlier characters of its window), and how many there are.
+    (the target at offset t is predicted from the t + 1 characters of its window up to offset t, the character
+    at offset t itself included), and how many there are.
 
     The windows go through the model batch_size at a time, in eval mode (no dropout) and in float32 whatever the
     training's dtype, as in training. Returns (sums, counts): (block_size,) tensors, float64 and int64, on the CPU.

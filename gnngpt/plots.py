@@ -144,8 +144,8 @@ def rates_figure(choices, title):
 
 
 def plot_loss_by_position(configs, path, title):
-    """The exact validation loss of the targets at each offset t of their windows (t earlier characters of
-    context) against t on a log axis, t >= 1: one line per configuration with a run's loss_by_position.csv
+    """The exact validation loss of the targets at each offset t of their windows against their characters of
+    context, t + 1 (log axis): one line per configuration with a run's loss_by_position.csv
     through the mean over its seeds, with a band from the min to the max over them. Returns the names of the
     configurations left out for want of that file (drawing nothing when none has it, and removing an older
     figure at path, which would not be theirs)."""
@@ -154,13 +154,13 @@ def plot_loss_by_position(configs, path, title):
         fig = Figure(figsize=(8, 5), layout="constrained")
         ax = fig.subplots()
         for c in drawn:
-            losses = np.array([r["by_position"]["loss"] for r in c["runs"]], dtype=float)[:, 1:]
-            offsets = np.arange(1, losses.shape[1] + 1)
-            (line,) = ax.plot(offsets, losses.mean(axis=0), linewidth=1.6, label=c["name"])
+            losses = np.array([r["by_position"]["loss"] for r in c["runs"]], dtype=float)
+            context = np.arange(1, losses.shape[1] + 1)
+            (line,) = ax.plot(context, losses.mean(axis=0), linewidth=1.6, label=c["name"])
             if len(losses) > 1:
-                ax.fill_between(offsets, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2,
+                ax.fill_between(context, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2,
                                 linewidth=0)
-        ax.set(xscale="log", xlabel="characters of context (offset in the window, log scale)",
+        ax.set(xscale="log", xlabel="characters of context (offset in the window + 1, log scale)",
                ylabel="exact validation loss at that offset, nats")
         ax.grid(alpha=0.3, which="both")
         seeds = max(c["loss"].n for c in drawn)

@@ -367,8 +367,9 @@ def format_position_loss(config, start, end):
 
 def offset_ranges(block_size):
     """The ranges of offsets (start, end) by which a graph study pairs each configuration with its baseline:
-    1 to 3, 4 to 7, 8 to 15, 16 to the window's middle and its second half, as far as the window reaches."""
-    edges = sorted({min(edge, block_size) for edge in (1, 4, 8, 16, block_size // 2, block_size)} - {0})
+    0 to 3, 4 to 7, 8 to 15, 16 to the window's middle and its second half, as far as the window reaches (the
+    target at offset t has t + 1 characters of context)."""
+    edges = sorted({min(edge, block_size) for edge in (0, 4, 8, 16, block_size // 2, block_size)})
     return list(zip(edges, edges[1:]))
 
 
@@ -400,9 +401,10 @@ def position_comparisons(configs):
     header = ["configuration", "against",
               *(f"offset {a}" if b == a + 1 else f"offsets {a}–{b - 1}" for a, b in ranges)]
     return (f"Loss by offset in the window, each configuration against the one it is compared with: the exact loss "
-            f"of the targets with that many earlier characters of context, each seed's difference from the other "
-            f"configuration trained with the same seed, mean with its {CONFIDENCE:.0%} Student-t interval (number "
-            f"of seeds both have; a difference only where the interval excludes zero):\n\n"
+            f"of the targets at those offsets (the target at offset t has the t + 1 characters up to it as context), "
+            f"each seed's difference from the other configuration trained with the same seed, mean with its "
+            f"{CONFIDENCE:.0%} Student-t interval (number of seeds both have; a difference only where the interval "
+            f"excludes zero):\n\n"
             f"{markdown_table(header, rows)}\n")
 
 
@@ -413,10 +415,10 @@ def position_notes(configs):
         return ""
     halves = " or ".join(f"{a} to {b - 1}" for a, b in sorted({position_ranges(c["settings"]["block_size"])[1]
                                                              for c in configs}))
-    note = ("- at offsets 8–15, at the window's second half: the exact validation loss of the targets with 8 to 15 "
-            f"earlier characters of context in their window, and with {halves} "
-            "(block_size / 2 to block_size − 1), mean over seeds (each run's loss_by_position.csv); a single offset "
-            "has only one target per window, too few to read alone.\n")
+    note = ("- at offsets 8–15, at the window's second half: the exact validation loss of the targets at offsets 8 "
+            "to 15 of their window (9 to 16 characters of context: the target at offset t is predicted from the t + 1 "
+            f"characters up to it), and at {halves} (block_size / 2 to block_size − 1), mean over seeds (each run's "
+            "loss_by_position.csv); a single offset has only one target per window, too few to read alone.\n")
     missing = [c["name"] for c in configs if not all(r["by_position"] for r in c["runs"])]
     if missing:
         note += (f"- n/a: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} runs without "

@@ -117,12 +117,12 @@ def test_a_graph_named_with_its_positions_trains_with_those_alone(in_tmp_path, t
 
 
 @pytest.mark.parametrize("block_size, ranges", [
-    (128, [(1, 4), (4, 8), (8, 16), (16, 64), (64, 128)]),
-    (16, [(1, 4), (4, 8), (8, 16)]),
-    (6, [(1, 3), (3, 4), (4, 6)]),
-    (1, []),
+    (128, [(0, 4), (4, 8), (8, 16), (16, 64), (64, 128)]),
+    (16, [(0, 4), (4, 8), (8, 16)]),
+    (6, [(0, 3), (3, 4), (4, 6)]),
+    (1, [(0, 1)]),
 ])
-def test_offset_ranges_cover_every_offset_after_the_first_once(block_size, ranges):
+def test_offset_ranges_cover_every_offset_once(block_size, ranges):
     assert offset_ranges(block_size) == ranges
 
 
@@ -150,15 +150,16 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
         assert [len(curve) for curve in curves] == [32, 32]  # block 32: offsets 0 to 31
         assert columns(table)[key] == tuple(f"{numpy.mean([weighted(c, a, b) for c in curves]):.4f}"
                                             for a, b in ((8, 16), (16, 32)))
-    assert "- at offsets 8–15, at the window's second half: the exact validation loss of the targets with 8 to 15 " \
-           "earlier characters of context in their window, and with 16 to 31 (block_size / 2" in table
+    assert "- at offsets 8–15, at the window's second half: the exact validation loss of the targets at offsets 8 to " \
+           "15 of their window (9 to 16 characters of context: the target at offset t is predicted from the t + 1 " \
+           "characters up to it), and at 16 to 31 (block_size / 2" in table
 
     def curve(name, seed):
         return list(csv.DictReader((runs / f"{name}_s{seed}" / "loss_by_position.csv").open()))
 
-    assert "| configuration | against | offsets 1–3 | offsets 4–7 | offsets 8–15 | offsets 16–31 |" in table
+    assert "| configuration | against | offsets 0–3 | offsets 4–7 | offsets 8–15 | offsets 16–31 |" in table
     cells = []
-    for a, b in ((1, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed with the original, gpt on full@abs
+    for a, b in ((0, 4), (4, 8), (8, 16), (16, 32)):  # paired by seed with the original, gpt on full@abs
         d = numpy.array([weighted(curve("gpt_window-2_rel", seed), a, b) - weighted(curve("gpt", seed), a, b)
                          for seed in (1337, 1338)])
         low, high = t_interval(d)

@@ -1,5 +1,5 @@
-"""The figures read well: in a graph study no text is printed over another, and the machine is named as the README
-names it."""
+"""The figures read well: in a graph study no text is printed over another, the loss by position is drawn against
+each target's characters of context, and the machine is named as the README names it."""
 import itertools
 
 import pytest
@@ -7,8 +7,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
+from gnngpt import plots
 from gnngpt.cli import machine_description
-from gnngpt.plots import GRAPH_MARKERS, graph_study_figure, rates_figure
+from gnngpt.plots import GRAPH_MARKERS, graph_study_figure, plot_loss_by_position, rates_figure
 from gnngpt.stats import Spread
 from gnngpt.tuning import Choice
 
@@ -60,6 +61,20 @@ def test_graph_study_prints_no_text_over_another_and_gives_each_graph_its_marker
             assert (points[loss].get_markerfacecolor() == "none") == (pos == "rel")
         assert [line.get_linestyle() for line in ax.lines if line.get_marker() == "None"] == ["--"]  # the bigram
     assert len(set(GRAPH_MARKERS)) == len(GRAPH_MARKERS) and "o" not in GRAPH_MARKERS  # circles: the positions
+
+
+def test_the_loss_by_position_is_drawn_against_characters_of_context_from_offset_0_on(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: saved.append(fig))
+    curves = [[2.5, 2.2, 2.0, 1.9, 1.9], [2.7, 2.4, 2.0, 1.7, 1.5]]  # offsets 0 to 4 of two seeds' windows
+    config = dict(name="gpt", loss=Spread(1.9, 0.1, 2), runs=[{"by_position": {"loss": c}} for c in curves])
+    assert plot_loss_by_position([config], tmp_path / "loss_by_position.png", "title") == []
+    (ax,) = saved[0].axes
+    (line,) = ax.lines
+    # the target at offset t is predicted from the t + 1 characters of its window up to t: offset 0 from one
+    assert list(line.get_xdata()) == [1, 2, 3, 4, 5]
+    assert list(line.get_ydata()) == pytest.approx([2.6, 2.3, 2.0, 1.8, 1.7])
+    assert ax.get_xlabel() == "characters of context (offset in the window + 1, log scale)"
 
 
 def test_a_rate_whose_every_training_failed_is_a_cross_on_its_models_colour():
