@@ -12,8 +12,8 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt
     from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
-    from gnngpt.report import SHIPPED_REPORTS
     from gnngpt.results import load_run_model
+    from gnngpt.rundir import SHIPPED_REPORTS
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
 

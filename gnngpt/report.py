@@ -24,8 +24,8 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
-from .rundir import missing_final_files
-from .runner import ROOT, write_missing_sample
+from .rundir import ROOT, in_shipped_plots, missing_final_files
+from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 
@@ -67,11 +67,6 @@ def check_report_owner(out, runs, argv):
                              f"{made_runs} to make it again, or choose another --out")
 
 
-def in_shipped_plots(path):
-    """Whether path lies in SHIPPED_REPORTS, among the reports and runs this repository ships."""
-    return Path(path).resolve().is_relative_to(SHIPPED_REPORTS.resolve())
-
-
 def without_report_only(argv):
     return [a for a in argv if a != "--report_only"]
 
@@ -95,7 +90,6 @@ def ran_in(out, made_out):
 
 
 SHIPPED_SAMPLES = ROOT / "model_outputs"
-SHIPPED_REPORTS = ROOT / "plots"
 
 
 def model_samples_dir(out, configs, shipped=True):

@@ -23,6 +23,8 @@ RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
 LOCK_FILE = ".lock"
 RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>, in the working directory
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its training scripts, and what it ships
+SHIPPED_REPORTS = ROOT / "plots"  # the reports and the small files of their runs that the repository ships
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
@@ -216,6 +218,10 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     scripts refuse resume with overwrite before this).
     """
     out_dir = Path(out_dir)
+    if (resume or overwrite) and in_shipped_plots(out_dir) and is_finished(out_dir, read_config(out_dir)) and \
+            has_final_files(out_dir):
+        raise UsageError(f"{out_dir} holds a finished run that this repository ships in {SHIPPED_REPORTS}, which "
+                         f"only the command in its report writes; copy it to another --out_dir to train it there")
     if resume:
         return resumable_checkpoint(out_dir, config, vocab)
     if not overwrite and holds_run(out_dir):
@@ -245,6 +251,11 @@ def start_run_dir(out_dir, config, overwrite=False):
 def cannot_write(out_dir, error):
     fix = write_fix(error, "it")
     return f"cannot write to --out_dir {out_dir} ({error.strerror}); {fix} or choose another --out_dir"
+
+
+def in_shipped_plots(path):
+    """Whether path lies in SHIPPED_REPORTS, among the reports and runs this repository ships."""
+    return Path(path).resolve().is_relative_to(SHIPPED_REPORTS.resolve())
 
 
 def holds_run(out_dir):

@@ -3,7 +3,6 @@ training scripts in child processes (gnngpt/jobs.py; gnngpt/slurm.py takes train
 the exact loss and sample that a reused run lacks, from its checkpoint."""
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
@@ -22,11 +21,9 @@ from .evaluation import (
 )
 from .jobs import Job, run_jobs
 from .results import load_run_model
-from .rundir import has_checkpoint, read_config
+from .rundir import ROOT, has_checkpoint, read_config
 from .sampling import write_model_output
 from .train import set_rng_state
-
-ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
 
 
 def training_argv(run, state):

@@ -12,12 +12,11 @@ from .plan import plan_comparison
 from .report import (
     check_report_owner,
     check_shipped_samples,
-    in_shipped_plots,
     report,
     write_model_samples,
     write_report,
 )
-from .rundir import file_in_the_way, read_config, unwritable
+from .rundir import file_in_the_way, in_shipped_plots, read_config, unwritable
 
 
 def compare(args, extra, argv):

@@ -18,7 +18,7 @@ import torch
 import compare
 import evaluate
 from conftest import ALLOCATION_ERROR, allocation_fails, t_interval, tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard, report, results, runner, tuning
+from gnngpt import cli, guard, report, results, rundir, runner, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
@@ -263,7 +263,7 @@ def test_a_shipped_report_or_run_is_written_over_by_its_own_command_alone(traini
 
 
 def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainings, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(report, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
     mine = ["--models", "gpt", "--runs", "plots/mine/runs", "--out", "plots/mine"]
     real_get = BatchSampler.get
     batches = []

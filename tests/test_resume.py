@@ -21,7 +21,7 @@ from conftest import (
     failing_cache,
     failing_multinomial,
 )
-from gnngpt import cli
+from gnngpt import cli, rundir
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT, PYG_GPT, RUNS_AT_ONCE
@@ -367,6 +367,21 @@ def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_
     assert run(reference, tiny_text_file, "--overwrite", "--max_iters", "3") == 0
     assert [int(s) for s, _, _ in losses(reference)] == [0, 3]
     assert load_checkpoint(reference / "ckpt.pt")["step"] == 3
+
+
+def test_a_finished_run_the_repository_ships_is_neither_replaced_nor_trained_further(reference, stopped,
+                                                                                     tiny_text_file, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path)  # as if these runs were the repository's plots/
+    before = snapshot(reference)
+    for args in (["--overwrite"], ["--resume", "--max_iters", "15"]):
+        assert run(reference, tiny_text_file, *args) == 2
+        assert capsys.readouterr().err == (f"error: {reference} holds a finished run that this repository ships in "
+                                           f"{tmp_path}, which only the command in its report writes; copy it to "
+                                           f"another --out_dir to train it there\n")
+    assert snapshot(reference) == before
+    assert run(stopped, tiny_text_file, "--resume") == 0  # a stopped run there goes on, as its comparison does
+    assert [int(s) for s, _, _ in losses(stopped)] == [0, 3, 6, 9, 12]
 
 
 def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
