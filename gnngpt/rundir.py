@@ -232,7 +232,8 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 def start_run_dir(out_dir, config, overwrite=False):
     """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included,
     and eval.json, loss_by_position.csv and sample.txt in any case: they come from the final checkpoint, and a run
-    that trains has none yet (rank 0 writes)."""
+    that trains has none yet (rank 0 writes). A metrics.csv that training could not write again is refused first,
+    so that a refused --resume changes nothing."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
@@ -240,6 +241,12 @@ def start_run_dir(out_dir, config, overwrite=False):
     replaced = [out_dir / name for name in RUN_FILES] + [p for pattern in (TENSORBOARD_FILES, *SNAPSHOT_FILES)
                                                           for p in sorted(out_dir.glob(pattern))] if overwrite else []
     replaced += [out_dir / EVAL_FILE, out_dir / POSITION_FILE, out_dir / SAMPLE_FILE]
+    metrics = out_dir / "metrics.csv"
+    try:
+        if metrics.exists() and not overwrite:
+            metrics.open("a").close()  # the file training writes first: refused before anything here changes
+    except OSError as e:
+        raise UsageError(f"{write_failure(metrics, e, 'it')} or choose another --out_dir") from None
     try:
         for path in replaced:
             path.unlink(missing_ok=True)

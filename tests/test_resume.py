@@ -384,6 +384,24 @@ def test_a_finished_run_the_repository_ships_is_neither_replaced_nor_trained_fur
     assert [int(s) for s, _, _ in losses(stopped)] == [0, 3, 6, 9, 12]
 
 
+def test_a_resume_that_cannot_write_metrics_csv_changes_nothing(reference, tiny_text_file, monkeypatch, capsys):
+    metrics = reference / "metrics.csv"
+    metrics.chmod(0o444)
+    real_open = Path.open
+
+    def open_(path, mode="r", *args, **kwargs):  # as the kernel refuses it to anyone but root
+        if path == metrics and set(mode) & set("aw+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    before = snapshot(reference)
+    assert run(reference, tiny_text_file, "--resume", "--max_iters", "15") == 2
+    assert capsys.readouterr().err == (f"error: could not write {metrics} (Permission denied); make it writable or "
+                                       f"choose another --out_dir\n")
+    assert snapshot(reference) == before  # its exact loss, sample and config.json are still those of step 12
+
+
 def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
     ckpt = stopped / "ckpt.pt"
     assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
