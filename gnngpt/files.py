@@ -2,9 +2,13 @@
 import contextlib
 import errno
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
+
+# what atomic_writes puts beside a path for a while: the new file (mkstemp's 8 characters), a link to the old one
+LEFTOVER = re.compile(r"\..+\.([a-z0-9_]{8}\.tmp|[0-9a-f]{16}\.old)")
 
 
 def atomic_write(path, write):
@@ -89,6 +93,15 @@ def old_link(path):
     except OSError:
         return None
     return link
+
+
+def remove_leftovers(directory):
+    """Remove the temporary files and links to old files that atomic_writes leaves in directory when its process
+    is killed midway (SIGKILL skips its clean-up): for a directory whose writer is this process alone."""
+    for path in Path(directory).iterdir():
+        if LEFTOVER.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # one that cannot go stays, as before
+                path.unlink()
 
 
 def make_directories(directory, made):

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import distributed
 from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .files import atomic_write_text, write_failure, write_fix
+from .files import atomic_write_text, remove_leftovers, write_failure, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
@@ -232,8 +232,9 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 def start_run_dir(out_dir, config, overwrite=False):
     """Write config.json to out_dir, after deleting the run files there with overwrite, TensorBoard's included,
     and eval.json, loss_by_position.csv and sample.txt in any case: they come from the final checkpoint, and a run
-    that trains has none yet (rank 0 writes). A metrics.csv that training could not write again is refused first,
-    so that a refused --resume changes nothing."""
+    that trains has none yet (rank 0 writes), and what a training killed while it wrote left of its files. A
+    metrics.csv that training could not write again is refused first, so that a refused --resume changes
+    nothing."""
     out_dir = Path(out_dir)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 changes it
     if not distributed.is_main_process():
@@ -248,6 +249,7 @@ def start_run_dir(out_dir, config, overwrite=False):
     except OSError as e:
         raise UsageError(f"{write_failure(metrics, e, 'it')} or choose another --out_dir") from None
     try:
+        remove_leftovers(out_dir)
         for path in replaced:
             path.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")

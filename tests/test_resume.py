@@ -402,6 +402,15 @@ def test_a_resume_that_cannot_write_metrics_csv_changes_nothing(reference, tiny_
     assert snapshot(reference) == before  # its exact loss, sample and config.json are still those of step 12
 
 
+def test_a_resumed_run_removes_what_a_killed_training_left_of_its_writes(stopped, tiny_text_file):
+    left = [".ckpt.pt.x1_k9abc.tmp", ".metrics.csv.0123456789abcdef.old"]  # atomic_writes' names, as SIGKILL leaves
+    kept = [".notes.tmp", "ckpt.pt.abcdefgh.tmp", ".ckpt.pt.ABCDEFGH.tmp"]  # not ones it makes
+    for name in left + kept:
+        (stopped / name).write_bytes(b"partial")
+    assert run(stopped, tiny_text_file, "--resume") == 0
+    assert sorted(p.name for p in stopped.iterdir() if p.name in left + kept) == sorted(kept)
+
+
 def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
     ckpt = stopped / "ckpt.pt"
     assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
