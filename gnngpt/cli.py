@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
-from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split
+from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split, text_digest
 from .errors import TOO_BIG, Failure, TooBig, UsageError, check_count, fitting, flush_output, os_error_exit
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
 from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_available
@@ -335,6 +335,7 @@ def run(script, args):
         "device": str(device),
         "machine": machine_description(device),
         "data": str(args.data or DEFAULT_DATA),
+        "data_sha256": text_digest(text),
         "parameters": n_params,
         "processes": distributed.world_size(),
         "torch_threads": torch.get_num_threads(),

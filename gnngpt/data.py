@@ -49,6 +49,11 @@ def download(url, dest, sha256, timeout=30.0):
     return Path(dest)
 
 
+def text_digest(text):
+    """The SHA-256 of text's UTF-8 bytes, as hex: which text a run trained on, wherever its file lies now."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def load_text(path=None):
     """Read the training text; the default file is downloaded when it is missing."""
     if path is None:

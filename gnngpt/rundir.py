@@ -318,6 +318,10 @@ def resumable_checkpoint(out_dir, config, vocab):
     if checkpoint["vocab"] != list(vocab):
         raise UsageError(f"cannot resume {path}: its vocabulary ({len(checkpoint['vocab'])} characters) is not "
                          f"the one of --data ({len(vocab)} characters); pass the --data of the original run")
+    trained_on = checkpoint["config"].get("data_sha256")  # (runs from before it was recorded have none)
+    if trained_on and trained_on != config["data_sha256"]:
+        raise UsageError(f"cannot resume {path}: --data {config['data']} is not the text it was trained on (that of "
+                         f"{checkpoint['config'].get('data')}, by its SHA-256); pass the --data of the original run")
     differences = config_differences(with_original_graph(checkpoint["config"]), config)
     if differences:
         raise UsageError(f"cannot resume {path}: {'; '.join(differences)}; pass the flags of the original run "

@@ -1,5 +1,6 @@
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shlex
@@ -411,7 +412,7 @@ def test_a_resumed_run_removes_what_a_killed_training_left_of_its_writes(stopped
     assert sorted(p.name for p in stopped.iterdir() if p.name in left + kept) == sorted(kept)
 
 
-def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
+def test_resume_of_another_model_text_vocabulary_or_process_count_is_refused(stopped, tiny_text_file, tmp_path, capsys):
     ckpt = stopped / "ckpt.pt"
     assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(stopped), *TINY, "--resume"]) == 2
     assert f"cannot resume {ckpt}: name was gpt, now GATConv" in capsys.readouterr().err
@@ -420,11 +421,24 @@ def test_resume_of_another_model_vocabulary_or_process_count_is_refused(stopped,
     other_text.write_text(tiny_text_file.read_text().upper())
     assert run(stopped, other_text, "--resume") == 2
     assert f"cannot resume {ckpt}: its vocabulary (" in capsys.readouterr().err
+    text = tiny_text_file.read_text()
+    other_text.write_text(text[len(text) // 10:])  # the same characters, another text: another validation split
+    assert run(stopped, other_text, "--resume") == 2
+    assert capsys.readouterr().err == (f"error: cannot resume {ckpt}: --data {other_text} is not the text it was "
+                                       f"trained on (that of {tiny_text_file}, by its SHA-256); pass the --data of "
+                                       f"the original run\n")
 
     checkpoint = load_checkpoint(ckpt)
     save_checkpoint(ckpt, {**checkpoint, "rng": checkpoint["rng"] * 2})
     assert run(stopped, tiny_text_file, "--resume") == 2
     assert f"cannot resume {ckpt}: it was trained by 2 process(es), this run has 1" in capsys.readouterr().err
+
+    save_checkpoint(ckpt, checkpoint)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(text)
+    assert run(stopped, moved, "--resume") == 0  # the same text, wherever its file lies now
+    assert json.loads((stopped / "config.json").read_text())["data_sha256"] == \
+        hashlib.sha256(tiny_text_file.read_bytes()).hexdigest()
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_text_file, tmp_path, capsys):
