@@ -213,12 +213,20 @@ def submit(executor, runs, states, command, launcher):
     if not runs:
         return {}
     cwd = os.getcwd()
+    folder = Path(executor.folder).absolute()
+    created = next((d for d in [*reversed(folder.parents), folder] if not d.exists()), None)
+    before = set() if created else set(folder.iterdir())
     try:
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # submitit prints a refusal whole
             submitted = [executor.submit(run_training, command(r, states[r.name]), cwd, str(r.out_dir / "train.log"),
                                          states[r.name] == "resume", launcher.threads)
                          for r in runs]
     except (UncompletedJobError, FailedSubmissionError) as e:  # sbatch refused them, or answered unreadably
+        for path in [created] if created else set(folder.iterdir()) - before:  # submitit's files for the jobs
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         raise UsageError(f"the jobs could not be submitted: {one_line(e)}; check --slurm_partition, --slurm_time "
                          f"and --slurm_args") from None
     record, now = read_record(launcher.folder), time.time()

@@ -215,7 +215,12 @@ def test_jobs_that_sbatch_refuses_end_in_its_first_line(slurm_commands, in_tmp_p
     assert capsys.readouterr().err == ("error: the jobs could not be submitted: sbatch: error: invalid partition "
                                        "specified: nopart; check --slurm_partition, --slurm_time and --slurm_args\n")
     assert not (slurm_commands / "submissions").exists()
-    assert not (in_tmp_path / "runs" / "slurm" / "jobs.json").exists()
+    assert not (in_tmp_path / "runs").exists()  # nor submitit's files for the jobs, nor their folder
+
+    (in_tmp_path / "runs" / "slurm").mkdir(parents=True)
+    (in_tmp_path / "runs" / "slurm" / "mine.txt").write_text("kept")
+    assert compare_main("--models", "bigram,gpt", "--launcher", "slurm", "--slurm_partition", "nopart") == 2
+    assert [p.name for p in (in_tmp_path / "runs").rglob("*")] == ["slurm", "mine.txt"]
 
 
 @pytest.mark.parametrize("missing", ["submitit", "sbatch"])
