@@ -258,27 +258,28 @@ def main(script, argv=None):
     sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
         "--batch_size or --block_size"
     try:
-        with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite", TooBig):
-            run(script, build_parser(script).parse_args(argv))
-        flush_output()
-    except UsageError as e:
-        if distributed.is_main_process() or isinstance(e, TooBig):
+        try:
+            with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite", TooBig):
+                run(script, build_parser(script).parse_args(argv))
+            flush_output()
+        except UsageError as e:
+            if distributed.is_main_process() or isinstance(e, TooBig):
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Failure as e:  # raised on rank 0 alone, after training
             print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Failure as e:  # raised on rank 0 alone, after training
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if distributed.is_main_process():
-            print(f"{e}; resume with: {resume_command(script, argv)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt as e:  # or Terminated
+            return 1
+        except Interrupted as e:
+            if distributed.is_main_process():
+                print(f"{e}; resume with: {resume_command(script, argv)}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:
+            return os_error_exit(e)
+        finally:
+            distributed.teardown()
+    except KeyboardInterrupt as e:  # or Terminated; also a second Ctrl-C while the first stop is reported
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except OSError as e:
-        return os_error_exit(e)
-    finally:
-        distributed.teardown()
     return 0
 
 

@@ -370,6 +370,18 @@ def test_finished_run_is_refused_and_overwrite_replaces_it(reference, tiny_text_
     assert load_checkpoint(reference / "ckpt.pt")["step"] == 3
 
 
+def test_a_second_ctrl_c_while_the_first_stop_is_reported_ends_in_one_line(tiny_text_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    def second_ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "resume_command", second_ctrl_c)
+    with at_forward(5, send(signal.SIGINT)):
+        assert run(tmp_path / "run", tiny_text_file) == 130
+    assert capsys.readouterr().err.endswith("\ninterrupted\n")  # no traceback
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 5
+
+
 def test_a_finished_run_the_repository_ships_is_neither_replaced_nor_trained_further(reference, stopped,
                                                                                      tiny_text_file, tmp_path,
                                                                                      monkeypatch, capsys):
