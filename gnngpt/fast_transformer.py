@@ -73,5 +73,3 @@ def projections(conv, x):
     bias = torch.cat([lin.weight.new_zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in linears])
     parts = F.linear(x, weight, bias).split([len(lin.weight) for lin in linears], dim=-1)
     return (*parts, None) if len(parts) == 3 else parts
-
-

@@ -215,13 +215,14 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
 
     Without resume or overwrite, a directory that holds a run (finished, unfinished or of another
     configuration) is refused. With resume, ckpt.pt must continue the run that config and vocab describe (the
-    scripts refuse resume with overwrite before this).
+    scripts refuse resume with overwrite before this). A finished run that the repository ships (in_shipped_plots)
+    is neither replaced nor resumed.
     """
     out_dir = Path(out_dir)
     if (resume or overwrite) and in_shipped_plots(out_dir) and is_finished(out_dir, read_config(out_dir)) and \
             has_final_files(out_dir):
         raise UsageError(f"{out_dir} holds a finished run that this repository ships in {SHIPPED_REPORTS}, which "
-                         f"only the command in its report writes; copy it to another --out_dir to train it there")
+                         f"only the command in its report writes; choose another --out_dir")
     if resume:
         return resumable_checkpoint(out_dir, config, vocab)
     if not overwrite and holds_run(out_dir):

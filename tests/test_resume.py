@@ -390,8 +390,8 @@ def test_a_finished_run_the_repository_ships_is_neither_replaced_nor_trained_fur
     for args in (["--overwrite"], ["--resume", "--max_iters", "15"]):
         assert run(reference, tiny_text_file, *args) == 2
         assert capsys.readouterr().err == (f"error: {reference} holds a finished run that this repository ships in "
-                                           f"{tmp_path}, which only the command in its report writes; copy it to "
-                                           f"another --out_dir to train it there\n")
+                                           f"{tmp_path}, which only the command in its report writes; choose another "
+                                           f"--out_dir\n")
     assert snapshot(reference) == before
     assert run(stopped, tiny_text_file, "--resume") == 0  # a stopped run there goes on, as its comparison does
     assert [int(s) for s, _, _ in losses(stopped)] == [0, 3, 6, 9, 12]
