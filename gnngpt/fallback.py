@@ -17,8 +17,7 @@ class Acceleration:
         self.name, self.instead, self.on = name, instead, True
 
     def fail(self, error):
-        if os.environ.get(NO_FALLBACK) == "1":
-            raise error
+        refuse_fallback(error)
         if self.on:
             print(f"warning: {self.name} failed ({type(error).__name__}: {one_line(error)}); "
                   f"{self.instead} from now on", file=sys.stderr)
@@ -27,9 +26,14 @@ class Acceleration:
     def portable(self, error, compute):
         """compute(), the portable path, where the optimisation raised error; the optimisation goes off (fail) only
         once compute has returned, so that an input both paths refuse raises compute's error and leaves it on."""
-        if os.environ.get(NO_FALLBACK) == "1":
-            raise error
+        refuse_fallback(error)
         error.with_traceback(None)  # the frames of the failed attempt, and the tensors they hold, go before compute
         result = compute()
         self.fail(error)
         return result
+
+
+def refuse_fallback(error):
+    """Raise error where GNNGPT_NO_FALLBACK=1 is in the environment, instead of stepping aside from it."""
+    if os.environ.get(NO_FALLBACK) == "1":
+        raise error

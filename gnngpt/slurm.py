@@ -24,8 +24,8 @@ from .errors import UsageError, check_count, one_line
 from .files import atomic_write_text
 from .jobs import Job, SignalsReceived, StatusBoard, failure_message, latest_metrics
 from .processes import run_training
+from .rundir import ROOT  # on each job's PYTHONPATH: the job imports processes.run_training
 
-PROJECT = Path(__file__).resolve().parents[1]  # on each job's PYTHONPATH: the job imports processes.run_training
 RECORD = "jobs.json"
 POLL_S = 1.0  # how often the jobs' result files and metrics.csv are read and the status refreshed
 STATE_S = 60  # how often SLURM's accounting (sacct) is asked at least for the states of the jobs
@@ -85,7 +85,7 @@ def options(args):
     parameters = {"job_name": "compare", "stderr_to_stdout": True, "partition": args.slurm_partition,
                   "time": None if args.slurm_time is None else minutes(args.slurm_time),  # None: the partition's
                   "cpus_per_task": cpus, "additional_parameters": sbatch_options(args.slurm_args or ""),
-                  "setup": [f"export PYTHONPATH={shlex.quote(str(PROJECT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
+                  "setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
     if gpus:
         parameters["gpus_per_node"] = gpus
     device = args.device if args.device != "auto" else "cuda" if gpus else "cpu"
