@@ -1,6 +1,7 @@
 """Files written atomically: a crash at any point leaves the old file or the new one, never a mix."""
 import contextlib
 import errno
+import fnmatch
 import os
 import re
 import secrets
@@ -8,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 # what atomic_writes puts beside a path for a while: the new file (mkstemp's 8 characters), a link to the old one
-LEFTOVER = re.compile(r"\..+\.([a-z0-9_]{8}\.tmp|[0-9a-f]{16}\.old)")
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.([a-z0-9_]{8}\.tmp|[0-9a-f]{16}\.old)")
 
 
 def atomic_write(path, write):
@@ -95,11 +96,14 @@ def old_link(path):
     return link
 
 
-def remove_leftovers(directory):
+def remove_leftovers(directory, names):
     """Remove the temporary files and links to old files that atomic_writes leaves in directory when its process
-    is killed midway (SIGKILL skips its clean-up): for a directory whose writer is this process alone."""
+    is killed midway (SIGKILL skips its clean-up), for the files whose names match one of the glob patterns names:
+    for files whose writer is this process alone."""
     for path in Path(directory).iterdir():
-        if LEFTOVER.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+        leftover = LEFTOVER.fullmatch(path.name)
+        if leftover and any(fnmatch.fnmatchcase(leftover["name"], pattern) for pattern in names) and \
+                path.is_file() and not path.is_symlink():
             with contextlib.suppress(OSError):  # one that cannot go stays, as before
                 path.unlink()
 

@@ -250,7 +250,7 @@ def start_run_dir(out_dir, config, overwrite=False):
     except OSError as e:
         raise UsageError(f"{write_failure(metrics, e, 'it')} or choose another --out_dir") from None
     try:
-        remove_leftovers(out_dir)
+        remove_leftovers(out_dir, (*RUN_FILES, POSITION_FILE, SAMPLE_FILE, *SNAPSHOT_FILES))
         for path in replaced:
             path.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")

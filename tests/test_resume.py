@@ -416,8 +416,9 @@ def test_a_resume_that_cannot_write_metrics_csv_changes_nothing(reference, tiny_
 
 
 def test_a_resumed_run_removes_what_a_killed_training_left_of_its_writes(stopped, tiny_text_file):
-    left = [".ckpt.pt.x1_k9abc.tmp", ".metrics.csv.0123456789abcdef.old"]  # atomic_writes' names, as SIGKILL leaves
-    kept = [".notes.tmp", "ckpt.pt.abcdefgh.tmp", ".ckpt.pt.ABCDEFGH.tmp"]  # not ones it makes
+    left = [".ckpt.pt.x1_k9abc.tmp", ".eval_step4.json.0123456789abcdef.old"]  # atomic_writes' names, as SIGKILL
+    # leaves them; not ones it makes, nor its names for files that are not the run's
+    kept = [".notes.tmp", "ckpt.pt.abcdefgh.tmp", ".ckpt.pt.ABCDEFGH.tmp", ".notes.txt.x1_k9abc.tmp"]
     for name in left + kept:
         (stopped / name).write_bytes(b"partial")
     assert run(stopped, tiny_text_file, "--resume") == 0
