@@ -18,7 +18,17 @@ from tqdm import tqdm
 from . import distributed, sampling
 from .config import PRESETS, RUNS_AT_ONCE, SEED, resolve_preset
 from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, load_text, split, text_digest
-from .errors import TOO_BIG, Failure, TooBig, UsageError, check_count, fitting, flush_output, os_error_exit
+from .errors import (
+    TOO_BIG,
+    Failure,
+    TooBig,
+    UsageError,
+    check_count,
+    fitting,
+    flush_output,
+    os_error_exit,
+    terminated_as_interrupted,
+)
 from .evaluation import describe_evaluation, exact_evaluation, has_snapshot, write_eval
 from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_available
 from .graph import GRAPH_HELP, graph_spec, parse_graph
@@ -382,34 +392,20 @@ def go_on_without_compiling(checkpoint_path):
     return f"train it without --compile, with {'--resume' if checkpoint_path.is_file() else '--overwrite'}"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM where training does not catch it, as KeyboardInterrupt is SIGINT there."""
-
-    signum = signal.SIGTERM
-
-
 @contextlib.contextmanager
 def resumable_on_stop(checkpoint_path):
     """Turn a stop where training does not catch it (a second Ctrl-C or SIGTERM in training; one in the exact
     evaluation or the sampling after the last step) into Interrupted once checkpoint_path exists: --resume goes
-    on from it, and finishes a run stopped after its last step. Where no handler of SIGTERM was set, it raises
-    Terminated meanwhile."""
-    def terminate(signum, frame):
-        raise Terminated
-
-    handles = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if handles:
-        signal.signal(signal.SIGTERM, terminate)
+    on from it, and finishes a run stopped after its last step. SIGTERM raises Terminated meanwhile, where no
+    handler of it was set (errors.terminated_as_interrupted)."""
     try:
-        yield
+        with terminated_as_interrupted():
+            yield
     except KeyboardInterrupt as e:
         if not checkpoint_path.is_file():
             raise
         raise Interrupted(getattr(e, "signum", signal.SIGINT),
                           f"before the run finished; its last checkpoint is {checkpoint_path}") from None
-    finally:
-        if handles:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def snapshot(steps, model, val_data, settings, out_dir, step):

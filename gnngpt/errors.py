@@ -64,20 +64,44 @@ def fitting(what, fix, kind=UsageError):
         raise memory_error(e, what, fix, kind) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no handler of the project catches it, raised as Python raises KeyboardInterrupt on SIGINT."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def terminated_as_interrupted():
+    """Inside, SIGTERM raises Terminated where no handler of it was set: a stop by SIGTERM unwinds as Ctrl-C does,
+    so that what is written atomically is left whole and its temporary files go."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    handles = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handles:
+        signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def exit_code(run, *args):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
-    Failure one line and code 1, Ctrl-C "interrupted" and code 130, an OSError that reached here
-    os_error_exit's."""
+    Failure one line and code 1, Ctrl-C or SIGTERM "interrupted" and code 130 or 143, an OSError that reached
+    here os_error_exit's."""
     try:
-        code = run(*args) or 0
+        with terminated_as_interrupted():
+            code = run(*args) or 0
         flush_output()
         return code
     except (UsageError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:
         return os_error_exit(e)
 

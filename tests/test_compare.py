@@ -286,6 +286,23 @@ def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainin
                                        "it (eval_iters was 2, now 3); choose another --runs\n")
 
 
+def test_sigterm_while_the_report_is_written_stops_as_ctrl_c_does_and_leaves_no_temporary_file(trainings, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    assert compare_main("--models", "bigram", "--out", "out") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    real_fsync = os.fsync
+
+    def terminated_while_writing(fd):  # SIGTERM as the first file of the report is about to be renamed into place
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "out" / ".")):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", terminated_while_writing)
+    assert compare_main("--models", "bigram", "--out", "out", "--report_only") == 143
+    assert capsys.readouterr().err.endswith("interrupted\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before  # no .*.tmp
+
+
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "results.md").write_text("My notes: see `python train.py --runs other`\n")
