@@ -184,7 +184,8 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
         given = ("give the settings the runs were trained with (a relative --data as it was given, from the directory "
                  "they were trained in)")
         train = ("run the same command without --report_only" if at is None else
-                 f"train them with --exact_at {at} among the training flags (with --overwrite, finished ones again)")
+                 f"train them with --exact_at {at} among the training flags (a finished one keeps no earlier weights: "
+                 f"delete its run directory first)")
         other = sum(states[r.name] == "replace" for r in lacking)
         fix = (train if not other else given if other == len(lacking) else
                f"for those of other settings, {given}; for the others, {train}")

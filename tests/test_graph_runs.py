@@ -1,6 +1,7 @@
 """Context graphs and positions end to end: the flags, what runs store, and everything that rebuilds a model."""
 import csv
 import json
+import shutil
 
 import matplotlib.image
 import numpy
@@ -220,7 +221,12 @@ def test_a_study_is_reported_as_it_was_at_an_earlier_step(in_tmp_path, tiny_text
     assert compare.main([*argv, "--report_only", "--report_step", "2", "--out", "at2"]) == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval_step2.json, and "
                                        "runs/gpt_s1337 (no eval_step2.json) is not; train them with --exact_at 2 among "
-                                       "the training flags (with --overwrite, finished ones again)\n")
+                                       "the training flags (a finished one keeps no earlier weights: delete its run "
+                                       "directory first)\n")
+    shutil.rmtree(runs / "gpt_s1337")  # as the message says
+    assert compare.main([*argv, "--exact_at", "2"]) == 0
+    assert compare.main([*argv, "--report_only", "--report_step", "2", "--out", "at2"]) == 0
+    capsys.readouterr()
     assert compare.main([*argv, "--report_only", "--report_step", "3", "--out", "at3"]) == 2
     assert capsys.readouterr().err == ("error: --report_step 3 is not an evaluation step of runs/gpt_s1337 (every 2 "
                                        "steps, and the last); choose one of those\n")
