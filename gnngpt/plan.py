@@ -12,6 +12,7 @@ from . import cli, guard
 from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA
 from .errors import UsageError, check_count
+from .evaluation import read_eval
 from .lists import list_items, refuse_twice
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
@@ -47,9 +48,9 @@ class Run:
     expected: dict
 
     def state(self):
-        """"reuse" a finished run with these settings (with its checkpoint, or the exact loss and sample made from
-        it), "resume" an unfinished one, "restart" one that stopped before its first checkpoint, start a "new" one,
-        "replace" one of other settings, or one of these settings that "lost" what it needs to go on.
+        """"reuse" a finished run with these settings (with its checkpoint, or the readable exact loss and the sample
+        made from it), "resume" an unfinished one, "restart" one that stopped before its first checkpoint, start a
+        "new" one, "replace" one of other settings, or one of these settings that "lost" what it needs to go on.
 
         A run that a training holds is refused."""
         refuse_if_held(self.out_dir, "wait for it to end or pass --runs DIR to compare elsewhere")
@@ -58,13 +59,19 @@ class Run:
         config = read_config(self.out_dir)
         same = config is not None and not value_differences(config, self.expected)
         checkpointed = has_checkpoint(self.out_dir)
-        if same and is_finished(self.out_dir, config) and (checkpointed or has_final_files(self.out_dir)):
+        if same and is_finished(self.out_dir, config) and (checkpointed or self.kept_without_checkpoint()):
             return "reuse"
         if same and checkpointed:
             return "resume"
         if same and stopped_before_first_checkpoint(self.out_dir):
             return "restart"
         return "lost" if same else "replace"
+
+    def kept_without_checkpoint(self):
+        """Whether the run's directory holds its sample and a readable exact loss of its last step: all that a finished
+        run is reused for, where no checkpoint could make them again."""
+        last = self.expected["settings"]["max_iters"]
+        return has_final_files(self.out_dir) and read_eval(self.out_dir, last) is not None
 
     def differences(self):
         """"key was X, now Y" for each value of the run in its directory that differs from this run's (none where

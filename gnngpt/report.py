@@ -176,7 +176,8 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
         if states[run.name] != "lost":
             return why.get(states[run.name]) or read_eval_or_why(run.out_dir, step_of(run), snapshot_step(run, at))[1]
         lacks = missing_final_files(run.out_dir)
-        return f"no {' or '.join(lacks)}, and no checkpoint to make {'it' if len(lacks) == 1 else 'them'}"
+        what = f"no {' or '.join(lacks)}" if lacks else read_eval_or_why(run.out_dir, step_of(run))[1]
+        return f"{what}, and no checkpoint to make {'them' if len(lacks) > 1 else 'it'}"
 
     lacking = [r for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, step_of(r), snapshot_step(r, at)) is None]

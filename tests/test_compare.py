@@ -317,11 +317,17 @@ def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_los
     (run / "ckpt.pt").unlink()  # as a committed study keeps its runs
     trainings.clear()
     assert compare_main("--models", "bigram") == 0 and trainings == []
-    (run / "eval.json").unlink()  # nothing left to score it with
-    capsys.readouterr()
-    assert compare_main("--models", "bigram") == 2
-    assert capsys.readouterr().err.startswith("error: runs/bigram_s1337 already hold runs that these settings can "
-                                              "neither reuse nor resume")
+    for damage in (lambda: (run / "eval.json").write_text("garbage"), lambda: (run / "eval.json").unlink()):
+        damage()  # nothing left to score it with: refused before anything trains, not reused
+        capsys.readouterr()
+        assert compare_main("--models", "bigram,gpt") == 2 and trainings == []
+        assert capsys.readouterr().err.startswith("error: runs/bigram_s1337 already hold runs that these settings can "
+                                                  "neither reuse nor resume")
+    (run / "eval.json").write_text("garbage")
+    assert compare_main("--models", "bigram", "--report_only") == 2
+    assert capsys.readouterr().err.startswith("error: --report_only needs every run finished with its eval.json, and "
+                                              "runs/bigram_s1337 (eval.json cannot be read (Expecting value: line 1 "
+                                              "column 1 (char 0)), and no checkpoint to make it) is not;")
     assert compare_main("--models", "bigram", "--overwrite") == 0 and len(trainings) == 1
 
 
