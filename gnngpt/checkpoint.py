@@ -44,6 +44,15 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def readable_checkpoint(path):
+    """Whether load_checkpoint reads path."""
+    try:
+        load_checkpoint(path)
+    except UsageError:
+        return False
+    return True
+
+
 def is_project_checkpoint(checkpoint):
     """Whether a loaded object has the fields of this project's checkpoints, with consistent types."""
     fields = {"name", "step", "arch", "model_config", "model", "vocab"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import cli, guard
+from .checkpoint import readable_checkpoint
 from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA
 from .errors import UsageError, check_count
@@ -62,7 +63,7 @@ class Run:
         if same and is_finished(self.out_dir, config) and (checkpointed or self.kept_without_checkpoint()):
             return "reuse"
         if same and checkpointed:
-            return "resume"
+            return "resume" if readable_checkpoint(self.out_dir / "ckpt.pt") else "lost"
         if same and stopped_before_first_checkpoint(self.out_dir):
             return "restart"
         return "lost" if same else "replace"

@@ -332,9 +332,10 @@ def resumable_checkpoint(out_dir, config, vocab):
         raise UsageError(f"cannot resume {path}: it was trained by {processes} process(es), this run has "
                          f"{distributed.world_size()}; resume it with {processes} process(es) in all")
     step, rows, max_iters = checkpoint["step"], checkpoint["metrics"], config["settings"]["max_iters"]
-    # at max_iters, a run is done once evaluated there and scored with its sample written; stopped before, it
-    # resumes to do what is left
-    if step == max_iters and rows and rows[-1]["step"] == step and has_final_files(out_dir):
+    # at max_iters, a run is done once evaluated there, logged in metrics.csv and scored with its sample written;
+    # stopped before, it resumes to do what is left (metrics.csv is written again from the checkpoint's rows)
+    if step == max_iters and rows and rows[-1]["step"] == step and has_final_files(out_dir) and \
+            is_finished(out_dir, config):
         raise UsageError(f"the run in {out_dir} finished at step {step}; pass a --max_iters above {step} to train it "
                          f"further")
     if step > max_iters:

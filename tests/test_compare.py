@@ -331,6 +331,23 @@ def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_los
     assert compare_main("--models", "bigram", "--overwrite") == 0 and len(trainings) == 1
 
 
+def test_a_run_whose_metrics_csv_or_checkpoint_is_damaged_is_repaired_or_replaced(trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram") == 0
+    run = tmp_path / "runs" / "bigram_s1337"
+    metrics = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(metrics[:60])  # cut short: the run looks unfinished
+    assert compare_main("--models", "bigram") == 0  # resumed from its checkpoint, which holds every row
+    assert (run / "metrics.csv").read_text() == metrics and "--resume" in trainings[-1][1]
+    (run / "metrics.csv").write_text(metrics[:60])
+    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:1000])  # and nothing to resume from
+    trainings.clear()
+    capsys.readouterr()
+    assert compare_main("--models", "bigram") == 2 and trainings == []
+    assert capsys.readouterr().err.startswith("error: runs/bigram_s1337 already hold runs that these settings can "
+                                              "neither reuse nor resume")
+    assert compare_main("--models", "bigram", "--overwrite") == 0 and "--overwrite" in trainings[-1][1]
+
+
 def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(trainings, tiny_text_file, tmp_path,
                                                                          monkeypatch):
     records = [SimpleNamespace(name="GATConv", works=True, reason=""),
