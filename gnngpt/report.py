@@ -24,7 +24,7 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
-from .rundir import ROOT, in_shipped_plots, missing_final_files
+from .rundir import ROOT, has_checkpoint, in_shipped_plots, is_finished, missing_final_files, read_config
 from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
@@ -175,18 +175,24 @@ def report(runs, states, args, out, argv, baseline, layer_records, pairs):
             return "; ".join(["other settings", *run.differences()])
         if states[run.name] != "lost":
             return why.get(states[run.name]) or read_eval_or_why(run.out_dir, step_of(run), snapshot_step(run, at))[1]
-        lacks = missing_final_files(run.out_dir)
-        what = f"no {' or '.join(lacks)}" if lacks else read_eval_or_why(run.out_dir, step_of(run))[1]
-        return f"{what}, and no checkpoint to make {'them' if len(lacks) > 1 else 'it'}"
+        lacks, last = missing_final_files(run.out_dir), run.expected["settings"]["max_iters"]
+        what = ("not finished" if not is_finished(run.out_dir, read_config(run.out_dir)) else
+                f"no {' or '.join(lacks)}" if lacks else read_eval_or_why(run.out_dir, last)[1])
+        checkpoint = "a checkpoint that cannot be read" if has_checkpoint(run.out_dir) else "no checkpoint"
+        return f"{what}, and {checkpoint} to go on from"
 
     lacking = [r for r in runs if states[r.name] != "reuse"
                or read_eval(r.out_dir, step_of(r), snapshot_step(r, at)) is None]
     if lacking:
         given = ("give the settings the runs were trained with (a relative --data as it was given, from the directory "
                  "they were trained in)")
+        again = ("in another --runs (a finished run keeps no earlier weights)"
+                 if any(in_shipped_plots(r.out_dir) for r in lacking) else
+                 "(a finished one keeps no earlier weights: delete its run directory first)")
         train = ("run the same command without --report_only" if at is None else
-                 f"train them with --exact_at {at} among the training flags (a finished one keeps no earlier weights: "
-                 f"delete its run directory first)")
+                 f"train them with --exact_at {at} among the training flags {again}")
+        if any(states[r.name] == "lost" for r in lacking):
+            train += ", with --overwrite for those that can neither be reused nor resumed"
         other = sum(states[r.name] == "replace" for r in lacking)
         fix = (train if not other else given if other == len(lacking) else
                f"for those of other settings, {given}; for the others, {train}")

@@ -303,6 +303,19 @@ def test_sigterm_while_the_report_is_written_stops_as_ctrl_c_does_and_leaves_no_
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before  # no .*.tmp
 
 
+def test_runs_in_plots_without_a_snapshot_are_trained_again_in_another_runs(trainings, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    mine = ["--models", "bigram", "--runs", "plots/mine/runs", "--out", "plots/mine"]
+    assert compare_main(*mine) == 0
+    capsys.readouterr()
+    assert compare_main(*mine, "--report_only", "--report_step", "2", "--out", "at2") == 2
+    assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval_step2.json, and "
+                                       "plots/mine/runs/bigram_s1337 (no eval_step2.json) is not; train them with "
+                                       "--exact_at 2 among the training flags in another --runs (a finished run "
+                                       "keeps no earlier weights)\n")
+
+
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "results.md").write_text("My notes: see `python train.py --runs other`\n")
@@ -327,7 +340,7 @@ def test_a_finished_run_is_reused_without_its_checkpoint_only_with_its_exact_los
     assert compare_main("--models", "bigram", "--report_only") == 2
     assert capsys.readouterr().err.startswith("error: --report_only needs every run finished with its eval.json, and "
                                               "runs/bigram_s1337 (eval.json cannot be read (Expecting value: line 1 "
-                                              "column 1 (char 0)), and no checkpoint to make it) is not;")
+                                              "column 1 (char 0)), and no checkpoint to go on from) is not;")
     assert compare_main("--models", "bigram", "--overwrite") == 0 and len(trainings) == 1
 
 
@@ -345,6 +358,11 @@ def test_a_run_whose_metrics_csv_or_checkpoint_is_damaged_is_repaired_or_replace
     assert compare_main("--models", "bigram") == 2 and trainings == []
     assert capsys.readouterr().err.startswith("error: runs/bigram_s1337 already hold runs that these settings can "
                                               "neither reuse nor resume")
+    assert compare_main("--models", "bigram", "--report_only") == 2
+    assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
+                                       "runs/bigram_s1337 (not finished, and a checkpoint that cannot be read to go "
+                                       "on from) is not; run the same command without --report_only, with "
+                                       "--overwrite for those that can neither be reused nor resumed\n")
     assert compare_main("--models", "bigram", "--overwrite") == 0 and "--overwrite" in trainings[-1][1]
 
 
@@ -821,8 +839,9 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
     capsys.readouterr()
     assert compare_main(*args, "--report_only") == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
-                                       "runs/gpt_s3 (no eval.json, and no checkpoint to make it) is not; run the same "
-                                       "command without --report_only\n")
+                                       "runs/gpt_s3 (no eval.json, and no checkpoint to go on from) is not; run the "
+                                       "same command without --report_only, with --overwrite for those that can "
+                                       "neither be reused nor resumed\n")
     assert compare_main("--models", "gpt", "--seed", "7", "--data", "./tiny.txt", "--report_only") == 2
     assert capsys.readouterr().err == ("error: --report_only needs every run finished with its eval.json, and "
                                        "runs/gpt_s7 (other settings; data was tiny.txt, now ./tiny.txt) is not; give "
