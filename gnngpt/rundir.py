@@ -392,8 +392,11 @@ def read_metrics(out_dir):
     path = Path(out_dir) / "metrics.csv"
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); repair it or delete {path.parent}") from None
     try:
         return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):  # a value that is no number, or a row longer than the header (key None)

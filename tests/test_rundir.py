@@ -274,14 +274,17 @@ def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_che
     assert (out / "ckpt.pt").is_file() and (out / "metrics.csv").is_file()
 
 
-def test_a_metrics_row_that_is_not_numbers_is_refused_in_one_line(tiny_text_file, tmp_path, capsys):
+@pytest.mark.parametrize("garbage,problem", [(b"garbage,,,\n", "has a row that is not numbers under its header"),
+                                             (b"\xff\xfe,,,\n", "is not UTF-8 text (byte {})")])
+def test_a_metrics_csv_that_is_not_numbers_or_not_text_is_refused_in_one_line(garbage, problem, tiny_text_file,
+                                                                              tmp_path, capsys):
     out = tmp_path / "run"
     assert train_tiny_gpt(out, tiny_text_file) == 0
-    with (out / "metrics.csv").open("a") as f:
-        f.write("garbage,,,\n")
+    start = (out / "metrics.csv").stat().st_size
+    with (out / "metrics.csv").open("ab") as f:
+        f.write(garbage)
     before = snapshot(out)
     capsys.readouterr()
     assert train_tiny_gpt(out, tiny_text_file) == 2
-    assert error_line(capsys) == (f"error: {out / 'metrics.csv'} has a row that is not numbers under its header; "
-                                  f"repair it or delete {out}\n")
+    assert error_line(capsys) == f"error: {out / 'metrics.csv'} {problem.format(start)}; repair it or delete {out}\n"
     assert snapshot(out) == before
