@@ -23,7 +23,9 @@ ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg
 
 def block_inputs(model, idx):
     """The LayerNorm'd input of each block's mixer, computed block by block (the reference walk)."""
-    x = model.token_embedding(idx) + model.position_embedding(torch.arange(idx.size(1)))
+    x = model.token_embedding(idx)
+    if model.position_embedding is not None:  # relative positions enter in the mixers instead
+        x = x + model.position_embedding(torch.arange(idx.size(1)))
     inputs = []
     for block in model.blocks:
         inputs.append(block.ln1(x))
@@ -44,22 +46,40 @@ def mixer_output_from_maps(mixer, maps, h):
     return torch.einsum("bhij,bjhc->bihc", maps, values).reshape(B, T, -1) + conv.bias
 
 
+GRAPHS = ["full", "window:3", "sink:2:3", "dilated:2:3", "window:2,strided:3:4"]
+
+
+def graph_model(mixer, backend, graph, pos):
+    """A tiny model on graph, with random distance biases where it has them (they start at zero)."""
+    model = GPT(tiny_config(mixer, backend=backend, graph=graph, pos=pos)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block.mixer, "distance_bias", None) is not None:
+                block.mixer.distance_bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("mixer,backend", ATTENTION_MODELS)
-def test_attention_rows_sum_to_one_over_earlier_tokens_only(mixer, backend):
-    model = GPT(tiny_config(mixer, backend=backend)).eval()
+def test_attention_rows_sum_to_one_over_each_querys_edges_only(mixer, backend, graph, pos):
+    model = graph_model(mixer, backend, graph, pos)
     idx = torch.randint(0, 17, (3, 12))
     maps = attention_maps(model, idx)
     assert len(maps) == model.config.n_layer
-    for layer_maps in maps:
+    for block, layer_maps in zip(model.blocks, maps):
         assert layer_maps.shape == (3, 2, 12, 12)
         torch.testing.assert_close(layer_maps.sum(-1), torch.ones(3, 2, 12))
-        assert torch.all(layer_maps.triu(diagonal=1) == 0)  # no weight on later tokens
-        assert torch.all(layer_maps.diagonal(dim1=-2, dim2=-1) > 0)  # every token attends to itself too
+        edges = block.mixer.graph.mask(12)  # the graph's definition: j -> i where connects(i, j)
+        assert torch.all(layer_maps[..., ~edges] == 0)  # no weight off the graph, later tokens included
+        assert torch.all(layer_maps[..., edges] > 0)  # every edge carries some, the token's own included
 
 
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("mixer,backend", ATTENTION_MODELS)
-def test_maps_times_values_give_the_models_own_mixer_output(mixer, backend):
-    model = GPT(tiny_config(mixer, backend=backend)).eval()
+def test_maps_times_values_give_the_models_own_mixer_output(mixer, backend, graph, pos):
+    model = graph_model(mixer, backend, graph, pos)
     idx = torch.randint(0, 17, (2, 12))
     maps = attention_maps(model, idx)
     with torch.no_grad():

@@ -203,6 +203,7 @@ def test_the_fast_backend_equals_pyg_in_float64(mixer, kwargs, fused, pos, monke
     loss_fast.backward()
     loss_pyg.backward()
     assert_same_parameter_gradients(fast, pyg, rel=1e-12)
+    assert fast_gat.FUSED_GATV2.on or not fused  # the fused kernels computed it, not the chunked one after a failure
 
 
 @pytest.mark.parametrize("kwargs,reason", [
@@ -311,6 +312,7 @@ def test_fused_gatv2_kernel_equals_pyg():
     fast, pyg = model_pair("GATv2Conv", {}, block_size=12)
     idx, targets = torch.randint(0, 17, (2, 3, 12))
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
+    assert fast_gat.FUSED_GATV2.on  # computed by the fused kernels, not by the chunked one after a failure
 
 
 @pytest.mark.fused_kernel
@@ -507,6 +509,7 @@ def test_decoding_equals_the_lectures_sampler_when_it_computes_in_bands(mixer, p
 def test_decoding_with_the_compiled_gatv2_kernel_equals_the_lectures_sampler(device):
     model = GPT(tiny_config("GATv2Conv", block_size=8)).eval()  # its window passes run the compiled kernel
     assert_cached_decoding_equals_full(model, torch.randint(0, 17, (1, 3)), torch.randint(0, 17, (12, 1, 1)))
+    assert fast_gat.FUSED_GATV2.on  # its window passes ran the compiled kernel, not the chunked one after a failure
 
 
 def test_a_long_prompt_fills_the_rolling_buffers_in_pieces(monkeypatch, device):

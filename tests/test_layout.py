@@ -9,6 +9,7 @@ from gnngpt import graph as graph_module, layout
 from gnngpt.decoder import LayerCache, Slots
 from gnngpt.graph import ContextGraph, parse_graph
 from gnngpt.layout import BandedLayout, DenseLayout, layout_for
+from gnngpt.mixers import DENSE_LAYERS
 from gnngpt.models import GPT
 
 T = 1024
@@ -43,7 +44,7 @@ def test_window_edges_are_built_without_the_T_by_T_mask(monkeypatch):
     assert set(zip(edge_index[0].tolist(), edge_index[1].tolist())) == defined_edges("sink:2:5", 300)
 
 
-@pytest.mark.parametrize("mixer", ["attention", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("mixer", ["attention", *DENSE_LAYERS])
 @pytest.mark.parametrize("pos", ["abs", "rel"])
 def test_models_on_a_window_never_arrange_all_keys(mixer, pos, monkeypatch):
     def no_dense(self, graph, T, device):
