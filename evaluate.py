@@ -112,6 +112,10 @@ def run_config(out_dir, checkpoint):
         raise UsageError(f"{out_dir}/config.json ({config.get('name')}, block_size {settings['block_size']}) is not "
                          f"that of its ckpt.pt ({checkpoint['name']}, block_size {checkpoint['block_size']}); "
                          f"evaluate a run whose files are its own")
+    if None not in (checkpoint["data_sha256"], config.get("data_sha256")) \
+            and checkpoint["data_sha256"] != config["data_sha256"]:
+        raise UsageError(f"{out_dir}/ckpt.pt was trained on another text than its config.json records (by their "
+                         f"data_sha256); evaluate a run whose files are its own")
     return config
 
 

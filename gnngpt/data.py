@@ -19,8 +19,9 @@ PINNED_BATCHES = Acceleration("copying a batch to the GPU through pinned memory"
                               "batches are copied from ordinary memory (the same batches)")
 
 
-def download(url, dest, sha256, timeout=30.0):
-    """Download url to dest atomically (temporary file, checksum, rename); no partial file on failure."""
+def download(url, dest, sha256, timeout=30.0, instead="pass --data PATH to a local copy"):
+    """Download url to dest atomically (temporary file, checksum, rename); no partial file on failure. instead: what
+    a failure's message offers besides trying again."""
 
     def write(f):
         digest = hashlib.sha256()
@@ -34,7 +35,7 @@ def download(url, dest, sha256, timeout=30.0):
         if digest.hexdigest() != sha256:
             raise UsageError(
                 f"checksum mismatch for {url} (got sha256 {digest.hexdigest()}); "
-                f"download the file yourself and pass --data PATH"
+                f"download the file yourself and {instead}"
             )
 
     try:
@@ -42,10 +43,10 @@ def download(url, dest, sha256, timeout=30.0):
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise UsageError(
-            f"could not download {url} ({reason}); check the connection or pass --data PATH to a local copy"
+            f"could not download {url} ({reason}); check the connection or {instead}"
         ) from None
     except OSError as e:  # writing it
-        raise UsageError(f"{write_failure(dest, e, 'its directory')} or pass --data PATH to a local copy") from None
+        raise UsageError(f"{write_failure(dest, e, 'its directory')} or {instead}") from None
     return Path(dest)
 
 
@@ -54,12 +55,13 @@ def text_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_text(path=None):
-    """Read the training text; the default file is downloaded when it is missing."""
+def load_text(path=None, instead="pass --data PATH to a local copy"):
+    """Read the training text; the default file is downloaded when it is missing (instead: what a failed download's
+    message offers besides trying again)."""
     if path is None:
         path = Path(DEFAULT_DATA)
         if not path.exists():
-            download(DATA_URL, path, DATA_SHA256)
+            download(DATA_URL, path, DATA_SHA256, instead=instead)
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"data file {path} is a directory; pass --data PATH to a UTF-8 text file in it")

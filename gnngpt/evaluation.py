@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split
+from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split, text_digest
 from .errors import UsageError, one_line
 from .files import atomic_writes, utf8, write_failure
 from .rundir import eval_files
@@ -121,6 +121,9 @@ def encode_whole(text, vocab, path):
     if unknown:
         raise UsageError(f"{path} has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
                          f"evaluate a text made only of characters of the training text")
+    if len(text) < 2:
+        raise UsageError(f"{path} has one character, and the evaluation predicts each character after the first; "
+                         f"give a --data of two or more")
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
@@ -130,7 +133,12 @@ def run_validation_split(config, vocab):
     if path != Path(DEFAULT_DATA) and not path.is_file():
         raise UsageError(f"the run's training text {path} is not here; run from the directory it was trained in, "
                          f"or evaluate another file with --data FILE")
-    return validation_split(load_text(None if path == Path(DEFAULT_DATA) else path), vocab)
+    text = load_text(None if path == Path(DEFAULT_DATA) else path,
+                     instead=f"put the run's training text, tinyshakespeare, in {path}")
+    if config.get("data_sha256") not in (None, text_digest(text)):  # (runs from before it was recorded have none)
+        raise UsageError(f"{path} is not the text the run was trained on (by the data_sha256 of its config.json); "
+                         f"restore that text, or evaluate this file whole with --data {path}")
+    return validation_split(text, vocab)
 
 
 def in_batches(batch_size):
@@ -216,7 +224,7 @@ def read_loss_by_position(out_dir, at=None):
 def describe(result):
     """One line for a person: the exact loss in nats and bits per character, over how many characters."""
     return (f"exact validation loss {result['nats']:.4f} nats, {result['bits']:.4f} bits per character "
-            f"({result['targets']:,} characters)")
+            f"({result['targets']:,} character{'s' if result['targets'] > 1 else ''})")
 
 
 def describe_evaluation(result):

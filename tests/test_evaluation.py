@@ -1,6 +1,7 @@
 """The exact validation loss: equal to a plain loop over windows, deterministic, in nats and bits; evaluate.py."""
 import json
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from torch.nn import functional as F
 import evaluate as evaluate_py
 from conftest import ALLOCATION_ERROR, allocation_fails, tiny_config, train_tiny_gpt
 from gnngpt.data import split
-from gnngpt.evaluation import exact_evaluation, exact_loss, read_loss_by_position
+from gnngpt.errors import UsageError
+from gnngpt.evaluation import describe, exact_evaluation, exact_loss, read_loss_by_position, run_validation_split
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,8 @@ def test_evaluate_py_scores_the_validation_split_and_another_file(tiny_run, tmp_
     ("To be", ["--random_estimates", "2"], "error: --random_estimates draws windows of block_size + 1 = 17 "
                                            "characters, and all of {other} has 5; drop --random_estimates, or give a "
                                            "longer --data\n"),
+    ("T", [], "error: {other} has one character, and the evaluation predicts each character after the first; give "
+              "a --data of two or more\n"),
     ("To be", ["--write"], "error: --write records the run's own validation split in its eval.json; drop --data or "
                            "--write\n"),
 ])
@@ -166,6 +170,9 @@ def test_evaluate_py_says_what_to_lower_when_memory_runs_out(args, patched, mess
      "whose files are its own\n"),
     (lambda config: {**config, "name": "GATConv"}, "error: {run}/config.json (GATConv, block_size 16) is not that of "
                                                    "its ckpt.pt (gpt, block_size 16); "),
+    (lambda config: {**config, "data_sha256": "0" * 64},  # the checkpoint of a run on another text
+     "error: {run}/ckpt.pt was trained on another text than its config.json records (by their data_sha256); "
+     "evaluate a run whose files are its own\n"),
 ])
 def test_evaluate_py_refuses_a_config_json_not_written_for_its_checkpoint(tiny_run, tmp_path, monkeypatch, capsys,
                                                                          change, message):
@@ -205,3 +212,35 @@ def test_evaluate_py_without_the_runs_text_says_how_to_go_on(in_tmp_path, tiny_t
     assert result.stderr.count("\n") == 1
     assert result.stderr.endswith("is not here; run from the directory it was trained in, or evaluate another file "
                                   "with --data FILE\n")
+
+
+def test_evaluate_py_refuses_a_text_that_is_not_the_one_the_run_trained_on(tiny_run, tmp_path, monkeypatch, capsys):
+    run, text = tiny_run("gpt"), (tiny_run("gpt").parent / "tiny.txt").read_text()
+    shutil.copytree(run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "data": "tiny.txt"}))  # the text beside it
+    (tmp_path / "tiny.txt").write_text(text + text[:500])  # the same characters, a longer validation split
+    monkeypatch.chdir(tmp_path)
+    stored = {name: (tmp_path / "run" / name).read_bytes() for name in ("eval.json", "loss_by_position.csv")}
+    capsys.readouterr()
+    assert evaluate_py.main(["--out_dir", "run", "--write", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: tiny.txt is not the text the run was trained on (by the data_sha256 of "
+                                       "its config.json); restore that text, or evaluate this file whole with --data "
+                                       "tiny.txt\n")
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in stored} == stored
+
+
+def test_a_failed_download_of_a_runs_default_text_says_where_to_put_it(in_tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr("gnngpt.data.DATA_URL", f"http://127.0.0.1:{s.getsockname()[1]}/input.txt")
+    with pytest.raises(UsageError) as e:
+        run_validation_split({"data": "input.txt"}, list("abc"))
+    assert str(e.value).endswith("; check the connection or put the run's training text, tinyshakespeare, in "
+                                 "input.txt")  # not --data, which evaluates another file whole
+    assert list(in_tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("targets,count", [(1, "1 character"), (2, "2 characters"), (1234, "1,234 characters")])
+def test_an_evaluation_counts_its_characters_in_words(targets, count):
+    assert describe({"nats": 1.0, "bits": 1.4427, "targets": targets}).endswith(f"per character ({count})")
