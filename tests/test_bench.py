@@ -51,6 +51,12 @@ def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     assert "where a step's time goes" not in out and not any("profiled_ms" in r for r in train)
 
 
+def test_bench_prints_no_ratio_table_where_nothing_compares(capsys):
+    assert bench.main([*TINY, "--models", "gpt", "--gen_repeats", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| gpt | - | full | abs |" in out and "ratio" not in out
+
+
 def test_bench_gives_relative_against_absolute_positions_for_every_model_on_every_graph(capsys):
     out, rows, ratios = run_bench(capsys, "--models", "gpt,GATv2Conv/fast,TransformerConv/fast", "--pos", "abs,rel",
                                   "--graphs", "full,window:4", "--gen_repeats", "0")
