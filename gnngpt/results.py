@@ -10,6 +10,7 @@ from .data import CharTokenizer
 from .errors import UsageError
 from .evaluation import HALVES, has_halves, read_eval, read_loss_by_position
 from .graph import parse_graph
+from .mixers import DENSE_LAYERS
 from .models import model_from_checkpoint
 from .rundir import file_in_the_way, read_metrics, refuse_if_held, with_original_graph
 from .stats import CONFIDENCE, paired_difference, spread
@@ -33,9 +34,10 @@ def load_run_model(out_dir, device="cpu", backend=None):
     checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt")
     overrides = {}
     if backend is not None:
-        if checkpoint["model_config"].get("mixer", "attention") == "attention":
-            raise UsageError(f"--backend applies to graph-layer runs, and {out_dir} holds a {checkpoint['name']} "
-                             "model; drop --backend")
+        if checkpoint["model_config"].get("mixer", "attention") not in DENSE_LAYERS:
+            raise UsageError(f"--backend applies to runs of {', '.join(DENSE_LAYERS[:-1])} and {DENSE_LAYERS[-1]} (the "
+                             f"layers with a dense form), and {out_dir} holds a {checkpoint['name']} model; drop "
+                             f"--backend")
         overrides["backend"] = backend
     path = Path(out_dir) / "ckpt.pt"
     try:

@@ -260,13 +260,17 @@ def write_foreign_checkpoints(tmp_path):
     (["--compile", "--out_dir", "{bigram}"], "error: --compile compiles the cached decoder's one-token step, and the "
                                              "bigram model of {bigram} samples without the cache; drop --compile\n"),
     (["--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
-    (["--backend", "fast"], "error: --backend applies to graph-layer runs, and "),
+    (["--backend", "fast"], "error: --backend applies to runs of GATConv, GATv2Conv and TransformerConv (the layers "
+                            "with a dense form), and {gpt} holds a gpt model; drop --backend\n"),
+    (["--backend", "fast", "--out_dir", "{GCNConv}"], "error: --backend applies to runs of GATConv, GATv2Conv and "
+                                                      "TransformerConv (the layers with a dense form), and {GCNConv} "
+                                                      "holds a GCNConv model; drop --backend\n"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monkeypatch, capsys):
     write_foreign_checkpoints(tmp_path)
     monkeypatch.chdir(tmp_path)
-    runs = {name: str(tiny_run(name)) for name in ("gpt", "GATConv", "bigram")}  # trained first, should this test
-    capsys.readouterr()  # run alone: their output is not the error's
+    runs = {name: str(tiny_run(name)) for name in ("gpt", "GATConv", "GCNConv", "bigram")}  # trained first,
+    capsys.readouterr()  # should this test run alone: their output is not the error's
     assert sample.main(["--out_dir", runs["gpt"], "--num_samples", "1", *(a.format(**runs) for a in args)]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(message.format(**runs))
