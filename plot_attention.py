@@ -8,12 +8,12 @@ from pathlib import Path
 from gnngpt.errors import UsageError, exit_code, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
+    from gnngpt import rundir
     from gnngpt.attention import attention_maps, rank_agreement
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt
     from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
     from gnngpt.results import load_run_model
-    from gnngpt.rundir import SHIPPED_REPORTS
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
 
@@ -53,13 +53,19 @@ def check_out(out, given):
                          f"--out, or remove that file first")
 
 
-def check_shipped(out, name):
+def check_shipped(out, name, out_dir, prompt):
     """Refuse to replace a figure in the repository's plots/ (not in its folders, such as runs) but the one of the
-    model named name, attention_<name>.png: the figures the repository ships there are each of its own model."""
+    model named name, attention_<name>.png, and that one but as it was made: with the default prompt, from a run of
+    that model among those the repository ships (under plots/)."""
     own = f"attention_{name}.png"
-    if out.exists() and out.resolve().parent == SHIPPED_REPORTS.resolve() and out.resolve().name != own:
+    if not (out.exists() and out.resolve().parent == rundir.SHIPPED_REPORTS.resolve()):
+        return
+    if out.resolve().name != own:
         raise UsageError(f"{out} is a figure in the repository's plots/, where it keeps the figures it ships, and a "
                          f"{name} model draws only plots/{own} there; choose another --out")
+    if prompt != DEFAULT_PROMPT or not rundir.in_shipped_plots(out_dir):
+        raise UsageError(f"{out} is the figure the repository ships, drawn with the default prompt from a {name} run "
+                         f"under plots/; draw it so, or choose another --out")
 
 
 def run(args):
@@ -68,7 +74,7 @@ def run(args):
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]
-    check_shipped(out, name)
+    check_shipped(out, name, args.out_dir, args.prompt)
     text = read_prompt(args.prompt)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)

@@ -11,6 +11,7 @@ import torch
 
 import plot_attention
 from conftest import tiny_config
+from gnngpt import rundir
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.errors import UsageError
 from gnngpt.graph import parse_graph
@@ -234,11 +235,23 @@ def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path,
                                            f"the figures it ships, and a gpt model draws only "
                                            f"plots/attention_gpt.png there; choose another --out\n")
     assert {p: p.read_bytes() for p in plots.glob("attention_*.png")} == before
-    plot_attention.check_shipped(plots / "attention_gpt.png", "gpt")  # its own it may draw again
     in_plots = shutil.copytree(run, tmp_path / "plots" / "runs" / "gpt")  # a run kept in a folder of plots/
-    monkeypatch.setattr(plot_attention, "SHIPPED_REPORTS", tmp_path / "plots")
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
     for _ in range(2):  # its default attention.png is its own there too
         assert plot_attention.main(["--out_dir", str(in_plots), "--prompt", "To be"]) == 0
+
+    shipped = tmp_path / "plots" / "attention_gpt.png"
+    shipped.write_bytes((plots / "attention_gpt.png").read_bytes())
+    monkeypatch.setattr(plot_attention, "DEFAULT_PROMPT", "To be")  # in the tiny run's vocabulary
+    capsys.readouterr()
+    for args in (["--out_dir", str(mine)], ["--out_dir", str(in_plots), "--prompt", "be or"]):
+        assert plot_attention.main([*args, "--out", str(shipped)]) == 2  # a run of its own, or another prompt
+        assert capsys.readouterr().err == (f"error: {shipped} is the figure the repository ships, drawn with the "
+                                           f"default prompt from a gpt run under plots/; draw it so, or choose "
+                                           f"another --out\n")
+    assert shipped.read_bytes() == (plots / "attention_gpt.png").read_bytes()
+    assert plot_attention.main(["--out_dir", str(in_plots), "--out", str(shipped)]) == 0  # as it was made
+    assert shipped.read_bytes() != (plots / "attention_gpt.png").read_bytes()
 
 
 @pytest.mark.parametrize("name,prompt,message", [
