@@ -24,7 +24,7 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
-from .rundir import ROOT, has_checkpoint, in_shipped_plots, is_finished, missing_final_files, read_config
+from .rundir import SHIPPED_SAMPLES, has_checkpoint, in_shipped_plots, is_finished, missing_final_files, read_config
 from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
@@ -32,13 +32,19 @@ from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
 REPORT_FILES = ("results.md", "leaderboard.md", "graphs.md")
 
 
-def check_shipped_samples(out, flag):
+def check_shipped_out(out, runs, flag):
     """UsageError when out's model_outputs folder, where a comparison that is not the published one puts its
-    samples, is the one this repository ships; flag is the one that gave out (--out, or --runs without it)."""
+    samples, is the one this repository ships, or when out lies among the runs it reports on in the repository's
+    plots/, where each report sits beside the folder of its runs; flag is the one that gave out (--out, or --runs
+    without it)."""
     if (Path(out) / "model_outputs").resolve() == SHIPPED_SAMPLES.resolve():
         raise UsageError(f"{flag} {out} would put the samples over {SHIPPED_SAMPLES}, the ones this repository ships "
                          f"(only the published comparison writes them: --out plots/paper at the paper preset); "
                          f"choose another {flag}")
+    if in_shipped_plots(out) and Path(out).resolve().is_relative_to(Path(runs).resolve()):
+        raise UsageError(f"{flag} {out} would put the report among the runs of {runs} in the repository's plots/, "
+                         f"where each report sits beside the folder of its runs; give --out another directory, such "
+                         f"as {Path(runs).parent}")
 
 
 def check_report_owner(out, runs, argv):
@@ -88,8 +94,6 @@ def ran_in(out, made_out):
         return Path.cwd()
     return Path(*here[:-len(made)])
 
-
-SHIPPED_SAMPLES = ROOT / "model_outputs"
 
 
 def model_samples_dir(out, configs, shipped=True):

@@ -25,6 +25,7 @@ LOCK_FILE = ".lock"
 RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>, in the working directory
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its training scripts, and what it ships
 SHIPPED_REPORTS = ROOT / "plots"  # the reports and the small files of their runs that the repository ships
+SHIPPED_SAMPLES = ROOT / "model_outputs"  # the published comparison's samples
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}
@@ -219,6 +220,9 @@ def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     is neither replaced nor resumed.
     """
     out_dir = Path(out_dir)
+    if shipped_folder(out_dir):
+        raise UsageError(f"{out_dir} is a folder where this repository keeps reports, samples or runs that it ships, "
+                         f"not a run directory; choose another --out_dir")
     if (resume or overwrite) and in_shipped_plots(out_dir) and is_finished(out_dir, read_config(out_dir)) and \
             has_final_files(out_dir):
         raise UsageError(f"{out_dir} holds a finished run that this repository ships in {SHIPPED_REPORTS}, which "
@@ -266,6 +270,17 @@ def cannot_write(out_dir, error):
 def in_shipped_plots(path):
     """Whether path lies in SHIPPED_REPORTS, among the reports and runs this repository ships."""
     return Path(path).resolve().is_relative_to(SHIPPED_REPORTS.resolve())
+
+
+def shipped_folder(path):
+    """Whether path is a folder where this repository keeps what it ships other than one run: SHIPPED_REPORTS or
+    SHIPPED_SAMPLES itself, a folder in SHIPPED_SAMPLES, or a folder in SHIPPED_REPORTS of samples (model_outputs),
+    of a report (a .md file) or of runs (folders with a config.json)."""
+    path = Path(path).resolve()
+    if path == SHIPPED_REPORTS.resolve() or path.is_relative_to(SHIPPED_SAMPLES.resolve()):
+        return True
+    return in_shipped_plots(path) and path.is_dir() and (path.name == "model_outputs" or any(
+        (entry.suffix == ".md" and entry.is_file()) or (entry / "config.json").is_file() for entry in path.iterdir()))
 
 
 def holds_run(out_dir):

@@ -11,7 +11,7 @@ from .errors import UsageError, check_count
 from .plan import plan_comparison
 from .report import (
     check_report_owner,
-    check_shipped_samples,
+    check_shipped_out,
     report,
     write_model_samples,
     write_report,
@@ -41,7 +41,7 @@ def compare(args, extra, argv):
         if refusal := check(directory, flag):
             raise UsageError(refusal)
     check_report_owner(out, args.runs, argv)
-    check_shipped_samples(out, "--out" if args.out else "--runs")
+    check_shipped_out(out, args.runs, "--out" if args.out else "--runs")
     runs, baseline, layer_records, pairs = plan_comparison(args, extra)
     if in_the_way := next((r for r in runs if r.out_dir.exists() and not r.out_dir.is_dir()), None):
         raise UsageError(f"{in_the_way.out_dir} is a file where the run {in_the_way.name} goes; move it away or "

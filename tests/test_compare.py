@@ -316,6 +316,18 @@ def test_runs_in_plots_without_a_snapshot_are_trained_again_in_another_runs(trai
                                        "keeps no earlier weights)\n")
 
 
+def test_a_report_in_plots_goes_beside_its_runs_not_among_them(trainings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    for flag, out in (("--runs", []), ("--out", ["--out", "plots/mine/runs/bigram_s1337"])):  # --out is --runs'
+        assert compare.main(["--data", "tiny.txt", *TINY, "--models", "bigram", "--runs", "plots/mine/runs", *out]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} {out[-1] if out else 'plots/mine/runs'} would put the "
+                                           f"report among the runs of plots/mine/runs in the repository's plots/, "
+                                           f"where each report sits beside the folder of its runs; give --out "
+                                           f"another directory, such as plots/mine\n")
+    assert trainings == [] and not (tmp_path / "plots").exists()
+    assert compare_main("--models", "bigram", "--runs", "plots/mine/runs", "--out", "plots/mine") == 0
+
+
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "results.md").write_text("My notes: see `python train.py --runs other`\n")

@@ -13,7 +13,7 @@ import compare
 import evaluate
 import sample
 from conftest import TINY_GPT_RUN, train_tiny_gpt
-from gnngpt import checkpoint as ckpt_module, evaluation
+from gnngpt import checkpoint as ckpt_module, evaluation, rundir
 from gnngpt.checkpoint import load_checkpoint
 from gnngpt.rundir import hold_run_dir, read_metrics, start_run_dir
 
@@ -82,6 +82,32 @@ def test_a_refused_training_writes_nothing(tiny_text_file, tmp_path, capsys):
             assert error_line(capsys).startswith(f"error: {out} is in use by a training in process {os.getpid()}; ")
         assert snapshot(out) == before
     assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "1", "--resume") == 0
+
+
+@pytest.mark.parametrize("out", ["plots", "plots/study", "plots/study/runs", "plots/study/model_outputs",
+                                 "model_outputs", "model_outputs/mine"])
+def test_a_training_is_refused_in_a_folder_of_what_the_repository_ships(out, tiny_text_file, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    monkeypatch.setattr(rundir, "SHIPPED_SAMPLES", tmp_path / "model_outputs")
+    (tmp_path / "plots" / "study" / "runs" / "gpt_s1337").mkdir(parents=True)
+    (tmp_path / "plots" / "study" / "runs" / "gpt_s1337" / "config.json").write_text("{}")
+    (tmp_path / "plots" / "study" / "results.md").write_text("# Results\n")
+    (tmp_path / "plots" / "study" / "model_outputs").mkdir()
+    (tmp_path / "model_outputs").mkdir()
+    before = snapshot(tmp_path)
+    for args in ([], ["--overwrite"]):
+        assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "2", *args) == 2
+        assert error_line(capsys) == (f"error: {out} is a folder where this repository keeps reports, samples or runs "
+                                      f"that it ships, not a run directory; choose another --out_dir\n")
+    assert snapshot(tmp_path) == before and not (tmp_path / "model_outputs" / "mine").exists()
+
+
+def test_a_new_run_directory_in_plots_trains(tiny_text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    (tmp_path / "plots" / "study" / "runs" / "gpt_s1337").mkdir(parents=True)
+    (tmp_path / "plots" / "study" / "runs" / "gpt_s1337" / "train.log").write_text("")  # as compare.py starts one
+    assert train_tiny_gpt("plots/study/runs/gpt_s1337", tiny_text_file, "--max_iters", "2") == 0
 
 
 def test_a_run_refused_in_a_directory_without_a_lock_file_leaves_none(tiny_text_file, tmp_path, capsys):
