@@ -68,7 +68,8 @@ def run(args):
     if args.data:
         data, what = encode_whole(load_text(args.data), tokenizer.chars, args.data), f"all of {args.data}"
     else:
-        data, what = run_validation_split(config, tokenizer.chars), "its validation split"
+        data, what = (run_validation_split(config, tokenizer.chars, "evaluate another file with --data FILE"),
+                      "its validation split")
     block_size = config["settings"]["block_size"]
     if args.random_estimates and len(data) <= block_size:
         longer = ", or give a longer --data" if args.data else ""

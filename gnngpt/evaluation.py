@@ -127,17 +127,18 @@ def encode_whole(text, vocab, path):
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
-def run_validation_split(config, vocab):
-    """The validation split of the text a run was trained on (its config's data), with its vocabulary."""
+def run_validation_split(config, vocab, instead):
+    """The validation split of the text a run was trained on (its config's data), with its vocabulary; instead:
+    what the errors for a text that is missing or is not the run's offer besides finding that text."""
     path = Path(config["data"])
     if path != Path(DEFAULT_DATA) and not path.is_file():
         raise UsageError(f"the run's training text {path} is not here; run from the directory it was trained in, "
-                         f"or evaluate another file with --data FILE")
+                         f"or {instead}")
     text = load_text(None if path == Path(DEFAULT_DATA) else path,
                      instead=f"put the run's training text, tinyshakespeare, in {path}")
     if config.get("data_sha256") not in (None, text_digest(text)):  # (runs from before it was recorded have none)
         raise UsageError(f"{path} is not the text the run was trained on (by the data_sha256 of its config.json); "
-                         f"restore that text, or evaluate this file whole with --data {path}")
+                         f"restore that text, or {instead}")
     return validation_split(text, vocab)
 
 

@@ -11,7 +11,7 @@ import torch
 from . import cli, guard
 from .checkpoint import readable_checkpoint
 from .config import SCRIPTS, Script, script_for
-from .data import DEFAULT_DATA
+from .data import DEFAULT_DATA, load_text, text_digest
 from .errors import UsageError, check_count
 from .evaluation import read_eval
 from .lists import list_items, refuse_twice
@@ -83,9 +83,11 @@ class Run:
 
 def value_differences(config, expected):
     """"key was X, now Y" for each value of expected that config does not hold; nested dicts are compared key by
-    key."""
+    key. A run from before its training recorded data_sha256 is compared without it."""
     differences = []
     for key, value in expected.items():
+        if key == "data_sha256" and key not in config:
+            continue
         if isinstance(value, dict):
             differences += value_differences(config.get(key, {}), value)
         elif config.get(key) != value:
@@ -108,9 +110,10 @@ def plan_comparison(args, extra):
         raise UsageError("several learning rates compare models on one graph with one kind of positions; a graph "
                          "study or a leaderboard trains at one rate: give one rate per model, or one graph")
     passed = pass_through_flags(extra)
+    digest = text_there_digest(args.data)
     runs = []
     for name in names:
-        placed = [[plan_run(name, graph, pos, seed, args, passed[script_for(name)], rate)  # checks everything first
+        placed = [[plan_run(name, graph, pos, seed, args, passed[script_for(name)], digest, rate)  # checks all first
                    for rate in (grids[name] if grids else [None]) for seed in seeds]
                   for graph, pos in placements(name, pairs)]
         cli.refuse_twice_placed([(p[0].expected["settings"].get("graph"), p[0].expected["settings"].get("pos"))
@@ -260,10 +263,17 @@ def pass_through_flags(extra):
     return passed
 
 
-def plan_run(model, graph, pos, seed, args, extra, rate=None):
+def text_there_digest(data):
+    """The data_sha256 of the text of --data (or the default file), None where it is not there yet: the trainings
+    download the default one, and a report of finished runs needs no text."""
+    path = Path(data or DEFAULT_DATA)
+    return text_digest(load_text(path)) if path.is_file() else None
+
+
+def plan_run(model, graph, pos, seed, args, extra, digest, rate=None):
     """The training run of one model on one graph with one kind of positions (None for the bigram), one learning
     rate (None: the preset's, and a run name without it) and one seed, its arguments checked as the training
-    script would check them."""
+    script would check them; digest: text_there_digest's, which a run of other text does not match."""
     script = script_for(model)
     argv = [*(["--gat_version", model] if script.graph_layer else []),
             *(["--graph", graph, "--pos", pos] if script.has_model_size else []),
@@ -282,7 +292,7 @@ def plan_run(model, graph, pos, seed, args, extra, rate=None):
     with_rate = "" if args.learning_rate is None else f"_lr{settings['learning_rate']:g}"
     out_dir = Path(args.runs) / f"{name}{with_rate}_s{seed}"
     expected = {"name": name, "settings": settings, "seed": seed, "preset": preset, "device": str(device),
-                "data": str(args.data or DEFAULT_DATA)}
+                "data": str(args.data or DEFAULT_DATA), **({"data_sha256": digest} if digest else {})}
     if script.graph_layer:
         expected["model_config"] = {"mixer": model, "backend": training_args.backend,
                                     "mixer_kwargs": parse_layer_kwargs(training_args.gnn_kwargs)}

@@ -95,7 +95,6 @@ def ran_in(out, made_out):
     return Path(*here[:-len(made)])
 
 
-
 def model_samples_dir(out, configs, shipped=True):
     """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the published
     comparison, a comparison of models (shipped) whose figures go to plots/paper/ and whose configurations all

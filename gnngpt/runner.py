@@ -84,7 +84,8 @@ def write_missing_exact_loss(run):
                f"--write --batch_size {batch_size // 2}")
     with fitting(f"the exact evaluation of {run.out_dir} {in_batches(batch_size)} does not fit in memory",
                  f"{batch_advice(batch_size, smaller)}, then run the same command again"):
-        result = exact_evaluation(model, run_validation_split(config, tokenizer.chars), config["settings"], device)
+        data = run_validation_split(config, tokenizer.chars, "train the run again with --overwrite")
+        result = exact_evaluation(model, data, config["settings"], device)
     write_eval(run.out_dir, result, config["settings"]["max_iters"])
     print(f"{run.name}: {describe_evaluation(result)} (computed from its checkpoint)")
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -326,6 +327,26 @@ def test_a_report_in_plots_goes_beside_its_runs_not_among_them(trainings, tmp_pa
                                            f"another directory, such as plots/mine\n")
     assert trainings == [] and not (tmp_path / "plots").exists()
     assert compare_main("--models", "bigram", "--runs", "plots/mine/runs", "--out", "plots/mine") == 0
+
+
+def test_a_finished_run_of_another_text_is_not_reused(trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram") == 0
+    run = tmp_path / "runs" / "bigram_s1337"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    text = (tmp_path / "tiny.txt").read_text()
+    (tmp_path / "tiny.txt").write_text(text[::-1])  # the same characters and length: another text all the same
+    capsys.readouterr()
+    assert compare_main("--models", "bigram") == 2
+    was, now = (hashlib.sha256(t.encode()).hexdigest() for t in (text, text[::-1]))
+    assert capsys.readouterr().err == (f"error: runs/bigram_s1337 already hold runs that these settings can neither "
+                                       f"reuse nor resume (other settings, or no checkpoint to resume from; "
+                                       f"runs/bigram_s1337: data_sha256 was {was}, now {now}); pass --overwrite to "
+                                       f"replace them or --runs DIR to train elsewhere\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before and len(trainings) == 1
+    config = json.loads((run / "config.json").read_text())
+    del config["data_sha256"]  # as a run from before trainings recorded it
+    (run / "config.json").write_text(json.dumps(config))
+    assert compare_main("--models", "bigram", "--report_only") == 0
 
 
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):

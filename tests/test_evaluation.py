@@ -225,8 +225,8 @@ def test_evaluate_py_refuses_a_text_that_is_not_the_one_the_run_trained_on(tiny_
     capsys.readouterr()
     assert evaluate_py.main(["--out_dir", "run", "--write", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == ("error: tiny.txt is not the text the run was trained on (by the data_sha256 of "
-                                       "its config.json); restore that text, or evaluate this file whole with --data "
-                                       "tiny.txt\n")
+                                       "its config.json); restore that text, or evaluate another file with --data "
+                                       "FILE\n")
     assert {name: (tmp_path / "run" / name).read_bytes() for name in stored} == stored
 
 
@@ -235,7 +235,7 @@ def test_a_failed_download_of_a_runs_default_text_says_where_to_put_it(in_tmp_pa
         s.bind(("127.0.0.1", 0))
         monkeypatch.setattr("gnngpt.data.DATA_URL", f"http://127.0.0.1:{s.getsockname()[1]}/input.txt")
     with pytest.raises(UsageError) as e:
-        run_validation_split({"data": "input.txt"}, list("abc"))
+        run_validation_split({"data": "input.txt"}, list("abc"), "evaluate another file with --data FILE")
     assert str(e.value).endswith("; check the connection or put the run's training text, tinyshakespeare, in "
                                  "input.txt")  # not --data, which evaluates another file whole
     assert list(in_tmp_path.iterdir()) == []
