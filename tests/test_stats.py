@@ -1,0 +1,78 @@
+"""Intervals over seeds and the choice of a learning rate on the tune half, against computations of their own."""
+import math
+import random
+import statistics
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from gnngpt import tuning
+from gnngpt.plots import rates_figure
+from gnngpt.stats import paired_difference, spread
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_a_paired_difference_is_the_students_t_interval_of_the_per_seed_differences(n):
+    rng = random.Random(n)
+    values = {seed: rng.gauss(1.5, 0.05) for seed in range(n + 1)}  # seed n has no baseline: left out
+    baseline = {seed: rng.gauss(1.45, 0.05) for seed in range(-1, n)}  # seed -1 has no value: left out
+    d = np.array([values[seed] - baseline[seed] for seed in range(n)])
+    low, high = scipy_stats.t.interval(0.95, n - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    difference = paired_difference(values, baseline)
+    assert difference.n == n and difference.mean == pytest.approx(d.mean())
+    assert (difference.low, difference.high) == pytest.approx((low, high))
+
+
+def test_one_shared_seed_gives_a_mean_without_an_interval_and_none_gives_nothing():
+    one = paired_difference({1: 1.5, 2: 1.6}, {2: 1.4, 3: 1.2})
+    assert (one.mean, one.low, one.high, one.n) == (pytest.approx(0.2), None, None, 1)
+    assert paired_difference({1: 1.5}, {2: 1.4}) is None
+
+
+def config(name, rate, tune, test):
+    """A configuration at one rate with its per-seed tune-half and test-half losses ({seed: nats})."""
+    def half(by_seed):
+        return {"loss_by_seed": by_seed, "loss": spread(by_seed.values()),
+                "bpc": spread(v / math.log(2) for v in by_seed.values()), "targets": 50}
+
+    whole = spread((tune[seed] + test[seed]) / 2 for seed in test)  # the whole split, of both halves
+    return {"name": name, "learning_rate": rate, "parameters": 1000, "loss": whole,
+            "halves": {"tune": half(tune), "test": half(test)}}
+
+
+# gpt is better at 1e-3 on the tune half and at 2e-3 on the test half; GATConv the other way round
+GPT = [config("gpt", 1e-3, {1: 1.40, 2: 1.42}, {1: 1.60, 2: 1.62}),
+       config("gpt", 2e-3, {1: 1.50, 2: 1.52}, {1: 1.30, 2: 1.31})]
+GAT = [config("GATConv", 1e-3, {1: 1.60, 2: 1.61}, {1: 1.70, 2: 1.74}),
+       config("GATConv", 2e-3, {1: 1.50, 2: 1.50}, {1: 1.90, 2: 1.93})]
+
+
+def test_the_rate_is_chosen_on_the_tune_half_and_reported_on_the_test_half():
+    gpt, gat = tuning.choose_rates([*GPT, *GAT])
+    assert gpt.chosen is GPT[0] and gat.chosen is GAT[1]  # the lower tune-half mean, whatever the test half says
+    row = next(line for line in tuning.tuned_table([gpt, gat], gpt).splitlines() if line.startswith("| gpt |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "0.001" and cells[3].startswith("1.6100 ")  # gpt's test half at its chosen rate
+
+
+def test_a_difference_pairs_each_model_at_its_own_chosen_rate():
+    gpt, gat = tuning.choose_rates([*GPT, *GAT])
+    difference = tuning.difference_on_test_half(gat, gpt)  # GATConv at 2e-3 against gpt at 1e-3, seed by seed
+    assert difference.mean == pytest.approx(((1.90 - 1.60) + (1.93 - 1.62)) / 2)
+
+
+def test_a_tie_on_the_tune_half_takes_the_lower_rate():
+    tied = [config("gpt", 2e-3, {1: 1.5}, {1: 1.3}), config("gpt", 1e-3, {1: 1.5}, {1: 1.6})]
+    assert tuning.choose_rates(tied)[0].chosen is tied[1]
+
+
+def test_the_rates_figure_draws_the_test_half_and_stars_the_chosen_rate():
+    gpt, gat = tuning.choose_rates([*GPT, *GAT])
+    ax = rates_figure([gpt, gat], "rates").axes[0]
+    for container, choice in zip(ax.containers, (gpt, gat)):
+        assert list(container.lines[0].get_ydata()) == pytest.approx(
+            [statistics.fmean(c["halves"]["test"]["loss_by_seed"].values()) for c in choice.by_rate])
+    stars = [line for line in ax.lines if line.get_marker() == "*" and len(line.get_xdata())]
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in stars] == pytest.approx(
+        [(1e-3, 1.61), (2e-3, 1.915)])
