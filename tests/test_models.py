@@ -32,12 +32,29 @@ def test_changing_token_t_changes_no_earlier_logits(name):
     assert_causal(make_model(name).eval())
 
 
+def assert_deaf_beyond_reach(model, T=12):
+    """On graphs of bounded reach (each layer's largest i - j), the last token's logits do not change with a token
+    further back than the layers' reaches summed, and do with one just within them."""
+    reach = sum(graph.reach for graph in model.graphs)
+    idx = torch.randint(0, 17, (3, T))
+    base, _ = model(idx)
+    for t, heard in ((T - 2 - reach, False), (T - 1 - reach, True)):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 17
+        logits, _ = model(changed)
+        assert torch.equal(logits[:, -1], base[:, -1]) != heard
+
+
 @pytest.mark.parametrize("pos", ["abs", "rel"])
-@pytest.mark.parametrize("graph", ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full"])
+@pytest.mark.parametrize("graph", ["full", "window:3", "dilated:2:3", "strided:3:4", "sink:2:3", "window:1,full",
+                                   "window:2,dilated:2:2"])
 @pytest.mark.parametrize("name", ["attention", "GATConv", "GATv2Conv", "TransformerConv", "GCNConv"])
 def test_every_model_is_causal_on_every_graph_with_either_positions(name, graph, pos, small_chunks):
     for backend in ("fast", "pyg") if name in DENSE_LAYERS else ("pyg",):
-        assert_causal(make_model(name, graph=graph, pos=pos, backend=backend).eval())
+        model = make_model(name, graph=graph, pos=pos, backend=backend).eval()
+        assert_causal(model)
+        if None not in (g.reach for g in model.graphs):
+            assert_deaf_beyond_reach(model)
 
 
 @pytest.mark.parametrize("name", GAT_LAYERS)
