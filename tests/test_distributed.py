@@ -67,3 +67,26 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
     moments = ckpt["optimizer"]["state"]
     for i, (name, p) in enumerate(model.named_parameters()):
         torch.testing.assert_close(moments[i]["exp_avg"] / (1 - BETA1), p.grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_processes_stopped_and_resumed_under_torchrun_train_as_if_never_stopped(tiny_text_file, tmp_path):
+    def torchrun(out_dir, *extra):
+        args = ["--data", str(tiny_text_file), "--out_dir", out_dir, "--device", "cpu", "--eval_interval", "1",
+                "--eval_iters", "2", "--batch_size", "3", "--block_size", "8", "--n_embd", "16", "--n_head", "2",
+                "--n_layer", "1", "--learning_rate", "1e-2", *extra]
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("whole", "--max_iters", "2")
+    torchrun("parts", "--max_iters", "1")
+    torchrun("parts", "--max_iters", "2", "--resume")  # each rank's batches go on from its own random state
+    whole, parts = (load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("whole", "parts"))
+    assert parts["step"] == whole["step"] == 2
+    for name, weight in whole["model"].items():
+        assert torch.equal(parts["model"][name], weight), name
+    losses = {name: [(row["step"], row["train_loss"], row["val_loss"])
+                     for row in csv.DictReader((tmp_path / name / "metrics.csv").open(newline=""))]
+              for name in ("whole", "parts")}
+    assert losses["parts"] == losses["whole"] and len(losses["whole"]) == 3  # steps 0, 1 and 2
