@@ -309,7 +309,7 @@ def wandb_records(path):
 
 def wandb_runs(out_dir):
     """Each offline W&B run under out_dir/wandb, oldest first: its id, project, name and config, the values it
-    logged at each step ({step: {key: value}}) and the paths of the files attached to it.
+    logged at each step ({step: {key: value}}), the paths of the files attached to it and its exit code.
 
     The W&B service of this process is shut down first: it writes a finished run's log out only then, as it does
     when a training process ends.
@@ -331,6 +331,8 @@ def wandb_runs(out_dir):
                 run["history"][values.pop("_step")] = {k: v for k, v in values.items() if not k.startswith("_")}
             elif kind == "files":
                 run["files"].update(f.path for f in record.files.files)
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
         runs.append(run)
     return runs
 

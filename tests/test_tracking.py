@@ -1,6 +1,7 @@
 """Experiment tracking: W&B (offline) and TensorBoard read back equal metrics.csv; off by default, and then unused."""
 import ast
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import TINY_GPT_RUN, tensorboard_scalars, train_tiny_gpt, wandb_runs
 from gnngpt.checkpoint import load_checkpoint
+from gnngpt.data import BatchSampler
 from gnngpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,25 @@ def test_wandb_offline_run_logs_the_metrics_at_their_steps_and_resume_continues_
         expected = {tag: row[column] for tag, column in METRICS.items() if row[column] is not None}
         assert logged[row["step"]] == {**expected, "lr": learning_rate}
     assert {"ckpt.pt", "sample.txt"} <= first["files"] and {"ckpt.pt", "sample.txt"} <= resumed["files"]
+    assert first["exit_code"] == resumed["exit_code"] == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_wandb_run_stopped_by_a_signal_ends_with_the_trainings_exit_code(signum, offline_wandb, tiny_text_file,
+                                                                          tmp_path, monkeypatch):
+    real_get = BatchSampler.get
+    calls = []
+
+    def signal_at_the_third_batch(sampler, split):
+        calls.append(split)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return real_get(sampler, split)
+
+    monkeypatch.setattr(BatchSampler, "get", signal_at_the_third_batch)
+    assert train(tmp_path / "run", tiny_text_file, "--max_iters", "8", "--wandb_log") == 128 + signum
+    (run,) = wandb_runs(tmp_path / "run")
+    assert run["exit_code"] == 128 + signum  # W&B marks it stopped, not finished
 
 
 def assert_tensorboard_equals_metrics(out):
