@@ -61,6 +61,7 @@ def is_project_checkpoint(checkpoint):
     model, config, vocab = checkpoint["model"], checkpoint["model_config"], checkpoint["vocab"]
     return (
         checkpoint["arch"] in ARCHITECTURES
+        and type(checkpoint["step"]) is int and checkpoint["step"] >= 0
         and isinstance(config, dict)
         and isinstance(model, dict)
         and all(isinstance(t, torch.Tensor) for t in model.values())

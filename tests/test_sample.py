@@ -294,6 +294,8 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
      "holds weights that are not finite numbers (NaN or infinity); retrain it, at a lower --learning_rate if its loss "
      "diverged"),
     (lambda c: c.pop("step"), "is not a checkpoint of this project"),
+    (lambda c: c.update(step="x"), "is not a checkpoint of this project"),
+    (lambda c: c.update(step=-5), "is not a checkpoint of this project"),
 ])
 @pytest.mark.parametrize("script", [sample, evaluate])
 def test_a_checkpoint_this_version_cannot_rebuild_gives_one_line_error(change, message, script, tiny_run, tmp_path,
