@@ -110,7 +110,7 @@ def plan_comparison(args, extra):
         raise UsageError("several learning rates compare models on one graph with one kind of positions; a graph "
                          "study or a leaderboard trains at one rate: give one rate per model, or one graph")
     passed = pass_through_flags(extra)
-    digest = text_there_digest(args.data)
+    digest = text_digest_of(args.data, args.report_only)
     runs = []
     for name in names:
         placed = [[plan_run(name, graph, pos, seed, args, passed[script_for(name)], digest, rate)  # checks all first
@@ -263,17 +263,18 @@ def pass_through_flags(extra):
     return passed
 
 
-def text_there_digest(data):
-    """The data_sha256 of the text of --data (or the default file), None where it is not there yet: the trainings
-    download the default one, and a report of finished runs needs no text."""
+def text_digest_of(data, report_only):
+    """The data_sha256 of the text of --data (the default file downloaded first where it is missing), which a run
+    trained on another text does not match; with report_only, which reads finished runs alone, None where the text
+    is not there."""
     path = Path(data or DEFAULT_DATA)
-    return text_digest(load_text(path)) if path.is_file() else None
+    return None if report_only and not path.is_file() else text_digest(load_text(data))
 
 
 def plan_run(model, graph, pos, seed, args, extra, digest, rate=None):
     """The training run of one model on one graph with one kind of positions (None for the bigram), one learning
     rate (None: the preset's, and a run name without it) and one seed, its arguments checked as the training
-    script would check them; digest: text_there_digest's, which a run of other text does not match."""
+    script would check them; digest: text_digest_of's, which a run of another text does not match."""
     script = script_for(model)
     argv = [*(["--gat_version", model] if script.graph_layer else []),
             *(["--graph", graph, "--pos", pos] if script.has_model_size else []),

@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import UsageError, check_count, one_line
 from .files import atomic_write_text
 from .jobs import Job, SignalsReceived, StatusBoard, failure_message, latest_metrics
+from .plan import value_differences
 from .processes import run_training
 from .rundir import ROOT  # on each job's PYTHONPATH: the job imports processes.run_training
 
@@ -162,7 +163,7 @@ def waiting_runs(runs, launcher):
         job_id, state = record[r.name]["job"], job_state(jobs[r.name])
         if state not in LIVE:
             continue
-        if record[r.name]["expected"] != json.loads(json.dumps(r.expected)):
+        if value_differences(record[r.name]["expected"], json.loads(json.dumps(r.expected))):
             raise UsageError(f"job {job_id} ({state.lower()}) trains {r.out_dir} with other settings; wait for it "
                              f"to end or cancel it with scancel {job_id}")
         waiting.add(r.name)

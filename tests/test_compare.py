@@ -19,7 +19,7 @@ import torch
 import compare
 import evaluate
 from conftest import ALLOCATION_ERROR, allocation_fails, t_interval, tensorboard_scalars, wandb_runs
-from gnngpt import cli, guard, report, results, rundir, runner, tuning
+from gnngpt import cli, data, guard, report, results, rundir, runner, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError
@@ -347,6 +347,21 @@ def test_a_finished_run_of_another_text_is_not_reused(trainings, tmp_path, capsy
     del config["data_sha256"]  # as a run from before trainings recorded it
     (run / "config.json").write_text(json.dumps(config))
     assert compare_main("--models", "bigram", "--report_only") == 0
+
+
+def test_a_missing_default_text_is_downloaded_before_finished_runs_are_matched_to_it(trainings, tmp_path,
+                                                                                     monkeypatch, capsys):
+    mine = (tmp_path / "tiny.txt").read_text()
+    (tmp_path / "input.txt").write_text(mine)  # a text of one's own in the default file
+    assert compare.main([*TINY, "--models", "bigram"]) == 0
+    (tmp_path / "input.txt").unlink()
+    downloaded = mine[::-1]
+    monkeypatch.setattr(data, "download", lambda url, dest, sha256, **kwargs: Path(dest).write_text(downloaded))
+    capsys.readouterr()
+    assert compare.main([*TINY, "--models", "bigram,gpt"]) == 2
+    was, now = (hashlib.sha256(t.encode()).hexdigest() for t in (mine, downloaded))
+    assert f"runs/bigram_s1337: data_sha256 was {was}, now {now}); pass --overwrite" in capsys.readouterr().err
+    assert len(trainings) == 1  # gpt did not train beside a bigram of another text
 
 
 def test_a_results_md_not_made_by_compare_py_is_not_a_report_to_protect(trainings, tmp_path):

@@ -1,5 +1,6 @@
 """compare.py --launcher slurm (gnngpt.slurm) without a cluster: submitit's local executor runs the jobs as
 processes here, and stand-ins for sbatch and sacct let SLURM's own executor submit and follow jobs that never run."""
+import hashlib
 import json
 import os
 import re
@@ -192,6 +193,12 @@ def test_on_slurm_a_stopped_wait_leaves_the_jobs_and_the_same_command_gathers_th
     assert re.search(r"^gpt_s1337 +training ", captured.out, re.MULTILINE), captured.out
     assert captured.err.endswith(stop)
     assert (slurm_commands / "submissions").read_text() == "1\n"
+    jobs = json.loads((runs / "slurm" / "jobs.json").read_text())
+    for entry in jobs.values():  # as compare.py wrote them before it recorded the text's SHA-256
+        assert entry["expected"].pop("data_sha256") == hashlib.sha256(tiny_text_file.read_bytes()).hexdigest()
+    (runs / "slurm" / "jobs.json").write_text(json.dumps(jobs))
+    assert compare_main(*args) == 130
+    assert capsys.readouterr().out.startswith("bigram_s1337: waiting for job 42_0, training in runs/bigram_s1337\n")
 
     assert compare_main(*args, "--n_embd", "8") == 2
     assert capsys.readouterr().err == ("error: job 42_1 (running) trains runs/gpt_s1337 with other settings; wait for "
