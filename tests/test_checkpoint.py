@@ -136,6 +136,10 @@ BROKEN = [
     (lambda p: torch.save([1, 2, 3], p), "is not a checkpoint of this project"),
     (lambda p: torch.save({**bigram_checkpoint(), "vocab": ["a", "b"]}, p), "is not a checkpoint of this project"),
     (lambda p: torch.save({**bigram_checkpoint(), "arch": "lstm"}, p), "is not a checkpoint of this project"),
+    (lambda p: torch.save((lambda c: {**c, "model": {**c["model"], "extra": 1}})(bigram_checkpoint()), p),
+     "is not a checkpoint of this project"),  # a weight that is no tensor
+    (lambda p: torch.save((lambda c: {**c, "vocab": list(range(len(c["vocab"])))})(bigram_checkpoint()), p),
+     "is not a checkpoint of this project"),  # characters that are no strings
     (lambda p: p.unlink(), "no checkpoint at"),
 ]
 

@@ -741,7 +741,7 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
         assert rows[m][1] == chosen[m]
         assert rows[m][2] == "0.001, 0.03 (at the edge of the grid: try further)"  # two rates: always an edge
         assert rows[m][3] == f"{np.mean(test):.4f} ± {np.std(test, ddof=1):.4f} (2)"
-        bits = [evals[m, chosen[m], s]["test_bpc"] for s in seeds]
+        bits = [loss / math.log(2) for loss in test]
         assert rows[m][4] == f"{np.mean(bits):.4f} ± {np.std(bits, ddof=1):.4f} (2)"
     d = np.subtract([evals["GATConv", chosen["GATConv"], s]["test_loss"] for s in seeds],
                     [evals["gpt", chosen["gpt"], s]["test_loss"] for s in seeds])
@@ -753,6 +753,10 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
     assert [row[:2] for row in every] == [[m, r] for m in ("gpt", "GATConv") for r in ("0.001", "0.03")]
     assert [row[-1] for row in every] == ["chosen" if r == chosen[m] else "" for m in ("gpt", "GATConv")
                                           for r in ("0.001", "0.03")]
+    for row in every:
+        for cell, key in zip(row[2:5], ("tune_loss", "test_loss", "val_loss")):
+            losses = [evals[row[0], row[1], s][key] for s in seeds]
+            assert cell == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} (2)", (row, key)
     for name in ("val_loss", "learning_rates", "loss_by_position"):
         assert matplotlib.image.imread(tmp_path / "plots" / f"{name}.png").ndim == 3
     assert (tmp_path / "plots" / "model_outputs" / "gpt.txt").read_text() == \

@@ -178,9 +178,19 @@ def test_batches_that_cannot_be_pinned_are_copied_from_ordinary_memory(monkeypat
         "batches are copied from ordinary memory (the same batches) from now on\n")
 
 
+def test_batches_are_drawn_from_every_window_of_each_split_and_no_other():
+    data = torch.arange(100)
+    sampler = BatchSampler(data[:90], data[90:], block_size=8, batch_size=64, device="cpu", seed=1)
+    for part, start, end in (("train", 0, 90), ("val", 90, 100)):
+        starts = {int(x[0]) for _ in range(20) for x in sampler.get(part)[0]}
+        assert starts == set(range(start, end - 8))  # the windows of 8 + 1 tokens inside the split, each drawn
+
+
 def test_block_size_longer_than_a_split_is_refused_with_the_sizes_of_both():
     data = torch.arange(100)
-    BatchSampler(data[:90], data[90:], block_size=9, batch_size=2, device="cpu", seed=1)  # 10 tokens: 9 + 1
+    sampler = BatchSampler(data[:90], data[90:], block_size=9, batch_size=2, device="cpu", seed=1)  # 10 tokens: 9 + 1
+    x, y = sampler.get("val")  # the one window the split holds
+    assert torch.equal(x, data[90:99].repeat(2, 1)) and torch.equal(y, data[91:100].repeat(2, 1))
     with pytest.raises(UsageError) as e:
         BatchSampler(data[:90], data[90:], block_size=10, batch_size=2, device="cpu", seed=1)
     assert str(e.value) == ("--data has too little text for block_size 10: 100 token(s), 90 for training and 10 for "
