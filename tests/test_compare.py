@@ -287,14 +287,16 @@ def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainin
                                        "it (eval_iters was 2, now 3); choose another --runs\n")
 
 
-def test_sigterm_while_the_report_is_written_stops_as_ctrl_c_does_and_leaves_no_temporary_file(trainings, tmp_path,
+@pytest.mark.parametrize("file", ["", "results.md"])  # the first file of the report written, and its table
+def test_sigterm_while_the_report_is_written_stops_as_ctrl_c_does_and_leaves_no_temporary_file(file, trainings,
+                                                                                                 tmp_path,
                                                                                                  monkeypatch, capsys):
     assert compare_main("--models", "bigram", "--out", "out") == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
     real_fsync = os.fsync
 
-    def terminated_while_writing(fd):  # SIGTERM as the first file of the report is about to be renamed into place
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "out" / ".")):
+    def terminated_while_writing(fd):  # SIGTERM as the file's temporary copy is about to be renamed into place
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "out" / f".{file}")):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_fsync(fd)
 
