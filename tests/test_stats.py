@@ -1,4 +1,5 @@
-"""Intervals over seeds and the choice of a learning rate on the tune half, against computations of their own."""
+"""Intervals over seeds, the choice of a learning rate on the tune half and the time to a target loss, against
+computations of their own."""
 import math
 import random
 import statistics
@@ -9,6 +10,7 @@ from scipy import stats as scipy_stats
 
 from gnngpt import tuning
 from gnngpt.plots import rates_figure
+from gnngpt.results import target_table
 from gnngpt.stats import paired_difference, spread
 
 
@@ -76,3 +78,23 @@ def test_the_rates_figure_draws_the_test_half_and_stars_the_chosen_rate():
     stars = [line for line in ax.lines if line.get_marker() == "*" and len(line.get_xdata())]
     assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in stars] == pytest.approx(
         [(1e-3, 1.61), (2e-3, 1.915)])
+
+
+def curve(losses, seconds=(0.0, 12.5, 26.0, 39.5)):
+    """A run's validation curve at steps 0, 250, 500 and 750 of 64 tokens each (seconds None: not recorded)."""
+    steps = [0, 250, 500, 750]
+    return {"steps": steps, "val_loss": losses, "tokens": [64 * s for s in steps],
+            "train_s": list(seconds) if seconds else [None] * 4}
+
+
+def test_the_time_to_a_target_loss_is_the_mean_over_seeds_of_each_ones_first_evaluation_at_or_below_it():
+    configs = [{"name": "gpt", "runs": [curve([4.0, 2.1, 1.95, 1.8]), curve([4.0, 1.9, 1.7, 1.6])]},
+               {"name": "GATConv", "runs": [curve([4.0, 2.2, 2.0, 1.9]), curve([4.0, 2.3, 2.1, 2.0])]},
+               {"name": "bigram", "runs": [curve([4.0, 2.5, 2.5, 2.5]), curve([4.0, 2.4, 2.4, 2.4])]},
+               {"name": "old", "runs": [curve([4.0, 1.9, 1.8, 1.7], seconds=None)]}]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in target_table(configs, 1.95).splitlines()[2:]]
+    assert rows[0] == ["gpt", "375", f"{(500 + 250) * 64 / 2:,.0f}", f"{(26.0 + 12.5) / 2:.1f}"]  # 1.95 counts
+    assert rows[1] == ["GATConv"] + ["not reached (1 of 2 seeds)"] * 3
+    assert rows[2] == ["bigram"] + ["not reached"] * 3
+    assert rows[3] == ["old", "250", "16,000", "n/a"]  # a run from before training seconds were recorded
