@@ -151,6 +151,33 @@ def test_probe_catches_global_mixing_and_a_leak_that_skips_the_last_token():
     assert future_leak(NextTokenPeek(), 8).startswith("sees the future: changing token 6")
 
 
+class FaintEarlyLeak(nn.Module):
+    """Adds a ten-thousandth of token 2 to token 1, in the second sequence of the batch only."""
+
+    def forward(self, x, edge_index):
+        out = x.clone().view(2, -1, x.size(-1))
+        out[1, 1] += 1e-4 * out[1, 2]
+        return out.view_as(x)
+
+
+class ThreeTokensApart(nn.Module):
+    """Doubles its input in sequences of exactly three tokens: a prefix of three alone differs, no other does."""
+
+    def forward(self, x, edge_index):
+        return x * 2 if x.size(0) == 2 * 3 else x
+
+
+def test_probe_catches_a_faint_leak_from_an_early_token_in_one_sequence_of_the_batch():
+    assert future_leak(FaintEarlyLeak(), 8) == ("sees the future: changing token 2 changed the outputs of earlier "
+                                               "tokens (training mode)")
+
+
+def test_probe_compares_every_prefix_with_the_whole_sequence():
+    assert future_leak(ThreeTokensApart(), 8) == (
+        "depends on how many tokens follow: the outputs of the first 3 tokens alone differ from theirs in a sequence "
+        "of 8 (eval mode)")
+
+
 def test_probe_catches_a_normalisation_by_out_degree():
     assert future_leak(NeighbourMean(by_out_degree=True), 8) == (
         "depends on how many tokens follow: the outputs of the first 7 tokens alone differ from theirs in a sequence "
