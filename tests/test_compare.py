@@ -711,6 +711,12 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
     assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (2)"
     assert rows["GATConv"][4] == ("not distinguishable" if low <= 0 <= high else "higher" if low > 0 else "lower")
     assert rows["gpt"][3:5] == ["-", "-"]
+    for name in ("gpt", "GATConv"):
+        metrics = [read_metrics(runs / f"{name}_s{seed}") for seed in (1337, 1338)]
+        rates = [np.median([r["tokens_per_s"] for r in rows_ if r["tokens_per_s"]]) for rows_ in metrics]
+        assert rows[name][6] == f"{np.mean(rates):,.0f} ± {np.std(rates, ddof=1):,.0f}"  # each seed's median
+        wall = np.mean([rows_[-1]["elapsed_s"] for rows_ in metrics])
+        assert rows[name][7] == f"{wall:.1f}s"  # the mean of the seeds' times (under a minute here)
     assert "Δ: the mean over seeds of each seed's difference in nats from gpt" in results
     reached = [next(r for r in read_metrics(runs / f"gpt_s{seed}") if r["val_loss"] <= 5) for seed in (1337, 1338)]
     assert f"| gpt | {np.mean([r['step'] for r in reached]):,.0f} | " \

@@ -10,7 +10,7 @@ from scipy import stats as scipy_stats
 
 from gnngpt import tuning
 from gnngpt.plots import rates_figure
-from gnngpt.results import target_table
+from gnngpt.results import format_duration, target_table
 from gnngpt.stats import paired_difference, spread
 
 
@@ -98,3 +98,9 @@ def test_the_time_to_a_target_loss_is_the_mean_over_seeds_of_each_ones_first_eva
     assert rows[1] == ["GATConv"] + ["not reached (1 of 2 seeds)"] * 3
     assert rows[2] == ["bigram"] + ["not reached"] * 3
     assert rows[3] == ["old", "250", "16,000", "n/a"]  # a run from before training seconds were recorded
+
+
+@pytest.mark.parametrize("seconds,text", [(59.94, "59.9s"), (61, "1m 01s"), (3599.4, "59m 59s"),
+                                          (3600, "1h 00m"), (3 * 3600 + 125, "3h 02m")])
+def test_a_wall_time_reads_in_seconds_minutes_or_hours(seconds, text):
+    assert format_duration(seconds) == text
