@@ -10,7 +10,7 @@ from scipy import stats as scipy_stats
 
 from gnngpt import tuning
 from gnngpt.plots import rates_figure
-from gnngpt.results import format_duration, target_table
+from gnngpt.results import format_duration, leaderboard_table, target_table
 from gnngpt.stats import paired_difference, spread
 
 
@@ -104,3 +104,15 @@ def test_the_time_to_a_target_loss_is_the_mean_over_seeds_of_each_ones_first_eva
                                           (3600, "1h 00m"), (3 * 3600 + 125, "3h 02m")])
 def test_a_wall_time_reads_in_seconds_minutes_or_hours(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_the_leaderboard_ranks_by_the_mean_over_seeds():
+    seeds = {"A": [1.50, 1.90], "B": [1.60, 1.61], "C": [1.55, 1.75]}  # first seed: A, C, B; worst: B, C, A
+    configs = [{"name": name, "loss": spread(losses), "bpc": spread(v / math.log(2) for v in losses),
+                "tokens_per_s": spread([1000.0, 1200.0]), "parameters": 10} for name, losses in seeds.items()]
+    table = leaderboard_table(configs).splitlines()[2:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    assert [row[:2] for row in rows] == [["1", "B"], ["2", "C"], ["3", "A"]]  # means 1.605, 1.65, 1.70
+    for row in rows:
+        bits = np.array(seeds[row[1]]) / math.log(2)
+        assert row[3] == f"{bits.mean():.4f} ± {bits.std(ddof=1):.4f} (2)" and row[4] == "1,100 ± 141"
