@@ -98,7 +98,8 @@ def value_differences(config, expected):
 def plan_comparison(args, extra):
     """The runs of compare.py's args (in the order of --models, graphs, positions, rates and seeds),
     checked before anything trains, with extra the training flags passed through; the baseline (see
-    baseline_name), the layer_support records of all-layers (None without it) and the (graph, positions) pairs."""
+    baseline_name), the layer_support records of all-layers (None without it), the (graph, positions) pairs and the
+    text (see comparison_text), whose SHA-256 the runs are matched to."""
     names, layer_records = model_names(args.models)
     pairs = cli.placement_list(args.graphs, args.pos)
     if pairs != [("full", "abs")] and not any(script_for(name).has_model_size for name in names):
@@ -110,7 +111,8 @@ def plan_comparison(args, extra):
         raise UsageError("several learning rates compare models on one graph with one kind of positions; a graph "
                          "study or a leaderboard trains at one rate: give one rate per model, or one graph")
     passed = pass_through_flags(extra)
-    digest = text_digest_of(args.data, args.report_only)
+    text = comparison_text(args.data, args.report_only)
+    digest = None if text is None else text_digest(text)
     runs = []
     for name in names:
         placed = [[plan_run(name, graph, pos, seed, args, passed[script_for(name)], digest, rate)  # checks all first
@@ -120,7 +122,7 @@ def plan_comparison(args, extra):
                                  for p in placed], args.graphs, args.pos)
         runs += [r for p in placed for r in p]
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
-    return runs, baseline, layer_records, pairs
+    return runs, baseline, layer_records, pairs, text
 
 
 def seed_list(seed, count):
@@ -263,18 +265,18 @@ def pass_through_flags(extra):
     return passed
 
 
-def text_digest_of(data, report_only):
-    """The data_sha256 of the text of --data (the default file downloaded first where it is missing), which a run
-    trained on another text does not match; with report_only, which reads finished runs alone, None where the text
-    is not there."""
+def comparison_text(data, report_only):
+    """The text of --data, the default file downloaded first where it is missing, read once for the whole
+    comparison; with report_only, which reads finished runs alone, None where the text is not there."""
     path = Path(data or DEFAULT_DATA)
-    return None if report_only and not path.is_file() else text_digest(load_text(data))
+    return None if report_only and not path.is_file() else load_text(data)
 
 
 def plan_run(model, graph, pos, seed, args, extra, digest, rate=None):
     """The training run of one model on one graph with one kind of positions (None for the bigram), one learning
     rate (None: the preset's, and a run name without it) and one seed, its arguments checked as the training
-    script would check them; digest: text_digest_of's, which a run of another text does not match."""
+    script would check them; digest: the data_sha256 of the comparison's text (None where it has none), which a
+    run of another text does not match."""
     script = script_for(model)
     argv = [*(["--gat_version", model] if script.graph_layer else []),
             *(["--graph", graph, "--pos", pos] if script.has_model_size else []),

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import runner, slurm
-from .data import check_length, load_text, split
+from .data import check_length, split
 from .errors import UsageError, check_count
 from .plan import plan_comparison
 from .report import (
@@ -42,7 +42,7 @@ def compare(args, extra, argv):
             raise UsageError(refusal)
     check_report_owner(out, args.runs, argv)
     check_shipped_out(out, args.runs, "--out" if args.out else "--runs")
-    runs, baseline, layer_records, pairs = plan_comparison(args, extra)
+    runs, baseline, layer_records, pairs, text = plan_comparison(args, extra)
     if in_the_way := next((r for r in runs if r.out_dir.exists() and not r.out_dir.is_dir()), None):
         raise UsageError(f"{in_the_way.out_dir} is a file where the run {in_the_way.name} goes; move it away or "
                          f"choose another --runs")
@@ -68,8 +68,8 @@ def compare(args, extra, argv):
             print(f"{r.name}: reusing the finished run in {r.out_dir}")
     pending = [r for r in runs if states[r.name] != "reuse"]
     if pending:
-        # read (downloaded when missing) and checked once, before any training reads it; one token a character
-        train, val = split(range(len(load_text(args.data))))
+        # checked once, before any training reads the text; one token a character
+        train, val = split(range(len(text)))
         check_length(len(train), len(val), max(r.expected["settings"]["block_size"] for r in pending))
     if launcher:
         stopped, failed = slurm.train_as_jobs(pending, states, runner.training_command, launcher)
