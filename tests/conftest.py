@@ -211,6 +211,14 @@ def tiny_config(mixer, **overrides):
     return GPTConfig(**cfg)
 
 
+def randomize_distance_terms(model):
+    """Random distance biases (they start at zero), so that a wrong distance changes the logits."""
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block.mixer, "distance_bias", None) is not None:
+                block.mixer.distance_bias.normal_()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """tiny_run(name): the directory of a 2-step run of bigram, gpt or a graph layer, trained once per session.

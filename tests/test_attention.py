@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import plot_attention
-from conftest import tiny_config
+from conftest import randomize_distance_terms, tiny_config
 from gnngpt import rundir
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.errors import UsageError
@@ -51,12 +51,9 @@ GRAPHS = ["full", "window:3", "sink:2:3", "dilated:2:3", "window:2,strided:3:4"]
 
 
 def graph_model(mixer, backend, graph, pos):
-    """A tiny model on graph, with random distance biases where it has them (they start at zero)."""
+    """A tiny model on graph, with random distance biases where it has them."""
     model = GPT(tiny_config(mixer, backend=backend, graph=graph, pos=pos)).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            if getattr(block.mixer, "distance_bias", None) is not None:
-                block.mixer.distance_bias.normal_()
+    randomize_distance_terms(model)
     return model
 
 

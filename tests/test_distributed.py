@@ -19,17 +19,21 @@ BETA1 = 0.9  # AdamW's default: after one step its first moment is (1 - beta1) *
 TRACKERS = ["--wandb_log", "--tensorboard"] if all(map(importlib.util.find_spec, ("wandb", "tensorboard"))) else []
 
 
-def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
-    args = ["--data", str(tiny_text_file), "--out_dir", "out", "--device", "cpu", "--max_iters", "1",
-            "--eval_interval", "1", "--eval_iters", "2", "--batch_size", "3", "--block_size", "8",
-            "--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--dropout", "0", "--learning_rate", "1e-2",
-            *TRACKERS]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "--log-dir", "logs", "--redirects", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **offline_wandb_env(tmp_path / "wandb-home"))
-    result = subprocess.run([*torchrun, str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+def torchrun(cwd, data, out_dir, *args, options=(), env=None):
+    """A tiny gpt.py training of two gloo processes under torchrun (its options first), run in cwd to the end."""
+    args = ["--data", str(data), "--out_dir", out_dir, "--device", "cpu", "--eval_interval", "1", "--eval_iters", "2",
+            "--batch_size", "3", "--block_size", "8", "--n_embd", "16", "--n_head", "2", "--n_layer", "1",
+            "--learning_rate", "1e-2", *args]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *options, str(ROOT / "gpt.py"), *args], cwd=cwd,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
+    torchrun(tmp_path, tiny_text_file, "out", "--max_iters", "1", "--dropout", "0", *TRACKERS,
+             options=["--log-dir", "logs", "--redirects", "3"], env=offline_wandb_env(tmp_path / "wandb-home"))
 
     # rank 0 alone prints, evaluates, writes the run files and tracks: one W&B run, one TensorBoard event file
     stdout = {rank: next(tmp_path.glob(f"logs/*/attempt_0/{rank}/stdout.log")).read_text() for rank in (0, 1)}
@@ -70,18 +74,10 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
 
 
 def test_two_processes_stopped_and_resumed_under_torchrun_train_as_if_never_stopped(tiny_text_file, tmp_path):
-    def torchrun(out_dir, *extra):
-        args = ["--data", str(tiny_text_file), "--out_dir", out_dir, "--device", "cpu", "--eval_interval", "1",
-                "--eval_iters", "2", "--batch_size", "3", "--block_size", "8", "--n_embd", "16", "--n_head", "2",
-                "--n_layer", "1", "--learning_rate", "1e-2", *extra]
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(ROOT / "gpt.py"), *args], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    torchrun("whole", "--max_iters", "2")
-    torchrun("parts", "--max_iters", "1")
-    torchrun("parts", "--max_iters", "2", "--resume")  # each rank's batches go on from its own random state
+    torchrun(tmp_path, tiny_text_file, "whole", "--max_iters", "2")
+    torchrun(tmp_path, tiny_text_file, "parts", "--max_iters", "1")
+    # resumed, each rank's batches go on from its own random state
+    torchrun(tmp_path, tiny_text_file, "parts", "--max_iters", "2", "--resume")
     whole, parts = (load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("whole", "parts"))
     assert parts["step"] == whole["step"] == 2
     for name, weight in whole["model"].items():

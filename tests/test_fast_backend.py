@@ -16,6 +16,7 @@ from conftest import (
     capture_whose_replay_raises,
     cuda_graph_warning,
     defined_edges,
+    randomize_distance_terms,
     tiny_config,
     train_losses,
 )
@@ -457,14 +458,6 @@ def test_cached_decoding_on_every_graph_with_absolute_positions_equals_the_lectu
     model = GPT(tiny_config(mixer, graph=graph, block_size=8)).eval()
     decoder = assert_cached_decoding_equals_full(model, torch.randint(0, 17, (2, 3)), torch.randint(0, 17, (22, 2, 1)))
     assert not decoder.rolling
-
-
-def randomize_distance_terms(model):
-    """Random distance biases (they start at zero), so that a wrong distance changes the logits."""
-    with torch.no_grad():
-        for block in model.blocks:
-            if getattr(block.mixer, "distance_bias", None) is not None:
-                block.mixer.distance_bias.normal_()
 
 
 @pytest.mark.parametrize("graph,capacities", [("window:3", [2 + 8, 2 + 8]), ("dilated:2:3", [3 + 8, 3 + 8]),
