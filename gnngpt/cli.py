@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import functools
+import importlib.metadata
 import math
 import os
 import platform
@@ -484,7 +485,6 @@ def machine_description(device):
 
 
 def versions():
-    import torch_geometric
-
+    """The versions a run trained with; PyG's read from its installed metadata, without importing it (seconds)."""
     return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torch_geometric": torch_geometric.__version__}
+            "torch_geometric": importlib.metadata.version("torch_geometric")}

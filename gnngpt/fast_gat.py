@@ -33,11 +33,11 @@ def gat_refusal(conv):
     sums its messages as the dense form does (propagation_refusal), with an edge feature only if that is one
     number (the distance), which re-added self-loops get as 0.0 (their distance)."""
     name = type(conv).__name__
-    if type(conv) not in (pyg_nn.GATConv, pyg_nn.GATv2Conv):
+    if type(conv) not in (pyg_nn().GATConv, pyg_nn().GATv2Conv):
         return NO_DENSE_FORM
     if refusal := propagation_refusal(conv):
         return refusal
-    if type(conv) is pyg_nn.GATConv and conv.lin is None:
+    if type(conv) is pyg_nn().GATConv and conv.lin is None:
         return "GATConv with separate maps for sources and targets"
     if conv.edge_dim not in (None, 1):
         return f"{name} with edge_dim={conv.edge_dim} (the dense form reads one feature, the distance)"
@@ -50,7 +50,7 @@ def propagation_refusal(conv):
     """Why conv's message passing is not what every dense form computes, or "" when it is: messages from each
     edge's source to its target (flow "source_to_target"), summed at the target (aggr "add" or "sum")."""
     name = type(conv).__name__
-    if not isinstance(conv.aggr_module, pyg_nn.aggr.SumAggregation):
+    if not isinstance(conv.aggr_module, pyg_nn().aggr.SumAggregation):
         return f"{name} with aggr={conv.aggr!r} (the dense form sums, as aggr='add')"
     if conv.flow != "source_to_target":
         return f"{name} with flow={conv.flow!r} (the dense form passes messages from source to target)"
@@ -71,7 +71,7 @@ def dense_gat(conv, x, layout, block_size, fused=True):
         return t.view(B, T, H, C).transpose(1, 2)  # (B, T, H*C) -> (B, H, T, C)
 
     edges = edge_table(conv, block_size, max(T, block_size), x.device)  # (D, H) or (D, H, C), or None
-    if type(conv) is pyg_nn.GATConv:
+    if is_gatconv(conv):
         h = heads(conv.lin(x))
         a_src = (h * conv.att_src.view(1, H, 1, C)).sum(-1)  # (B, H, T)
         a_dst = (h * conv.att_dst.view(1, H, 1, C)).sum(-1)
@@ -96,6 +96,12 @@ def dense_gat(conv, x, layout, block_size, fused=True):
     return out
 
 
+def is_gatconv(conv):
+    """Whether conv, a layer gat_refusal accepts, is PyG's GATConv (else its GATv2Conv), told by the class's name:
+    torch.compile reads that as a constant, where it would trace the first import of PyG (mixers.pyg_nn)."""
+    return type(conv).__name__ == "GATConv"
+
+
 def distance_table(conv, block_size, D, device):
     """lin_edge of every distance d = 0 .. D - 1 (feature d / block_size): (D, H, C). D is block_size, or the
     length of a longer input, whose distances past block_size PyG's layer reads all the same."""
@@ -109,7 +115,7 @@ def edge_table(conv, block_size, D, device):
     if conv.lin_edge is None:
         return None
     table = distance_table(conv, block_size, D, device)
-    if type(conv) is pyg_nn.GATConv:
+    if is_gatconv(conv):
         return (table * conv.att_edge).sum(-1)
     return table
 

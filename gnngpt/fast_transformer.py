@@ -26,7 +26,7 @@ def transformer_refusal(mixer):
     """Why the dense form cannot compute the mixer (a TokenMixer) exactly, or "" when it can: a TransformerConv
     that passes and sums its messages as the dense form does (propagation_refusal), reading its edges' distances
     or nothing (the one feature a TokenMixer gives an edge_dim layer)."""
-    if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn.TransformerConv:
+    if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn().TransformerConv:
         return NO_DENSE_FORM
     return propagation_refusal(mixer.conv)
 

@@ -1,4 +1,5 @@
 """Any PyTorch Geometric convolution built as the token mixer: its constructor arguments and how it is called."""
+import functools
 import inspect
 import json
 import warnings
@@ -8,17 +9,22 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-with warnings.catch_warnings():
-    # PyG 2.8 calls torch.jit.script at import time, which torch >= 2.10 flags as deprecated.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
-    import torch_geometric.nn as pyg_nn
-    from torch_geometric.utils import degree
-
 from .errors import UsageError
 from .graph import causal_edge_index
 
 GAT_LAYERS = ("GATConv", "GATv2Conv")
 DENSE_LAYERS = (*GAT_LAYERS, "TransformerConv")  # the layers the fast backend computes as dense attention
+
+
+@functools.cache
+def pyg_nn():
+    """torch_geometric.nn, imported on first use: importing PyG takes seconds (it imports torch._dynamo), which
+    gpt.py, bigram.py and their samples and evaluations, never building a PyG layer, need not spend."""
+    with warnings.catch_warnings():
+        # PyG 2.8 calls torch.jit.script at import time, which torch >= 2.10 flags as deprecated.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
+        import torch_geometric.nn
+    return torch_geometric.nn
 
 
 def mlp(in_width, hidden, out_width):
@@ -28,7 +34,7 @@ def mlp(in_width, hidden, out_width):
 
 def causal_degree_histogram(block_size):
     """deg[d] = how many tokens of a block_size sequence have in-degree d in the causal graph (PNAConv)."""
-    in_degree = degree(causal_edge_index(1, block_size)[1], block_size, dtype=torch.long)
+    in_degree = torch.bincount(causal_edge_index(1, block_size)[1], minlength=block_size)
     return torch.bincount(in_degree, minlength=block_size + 1)
 
 
@@ -44,7 +50,7 @@ class Recipe:
 RECIPES = {
     "APPNP": Recipe(lambda cfg: dict(K=2, alpha=0.1)),
     "ChebConv": Recipe(lambda cfg: dict(K=2)),
-    "DirGNNConv": Recipe(lambda cfg: dict(conv=pyg_nn.GCNConv(cfg.n_embd, cfg.n_embd))),
+    "DirGNNConv": Recipe(lambda cfg: dict(conv=pyg_nn().GCNConv(cfg.n_embd, cfg.n_embd))),
     "DNAConv": Recipe(layer_stack=True),
     "EdgeConv": Recipe(lambda cfg: dict(nn=mlp(2 * cfg.n_embd, cfg.n_embd, cfg.n_embd))),
     "EGConv": Recipe(lambda cfg: dict(num_heads=cfg.n_head)),  # n_head divides n_embd; the default 8 may not
@@ -56,7 +62,7 @@ RECIPES = {
     "GINConv": Recipe(lambda cfg: dict(nn=mlp(cfg.n_embd, cfg.n_embd, cfg.n_embd))),
     "GINEConv": Recipe(lambda cfg: dict(nn=mlp(cfg.n_embd, cfg.n_embd, cfg.n_embd), edge_dim=1), edge_attr=True),
     "GMMConv": Recipe(lambda cfg: dict(dim=1, kernel_size=4), edge_attr=True),
-    "GPSConv": Recipe(lambda cfg: dict(conv=pyg_nn.GCNConv(cfg.n_embd, cfg.n_embd))),
+    "GPSConv": Recipe(lambda cfg: dict(conv=pyg_nn().GCNConv(cfg.n_embd, cfg.n_embd))),
     "HypergraphConv": Recipe(lambda cfg: dict(out_channels=cfg.n_embd, heads=1)),  # heads need attention
     "NNConv": Recipe(lambda cfg: dict(nn=mlp(1, cfg.n_embd, cfg.n_embd * cfg.n_embd)), edge_attr=True),
     "PANConv": Recipe(lambda cfg: dict(filter_size=2)),
@@ -71,9 +77,9 @@ RECIPES = {
 
 def conv_layer_names():
     """Every convolution class that the installed torch_geometric.nn exports, sorted."""
-    conv_module = set(pyg_nn.conv.__all__) - {"MessagePassing"}
-    return sorted(name for name in dir(pyg_nn)
-                  if isinstance(getattr(pyg_nn, name), type) and (name.endswith("Conv") or name in conv_module))
+    conv_module = set(pyg_nn().conv.__all__) - {"MessagePassing"}
+    return sorted(name for name in dir(pyg_nn())
+                  if isinstance(getattr(pyg_nn(), name), type) and (name.endswith("Conv") or name in conv_module))
 
 
 def parse_layer_kwargs(text):
@@ -135,7 +141,7 @@ def build_conv(cfg):
     fill_value, which is set to 0.0, the distance of a token to itself (PyG's default would be the mean of the
     incoming edges'), unless --gnn_kwargs gives one.
     """
-    layer_cls = getattr(pyg_nn, cfg.mixer)
+    layer_cls = getattr(pyg_nn(), cfg.mixer)
     params = inspect.signature(layer_cls.__init__).parameters
     distances = {"edge_dim": 1} if cfg.pos == "rel" and "edge_dim" in params else {}
     if cfg.mixer in GAT_LAYERS:
@@ -152,7 +158,7 @@ def build_conv(cfg):
 
 def reads_distances_when_relative(name):
     """Whether the PyG layer called name gets each edge's distance as a feature under --pos rel."""
-    params = inspect.signature(getattr(pyg_nn, name).__init__).parameters
+    params = inspect.signature(getattr(pyg_nn(), name).__init__).parameters
     return RECIPES.get(name, Recipe()).edge_attr or "edge_dim" in params
 
 

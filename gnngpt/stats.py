@@ -3,8 +3,6 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from scipy import stats
-
 CONFIDENCE = 0.95
 
 
@@ -42,5 +40,7 @@ def paired_difference(values, baseline):
     mean = statistics.fmean(d)
     if len(d) < 2:
         return Difference(mean, None, None, 1)
+    from scipy import stats  # here, not at the top: importing it takes a second that sample.py need not spend
+
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return Difference(mean, mean - half, mean + half, len(d))

@@ -100,7 +100,7 @@ def assert_same_parameter_gradients(fast, pyg, rel=1e-5):
 @pytest.mark.parametrize("mixer,kwargs", LAYER_VARIANTS)
 @pytest.mark.parametrize("B,T,n_embd,n_head", SHAPES)
 def test_dense_layer_equals_pyg_layer_in_outputs_and_gradients(mixer, kwargs, B, T, n_embd, n_head):
-    conv = getattr(pyg_nn, mixer)(n_embd, n_embd // n_head, heads=n_head, **kwargs)
+    conv = getattr(pyg_nn(), mixer)(n_embd, n_embd // n_head, heads=n_head, **kwargs)
     with torch.no_grad():
         for p in conv.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -1,8 +1,17 @@
-"""No module of the package imports, directly or through others, a module that imports it back."""
+"""No module of the package imports, directly or through others, a module that imports it back; and the baselines
+never import the packages only the graph layers and comparisons need."""
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gnngpt"
+import pytest
+
+from conftest import TINY_GPT_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gnngpt"
 
 
 def imported_modules(path):
@@ -68,3 +77,31 @@ def test_the_import_graph_sees_relative_absolute_and_function_level_imports(tmp_
                       "def f():\n    from .guard import check_layer\n", encoding="utf-8")
     assert imported_modules(module) == {"distributed", "data", "models", "guard"}
     assert import_graph()["models"] >= {"fast_gat", "mixers"}
+
+
+SCRIPTS_IN_TURN = """
+import runpy, sys
+for argv in sys.argv[1:]:
+    sys.argv = argv.split()
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as stop:
+        assert not stop.code, (argv, stop.code)
+print(sorted({name.split(".")[0] for name in sys.modules} & {"torch_geometric", "scipy"}))
+"""
+
+
+@pytest.mark.parametrize("script,imported", [("gpt.py", []), ("bigram.py", []), ("pyg-gpt.py", ["torch_geometric"])])
+def test_the_baselines_train_sample_and_evaluate_without_importing_pyg_or_scipy(script, imported, tiny_text_file,
+                                                                                 tmp_path):
+    """PyG takes seconds to import (it imports torch._dynamo), scipy one: gpt.py and bigram.py, and sample.py and
+    evaluate.py on their runs, start without them. pyg-gpt.py, which builds a PyG layer, shows the check sees it."""
+    run = f"--out_dir {tmp_path / 'run'} --device cpu"
+    sizes = TINY_GPT_RUN[:6] if script == "bigram.py" else TINY_GPT_RUN  # the bigram has no --n_embd and such
+    train = f"{ROOT / script} {run} --data {tiny_text_file} --max_iters 2 --eval_interval 2 {' '.join(sizes)}"
+    result = subprocess.run([sys.executable, "-c", SCRIPTS_IN_TURN, train, f"{ROOT / 'sample.py'} {run} "
+                             "--max_new_tokens 5", f"{ROOT / 'evaluate.py'} {run} --batch_size 4"], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == repr(imported)
