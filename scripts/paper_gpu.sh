@@ -12,6 +12,7 @@
 #            and plots/paper/results.md, and each model's sample to model_outputs/ (the shipped samples). It comes
 #            last and gets what is left of the budget: stopped at its limit, every run keeps a checkpoint, and
 #            PAPER_STEPS=compare with the same flags resumes them.
+# A step that fails does not stop the next; the script exits with the first failed step's status (0 when none).
 # docs/paper.md says how the evaluation interval was sized.
 #
 # Usage: bash scripts/paper_gpu.sh [LOG_DIR [COMPARE_FLAG...]]
@@ -32,6 +33,7 @@ steps=" ${PAPER_STEPS:-tests bench compare} "
 budget=${PAPER_BUDGET_S:-570}
 python=${PYTHON:-python3}
 grace=30  # seconds between a step's SIGTERM at its limit and SIGKILL: a run finishes its step (or stops its evaluation)
+failed=0  # the exit status of the first step that failed
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 
@@ -43,6 +45,7 @@ step() {
     timeout -k "$grace" "$limit" "$@" >"$logs/$name.log" 2>&1
     status=$?
     echo "$name: exit $status after $((SECONDS - start)) s (limit $limit s): $*" | tee -a "$logs/summary.txt"
+    ((status == 0 || failed != 0)) || failed=$status
     return "$status"
 }
 
@@ -68,3 +71,4 @@ if [[ $steps == *" compare "* ]]; then
             "retries the failed ones (finished runs are reused)" | tee -a "$logs/summary.txt"
     fi
 fi
+exit "$failed"

@@ -263,6 +263,17 @@ def test_a_shipped_report_or_run_is_written_over_by_its_own_command_alone(traini
         report.check_report_owner(paper, "plots/paper/runs", given)
 
 
+def test_the_docs_give_each_shipped_report_the_command_that_made_it():
+    """Only a shipped report's own command writes over it, flag for flag (check_report_owner): the docs that
+    quote it must give that command, with its flags in its order, for --report_only to rebuild the report."""
+    docs = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    docs = re.sub(r"\s+", " ", docs.replace("\\\n", " "))  # a command's lines joined, as the shell joins them
+    made_by = {p.relative_to(ROOT): p.read_text(encoding="utf-8").split("`")[1]
+               for p in sorted((ROOT / "plots").rglob("*.md")) if "\nMade by `python compare.py " in p.read_text()}
+    assert len(made_by) == 6
+    assert {str(p): command for p, command in made_by.items() if command not in docs} == {}
+
+
 def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainings, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
     mine = ["--models", "gpt", "--runs", "plots/mine/runs", "--out", "plots/mine"]

@@ -49,3 +49,13 @@ def test_the_script_writes_the_paper_comparison_with_the_published_values(tmp_pa
     assert re.search(r"^compare: exit 0 after \d+ s \(limit \d+ s\): .*/compare.py .* --preset paper .* "
                      r"--eval_interval 1000 ", summary, re.MULTILINE)
     assert summary.endswith(results)
+
+
+def test_the_script_exits_with_the_status_of_a_failed_step(tmp_path, tiny_text_file):
+    env = {**os.environ, "PAPER_STEPS": "compare", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "paper_gpu.sh"), "logs", *TINY, "--jobs", "0"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout + result.stderr
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    assert re.search(r"^compare: exit 2 after \d+ s \(limit \d+ s\): .* --jobs 0$", summary, re.MULTILINE)
+    assert (tmp_path / "logs" / "compare.log").read_text() == "error: --jobs must be a positive integer, got 0\n"
