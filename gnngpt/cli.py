@@ -35,7 +35,7 @@ from .fast_gat import NO_DENSE_FORM, compile_failures, compiled, compiler_availa
 from .graph import GRAPH_HELP, graph_spec, parse_graph
 from .guard import check_layer, check_layer_name, format_layer_table, layer_support
 from .lists import list_items, refuse_twice
-from .mixers import GAT_LAYERS, parse_layer_kwargs
+from .mixers import GAT_LAYERS, parse_layer_kwargs, pyg_nn
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
 from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
@@ -485,6 +485,17 @@ def machine_description(device):
 
 
 def versions():
-    """The versions a run trained with; PyG's read from its installed metadata, without importing it (seconds)."""
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torch_geometric": importlib.metadata.version("torch_geometric")}
+    """The versions a run trained with."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "torch_geometric": pyg_version()}
+
+
+def pyg_version():
+    """PyG's version: the imported module's where a PyG layer was built; else read from the installed package's
+    metadata, without importing PyG (seconds) for a run that builds no PyG layer; else, for a copy without its
+    metadata (one on PYTHONPATH), imported after all."""
+    if "torch_geometric" not in sys.modules:
+        try:
+            return importlib.metadata.version("torch_geometric")
+        except importlib.metadata.PackageNotFoundError:
+            pyg_nn()
+    return sys.modules["torch_geometric"].__version__

@@ -1,6 +1,7 @@
 """No module of the package imports, directly or through others, a module that imports it back; and the baselines
 never import the packages only the graph layers and comparisons need."""
 import ast
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_GPT_RUN
+from gnngpt.cli import pyg_version
+from gnngpt.mixers import pyg_nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gnngpt"
@@ -105,3 +108,28 @@ def test_the_baselines_train_sample_and_evaluate_without_importing_pyg_or_scipy(
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == repr(imported)
+
+
+VERSION_LOOKUPS = """
+import importlib.metadata, sys
+from gnngpt.cli import pyg_version
+read = pyg_version(), "torch_geometric" in sys.modules
+def missing(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+importlib.metadata.version = missing  # as for a copy of PyG on PYTHONPATH, without its package metadata
+print(repr((*read, pyg_version(), sys.modules["torch_geometric"].__version__)))
+"""
+
+
+def test_the_pyg_version_a_run_records_is_read_without_importing_pyg_and_imported_where_it_has_no_metadata():
+    result = subprocess.run([sys.executable, "-c", VERSION_LOOKUPS], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from_metadata, imported, without_metadata, module_version = ast.literal_eval(result.stdout)
+    assert (from_metadata, imported, without_metadata) == (module_version, False, module_version)
+
+
+def test_the_pyg_version_is_the_imported_modules_where_a_pyg_layer_was_built(monkeypatch):
+    pyg_nn()  # as building a PyG layer imports it
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0")  # another copy's metadata
+    assert pyg_version() == sys.modules["torch_geometric"].__version__ != "0.0"
