@@ -18,8 +18,9 @@ DENSE_LAYERS = (*GAT_LAYERS, "TransformerConv")  # the layers the fast backend c
 
 @functools.cache
 def pyg_nn():
-    """torch_geometric.nn, imported on first use: importing PyG takes seconds (it imports torch._dynamo), which
-    gpt.py, bigram.py and their samples and evaluations, never building a PyG layer, need not spend."""
+    """torch_geometric.nn, imported on first use: with the torch._dynamo it imports, importing PyG takes seconds,
+    which sample.py and evaluate.py on gpt and bigram runs, and every script's --help, need not spend (a training
+    imports torch._dynamo anyway, through the fused AdamW, and saves under a second)."""
     with warnings.catch_warnings():
         # PyG 2.8 calls torch.jit.script at import time, which torch >= 2.10 flags as deprecated.
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
