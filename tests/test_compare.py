@@ -263,35 +263,6 @@ def test_a_shipped_report_or_run_is_written_over_by_its_own_command_alone(traini
         report.check_report_owner(paper, "plots/paper/runs", given)
 
 
-def documented_commands(text):
-    """The python command lines of a Markdown text, each as shlex splits it: those of its code blocks (a line
-    ending in a backslash joined to the next, as the shell joins them; comments dropped) and its inline code."""
-    text = text.replace("\\\n", " ")
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    inline = re.findall(r"`([^`]+)`", re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.MULTILINE | re.DOTALL))
-    lines = [line for block in blocks for line in block.splitlines()] + [" ".join(code.split()) for code in inline]
-    return [shlex.split(line, comments=True) for line in lines if line.lstrip().startswith("python ")]
-
-
-def test_the_docs_give_each_shipped_report_the_command_that_made_it():
-    """Only a shipped report's own command writes over it, flag for flag (check_report_owner): the docs that
-    quote it must give that command whole, with its flags in its order, for --report_only to rebuild the report."""
-    documented = [command for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-                  for command in documented_commands(path.read_text(encoding="utf-8"))]
-    made_by = {str(p.relative_to(ROOT)): shlex.split(p.read_text(encoding="utf-8").split("`")[1])
-               for p in sorted((ROOT / "plots").rglob("*.md")) if "\nMade by `python compare.py " in p.read_text()}
-    assert len(made_by) == 6
-    assert {path: shlex.join(command) for path, command in made_by.items() if command not in documented} == {}
-
-
-def test_documented_commands_are_whole_lines_and_inline_code():
-    text = ("Run `python compare.py --seeds 3\n  --out x` or:\n\n```bash\n"
-            "python compare.py --a 1 \\\n    --b 2   # why\npython compare.py --a 1\n$ ls\n```\n")
-    assert documented_commands(text) == [["python", "compare.py", "--a", "1", "--b", "2"],
-                                         ["python", "compare.py", "--a", "1"],
-                                         ["python", "compare.py", "--seeds", "3", "--out", "x"]]
-
-
 def test_a_stopped_comparison_in_plots_resumes_but_replaces_no_run_there(trainings, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
     mine = ["--models", "gpt", "--runs", "plots/mine/runs", "--out", "plots/mine"]

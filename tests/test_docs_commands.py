@@ -36,3 +36,13 @@ def test_a_shown_comparison_plans_its_runs(where, line, tmp_path, tiny_text_file
                          "--out", str(tmp_path / "out"), "--report_only"]) == 2
     error = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after any progress bar
     assert error.startswith("error: --report_only needs every run finished"), where
+
+
+def test_the_docs_give_each_shipped_report_the_command_that_made_it():
+    """Only a shipped report's own command writes over it, flag for flag (report.check_report_owner): the README or
+    docs must show that command whole, with its flags in its order, for --report_only to rebuild the report."""
+    shown = [shlex.split(line) for where, line in shown_commands() if where != "compare.py"]
+    made_by = {str(p.relative_to(ROOT)): shlex.split(p.read_text(encoding="utf-8").split("`")[1])
+               for p in sorted((ROOT / "plots").rglob("*.md")) if "\nMade by `python compare.py " in p.read_text()}
+    assert len(made_by) == 6
+    assert {path: shlex.join(command) for path, command in made_by.items() if command not in shown} == {}
