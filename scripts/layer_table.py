@@ -24,7 +24,7 @@ END = "<!-- end of layer table -->"
 def layer_table(records):
     """The Markdown block between BEGIN and END: the working layers, then a table of the refused ones and why."""
     working = [f"`{r.name}`" for r in records if r.works]
-    pyg = cli.versions()["torch_geometric"]
+    pyg = cli.pyg_version()
     summary = (f"{len(working)} of {len(records)} convolution classes of torch_geometric {pyg} "
                f"work as the token mixer (probed at n_embd {SUPPORT_SIZES['n_embd']}, {SUPPORT_SIZES['n_head']} "
                f"heads, {SUPPORT_SIZES['block_size']} tokens): {', '.join(working)}.")
