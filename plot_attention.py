@@ -2,6 +2,7 @@
 
     python plot_attention.py --out_dir runs/GATv2Conv --prompt "ROMEO:"
 """
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
     from gnngpt.attention import attention_maps, rank_agreement
     from gnngpt.cli import DEVICES, ArgumentParser, path_value, resolve_device
     from gnngpt.data import encode_prompt, read_prompt
-    from gnngpt.plots import ATTENTION_FIGURE, plot_attention, png_description
+    from gnngpt.plots import ATTENTION_FIGURE, DRAWN_FROM, plot_attention, png_texts
     from gnngpt.results import load_run_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft! what light"
@@ -48,23 +49,54 @@ def check_out(out, given):
         raise UsageError(f"{name} is not a regular file (a device or a pipe); give --out a file name")
     if out.suffix.lower() != ".png":
         raise UsageError(f"{name}: the figure is a PNG; give a file name ending in .png")
-    if (given or out.is_symlink()) and out.exists() and png_description(out) != ATTENTION_FIGURE:
+    if (given or out.is_symlink()) and out.exists() and png_texts(out).get("Description") != ATTENTION_FIGURE:
         raise UsageError(f"{name} exists and is not an attention figure of plot_attention.py; choose another "
                          f"--out, or remove that file first")
 
 
-def check_shipped(out, name, prompt):
+def check_shipped(out, name, source):
     """Refuse to replace a figure in the repository's plots/ (not in its folders, such as runs) but the one of the
-    model named name, attention_<name>.png, and that one but as it was made: with the default prompt."""
+    model named name, attention_<name>.png, and that one but as it was made: from the run and prompt it records
+    (see figure_source)."""
     own = f"attention_{name}.png"
     if not (out.exists() and out.resolve().parent == rundir.SHIPPED_REPORTS.resolve()):
         return
     if out.resolve().name != own:
         raise UsageError(f"{out} is a figure in the repository's plots/, where it keeps the figures it ships, and a "
                          f"{name} model draws only plots/{own} there; choose another --out")
-    if prompt != DEFAULT_PROMPT:
-        raise UsageError(f"{out} is the figure the repository ships, drawn with the default prompt; draw it so, or "
+    differences = source_differences(recorded_source(out), source)
+    if differences:
+        raise UsageError(f"{out} is the figure the repository ships, and it was drawn from another run or prompt "
+                         f"({'; '.join(differences)}); draw it from that run and prompt (docs/sampling.md), or "
                          f"choose another --out")
+
+
+def figure_source(checkpoint, prompt):
+    """What an attention figure is drawn from, recorded in its PNG: the run (its name, seed, model and training
+    settings and the SHA-256 of its text, from the config its training saved), the checkpoint's step, and the
+    prompt's text."""
+    config = checkpoint["config"]
+    return {**{key: config.get(key) for key in ("name", "seed", "model_config", "settings")},
+            "data_sha256": checkpoint["data_sha256"], "step": checkpoint["step"], "prompt": prompt}
+
+
+def recorded_source(path):
+    """The figure_source recorded in the PNG at path; None where it records none."""
+    try:
+        source = json.loads(png_texts(path).get(DRAWN_FROM, "null"))
+    except ValueError:
+        return None
+    return source if isinstance(source, dict) else None
+
+
+def source_differences(recorded, source):
+    """'key was X, now Y' for each difference between the recorded figure_source and source: the settings that
+    make another model (rundir.config_differences), the text, the step and the prompt."""
+    if recorded is None:
+        return ["the figure records no run"]
+    return rundir.config_differences(recorded, source) + [
+        f"{key} was {recorded.get(key)!r}, now {source[key]!r}" for key in ("data_sha256", "step", "prompt")
+        if recorded.get(key) != source[key]]
 
 
 def run(args):
@@ -73,15 +105,16 @@ def run(args):
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]
-    check_shipped(out, name, args.prompt)
     text = read_prompt(args.prompt)
+    source = figure_source(checkpoint, text)
+    check_shipped(out, name, source)
     idx = encode_prompt(tokenizer, text, device)  # (1, T)
     maps = [m[0] for m in attention_maps(model, idx)]  # n_layer x (H, T, T)
     agreement = [rank_agreement(m, graph.mask(m.size(-1), m.device)).tolist() for m, graph in zip(maps, model.graphs)]
     try:
         plot_attention(maps, list(text), out,
                        f"{name}: attention of each query token over earlier tokens (rank agreement 1 = static)",
-                       agreement)
+                       agreement, source)
     except OSError as e:
         raise UsageError(f"cannot write --out {out} ({e.strerror or e}); choose another --out") from None
     print(f"wrote {out}")

@@ -1,4 +1,5 @@
 """Figures of the results, drawn with matplotlib's Agg canvas (no display needed) and written atomically."""
+import json
 import os
 import struct
 from pathlib import Path
@@ -11,34 +12,34 @@ from matplotlib.patches import Patch
 from .files import atomic_write
 
 ATTENTION_FIGURE = "attention maps drawn by plot_attention.py"  # the Description of plot_attention's PNGs
+DRAWN_FROM = "Drawn from"  # the PNG text of an attention figure that records its run and prompt
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def save_figure(fig, path, description=None):
-    """fig as a PNG at path, with description in its metadata where given."""
-    metadata = {"Description": description} if description else None
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata=metadata))
+def save_figure(fig, path, texts=None):
+    """fig as a PNG at path, with texts ({keyword: text}) as text chunks in its metadata where given."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata=texts))
 
 
-def png_description(path):
-    """The Description among the text chunks of the PNG at path, read chunk by chunk without decoding its image;
-    None where there is none, or no PNG."""
+def png_texts(path):
+    """The text chunks (tEXt) of the PNG at path as {keyword: text}, read chunk by chunk without decoding its image;
+    {} where there are none, or no PNG."""
+    texts = {}
     try:
         with open(path, "rb") as f:
             if f.read(8) != PNG_SIGNATURE:
-                return None
+                return {}
             while len(header := f.read(8)) == 8:
                 length, kind = struct.unpack(">I4s", header)
                 if kind == b"tEXt":
                     key, _, value = f.read(length).partition(b"\0")
-                    if key == b"Description":
-                        return value.decode("latin-1")  # the encoding of tEXt chunks
+                    texts.setdefault(key.decode("latin-1"), value.decode("latin-1"))  # the encoding of tEXt chunks
                 else:
                     f.seek(length, os.SEEK_CUR)
                 f.seek(4, os.SEEK_CUR)  # its CRC
     except OSError:
-        return None
-    return None
+        return {}
+    return texts
 
 
 def mean_curve(runs, key):
@@ -225,10 +226,12 @@ def graph_study_figure(configs, title):
     return fig
 
 
-def plot_attention(maps, tokens, path, title, agreement=None):
+def plot_attention(maps, tokens, path, title, agreement=None, drawn_from=None):
     """Heatmaps of attention maps, a list over layers of (H, T, T), with the tokens as tick labels.
 
     agreement (layers x heads), when given, is printed in each heatmap's title (see attention.rank_agreement).
+    The PNG's Description is ATTENTION_FIGURE; drawn_from (a dict: the run and prompt it was drawn from), when
+    given, goes into its DRAWN_FROM text as JSON.
     """
     n_layer, n_head = len(maps), maps[0].size(0)
     labels = [{" ": "␣"}.get(t, repr(t)[1:-1]) for t in tokens]  # space as ␣, newline as \n
@@ -251,4 +254,7 @@ def plot_attention(maps, tokens, path, title, agreement=None):
             ax.set_ylabel("query token", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     fig.suptitle(title)
-    save_figure(fig, path, ATTENTION_FIGURE)
+    texts = {"Description": ATTENTION_FIGURE}
+    if drawn_from is not None:
+        texts[DRAWN_FROM] = json.dumps(drawn_from, sort_keys=True)
+    save_figure(fig, path, texts)

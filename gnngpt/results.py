@@ -21,9 +21,10 @@ PRESET_DEFAULTS = {"dtype": "float32", "compile": False, "graph": "full", "pos":
 
 def load_run_model(out_dir, device="cpu", backend=None):
     """The model of out_dir/ckpt.pt in eval mode on device, its tokenizer and the checkpoint's {"name", "step",
-    "block_size", "rng", "data_sha256"} (block_size None for the bigram, which reads one token; rng the random states
-    that rank 0 of its training saved with it, train.rng_state, or None where it holds the weights alone;
-    data_sha256 that of the text it was trained on, None where its training did not record it).
+    "block_size", "rng", "data_sha256", "config"} (block_size None for the bigram, which reads one token; rng the
+    random states that rank 0 of its training saved with it, train.rng_state, or None where it holds the weights
+    alone; data_sha256 that of the text it was trained on, None where its training did not record it; config the
+    run's config.json as its training saved it, {} where it saved none).
 
     backend ("fast" or "pyg") replaces the run's own for a graph layer: both hold the same parameters. A run that
     a training holds (see rundir.hold_run_dir) is refused.
@@ -50,11 +51,11 @@ def load_run_model(out_dir, device="cpu", backend=None):
                          f"--learning_rate if its loss diverged")
     model = model.to(device)
     trained = checkpoint.get("config")
+    trained = trained if isinstance(trained, dict) else {}
     return model, CharTokenizer(checkpoint["vocab"]), {"name": checkpoint["name"], "step": checkpoint["step"],
                                                        "block_size": checkpoint["model_config"].get("block_size"),
                                                        "rng": (checkpoint.get("rng") or [None])[0],
-                                                       "data_sha256": trained.get("data_sha256")
-                                                       if isinstance(trained, dict) else None}
+                                                       "data_sha256": trained.get("data_sha256"), "config": trained}
 
 
 def run_summary(out_dir, at=None):

@@ -8,15 +8,17 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 import plot_attention
 from conftest import randomize_distance_terms, tiny_config
 from gnngpt import rundir
 from gnngpt.attention import attention_maps, rank_agreement
+from gnngpt.config import PRESETS
 from gnngpt.errors import UsageError
 from gnngpt.graph import parse_graph
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
-from gnngpt.plots import ATTENTION_FIGURE, png_description
+from gnngpt.plots import ATTENTION_FIGURE, png_texts, save_figure
 
 ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
                     ("GATv2Conv", "pyg")]
@@ -204,7 +206,7 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
 
     for _ in range(2):  # its own figure it draws again
         assert plot_attention.main(["--out_dir", str(run), "--prompt", "To be", "--out", "attention.PNG"]) == 0
-        assert png_description(tmp_path / "attention.PNG") == ATTENTION_FIGURE
+        assert png_texts(tmp_path / "attention.PNG")["Description"] == ATTENTION_FIGURE
 
     mine = shutil.copytree(run, tmp_path / "run")  # its default path is its own, marked or not (drawn before marks)
     (mine / "attention.png").symlink_to(tmp_path / "notes.png")  # unless it links elsewhere
@@ -215,7 +217,7 @@ def test_an_out_that_is_no_attention_figure_of_this_script_is_left_alone(tiny_ru
     (mine / "attention.png").unlink()
     (mine / "attention.png").write_bytes(shipped.read_bytes())
     assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be"]) == 0
-    assert png_description(mine / "attention.png") == ATTENTION_FIGURE
+    assert png_texts(mine / "attention.png")["Description"] == ATTENTION_FIGURE
 
 
 def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path, monkeypatch, capsys):
@@ -239,14 +241,44 @@ def test_a_shipped_figure_is_replaced_by_its_own_model_alone(tiny_run, tmp_path,
 
     shipped = tmp_path / "plots" / "attention_gpt.png"
     shipped.write_bytes((plots / "attention_gpt.png").read_bytes())
-    monkeypatch.setattr(plot_attention, "DEFAULT_PROMPT", "To be")  # in the tiny run's vocabulary
+    capsys.readouterr()
+    assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be", "--out", str(shipped)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shipped} is the figure the repository ships, and it was drawn from another run "
+                          f"or prompt (") and err.endswith("); draw it from that run and prompt (docs/sampling.md), "
+                                                           "or choose another --out\n")
+    for difference in ("n_embd was 128, now 16", "block_size was 64, now 16", "step was 2000, now 2",
+                       "prompt was 'ROMEO:\\nBut soft! what light', now 'To be'"):
+        assert difference in err
+    assert err.count("\n") == 1 and shipped.read_bytes() == (plots / "attention_gpt.png").read_bytes()
+
+    assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be", "--out", str(tmp_path / "own.png")]) == 0
+    save_figure(Figure(), tmp_path / "unrecorded.png", {"Description": ATTENTION_FIGURE})  # marked, recording no run
+    for figure, message in [(tmp_path / "unrecorded.png", "(the figure records no run)"),
+                            (tmp_path / "own.png", None)]:  # drawn from this run and prompt: drawn again
+        shipped.write_bytes(figure.read_bytes())
+        before = shipped.stat().st_ino
+        assert plot_attention.main(["--out_dir", str(mine), "--prompt", "To be", "--out", str(shipped)]) == (
+            2 if message else 0)
+        assert (shipped.stat().st_ino == before) == bool(message)  # replaced (a new file) or left alone
+        assert message is None or message in capsys.readouterr().err
     capsys.readouterr()
     assert plot_attention.main(["--out_dir", str(mine), "--prompt", "be or", "--out", str(shipped)]) == 2
-    assert capsys.readouterr().err == (f"error: {shipped} is the figure the repository ships, drawn with the default "
-                                       f"prompt; draw it so, or choose another --out\n")
-    assert shipped.read_bytes() == (plots / "attention_gpt.png").read_bytes()
-    assert plot_attention.main(["--out_dir", str(mine), "--out", str(shipped)]) == 0  # as it was made
-    assert shipped.read_bytes() != (plots / "attention_gpt.png").read_bytes()
+    assert "(prompt was 'To be', now 'be or')" in capsys.readouterr().err
+
+
+def test_each_shipped_figure_records_the_documented_run_and_prompt():
+    """The figures in plots/ were drawn from the cpu preset's runs of their models, seed 1337, at the last step, with
+    the default prompt (docs/sampling.md gives the commands)."""
+    plots = Path(__file__).parents[1] / "plots"
+    for name in ("gpt", "GATConv", "GATv2Conv"):
+        source = plot_attention.recorded_source(plots / f"attention_{name}.png")
+        assert source is not None, name
+        assert (source["name"], source["seed"], source["prompt"]) == (name, 1337, plot_attention.DEFAULT_PROMPT)
+        settings = source["settings"]
+        assert all(settings[key] == value for key, value in PRESETS["cpu"]["gpt"].items()), name
+        assert source["step"] == settings["max_iters"] and settings["graph"] == "full" and settings["pos"] == "abs"
+        assert source["model_config"]["mixer"] == {"gpt": "attention"}.get(name, name)
 
 
 @pytest.mark.parametrize("name,prompt,message", [
