@@ -37,7 +37,7 @@ from .guard import check_layer, check_layer_name, format_layer_table, layer_supp
 from .lists import list_items, refuse_twice
 from .mixers import GAT_LAYERS, parse_layer_kwargs, pyg_nn
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, default_run_dir, hold_run_dir, run_name, start_run_dir
+from .rundir import check_run_dir, default_run_dir, hold_run_dir, holds_run, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
@@ -266,11 +266,9 @@ def main(script, argv=None):
     """Run one training script (a config.Script); bad input (memory too small for its sizes included) ends with a
     one-line error and exit code 2, SIGINT/SIGTERM with 130/143."""
     argv = sys.argv[1:] if argv is None else argv
-    sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
-        "--batch_size or --block_size"
     try:
         try:
-            with fitting(TOO_BIG, f"train again with a lower {sizes} and --overwrite", TooBig):
+            with fitting(TOO_BIG, train_smaller(script), TooBig):
                 run(script, build_parser(script).parse_args(argv))
             flush_output()
         except UsageError as e:
@@ -292,6 +290,15 @@ def main(script, argv=None):
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
+
+
+def train_smaller(script, out_dir=None):
+    """How to go on when the model and batch do not fit in memory: train with smaller sizes, and with --overwrite
+    where out_dir holds what the run wrote (a training that fails before its first checkpoint leaves nothing)."""
+    sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
+        "--batch_size or --block_size"
+    overwrite = " and --overwrite" if out_dir is not None and holds_run(out_dir) else ""
+    return f"train again with a lower {sizes}{overwrite}"
 
 
 def resume_command(script, argv):
@@ -354,7 +361,8 @@ def run(script, args):
         "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),  # trainings sharing the machine (compare.py --jobs)
         "versions": versions(),
     }
-    with hold_run_dir(out_dir, args.resume):  # no other process writes or reads out_dir until the sample is written
+    # no other process writes or reads out_dir until the sample is written
+    with fitting(TOO_BIG, lambda: train_smaller(script, out_dir), TooBig), hold_run_dir(out_dir, args.resume):
         resume_from = check_run_dir(out_dir, config, tokenizer.chars, args.resume, args.overwrite)
         if resume_from:
             check_snapshot_steps(args.exact_at, resume_from["step"], out_dir)
@@ -389,8 +397,9 @@ def run(script, args):
 
 
 def go_on_without_compiling(checkpoint_path):
-    """How a run whose compiling failed goes on: from checkpoint_path where it was written, else from the start."""
-    return f"train it without --compile, with {'--resume' if checkpoint_path.is_file() else '--overwrite'}"
+    """How a run whose compiling failed goes on: from checkpoint_path where it was written, else from the start (the
+    failed run leaves no file then, see rundir.hold_run_dir)."""
+    return f"train it without --compile{', with --resume' if checkpoint_path.is_file() else ''}"
 
 
 @contextlib.contextmanager

@@ -55,13 +55,14 @@ def memory_error(error, what, fix, kind=UsageError):
 
 @contextlib.contextmanager
 def fitting(what, fix, kind=UsageError):
-    """Memory running out inside becomes memory_error's one line; any other error passes through."""
+    """Memory running out inside becomes memory_error's one line, with fix (or what fix(), a function, returns
+    then); any other error passes through."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - torch's allocation failures are RuntimeErrors of their own
         if not out_of_memory(e):
             raise
-        raise memory_error(e, what, fix, kind) from None
+        raise memory_error(e, what, fix() if callable(fix) else fix, kind) from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -107,7 +107,8 @@ def hold_run_dir(out_dir, resume=False):
     a killed training never blocks the next. A refusal (another process holds it; out_dir is a file or cannot
     be written) is a UsageError on every rank, before anything is written. A block that fails before it writes
     a run file (a refusal of the run there, a tracker that does not start, an interruption) leaves out_dir as it
-    found it.
+    found it; one that fails before a checkpoint is there (memory running out or an interruption in the first
+    evaluation, say) leaves no run file behind either: rank 0 removes those it wrote, which hold nothing trained.
     """
     lock = RunDirLock(out_dir)
     refusal = distributed.from_main(lambda: lock.take(resume))
@@ -117,7 +118,12 @@ def hold_run_dir(out_dir, resume=False):
     try:
         yield
     except BaseException:
-        if run_file_times(out_dir) == before:
+        if distributed.is_main_process() and not has_checkpoint(out_dir):
+            for name, written in zip(RUN_FILES, before):
+                path = Path(out_dir) / name
+                if path.exists() and path.stat().st_mtime_ns != written:
+                    path.unlink()
+        if run_file_times(out_dir) == before or not holds_run(out_dir):
             lock.discard()
         raise
     finally:

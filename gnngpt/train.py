@@ -264,9 +264,10 @@ def check_finite(losses, step, ckpt_path, saved_step):
 
 
 def kept_checkpoint(ckpt_path, saved_step):
-    kept = "no checkpoint was written" if saved_step is None else \
-        f"{ckpt_path} keeps the last good state (step {saved_step})"
-    return f"training stopped and {kept}; train again with --overwrite and a lower --learning_rate"
+    if saved_step is None:  # the run leaves no file then (see rundir.hold_run_dir)
+        return "training stopped and no checkpoint was written; train again with a lower --learning_rate"
+    return (f"training stopped and {ckpt_path} keeps the last good state (step {saved_step}); train again with "
+            f"--overwrite and a lower --learning_rate")
 
 
 def rng_state(sampler):

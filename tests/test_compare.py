@@ -162,7 +162,7 @@ def test_a_stopped_comparison_resumes_where_it_stopped(trainings, tmp_path, monk
     assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][0] == "gpt"
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, tmp_path, monkeypatch, capsys):
+def test_a_run_that_stopped_before_its_first_checkpoint_trains_again(trainings, tmp_path, monkeypatch, capsys):
     def out_of_memory(sampler, split):
         raise RuntimeError("out of memory")  # in the evaluation before the first step, which checkpoints
 
@@ -170,7 +170,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_trains_again(trainings, t
         m.setattr(BatchSampler, "get", out_of_memory)
         assert compare_main("--models", "gpt") == 1
     run = tmp_path / "runs" / "gpt_s1337"
-    assert (run / "config.json").is_file() and not (run / "ckpt.pt").exists()
+    assert not rundir.holds_run(run)  # a failed training leaves no run file before its first checkpoint
+    assert compare_main("--models", "gpt") == 0
+    assert "--overwrite" not in trainings[-1][1]
+
+    for path in run.iterdir():  # as a training killed in that evaluation leaves it: config.json, metrics' header
+        if path.name not in ("config.json", "metrics.csv", rundir.LOCK_FILE):
+            path.unlink()
+    (run / "metrics.csv").write_text((run / "metrics.csv").read_text().splitlines(keepends=True)[0])
     assert compare_main("--models", "gpt") == 0
     assert "--overwrite" in trainings[-1][1]
     assert [m["step"] for m in read_metrics(run)] == [0, 2, 4]

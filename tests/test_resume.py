@@ -460,18 +460,43 @@ def test_resume_without_a_checkpoint_is_refused(tiny_text_file, tmp_path, capsys
     assert not (tmp_path / "empty").exists()
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_is_started_again_with_overwrite(tiny_text_file, tmp_path,
-                                                                                      monkeypatch, capsys):
-    out = tmp_path / "out"
+@pytest.mark.parametrize("failure", ["device error", "out of memory", "Ctrl-C"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_behind(failure, tiny_text_file, tmp_path,
+                                                                          monkeypatch, capsys):
+    out = tmp_path / "runs" / "out"
+    raised = {"device error": RuntimeError("a device error"), "out of memory": RuntimeError(ALLOCATION_ERROR),
+              "Ctrl-C": KeyboardInterrupt()}[failure]
 
     def fails(sampler, split):
-        raise RuntimeError("a device error")  # in the evaluation before the first step, which checkpoints
+        raise raised  # in the evaluation before the first step, which checkpoints
 
-    with monkeypatch.context() as m:
-        m.setattr(BatchSampler, "get", fails)
-        with pytest.raises(RuntimeError, match="a device error"):
-            run(out, tiny_text_file)
-    assert (out / "config.json").is_file() and not (out / "ckpt.pt").exists()
+    def fails_before_checkpoint(*args):
+        with monkeypatch.context() as m:
+            m.setattr(BatchSampler, "get", fails)
+            if failure == "device error":
+                with pytest.raises(RuntimeError, match="a device error"):
+                    run(out, tiny_text_file, *args)
+                return
+            assert run(out, tiny_text_file, *args) == (2 if failure == "out of memory" else 130)
+        assert capsys.readouterr().err.splitlines()[-1] == ("interrupted" if failure == "Ctrl-C" else (
+            f"error: the model and batch do not fit in memory ({ALLOCATION_ERROR}); train again with a lower "
+            f"--batch_size, --block_size, --n_embd or --n_layer"))  # no --overwrite: nothing is left to replace
+
+    fails_before_checkpoint()
+    assert not (tmp_path / "runs").exists()  # as before: the directories it made go too
+    assert run(out, tiny_text_file) == 0
+    fails_before_checkpoint("--overwrite")  # the finished run it replaces is gone, and so is its own
+    assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]
+    assert run(out, tiny_text_file) == 0
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 12
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_started_again_with_overwrite(tiny_text_file, tmp_path, capsys):
+    done, out = tmp_path / "done", tmp_path / "out"
+    assert run(done, tiny_text_file) == 0
+    out.mkdir()  # what a training killed in the evaluation before its first step leaves: no code of it ran after
+    (out / "config.json").write_bytes((done / "config.json").read_bytes())
+    (out / "metrics.csv").write_text((done / "metrics.csv").read_text().splitlines(keepends=True)[0])
     capsys.readouterr()
     assert run(out, tiny_text_file) == 2
     assert capsys.readouterr().err == (f"error: {out} holds a run of this configuration that stopped before its "
