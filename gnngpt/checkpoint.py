@@ -11,14 +11,15 @@ from .models import ARCHITECTURES
 
 
 def save_checkpoint(path, checkpoint):
-    """Write a checkpoint dict atomically; UsageError (the previous checkpoint kept) when the disk refuses."""
+    """Write a checkpoint dict atomically; UsageError (the previous checkpoint kept) when the disk refuses. Without a
+    previous checkpoint, a training leaves no run (see rundir.hold_run_dir): the message says to train again."""
+    previous = Path(path).exists()
     try:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:
-        raise UsageError(
-            f"could not write {path} ({e.strerror or e}); the previous checkpoint is unchanged; "
-            f"{write_fix(e)} or choose another --out_dir, then --resume"
-        ) from None
+        go_on = "the previous checkpoint is unchanged; " if previous else ""
+        raise UsageError(f"could not write {path} ({e.strerror or e}); {go_on}{write_fix(e)} or choose another "
+                         f"--out_dir, then {'--resume' if previous else 'train again'}") from None
 
 
 def load_checkpoint(path):

@@ -294,7 +294,8 @@ def main(script, argv=None):
 
 def train_smaller(script, out_dir=None):
     """How to go on when the model and batch do not fit in memory: train with smaller sizes, and with --overwrite
-    where out_dir holds what the run wrote (a training that fails before its first checkpoint leaves nothing)."""
+    where out_dir holds what the run wrote (a training that fails before its first checkpoint leaves nothing; under
+    torchrun, a rank other than 0 may look before rank 0 has removed it, and name --overwrite, which does no harm)."""
     sizes = "--batch_size, --block_size, --n_embd or --n_layer" if script.has_model_size else \
         "--batch_size or --block_size"
     overwrite = " and --overwrite" if out_dir is not None and holds_run(out_dir) else ""

@@ -89,13 +89,14 @@ class MetricsLog:
         self.write("a", [[row.get(k, "") for k in METRICS_FIELDS]])
 
     def write(self, mode, lines):
-        """Write lines of cells in mode "w" or "a"; UsageError when the disk refuses."""
+        """Write lines of cells in mode "w" or "a"; UsageError when the disk refuses (saying to train again where no
+        checkpoint is there: the training then leaves no run, see hold_run_dir)."""
         try:
             with self.path.open(mode, newline="") as f:
                 csv.writer(f).writerows(lines)
         except OSError as e:
-            raise UsageError(f"{write_failure(self.path, e)} or choose another --out_dir, then --resume from the last "
-                             f"checkpoint") from None
+            go_on = "--resume from the last checkpoint" if has_checkpoint(self.path.parent) else "train again"
+            raise UsageError(f"{write_failure(self.path, e)} or choose another --out_dir, then {go_on}") from None
 
 
 @contextlib.contextmanager

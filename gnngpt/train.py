@@ -264,8 +264,9 @@ def check_finite(losses, step, ckpt_path, saved_step):
 
 
 def kept_checkpoint(ckpt_path, saved_step):
-    if saved_step is None:  # the run leaves no file then (see rundir.hold_run_dir)
-        return "training stopped and no checkpoint was written; train again with a lower --learning_rate"
+    if saved_step is None:  # the evaluation before the first step; the run leaves no file (see rundir.hold_run_dir)
+        return ("the untrained model gives it, so no learning rate helps; train again with other model settings "
+                "(such as --dtype)")
     return (f"training stopped and {ckpt_path} keeps the last good state (step {saved_step}); train again with "
             f"--overwrite and a lower --learning_rate")
 

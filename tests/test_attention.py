@@ -15,6 +15,7 @@ from conftest import randomize_distance_terms, tiny_config
 from gnngpt import rundir
 from gnngpt.attention import attention_maps, rank_agreement
 from gnngpt.config import PRESETS
+from gnngpt.data import DATA_SHA256
 from gnngpt.errors import UsageError
 from gnngpt.graph import parse_graph
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
@@ -275,6 +276,7 @@ def test_each_shipped_figure_records_the_documented_run_and_prompt():
         source = plot_attention.recorded_source(plots / f"attention_{name}.png")
         assert source is not None, name
         assert (source["name"], source["seed"], source["prompt"]) == (name, 1337, plot_attention.DEFAULT_PROMPT)
+        assert source["data_sha256"] == DATA_SHA256  # tinyshakespeare
         settings = source["settings"]
         assert all(settings[key] == value for key, value in PRESETS["cpu"]["gpt"].items()), name
         assert source["step"] == settings["max_iters"] and settings["graph"] == "full" and settings["pos"] == "abs"

@@ -275,6 +275,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(nan_a
     assert int(losses(out)[-1][0]) == last_good
 
 
+def test_a_non_finite_loss_of_the_untrained_model_leaves_no_run(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    with at_forward(1, nan_loss, training=False):  # the first pass of the evaluation before the first step
+        assert run(out, tiny_text_file) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: the evaluation loss is not finite at step 0 ({'train': nan") and err.endswith(
+        "); the untrained model gives it, so no learning rate helps; train again with other model settings (such as "
+        "--dtype)")
+    assert not out.exists()
+
+
 REFUSED = [
     ([], "holds an unfinished run of this configuration; pass --resume to continue it"),
     (["--n_embd", "32"], "holds a run of another configuration (n_embd was 16, now 32); pass --overwrite"),

@@ -247,6 +247,26 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(fails, tiny_text_
     assert json.loads((out / "config.json").read_text())["settings"]["max_iters"] == 4
 
 
+@pytest.mark.parametrize("fails", ["ckpt.pt", "metrics.csv"])
+def test_a_full_disk_before_the_first_checkpoint_says_to_train_again(fails, tiny_text_file, tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        if fails == "ckpt.pt":
+            mp.setattr(ckpt_module.torch, "save", disk_full_from_call(1, ckpt_module.torch.save))
+        else:  # the row of step 0
+            real_open = Path.open
+            append = disk_full_from_call(1, real_open)
+            mp.setattr(Path, "open", lambda path, mode="r", *a, **k: (
+                append if path.name == "metrics.csv" and mode == "a" else real_open)(path, mode, *a, **k))
+        assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: could not write {out / fails} (No space left on "
+                                                        f"device); free disk space or choose another --out_dir, then "
+                                                        f"train again")
+    assert not out.exists()  # nothing trained: the run leaves nothing
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 0
+
+
 def test_a_full_disk_at_the_exact_evaluation_is_one_line_and_resume_finishes_the_run(tiny_text_file, tmp_path,
                                                                                     monkeypatch, capsys):
     out = tmp_path / "run"
