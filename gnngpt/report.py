@@ -3,6 +3,7 @@ val_loss.png, the layer leaderboard, or the graph study; and one sample per mode
 import shlex
 from pathlib import Path
 
+from . import rundir
 from .config import PUBLISHED_STEP
 from .errors import UsageError
 from .evaluation import read_eval, read_eval_or_why
@@ -24,7 +25,7 @@ from .results import (
     target_table,
     uncertainty_notes,
 )
-from .rundir import SHIPPED_SAMPLES, has_checkpoint, in_shipped_plots, is_finished, missing_final_files, read_config
+from .rundir import has_checkpoint, in_shipped_plots, is_finished, missing_final_files, read_config
 from .runner import write_missing_sample
 from .sampling import sample_path
 from .tuning import choose_rates, rate_table, tuned_table, tuning_notes
@@ -37,10 +38,10 @@ def check_shipped_out(out, runs, flag):
     samples, is the one this repository ships, or when out lies among the runs it reports on in the repository's
     plots/, where each report sits beside the folder of its runs; flag is the one that gave out (--out, or --runs
     without it)."""
-    if (Path(out) / "model_outputs").resolve() == SHIPPED_SAMPLES.resolve():
-        raise UsageError(f"{flag} {out} would put the samples over {SHIPPED_SAMPLES}, the ones this repository ships "
-                         f"(only the published comparison writes them: --out plots/paper at the paper preset); "
-                         f"choose another {flag}")
+    if (Path(out) / "model_outputs").resolve() == rundir.SHIPPED_SAMPLES.resolve():
+        raise UsageError(f"{flag} {out} would put the samples over {rundir.SHIPPED_SAMPLES}, the ones this repository "
+                         f"ships (only the published comparison writes them: --out plots/paper at the paper "
+                         f"preset); choose another {flag}")
     if in_shipped_plots(out) and Path(out).resolve().is_relative_to(Path(runs).resolve()):
         raise UsageError(f"{flag} {out} would put the report among the runs of {runs} in the repository's plots/, "
                          f"where each report sits beside the folder of its runs; give --out another directory, such "
@@ -96,14 +97,14 @@ def ran_in(out, made_out):
 
 
 def model_samples_dir(out, configs, shipped=True):
-    """Where a comparison keeps one sample per model: model_outputs/, the shipped samples, for the published
-    comparison, a comparison of models (shipped) whose figures go to plots/paper/ and whose configurations all
-    train at the paper preset's settings (how often and on how many batches it estimates the loss aside); else
-    the model_outputs folder of its --out."""
-    published = (shipped and Path(out).resolve() == Path("plots/paper").resolve()
+    """Where a comparison keeps one sample per model: the repository's model_outputs/, the shipped samples, for the
+    published comparison, a comparison of models (shipped) whose figures go to the repository's plots/paper/ (from
+    whatever directory it runs) and whose configurations all train at the paper preset's settings (how often and on
+    how many batches it estimates the loss aside); else the model_outputs folder of its --out."""
+    published = (shipped and Path(out).resolve() == rundir.PUBLISHED_REPORT.resolve()
                  and all(c["preset"] == "paper" for c in configs)
                  and not setting_notes(configs, ignored=("eval_interval", "eval_iters")))
-    return Path("model_outputs") if published else Path(out) / "model_outputs"
+    return rundir.SHIPPED_SAMPLES if published else Path(out) / "model_outputs"
 
 
 def write_model_samples(runs, out, shipped):
@@ -339,6 +340,8 @@ def samples_line(configs, seeds, directory):
     if seeds is None:
         return ""
     names = list(dict.fromkeys(c["name"] for c in configs))
+    if directory == rundir.SHIPPED_SAMPLES:  # named as from the repository's root, where the report is read
+        directory = Path(directory.name)
     return "Samples: " + ", ".join(f"`{(directory / (name + '.txt')).as_posix()}` (seed {seeds[name]})"
                                    for name in names) + ".\n"
 

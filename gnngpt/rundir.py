@@ -26,6 +26,7 @@ RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its training scripts, and what it ships
 SHIPPED_REPORTS = ROOT / "plots"  # the reports and the small files of their runs that the repository ships
 SHIPPED_SAMPLES = ROOT / "model_outputs"  # the published comparison's samples
+PUBLISHED_REPORT = SHIPPED_REPORTS / "paper"  # the published comparison's report, whose samples are SHIPPED_SAMPLES
 # What a resumed run may change: how long it trains, whether it is compiled, the graph layers' backend.
 RESUMABLE_CHANGES = {"max_iters", "compile", "backend"}
 TRAINING_STATE = {"optimizer", "step", "rng", "metrics", "elapsed_s", "config"}

@@ -197,6 +197,8 @@ def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samp
     tiny = {"max_iters": 4, "batch_size": 4, "block_size": 16, "n_embd": 16, "n_head": 2, "n_layer": 1}
     monkeypatch.setitem(PRESETS, "paper", {arch: {**settings, **{k: v for k, v in tiny.items() if k in settings}}
                                            for arch, settings in PRESETS["paper"].items()})  # TINY's sizes
+    monkeypatch.setattr(rundir, "PUBLISHED_REPORT", tmp_path / "plots" / "paper")  # as if this were the repository
+    monkeypatch.setattr(rundir, "SHIPPED_SAMPLES", tmp_path / "model_outputs")
     assert compare_main("--models", "bigram,gpt", "--preset", "paper", "--out", "plots/paper") == 0
     results = (tmp_path / "plots" / "paper" / "results.md").read_text()
     assert "Samples: `model_outputs/bigram.txt` (seed 1337), `model_outputs/gpt.txt` (seed 1337)." in results
@@ -218,6 +220,13 @@ def test_only_a_comparison_at_the_paper_presets_settings_writes_the_shipped_samp
     written = re.findall(r"`([^`]+)`", line)
     assert [Path(w).parent.as_posix() for w in written] == ["plots/paper/model_outputs"] * 2
     assert all((tmp_path / w).is_file() for w in written)
+    assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
+
+    monkeypatch.chdir(tmp_path / "plots")  # from a folder of the repository, plots/paper is another directory
+    assert compare.main(["--data", str(tmp_path / "tiny.txt"), *TINY, "--models", "bigram", "--preset", "paper",
+                         "--runs", "elsewhere", "--out", "plots/paper"]) == 0
+    assert (tmp_path / "plots" / "plots" / "paper" / "model_outputs" / "bigram.txt").is_file()
+    assert not (tmp_path / "plots" / "model_outputs").exists()
     assert {name: (tmp_path / "model_outputs" / f"{name}.txt").read_text() for name in shipped} == shipped
 
 
