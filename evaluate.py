@@ -7,6 +7,7 @@
 import json
 import statistics
 import sys
+from pathlib import Path
 
 from gnngpt.errors import UsageError, check_count, exit_code, fitting, quiet_interrupt
 
@@ -24,7 +25,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
         write_eval,
     )
     from gnngpt.results import load_run_model
-    from gnngpt.rundir import read_config
+    from gnngpt.rundir import EVAL_FILE, in_shipped_plots, read_config
 
 
 def build_parser():
@@ -61,6 +62,9 @@ def run(args):
                          f"{args.random_estimates}")
     if args.write and args.data:
         raise UsageError("--write records the run's own validation split in its eval.json; drop --data or --write")
+    if args.write and in_shipped_plots(args.out_dir) and (Path(args.out_dir) / EVAL_FILE).exists():
+        raise UsageError(f"{args.out_dir} is a run this repository ships, whose {EVAL_FILE} only the command in its "
+                         f"report writes; drop --write, or evaluate a copy of the run")
     device = cli.resolve_device(args.device)
     model, tokenizer, checkpoint = load_run_model(args.out_dir, device)
     name = checkpoint["name"]

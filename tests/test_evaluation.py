@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import evaluate as evaluate_py
 from conftest import ALLOCATION_ERROR, allocation_fails, tiny_config, train_tiny_gpt
+from gnngpt import rundir
 from gnngpt.data import split
 from gnngpt.errors import UsageError
 from gnngpt.evaluation import describe, exact_evaluation, exact_loss, read_loss_by_position, run_validation_split
@@ -202,6 +203,23 @@ def test_evaluate_py_writes_the_eval_json_a_training_writes(in_tmp_path, tiny_te
     assert written == expected and written["step"] == 3
     val = split(torch.tensor([0] * len(tiny_text_file.read_text())))[1]
     assert written["tune_targets"] + written["test_targets"] == written["targets"] - 1 == len(val) - 2
+
+
+def test_evaluate_py_writes_no_eval_json_over_a_shipped_runs(tiny_run, tmp_path, monkeypatch, capsys):
+    run = shutil.copytree(tiny_run("gpt"), tmp_path / "plots" / "study" / "runs" / "gpt")  # its ckpt.pt kept there
+    monkeypatch.setattr(rundir, "SHIPPED_REPORTS", tmp_path / "plots")  # as if this were the repository's
+    monkeypatch.chdir(tiny_run("gpt").parent)  # where its text is
+    stored = {name: (run / name).read_bytes() for name in ("eval.json", "loss_by_position.csv")}
+    capsys.readouterr()
+    assert evaluate_py.main(["--out_dir", str(run), "--write", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"error: {run} is a run this repository ships, whose eval.json only the "
+                                       f"command in its report writes; drop --write, or evaluate a copy of the run\n")
+    assert {name: (run / name).read_bytes() for name in stored} == stored
+    assert evaluate_py.main(["--out_dir", str(run), "--device", "cpu"]) == 0  # evaluated, not written
+    assert {name: (run / name).read_bytes() for name in stored} == stored
+    (run / "eval.json").unlink()  # a run whose training stopped before its exact loss: written as it would be
+    assert evaluate_py.main(["--out_dir", str(run), "--write", "--device", "cpu"]) == 0
+    assert json.loads((run / "eval.json").read_text())["step"] == 2
 
 
 def test_evaluate_py_without_the_runs_text_says_how_to_go_on(in_tmp_path, tiny_text_file):
