@@ -43,7 +43,7 @@ def build_parser():
                         "of the run), to see how far one falls from the exact loss (default: 0)")
     p.add_argument("--write", action="store_true",
                    help="write the result to the run's eval.json and loss_by_position.csv, as its training does at "
-                        "its end (not with --data)")
+                        "its end (not with --data, nor over the eval.json of a run the repository ships in plots/)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
