@@ -76,8 +76,8 @@ def figure_source(checkpoint, prompt):
     settings and the SHA-256 of its text, from the config its training saved), the checkpoint's step, and the
     prompt's text."""
     config = checkpoint["config"]
-    return {**{key: config.get(key) for key in ("name", "seed", "model_config", "settings")},
-            "data_sha256": checkpoint["data_sha256"], "step": checkpoint["step"], "prompt": prompt}
+    return {**{key: config.get(key) for key in ("name", "seed", "model_config", "settings", "data_sha256")},
+            "step": checkpoint["step"], "prompt": prompt}
 
 
 def recorded_source(path):

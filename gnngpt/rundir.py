@@ -121,10 +121,9 @@ def hold_run_dir(out_dir, resume=False):
         yield
     except BaseException:
         if distributed.is_main_process() and not has_checkpoint(out_dir):
-            for name, written in zip(RUN_FILES, before):
-                path = Path(out_dir) / name
-                if path.exists() and path.stat().st_mtime_ns != written:
-                    path.unlink()
+            for name, was, now in zip(RUN_FILES, before, run_file_times(out_dir)):
+                if now not in (None, was):  # written by this block
+                    (Path(out_dir) / name).unlink()
         if run_file_times(out_dir) == before or not holds_run(out_dir):
             lock.discard()
         raise
