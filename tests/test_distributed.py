@@ -19,16 +19,47 @@ BETA1 = 0.9  # AdamW's default: after one step its first moment is (1 - beta1) *
 TRACKERS = ["--wandb_log", "--tensorboard"] if all(map(importlib.util.find_spec, ("wandb", "tensorboard"))) else []
 
 
+def launch(cwd, script, *args, options=(), env=None):
+    """script run in two processes under torchrun (its options first), in cwd, to the end."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *options, str(script), *args], cwd=cwd,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {})),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def torchrun(cwd, data, out_dir, *args, options=(), env=None):
     """A tiny gpt.py training of two gloo processes under torchrun (its options first), run in cwd to the end."""
-    args = ["--data", str(data), "--out_dir", out_dir, "--device", "cpu", "--eval_interval", "1", "--eval_iters", "2",
-            "--batch_size", "3", "--block_size", "8", "--n_embd", "16", "--n_head", "2", "--n_layer", "1",
-            "--learning_rate", "1e-2", *args]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *options, str(ROOT / "gpt.py"), *args], cwd=cwd,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(cwd, ROOT / "gpt.py", "--data", str(data), "--out_dir", out_dir, "--device", "cpu", "--eval_interval", "1",
+           "--eval_iters", "2", "--batch_size", "3", "--block_size", "8", "--n_embd", "16", "--n_head", "2",
+           "--n_layer", "1", "--learning_rate", "1e-2", *args, options=options, env=env)
+
+
+# Every rank, as the training scripts do: join, train a step in DistributedDataParallel, gather (as a checkpoint
+# does), leave. A group that outlived teardown would keep its worker threads running while Python shuts down,
+# freeing the last collective's tensors, which aborts the process now and then; it must be gone at teardown.
+TEARDOWN = """
+import weakref
+import torch
+from gnngpt import distributed
+
+def train_a_step():
+    distributed.setup(torch.device("cpu"))
+    model = distributed.wrap(torch.nn.Linear(2, 2))
+    model(torch.ones(1, 2)).sum().backward()
+    distributed.gather(distributed.rank())
+    return weakref.ref(torch.distributed.group.WORLD)
+
+group = train_a_step()
+distributed.teardown()
+assert group() is None, "the process group outlived teardown"
+"""
+
+
+def test_the_process_group_is_freed_at_teardown_so_no_worker_thread_outlives_it(tmp_path):
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    launch(tmp_path, script)
 
 
 def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
