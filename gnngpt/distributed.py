@@ -42,10 +42,11 @@ def setup(device):
     global _control_group
     if world_size() == 1:
         return device
-    # torch.distributed.nn.functional, which DistributedDataParallel imports, takes the default group as its
-    # functions' default argument when it is imported: imported after the group exists, it would keep the group
-    # alive past teardown, and the group's worker threads would still be freeing its last collective's tensors
-    # while Python shuts down, which aborts the process ("terminate called without an active exception")
+    # torch.distributed.nn.functional, which building a DistributedDataParallel imports, takes the default group
+    # as its functions' default argument when it is imported. Imported here, before the group exists, that
+    # default is None; imported later, it would keep the group alive past teardown, and the group's worker
+    # threads would still be freeing its last collective's tensors while Python shuts down, which aborts the
+    # process ("terminate called without an active exception")
     importlib.import_module("torch.distributed.nn.functional")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
