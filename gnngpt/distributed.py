@@ -5,6 +5,7 @@ Without torchrun (or with one process) every function here is the single-process
 import importlib
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,21 @@ def setup(device):
 
 
 def teardown():
+    """Leave the process group, called on the way out, also while an exception is on its way out.
+
+    Such an exception's traceback keeps the frames it passed through, and their local variables (the wrapped model
+    among them) keep the group alive past destroy_process_group, with the outcome setup's comment describes. The
+    frames' local variables are dropped first (the traceback still prints in full, and a single process is left
+    alone, for post-mortem debuggers)."""
     global _control_group
     if is_distributed():
+        seen, errors = set(), [sys.exc_info()[1]]
+        while errors:
+            error = errors.pop()
+            if error is not None and id(error) not in seen:
+                seen.add(id(error))
+                traceback.clear_frames(error.__traceback__)
+                errors += [error.__cause__, error.__context__]
         dist.destroy_process_group()
     _control_group = None
 

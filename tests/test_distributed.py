@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import offline_wandb_env, tensorboard_scalars, wandb_runs
@@ -36,31 +37,44 @@ def torchrun(cwd, data, out_dir, *args, options=(), env=None):
 
 
 # Every rank, as the training scripts do: join, train a step in DistributedDataParallel, gather (as a checkpoint
-# does), leave. A group that outlived teardown would keep its worker threads running while Python shuts down,
-# freeing the last collective's tensors, which aborts the process now and then; it must be gone at teardown.
+# does), leave; with "fail", a bug raises after the step and leaves through the teardown, as through the scripts'
+# main. A group that outlived teardown would keep its worker threads running while Python shuts down, freeing the
+# last collective's tensors, which aborts the process now and then; it must be gone at teardown, also while the
+# bug's traceback (which keeps the frames that held the model) is still alive.
 TEARDOWN = """
+import sys
 import weakref
 import torch
 from gnngpt import distributed
+
+groups = []
 
 def train_a_step():
     distributed.setup(torch.device("cpu"))
     model = distributed.wrap(torch.nn.Linear(2, 2))
     model(torch.ones(1, 2)).sum().backward()
     distributed.gather(distributed.rank())
-    return weakref.ref(torch.distributed.group.WORLD)
+    groups.append(weakref.ref(torch.distributed.group.WORLD))
+    if sys.argv[1:] == ["fail"]:
+        raise RuntimeError("a bug")
 
-group = train_a_step()
-distributed.teardown()
-assert group() is None, "the process group outlived teardown"
+try:
+    try:
+        train_a_step()
+    finally:
+        distributed.teardown()
+except RuntimeError:
+    assert groups[0]() is None, "the process group outlived teardown, kept by the bug's traceback"
+assert groups[0]() is None, "the process group outlived teardown"
 """
 
 
-def test_the_process_group_is_freed_at_teardown_so_no_worker_thread_outlives_it(tmp_path):
+@pytest.mark.parametrize("args", [(), ("fail",)], ids=["done", "failed"])
+def test_the_process_group_is_freed_at_teardown_so_no_worker_thread_outlives_it(tmp_path, args):
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN)
     python_path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    launch(tmp_path, script, env={"PYTHONPATH": python_path})
+    launch(tmp_path, script, *args, env={"PYTHONPATH": python_path})
 
 
 def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_batch(tiny_text_file, tmp_path):
