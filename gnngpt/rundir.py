@@ -5,6 +5,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ SNAPSHOT_FILES = ("eval_step*.json", "loss_by_position_step*.csv")  # the same a
 SAMPLE_FILE = "sample.txt"  # the sample the training writes at its end (see sampling.sample_path)
 RUN_FILES = ("config.json", "metrics.csv", "ckpt.pt", EVAL_FILE)
 TENSORBOARD_FILES = "events.out.tfevents.*"  # --overwrite deletes these too: they would mix with the new run's
+WANDB_DIR = "wandb"  # where W&B keeps its runs' files (--wandb_log): each run in a folder of its own
 LOCK_FILE = ".lock"
 RUNS = Path("runs")  # where the scripts put each run by default, as RUNS/<name>, in the working directory
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its training scripts, and what it ships
@@ -110,13 +112,16 @@ def hold_run_dir(out_dir, resume=False):
     be written) is a UsageError on every rank, before anything is written. A block that fails before it writes
     a run file (a refusal of the run there, a tracker that does not start, an interruption) leaves out_dir as it
     found it; one that fails before a checkpoint is there (memory running out or an interruption in the first
-    evaluation, say) leaves no run file behind either: rank 0 removes those it wrote, which hold nothing trained.
+    evaluation, say) leaves no run file behind either: rank 0 removes those it wrote, which hold nothing trained,
+    and the W&B folder where this block made it.
     """
     lock = RunDirLock(out_dir)
     refusal = distributed.from_main(lambda: lock.take(resume))
     if refusal:
         raise UsageError(refusal)
     before = run_file_times(out_dir)
+    wandb_dir = Path(out_dir) / WANDB_DIR
+    wandb_was_there = wandb_dir.exists()
     try:
         yield
     except BaseException:
@@ -124,6 +129,8 @@ def hold_run_dir(out_dir, resume=False):
             for name, was, now in zip(RUN_FILES, before, run_file_times(out_dir)):
                 if now not in (None, was):  # written by this block
                     (Path(out_dir) / name).unlink()
+            if not wandb_was_there:  # the W&B run that this block started, closed by now
+                shutil.rmtree(wandb_dir, ignore_errors=True)
         if run_file_times(out_dir) == before or not holds_run(out_dir):
             lock.discard()
         raise

@@ -70,6 +70,19 @@ def test_a_wandb_run_stopped_by_a_signal_ends_with_the_trainings_exit_code(signu
     assert run["exit_code"] == 128 + signum  # W&B marks it stopped, not finished
 
 
+def test_a_wandb_run_that_fails_before_its_first_checkpoint_leaves_the_out_dir_as_it_found_it(
+        offline_wandb, tiny_text_file, tmp_path, monkeypatch):
+    def interrupted(sampler, split):  # in the evaluation before the first step, after wandb.init wrote its folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BatchSampler, "get", interrupted)
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "runs" / "new", tmp_path / "kept"):  # directories it made, and one that was there
+        before = sorted(p for p in tmp_path.rglob("*") if "wandb-home" not in p.parts)
+        assert train(out, tiny_text_file, "--max_iters", "2", "--wandb_log") == 130
+        assert sorted(p for p in tmp_path.rglob("*") if "wandb-home" not in p.parts) == before
+
+
 def assert_tensorboard_equals_metrics(out):
     rows = read_metrics(out)
     scalars = tensorboard_scalars(out)
