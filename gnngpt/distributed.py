@@ -67,7 +67,8 @@ def teardown():
     Such an exception's traceback keeps the frames it passed through, and their local variables (the wrapped model
     among them) keep the group alive past destroy_process_group, with the outcome setup's comment describes. The
     frames' local variables are dropped first (the traceback still prints in full, and a single process is left
-    alone, for post-mortem debuggers)."""
+    alone, for post-mortem debuggers). A frame keeps its function too, whose closure this cannot reach: code that
+    runs with the model therefore takes it as an argument, not from a closure."""
     global _control_group
     if is_distributed():
         seen, errors = set(), [sys.exc_info()[1]]

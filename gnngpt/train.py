@@ -1,4 +1,5 @@
 """The training loop shared by the three scripts: AdamW, evaluation, metrics, checkpoints, stop and resume."""
+import functools
 import math
 import signal
 import sys
@@ -150,8 +151,8 @@ class Trainer:
         train_time = time.perf_counter() - self.interval_start
         self.train_s += train_time if self.interval_steps else 0.0  # the time before the first step is no training
         before = rng_state(self.sampler)
-        losses = distributed.from_main(
-            lambda: evaluate(self.model, self.sampler, self.settings["eval_iters"], self.dtype, self.stop))
+        losses = distributed.from_main(  # a partial, not a closure over the model: see distributed.teardown
+            functools.partial(evaluate, self.model, self.sampler, self.settings["eval_iters"], self.dtype, self.stop))
         if losses is None:
             set_rng_state(before, self.sampler)
             self.save()
