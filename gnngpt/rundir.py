@@ -113,7 +113,7 @@ def hold_run_dir(out_dir, resume=False):
     a run file (a refusal of the run there, a tracker that does not start, an interruption) leaves out_dir as it
     found it; one that fails before a checkpoint is there (memory running out or an interruption in the first
     evaluation, say) leaves no run file behind either: rank 0 removes those it wrote, which hold nothing trained,
-    and the W&B folder where this block made it.
+    and the W&B folder where this block made it (in one that was there, the failed W&B run's folder stays).
     """
     lock = RunDirLock(out_dir)
     refusal = distributed.from_main(lambda: lock.take(resume))
