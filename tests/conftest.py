@@ -101,6 +101,7 @@ def assert_cached_decoding_equals_full(model, prompt, tokens, compile=False):
         if token is not None:
             sequence = torch.cat((sequence, token), dim=1)
             logits = decoder.append(token)
+            assert decoder.window.size(1) <= model.config.block_size  # what a failed CUDA graph takes in again
     return decoder
 
 

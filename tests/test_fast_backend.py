@@ -572,6 +572,18 @@ def test_cached_sampling_draws_what_the_lectures_sampler_draws(mixer, device):
     assert torch.equal(cached, full)
 
 
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+def test_the_uncached_sampler_reads_the_last_block_size_tokens_of_a_longer_prompt(pos, device):
+    model = GPT(tiny_config("GATv2Conv", backend="pyg", pos=pos, block_size=8)).eval()
+    prompt = torch.randint(0, 17, (2, 11))
+    drawn = generate(model, prompt, 6, top_k=1, use_cache=False)
+    sequence = prompt
+    for _ in range(6):  # the lecture's greedy sampler, written out
+        logits, _ = model(sequence[:, -8:])
+        sequence = torch.cat((sequence, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    assert torch.equal(drawn, sequence)
+
+
 def test_pyg_backend_has_no_cache_and_generates_in_full(device):
     model = GPT(tiny_config("GATConv", backend="pyg")).eval()
     assert not model.supports_cache
