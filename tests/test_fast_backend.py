@@ -270,9 +270,15 @@ def test_an_edge_dim_of_the_gnn_kwargs_reads_distances_in_both_backends(mixer):
     assert_same_outputs_and_grads(fast, pyg, idx, targets)
 
 
-def test_a_self_loop_feature_other_than_distance_0_runs_on_pyg_alone():
-    model = GPT(tiny_config("GATConv", mixer_kwargs={"edge_dim": 1, "fill_value": "mean"}))
-    assert not model.blocks[0].mixer.dense and not model.supports_cache
+@pytest.mark.parametrize("mixer,kwargs,reason", [
+    ("GATConv", {"edge_dim": 1, "fill_value": "mean"},
+     "GATConv with fill_value='mean' (self-loops re-added with a feature other than distance 0)"),
+    ("GATv2Conv", {"edge_dim": 2}, "GATv2Conv with edge_dim=2 (the dense form reads one feature, the distance)"),
+])
+def test_an_edge_feature_other_than_the_distance_runs_on_pyg_and_says_so(mixer, kwargs, reason):
+    model = GPT(tiny_config(mixer, mixer_kwargs=kwargs))
+    token_mixer = model.blocks[0].mixer
+    assert not token_mixer.dense and not model.supports_cache and token_mixer.dense_refusal == reason
 
 
 @pytest.mark.parametrize("graph,pos", [("full", "abs")] + [(graph, "rel") for graph in GRAPHS])
