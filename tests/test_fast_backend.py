@@ -406,6 +406,24 @@ def test_an_input_the_chunked_kernel_refuses_too_leaves_the_fused_kernel_on(fail
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("pos", ["abs", "rel"])
+@pytest.mark.parametrize("mixer", DENSE_LAYERS)
+def test_attention_dropout_spreads_the_logits_as_much_on_either_backend(mixer, pos):
+    """The spread of the logits over draws of the attention weights' dropout (p = 0.5) is PyG's (a fast backend
+    that dropped at half the rate was measured at about half of it)."""
+    fast, pyg = model_pair(mixer, {}, dropout=0.5, pos=pos, graph="window:3,full")
+    idx = torch.randint(0, 17, (2, 12))
+    spread = {}
+    for name, model in (("fast", fast.train()), ("pyg", pyg.train())):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the layer's own dropout of its attention weights alone stays on
+        torch.manual_seed(0)
+        with torch.no_grad():
+            spread[name] = torch.stack([model(idx)[0] for _ in range(100)]).var(dim=0).mean()
+    assert 0.85 < spread["fast"] / spread["pyg"] < 1.15
+
+
 @pytest.mark.parametrize("backend", ["fast", "pyg"])
 @pytest.mark.parametrize("mixer", DENSE_LAYERS)
 def test_attention_dropout_keeps_both_backends_causal(mixer, backend, device):
