@@ -57,6 +57,19 @@ def test_every_model_is_causal_on_every_graph_with_either_positions(name, graph,
             assert_deaf_beyond_reach(model)
 
 
+@pytest.mark.parametrize("name", DENSE_LAYERS)
+def test_with_relative_positions_each_edge_carries_its_distance_over_block_size(name):
+    model = GPT(tiny_config(name, pos="rel", backend="pyg", block_size=8, graph="window:3,full"))
+    seen = []
+    for block in model.blocks:
+        block.mixer.conv.register_forward_pre_hook(
+            lambda conv, args, kwargs: seen.append((args[1], kwargs["edge_attr"])), with_kwargs=True)
+    model(torch.randint(0, 17, (2, 5)))  # five tokens: the scale is the block's 8, not the input's length
+    for (sources, targets), edge_attr in seen:
+        assert torch.equal(edge_attr[:, 0], (targets - sources) / 8)
+    assert [edge_attr.max().item() for _, edge_attr in seen] == [2 / 8, 4 / 8]
+
+
 @pytest.mark.parametrize("name", GAT_LAYERS)
 def test_graph_block_equals_pyg_layer_on_each_sequence(name):
     block = Block(tiny_config(name), FULL).eval()
