@@ -77,6 +77,16 @@ def test_the_loss_by_position_is_drawn_against_characters_of_context_from_offset
     assert ax.get_xlabel() == "characters of context (offset in the window + 1, log scale)"
 
 
+def test_each_rate_is_drawn_at_its_test_half_mean_with_its_sample_deviation_as_bars():
+    by_rate = [{"learning_rate": rate, "loss": Spread(2.0, 0.1, n), "halves": {"test": {"loss": Spread(mean, sd, n)}}}
+               for rate, mean, sd, n in ((5e-4, 1.9, 0.02, 3), (1e-3, 1.8, 0.05, 3), (2e-3, 1.85, None, 1))]
+    container = rates_figure([Choice("gpt", by_rate, by_rate[1])], "rates").axes[0].containers[0]
+    assert list(container.lines[0].get_ydata()) == [1.9, 1.8, 1.85]
+    (bars,) = container.lines[2]
+    assert [tuple(segment[:, 1]) for segment in bars.get_segments()] == pytest.approx(
+        [(1.88, 1.92), (1.75, 1.85), (1.85, 1.85)])  # one seed: no deviation, no bar
+
+
 def test_a_rate_whose_every_training_failed_is_a_cross_on_its_models_colour():
     def at(rate, loss):
         return {"learning_rate": rate, "loss": Spread(loss, 0.01, 2),
