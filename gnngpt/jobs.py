@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RUNS_AT_ONCE
-from .errors import one_line
+from .errors import UsageError, one_line
 from .processes import start_logged
 from .results import format_duration, format_rate
 from .rundir import read_metrics
@@ -148,7 +148,7 @@ def latest_metrics(job):
         if path.stat().st_mtime < job.started:
             return None
         rows = read_metrics(job.out_dir)
-    except (OSError, ValueError):  # not written yet, or caught halfway through a row
+    except (OSError, UsageError):  # not written yet, or caught halfway through a row
         return None
     return rows[-1] if rows else None
 

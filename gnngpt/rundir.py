@@ -4,6 +4,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -16,6 +17,9 @@ from .files import atomic_write_text, remove_leftovers, write_failure, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
+# the cells every row fills: tokens_per_s is empty where no step was timed before the row, and runs from before
+# train_s and tokens were recorded have none
+FILLED_METRICS = ("step", "train_loss", "val_loss", "elapsed_s")
 EVAL_FILE = "eval.json"  # the exact validation loss of the final checkpoint (see evaluation.py)
 POSITION_FILE = "loss_by_position.csv"  # the same loss at each offset of the windows (see evaluation.py)
 SNAPSHOT_FILES = ("eval_step*.json", "loss_by_position_step*.csv")  # the same at earlier steps (--exact_at)
@@ -417,7 +421,8 @@ def config_differences(old, new):
 
 
 def read_metrics(out_dir):
-    """The rows of a run's metrics.csv as dicts of numbers ([] when there is none)."""
+    """The rows of a run's metrics.csv as dicts of numbers ([] when there is none): each fills FILLED_METRICS,
+    with a whole step, and holds finite numbers alone."""
     path = Path(out_dir) / "metrics.csv"
     if not path.is_file():
         return []
@@ -426,11 +431,24 @@ def read_metrics(out_dir):
             rows = list(csv.DictReader(f))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); repair it or delete {path.parent}") from None
+    except csv.Error as e:  # a cell past the csv module's limit, say
+        raise UsageError(f"{path} is not CSV ({e}); repair it or delete {path.parent}") from None
     try:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
+        values = [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):  # a value that is no number, or a row longer than the header (key None)
-        raise UsageError(f"{path} has a row that is not numbers under its header; repair it or delete "
-                         f"{path.parent}") from None
+        values = None
+    if values is None or not all(map(well_formed_metrics, values)):
+        filled = ", ".join(FILLED_METRICS)
+        raise UsageError(f"{path} has a row that is not finite numbers under its header, with {filled} filled and "
+                         f"a whole step; repair it or delete {path.parent}")
+    return values
+
+
+def well_formed_metrics(row):
+    """Whether row (numbers, or None where a cell is empty) fills FILLED_METRICS, with a whole step, and every
+    number in it is finite."""
+    return (all(row.get(k) is not None for k in FILLED_METRICS) and row["step"].is_integer() and row["step"] >= 0
+            and all(math.isfinite(v) for v in row.values() if v is not None))
 
 
 def read_config(out_dir):

@@ -320,17 +320,28 @@ def test_a_run_that_trains_again_keeps_no_exact_loss_or_sample_of_its_former_che
     assert (out / "ckpt.pt").is_file() and (out / "metrics.csv").is_file()
 
 
-@pytest.mark.parametrize("garbage,problem", [(b"garbage,,,\n", "has a row that is not numbers under its header"),
-                                             (b"\xff\xfe,,,\n", "is not UTF-8 text (byte {})")])
-def test_a_metrics_csv_that_is_not_numbers_or_not_text_is_refused_in_one_line(garbage, problem, tiny_text_file,
+NOT_ROWS = ("has a row that is not finite numbers under its header, with step, train_loss, val_loss, elapsed_s filled "
+            "and a whole step")
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda text: text + b"garbage,,,\n", NOT_ROWS),
+    (lambda text: text + b"4,2.5", NOT_ROWS),  # a row cut short, as a full disk leaves it
+    (lambda text: text + b"4,2.5,nan,1.0,,1.0,48\n", NOT_ROWS),
+    (lambda text: text + b"4.5,2.5,2.6,1.0,,1.0,48\n", NOT_ROWS),
+    (lambda text: b"a,b\n" + text.split(b"\n", 1)[1], NOT_ROWS),  # a header without the columns
+    (lambda text: text + b"1" * 200_000 + b"\n", "is not CSV (field larger than field limit (131072))"),
+    (lambda text: text + b"\xff\xfe,,,\n", "is not UTF-8 text (byte {})"),
+])
+def test_a_metrics_csv_that_is_not_numbers_or_not_text_is_refused_in_one_line(damage, problem, tiny_text_file,
                                                                               tmp_path, capsys):
     out = tmp_path / "run"
     assert train_tiny_gpt(out, tiny_text_file) == 0
-    start = (out / "metrics.csv").stat().st_size
-    with (out / "metrics.csv").open("ab") as f:
-        f.write(garbage)
+    metrics = out / "metrics.csv"
+    start = metrics.stat().st_size
+    metrics.write_bytes(damage(metrics.read_bytes()))
     before = snapshot(out)
     capsys.readouterr()
     assert train_tiny_gpt(out, tiny_text_file) == 2
-    assert error_line(capsys) == f"error: {out / 'metrics.csv'} {problem.format(start)}; repair it or delete {out}\n"
+    assert error_line(capsys) == f"error: {metrics} {problem.format(start)}; repair it or delete {out}\n"
     assert snapshot(out) == before
