@@ -40,12 +40,12 @@ def check_count(flag, value, least=1):
 
 
 def out_of_memory(error):
-    """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU (not one of
-    the one-line errors that quote it)."""
+    """Whether error is an allocation that failed: Python's MemoryError, or torch's on a CPU or a GPU, or one whose
+    size in bytes torch cannot even count (not one of the one-line errors that quote it)."""
     if isinstance(error, (UsageError, Failure)):
         return False
-    return isinstance(error, MemoryError) or any(text in str(error) for text in ("can't allocate memory",
-                                                                                 "out of memory"))
+    return isinstance(error, MemoryError) or any(text in str(error) for text in (
+        "can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
 def memory_error(error, what, fix, kind=UsageError):

@@ -456,6 +456,11 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
                                        f"--n_embd, or the layer's sizes in --gnn_kwargs\n")
     probed = guard.refusal_reason(GPTConfig(**guard.SUPPORT_SIZES, mixer="GATConv"))  # as --list_layers probes each
     assert probed == f"cannot be built: {ALLOCATION_ERROR}"  # a reason of that layer's, the listing goes on
+    monkeypatch.undo()
+    assert main(PYG_GPT, ["--gat_version", "GATv2Conv", *args, "--overwrite", "--n_embd", "2147483646"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # too big for torch to count its bytes
+        "error: the model and batch do not fit in memory (Storage size calculation overflowed with sizes="
+        "[2147483646, 2147483646]); lower --n_embd, or the layer's sizes in --gnn_kwargs")
 
     def other_failure(self):
         raise RuntimeError("a bug")
