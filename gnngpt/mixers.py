@@ -89,6 +89,8 @@ def parse_layer_kwargs(text):
         kwargs = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"--gnn_kwargs is not valid JSON ({e}); write an object such as '{{\"K\": 2}}'") from None
+    except RecursionError:
+        raise UsageError("--gnn_kwargs nests too deeply to be read; write an object such as '{\"K\": 2}'") from None
     if not isinstance(kwargs, dict):
         raise UsageError(f"--gnn_kwargs must be a JSON object, got {text}; write an object such as '{{\"K\": 2}}'")
     return kwargs

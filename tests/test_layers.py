@@ -264,6 +264,7 @@ BAD_LAYER_INPUTS = [
     (["--gnn", "GCNConv", "--gnn_kwargs", '{"cached": true}'], "cached=True reuses the graph of the first batch"),
     (["--gnn_kwargs", "{K: 2}"], "--gnn_kwargs is not valid JSON"),
     (["--gnn_kwargs", "[2]"], "--gnn_kwargs must be a JSON object, got [2]"),
+    (["--gnn_kwargs", "[" * 100_000], "--gnn_kwargs nests too deeply to be read"),
 ]
 
 
