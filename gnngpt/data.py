@@ -143,7 +143,7 @@ def encode_prompt(tokenizer, text, device="cpu"):
     if unknown:
         raise UsageError(
             f"the prompt has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
-            f"use only characters of the training text"
+            f"give a --prompt made of characters of the training text"
         )
     return torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)
 

@@ -23,6 +23,8 @@ from conftest import (
     failing_multinomial,
 )
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
+from gnngpt.cli import main
+from gnngpt.config import BIGRAM as BIGRAM_SCRIPT
 from gnngpt.decoder import KVCache
 from gnngpt.results import load_run_model
 
@@ -239,7 +241,7 @@ def write_foreign_checkpoints(tmp_path):
     (["--out_dir", "foreign"], "error: foreign/ckpt.pt is not a checkpoint of this project"),
     (["--out_dir", "text"], "error: text/ckpt.pt is not a readable checkpoint of this project"),
     (["--prompt", "ROMEO: To be!"], "error: the prompt has characters outside the model's vocabulary: "
-                                    "'R' 'M' 'E' ':' '!'; use only characters of the training text"),
+                                    "'R' 'M' 'E' ':' '!'; give a --prompt made of characters of the training text"),
     (["--prompt", ""], "error: the prompt is empty"),
     (["--prompt", "FILE:"], "error: --prompt FILE: names no file; give --prompt FILE:PATH to a UTF-8 text file\n"),
     (["--prompt", "FILE:nowhere.txt"], "error: cannot read the prompt file nowhere.txt (No such file or directory)"),
@@ -275,6 +277,17 @@ def test_bad_input_gives_one_line_error(args, message, tiny_run, tmp_path, monke
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(message.format(**runs))
     assert captured.out == ""
+
+
+def test_a_default_prompt_outside_the_vocabulary_says_to_give_one(tmp_path, capsys):
+    (tmp_path / "line.txt").write_text("to be or not to be " * 200)  # no newline, sample.py's default prompt
+    out = tmp_path / "bigram"
+    assert main(BIGRAM_SCRIPT, ["--data", str(tmp_path / "line.txt"), "--out_dir", str(out), "--max_iters", "2",
+                                "--eval_iters", "1", "--batch_size", "2", "--block_size", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: the prompt has characters outside the model's vocabulary: '\\n'; give "
+                                       "a --prompt made of characters of the training text\n")
 
 
 @pytest.mark.parametrize("change,message", [
