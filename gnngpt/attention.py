@@ -3,7 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UsageError
-from .mixers import GAT_LAYERS, run_conv
+from .mixers import DENSE_LAYERS, TokenMixer, run_conv
 from .models import CausalSelfAttention
 
 
@@ -11,9 +11,15 @@ def has_attention(model):
     """Whether every block of model mixes tokens with softmax attention that can be drawn."""
     blocks = getattr(model, "blocks", None)
     return bool(blocks) and all(
-        isinstance(b.mixer, CausalSelfAttention) or type(getattr(b.mixer, "conv", None)).__name__ in GAT_LAYERS
+        isinstance(b.mixer, CausalSelfAttention) or type(attention_layer(b.mixer)).__name__ in DENSE_LAYERS
         for b in blocks
     )
+
+
+def attention_layer(mixer):
+    """The PyG layer of a GraphMixer (unwrapped from its TokenMixer), or None for another mixer."""
+    conv = getattr(mixer, "conv", None)
+    return conv.conv if isinstance(conv, TokenMixer) else conv
 
 
 @torch.no_grad()
@@ -26,7 +32,7 @@ def attention_maps(model, idx):
     if not has_attention(model):
         raise UsageError(
             f"a {getattr(model.config, 'mixer', model.arch)} model has no attention weights "
-            f"to draw; use a run of gpt.py or of pyg-gpt.py with {' or '.join(GAT_LAYERS)}"
+            f"to draw; use a run of gpt.py or of pyg-gpt.py with {', '.join(DENSE_LAYERS[:-1])} or {DENSE_LAYERS[-1]}"
         )
     if idx.size(1) > model.context_size:
         raise UsageError(
@@ -67,8 +73,9 @@ def self_attention_weights(attn, x):
 def graph_attention_weights(mixer, x):
     """The per-edge attention of a GraphMixer's PyG layer on its graph, scattered into (B, H, T, T)."""
     B, T, C = x.shape
-    _, (edge_index, alpha) = run_conv(mixer.conv, x.reshape(B * T, C), mixer.graph.edge_index(B, T, x.device),
-                                      mixer.block_size, return_attention_weights=True)
+    _, (edge_index, alpha) = run_conv(attention_layer(mixer), x.reshape(B * T, C),
+                                      mixer.graph.edge_index(B, T, x.device), mixer.block_size,
+                                      return_attention_weights=True)
     alpha = alpha.view(edge_index.size(1), -1)  # (E, H)
     src, dst = edge_index  # the layer's own edges: its self-loops replace the graph's
     maps = x.new_zeros(B, T, T, alpha.size(1))

@@ -22,7 +22,7 @@ from gnngpt.models import GPT, BigramConfig, BigramLanguageModel
 from gnngpt.plots import ATTENTION_FIGURE, png_texts, save_figure
 
 ATTENTION_MODELS = [("attention", "fast"), ("GATConv", "fast"), ("GATConv", "pyg"), ("GATv2Conv", "fast"),
-                    ("GATv2Conv", "pyg")]
+                    ("GATv2Conv", "pyg"), ("TransformerConv", "fast"), ("TransformerConv", "pyg")]
 
 
 def block_inputs(model, idx):
@@ -45,6 +45,15 @@ def mixer_output_from_maps(mixer, maps, h):
         v = mixer.qkv(h).split(C, dim=2)[2].view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
         return mixer.proj((maps @ v).transpose(1, 2).reshape(B, T, C))
     conv = mixer.conv
+    if type(conv).__name__ == "TokenMixer":  # a TransformerConv: values, each with its distance's term, and the skip
+        conv = conv.conv
+        values = conv.lin_value(h).view(B, T, H, -1)
+        out = torch.einsum("bhij,bjhc->bihc", maps, values)
+        if conv.lin_edge is not None:
+            distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # i - j (negative ones weigh 0)
+            terms = conv.lin_edge(distance[..., None] / mixer.block_size).view(T, T, H, -1)
+            out = out + torch.einsum("bhij,ijhc->bihc", maps, terms)
+        return out.reshape(B, T, -1) + conv.lin_skip(h)
     lin = conv.lin if type(conv).__name__ == "GATConv" else conv.lin_l  # the messages: h_j or xl_j
     values = lin(h).view(B, T, H, -1)  # (B, T, H, C // H)
     return torch.einsum("bhij,bjhc->bihc", maps, values).reshape(B, T, -1) + conv.bias
@@ -100,13 +109,14 @@ def test_attention_maps_leave_training_mode_and_hooks_as_they_were():
         torch.testing.assert_close(a, b)
 
 
-def test_gatv1_attention_is_static_and_gatv2_and_dot_product_are_not():
+def test_gatv1_attention_is_static_and_gatv2_and_dot_products_are_not():
     idx = torch.randint(0, 17, (1, 12))
     agreement = {name: torch.stack([rank_agreement(m[0]) for m in attention_maps(GPT(tiny_config(name)).eval(), idx)])
-                 for name in ("GATConv", "GATv2Conv", "attention")}
+                 for name in ("GATConv", "GATv2Conv", "attention", "TransformerConv")}
     assert torch.all(agreement["GATConv"] == 1)  # every query ranks the keys it sees in one order
     assert agreement["GATv2Conv"].min() < 1
     assert agreement["attention"].min() < 1
+    assert agreement["TransformerConv"].min() < 1
 
 
 def test_rank_agreement_on_hand_made_maps():
@@ -141,7 +151,7 @@ def test_models_without_attention_or_too_long_prompts_are_refused():
         attention_maps(GPT(tiny_config("GATConv")), torch.zeros(1, 13, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", ["gpt", "GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("name", ["gpt", "GATConv", "GATv2Conv", "TransformerConv"])
 def test_plot_renders_from_a_checkpoint_and_plots_rows_that_sum_to_one(name, tiny_run, tmp_path, monkeypatch,
                                                                        capsys):
     run = shutil.copytree(tiny_run(name), tmp_path / name)  # the figure goes beside the checkpoint
@@ -272,7 +282,7 @@ def test_each_shipped_figure_records_the_documented_run_and_prompt():
     """The figures in plots/ were drawn from the cpu preset's runs of their models, seed 1337, at the last step, with
     the default prompt (docs/sampling.md gives the commands)."""
     plots = Path(__file__).parents[1] / "plots"
-    for name in ("gpt", "GATConv", "GATv2Conv"):
+    for name in ("gpt", "GATConv", "GATv2Conv", "TransformerConv"):
         source = plot_attention.recorded_source(plots / f"attention_{name}.png")
         assert source is not None, name
         assert (source["name"], source["seed"], source["prompt"]) == (name, 1337, plot_attention.DEFAULT_PROMPT)
@@ -284,7 +294,8 @@ def test_each_shipped_figure_records_the_documented_run_and_prompt():
 
 
 @pytest.mark.parametrize("name,prompt,message", [
-    ("bigram", "To be", "error: a bigram model has no attention weights to draw"),
+    ("bigram", "To be", "error: a bigram model has no attention weights to draw; use a run of gpt.py or of "
+                        "pyg-gpt.py with GATConv, GATv2Conv or TransformerConv\n"),
     ("gpt", "To be!", "error: the prompt has characters outside the model's vocabulary: '!'"),
 ])
 def test_plot_attention_errors_are_one_line(name, prompt, message, tiny_run, tmp_path, monkeypatch, capsys):
