@@ -330,7 +330,7 @@ def position_figure(configs, path, which=""):
     if len(missing) == len(configs):
         return f"No loss by position: no run has loss_by_position.csv ({', '.join(missing)}).\n\n"
     if missing:
-        return f"{drawn}; without {', '.join(missing)}, whose runs have no loss_by_position.csv.\n\n"
+        return f"{drawn}; without {', '.join(missing)}, whose runs have no readable loss_by_position.csv.\n\n"
     return f"{drawn}.\n\n"
 
 

@@ -64,6 +64,9 @@ def run_summary(out_dir, at=None):
     (None without eval.json of its last step), size, speed and machine. at: the run as it was at that step, with
     the exact evaluation its training wrote there (--exact_at)."""
     config = with_original_graph(json.loads((Path(out_dir) / "config.json").read_text()))
+    if problem := config_problem(config):
+        raise UsageError(f"{Path(out_dir) / 'config.json'} {problem}; restore it, or remove the run and train it "
+                         f"again")
     settings = config["settings"]
     at = None if at == settings["max_iters"] else at  # the last step's evaluation is eval.json itself
     rows = [r for r in read_metrics(out_dir) if at is None or int(r["step"]) <= at]
@@ -97,11 +100,27 @@ def run_summary(out_dir, at=None):
     }
 
 
+# what a summary reads from a run's config.json besides the settings that a comparison matches before it reads
+# a run (plan.py), and of what type (bool, an int to Python, is not one)
+SUMMARY_FIELDS = {"arch": str, "parameters": int, "machine": str}
+
+
+def config_problem(config):
+    """What keeps a run's config.json (a dict) from being summarised ("" when nothing): the first field of
+    SUMMARY_FIELDS that it lacks or holds with another type."""
+    for key, kind in SUMMARY_FIELDS.items():
+        value = config.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"has no {key} of the right type"
+    return ""
+
+
 def check_finite_losses(out_dir, exact):
     """UsageError naming the first loss of a run's exact evaluation (an eval.json record, or None) that is not a
     finite number: no mean, interval or choice of rate can be drawn from it."""
     bad = next((key for key, value in (exact or {}).items() if key.endswith(("_loss", "_bpc"))
-                and not (isinstance(value, (int, float)) and math.isfinite(value))), None)
+                and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))),
+               None)
     if bad is not None:
         raise UsageError(f"{out_dir} has an exact {bad} that is not a finite number ({exact[bad]}); remove the run "
                          f"and train it again, at a lower --learning_rate if its loss diverges")

@@ -936,15 +936,34 @@ def test_a_report_rebuilt_from_the_run_files_alone_is_the_same(trainings, tmp_pa
     assert [row[0] for row in table_rows((tmp_path / "plots" / "results.md").read_text())] == ["bigram", "gpt"]
 
 
-def test_a_loss_that_is_not_finite_is_refused_with_its_run(trainings, tmp_path, capsys):
+@pytest.mark.parametrize("value", [math.nan, True])
+def test_a_loss_that_is_not_a_finite_number_is_refused_with_its_run(value, trainings, tmp_path, capsys):
     assert compare_main("--models", "bigram,gpt") == 0
     eval_file = tmp_path / "runs" / "gpt_s1337" / "eval.json"
-    eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), "test_loss": math.nan}))
+    eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), "test_loss": value}))
     capsys.readouterr()
     assert compare_main("--models", "bigram,gpt", "--report_only") == 2
-    assert capsys.readouterr().err == ("error: runs/gpt_s1337 has an exact test_loss that is not a finite number "
-                                       "(nan); remove the run and train it again, at a lower --learning_rate if its "
-                                       "loss diverges\n")
+    assert capsys.readouterr().err == (f"error: runs/gpt_s1337 has an exact test_loss that is not a finite number "
+                                       f"({value}); remove the run and train it again, at a lower --learning_rate if "
+                                       f"its loss diverges\n")
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda config: config.pop("machine"), "has no machine of the right type"),
+    (lambda config: config.update(parameters="x"), "has no parameters of the right type"),
+    (lambda config: config.update(arch=1), "has no arch of the right type"),
+    (lambda config: config.update(parameters=True), "has no parameters of the right type"),
+])
+def test_a_config_json_the_report_cannot_read_is_refused_with_its_run(change, problem, trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram") == 0
+    config_file = tmp_path / "runs" / "bigram_s1337" / "config.json"
+    config = json.loads(config_file.read_text())
+    change(config)
+    config_file.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert compare_main("--models", "bigram", "--report_only") == 2
+    assert capsys.readouterr().err == (f"error: runs/bigram_s1337/config.json {problem}; restore it, or remove the run "
+                                       f"and train it again\n")
 
 
 @pytest.mark.parametrize("content,why", [
@@ -952,6 +971,10 @@ def test_a_loss_that_is_not_finite_is_refused_with_its_run(trainings, tmp_path, 
     ("[]", "eval.json cannot be read (not a JSON object)"),
     ('{"step": 2, "val_loss": 1, "val_bpc": 1.4, "targets": 9}', "eval.json is of step 2, not 4"),  # a run extended
     ('{"step": 4}', "eval.json cannot be read (no val_loss, val_bpc, targets)"),
+    ('{"step": 4, "val_loss": 1, "val_bpc": 1.4, "targets": "x"}',
+     "eval.json cannot be read (its step or targets is no whole number)"),
+    ('{"step": true, "val_loss": 1, "val_bpc": 1.4, "targets": 9}',
+     "eval.json cannot be read (its step or targets is no whole number)"),
 ])
 def test_report_only_says_why_a_finished_run_s_exact_loss_cannot_serve(content, why, trainings, tmp_path, capsys):
     assert compare_main("--models", "gpt") == 0

@@ -189,7 +189,7 @@ def test_the_loss_by_position_of_a_graph_study_comes_from_the_run_files_alone(in
     assert "- n/a: gpt_window-2_rel has runs without loss_by_position.csv" in table
     assert "Loss by offset in the window" not in table  # nothing left to pair with the baseline
     assert "`graphs_by_position.png`: the exact validation loss at each offset of the windows, mean over seeds; " \
-           "without gpt_window-2_rel, whose runs have no loss_by_position.csv." in table
+           "without gpt_window-2_rel, whose runs have no readable loss_by_position.csv." in table
 
     assert (runs / "graphs_by_position.png").is_file()
     for path in runs.glob("*/loss_by_position.csv"):  # a study from before any run wrote it
