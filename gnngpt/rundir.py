@@ -156,6 +156,7 @@ class RunDirLock:
         self.fd = None
         self.created = None  # the outermost directory that take() created
         self.created_lock = False  # whether take() created the lock file
+        self.found = None  # the lock file's bytes and times as take() found it there, for discard() to put back
 
     def take(self, resume):
         """Take the lock; "" when it is taken, else why not (out_dir is then unchanged)."""
@@ -181,15 +182,24 @@ class RunDirLock:
             holder = lock_holder(fd)
             os.close(fd)
             return in_use(out_dir, holder, "wait for it to end or choose another --out_dir")
+        if not self.created_lock:
+            found = os.fstat(fd)
+            self.found = os.pread(fd, found.st_size, 0), (found.st_atime_ns, found.st_mtime_ns)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return ""
 
     def discard(self):
-        """Remove what take() created: the lock file, and the directories where they are empty (held by this
-        process)."""
-        if self.fd is None or not self.created_lock:
+        """Undo what take() did (held by this process): put back the lock file it found, or remove the one it
+        created, and the directories it created where they are empty."""
+        if self.fd is None:
+            return
+        if not self.created_lock:
+            content, times = self.found
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, content, 0)
+            os.utime(self.out_dir / LOCK_FILE, ns=times)
             return
         (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
         absolute = Path(os.path.abspath(self.out_dir))

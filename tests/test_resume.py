@@ -300,12 +300,15 @@ REFUSED = [
 
 @pytest.mark.parametrize("args,message", REFUSED, ids=[m for _, m in REFUSED])
 def test_refusals_name_the_problem_and_change_nothing(args, message, stopped, tiny_text_file, capsys):
+    lock = stopped / ".lock"
+    lock.write_text("4242\n")  # as another process, the training that stopped, left it
+    os.utime(lock, ns=(1_000_000_000, 2_000_000_000))
     before = snapshot(stopped)
     capsys.readouterr()
     assert run(stopped, tiny_text_file, *args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(ckpt=stopped / "ckpt.pt", out=stopped) in err
-    assert snapshot(stopped) == before
+    assert snapshot(stopped) == before and lock.stat().st_mtime_ns == 2_000_000_000
 
 
 def test_a_run_without_its_checkpoint_is_refused_with_overwrite_as_the_way_on(tiny_text_file, tmp_path, capsys):
