@@ -175,6 +175,8 @@ def placement_list(graphs, pos):
             raise UsageError(f"--graphs entry {entry!r}: after @ give abs or rel, as in full@abs")
         if spec.startswith("[") and spec.endswith("]"):
             spec = spec[1:-1].strip()
+        if not spec:
+            raise UsageError(f"--graphs entry {entry!r} names no graph; give one, as in full@abs or [window:4,full]")
         pairs += [(spec, p) for p in ([named] if at else positions)]
     return pairs
 

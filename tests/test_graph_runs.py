@@ -253,7 +253,7 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message
 
 @pytest.mark.parametrize("args,message", [
     (["--graphs", ","], "--graphs ',' names nothing; give a comma-separated list such as full,window:16\n"),
-    (["--graphs", "[]"], "--graphs '' names nothing; give a comma-separated list such as window:4,full\n"),
+    (["--graphs", "[]"], "--graphs entry '[]' names no graph; give one, as in full@abs or [window:4,full]\n"),
     (["--graphs", "[window:2,,full]"], "--graphs 'window:2,,full' has an empty item; remove the extra comma\n"),
     (["--graphs", "window:2,window:02"], "--graphs 'window:2,window:02' with --pos 'abs' names window:2 with abs "
                                          "positions twice; give each once\n"),
@@ -274,6 +274,7 @@ def test_bad_graphs_exit_2_with_one_line_and_write_nothing(script, args, message
     (["--pos", "relative"], "--pos 'relative': give abs, rel or abs,rel"),
     (["--graphs", "full@relative"], "--graphs entry 'full@relative': after @ give abs or rel, as in full@abs"),
     (["--graphs", "window:2@"], "--graphs entry 'window:2@': after @ give abs or rel, as in full@abs"),
+    (["--graphs", "full,@rel"], "--graphs entry '@rel' names no graph; give one, as in full@abs or [window:4,full]\n"),
 ])
 def test_compare_refuses_bad_graphs_and_positions_before_training(args, message, in_tmp_path, tiny_text_file,
                                                                   capsys):
