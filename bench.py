@@ -36,6 +36,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
         check_compile,
         check_dtype,
         placement_list,
+        refuse_placing_without_a_mixer,
         refuse_twice_placed,
         resolve_device,
     )
@@ -95,8 +96,10 @@ def configurations(args, preset):
         raise UsageError(f"n_embd {base['n_embd']} is not divisible by n_head {base['n_head']}; "
                          f"choose --n_embd as a multiple of --n_head")
     models = selected_models(args.models)
+    pairs = placement_list(args.graphs, args.pos)
+    refuse_placing_without_a_mixer(pairs, args.models, any(name not in GRAPHLESS for name, _ in models))
     configs = []
-    for i, (graph, pos) in enumerate(placement_list(args.graphs, args.pos)):
+    for i, (graph, pos) in enumerate(pairs):
         runs = [m for m in models if i == 0 or m[0] not in GRAPHLESS]  # graphless models: once
         graphs = parse_graph(graph, base["n_layer"], "--graphs")
         configs.append(dict(base, graph=graph_spec(graphs), pos=pos, models=runs))

@@ -181,6 +181,14 @@ def placement_list(graphs, pos):
     return pairs
 
 
+def refuse_placing_without_a_mixer(pairs, models, has_mixer):
+    """UsageError when the (graph, positions) pairs of --graphs and --pos are other than the original's (the
+    complete graph, absolute positions) while no model of --models (the flag's text) has a token mixer."""
+    if pairs != [("full", "abs")] and not has_mixer:
+        raise UsageError(f"--graphs and --pos place a token mixer, and --models {models} has none (the bigram reads "
+                         f"one token, no-mixer mixes none); drop them, or add a model such as gpt")
+
+
 def refuse_twice_placed(placed, graphs, pos):
     """UsageError for a (graph, positions) pair of --graphs and --pos given twice, the graphs in canonical form
     (graph.graph_spec): window:2 and [window:2,window:2] are one graph."""

@@ -102,9 +102,7 @@ def plan_comparison(args, extra):
     text (see comparison_text), whose SHA-256 the runs are matched to."""
     names, layer_records = model_names(args.models)
     pairs = cli.placement_list(args.graphs, args.pos)
-    if pairs != [("full", "abs")] and not any(script_for(name).has_model_size for name in names):
-        raise UsageError(f"--graphs and --pos place a token mixer, and --models {args.models} has none (the bigram "
-                         f"reads one token); drop them, or add a model such as gpt")
+    cli.refuse_placing_without_a_mixer(pairs, args.models, any(script_for(name).has_model_size for name in names))
     seeds = seed_list(args.seed, args.seeds)
     grids = rate_grids(args.learning_rate, names)
     if grids and max(map(len, grids.values())) > 1 and (layer_records is not None or len(pairs) > 1):

@@ -140,6 +140,8 @@ def test_no_mixer_model_predicts_each_token_from_itself_alone():
     (["--pos", "abs,absolute"], "--pos 'abs,absolute': give abs, rel or abs,rel"),
     (["--graphs", "full@rel,window:2@pos"], "--graphs entry 'window:2@pos': after @ give abs or rel, as in full@abs"),
     (["--n_embd", "30", "--n_head", "4"], "n_embd 30 is not divisible by n_head 4"),
+    (["--models", "bigram,no-mixer", "--graphs", "window:4"], "--graphs and --pos place a token mixer, and --models "
+                                                              "bigram,no-mixer has none"),
 ])
 def test_bench_refuses_bad_input_with_one_line(args, message, capsys):
     assert bench.main(args) == 2
