@@ -35,9 +35,10 @@ REPORT_FILES = ("results.md", "leaderboard.md", "graphs.md")
 
 def check_shipped_out(out, runs, flag):
     """UsageError when out's model_outputs folder, where a comparison that is not the published one puts its
-    samples, is the one this repository ships, or when out lies among the runs it reports on in the repository's
-    plots/, where each report sits beside the folder of its runs; flag is the one that gave out (--out, or --runs
-    without it)."""
+    samples, is the one this repository ships, when out lies among the runs it reports on in the repository's
+    plots/, where each report sits beside the folder of its runs, when out holds a run, or when it is a folder of
+    samples or runs that the repository ships (rundir.shipped_folder) and holds no report; flag is the one that
+    gave out (--out, or --runs without it)."""
     if (Path(out) / "model_outputs").resolve() == rundir.SHIPPED_SAMPLES.resolve():
         raise UsageError(f"{flag} {out} would put the samples over {rundir.SHIPPED_SAMPLES}, the ones this repository "
                          f"ships (only the published comparison writes them: --out plots/paper at the paper "
@@ -46,6 +47,12 @@ def check_shipped_out(out, runs, flag):
         raise UsageError(f"{flag} {out} would put the report among the runs of {runs} in the repository's plots/, "
                          f"where each report sits beside the folder of its runs; give --out another directory, such "
                          f"as {Path(runs).parent}")
+    if rundir.holds_run(out):
+        raise UsageError(f"{flag} {out} holds a run, which the report would be mixed into; give --out a directory of "
+                         f"its own")
+    if rundir.shipped_folder(out) and not any((Path(out) / name).is_file() for name in REPORT_FILES):
+        raise UsageError(f"{flag} {out} is a folder of samples or runs that this repository ships; give --out a "
+                         f"directory of its own")
 
 
 def check_report_owner(out, runs, argv):

@@ -548,6 +548,29 @@ def test_a_comparison_never_writes_its_samples_over_the_shipped_ones(trainings, 
     assert trainings == []
 
 
+@pytest.mark.parametrize("out,problem", [
+    ("model_outputs", "is a folder of samples or runs that this repository ships"),
+    ("plots/tuned/model_outputs", "is a folder of samples or runs that this repository ships"),
+    ("plots/paper/runs", "is a folder of samples or runs that this repository ships"),
+    ("plots/paper/runs/gpt_s1337", "holds a run, which the report would be mixed into"),
+])
+def test_a_report_goes_neither_into_a_run_nor_into_a_shipped_folder_of_samples_or_runs(out, problem, trainings,
+                                                                                       capsys):
+    shipped = {path: sorted(path.rglob("*")) for path in (ROOT / "model_outputs", ROOT / "plots")}
+    assert compare_main("--models", "bigram", "--out", str(ROOT / out)) == 2
+    assert capsys.readouterr().err == (f"error: --out {ROOT / out} {problem}; give --out a directory of its own\n")
+    assert trainings == [] and {path: sorted(path.rglob("*")) for path in shipped} == shipped
+
+
+def test_a_report_goes_not_into_one_of_its_runs(trainings, tmp_path, capsys):
+    assert compare_main("--models", "bigram") == 0
+    run = tmp_path / "runs" / "bigram_s1337"
+    capsys.readouterr()
+    assert compare_main("--models", "bigram", "--out", str(run), "--report_only") == 2
+    assert capsys.readouterr().err == (f"error: --out {run} holds a run, which the report would be mixed into; give "
+                                       f"--out a directory of its own\n")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--models", "bigram,GATv3Conv"], "error: unknown model 'GATv3Conv' in --models; did you mean GATv2Conv? "
                                        "choose bigram, gpt, all-layers or a PyG convolution such as GATConv or "
