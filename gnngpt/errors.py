@@ -1,6 +1,7 @@
 """The error types the command-line scripts turn into a one-line message: exit code 2 for bad input, 1 for a
 failure of the run itself."""
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -123,14 +124,17 @@ def quiet_interrupt(run_as_script):
 
 def os_error_exit(error):
     """The exit code of an OSError no step turned into a message, such as a failed write of the output: a pipe
-    whose reader left (as head does) ends quietly with 141, as a shell pipeline's writer does; any other prints
-    one line and gives 1."""
+    whose reader left (as head does) ends quietly with 141, as a shell pipeline's writer does; a path given too
+    long for the file system prints one line and gives 2, as bad input; any other prints one line and gives 1."""
     if isinstance(error, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
         return 128 + signal.SIGPIPE
     reason = error.strerror or one_line(error)
     if getattr(error, "target", None):  # files.atomic_writes' path
         print(f"error: {write_failure(error.target, error, 'its directory')}", file=sys.stderr)
+    elif error.errno == errno.ENAMETOOLONG:
+        print(f"error: {error.filename}: {reason}; choose a shorter path", file=sys.stderr)
+        return 2
     elif error.filename:
         print(f"error: {error.filename}: {reason}{'; free disk space' if error.errno in DISK_FULL else ''}",
               file=sys.stderr)

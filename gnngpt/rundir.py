@@ -2,6 +2,7 @@
 before a run starts there, reading it back."""
 import contextlib
 import csv
+import errno
 import fcntl
 import json
 import math
@@ -75,13 +76,30 @@ def unwritable(path, flag):
 
 
 def file_in_the_way(path, flag):
-    """The one-line refusal when path, or a folder above it, is a file: then path can be no directory. "" else."""
+    """The one-line refusal when path, or a folder above it, is a file, or a name in it is longer than the file
+    system allows: then path can be no directory. "" else."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or existing.is_dir():
+    existing = next((p for p in (path, *path.parents) if exists(p)), None)
+    if existing is None:
+        return ""
+    if existing.is_dir():
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        if any(len(os.fsencode(name)) > limit for name in path.parts):
+            return (f"{flag} {path} has a name longer than the {limit} bytes its file system allows; choose "
+                    f"another {flag}")
         return ""
     where = "is a file" if existing == path else f"lies under {existing}, a file"
     return f"{flag} {path} {where}, not a directory; choose another {flag}"
+
+
+def exists(path):
+    """Whether path exists; a name too long for the file system does not."""
+    try:
+        return path.exists()
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        return False
 
 
 class MetricsLog:

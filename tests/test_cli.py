@@ -404,6 +404,21 @@ def test_output_to_a_full_disk_is_one_line_and_a_closed_output_no_error(tiny_tex
     assert (closed.returncode, closed.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("flag,problem", [
+    ("--out_dir", "--out_dir {long} has a name longer than the {limit} bytes its file system allows; choose another "
+                  "--out_dir"),
+    ("--data", "{long}: File name too long; choose a shorter path"),
+])
+def test_a_path_too_long_for_the_file_system_is_bad_input_in_one_line(flag, problem, tiny_text_file, tmp_path,
+                                                                      capsys):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long = tmp_path / ("a" * (limit + 1))
+    paths = {"--data": str(tiny_text_file), "--out_dir": str(tmp_path / "run"), flag: str(long)}
+    assert main(GPT_SCRIPT, [*(a for item in paths.items() for a in item), *TINY_GPT_RUN, "--max_iters", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {problem.format(long=long, limit=limit)}"
+    assert list(tmp_path.iterdir()) == [tiny_text_file]  # no run directory
+
+
 def test_a_failed_atomic_write_that_reaches_the_top_names_its_file(tmp_path, capsys):
     def full(f):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
