@@ -37,7 +37,9 @@ def compare(args, extra, argv):
         raise UsageError(f"--target_loss must be a positive number, got {args.target_loss}")
     out = Path(args.out or args.runs)
     runs_check = file_in_the_way if args.report_only else unwritable  # a report only reads the runs
-    for check, flag, directory in ((runs_check, "--runs", args.runs), (unwritable, "--out", out)):
+    checks = ((runs_check, "--runs", args.runs), (unwritable, "--out", out),
+              (file_in_the_way, "--out", out / "model_outputs"))  # where its samples go (report.model_samples_dir)
+    for check, flag, directory in checks:
         if refusal := check(directory, flag):
             raise UsageError(refusal)
     check_report_owner(out, args.runs, argv)

@@ -562,6 +562,15 @@ def test_a_report_goes_neither_into_a_run_nor_into_a_shipped_folder_of_samples_o
     assert trainings == [] and {path: sorted(path.rglob("*")) for path in shipped} == shipped
 
 
+def test_an_out_whose_samples_folder_is_a_file_is_refused_before_anything_trains(trainings, tmp_path, capsys):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "model_outputs").write_text("a file")
+    assert compare_main("--models", "bigram", "--out", "report") == 2
+    assert capsys.readouterr().err == ("error: --out report/model_outputs is a file, not a directory; choose another "
+                                       "--out\n")
+    assert trainings == [] and not (tmp_path / "runs").exists()
+
+
 def test_a_report_goes_not_into_one_of_its_runs(trainings, tmp_path, capsys):
     assert compare_main("--models", "bigram") == 0
     run = tmp_path / "runs" / "bigram_s1337"
