@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, train_losses
-from gnngpt.graph import FULL, causal_edge_index
+from gnngpt.graph import FULL, causal_edge_index, parse_graph
 from gnngpt.mixers import DENSE_LAYERS, GAT_LAYERS
 from gnngpt.models import GPT, BigramConfig, BigramLanguageModel, Block
 
@@ -68,6 +68,32 @@ def test_with_relative_positions_each_edge_carries_its_distance_over_block_size(
     for (sources, targets), edge_attr in seen:
         assert torch.equal(edge_attr[:, 0], (targets - sources) / 8)
     assert [edge_attr.max().item() for _, edge_attr in seen] == [2 / 8, 4 / 8]
+
+
+def lecture_attention(attn, x, p):
+    """The lecture's multi-head attention with attn's weights: masked softmax of q k^T / sqrt(hs), then dropout of
+    the weights (p), the values, the projection."""
+    B, T, C = x.shape
+    q, k, v = attn.heads(x)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    wei = (q @ k.transpose(-2, -1) * k.size(-1) ** -0.5).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    wei = torch.nn.functional.dropout(wei, p=p, training=True)
+    return attn.proj((wei @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("graph", ["full", "window:12"])  # scaled_dot_product_attention's causal path; a mask
+def test_the_transformers_attention_dropout_spreads_its_output_as_the_lectures_does(graph):
+    """The attention weights' dropout (p = 0.5) spreads the output as much as the lecture's (one that dropped at
+    half the rate was measured at about half of it)."""
+    block = Block(tiny_config("attention", dropout=0.5, graph=graph), parse_graph(graph, 1)[0]).train()
+    attn = block.mixer
+    attn.resid_dropout.p = 0.0  # the attention weights' dropout alone
+    x = torch.randn(2, 12, 16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = torch.stack([attn(x) for _ in range(100)]).var(dim=0).mean()
+        lecture = torch.stack([lecture_attention(attn, x, 0.5) for _ in range(100)]).var(dim=0).mean()
+    assert 0.85 < model / lecture < 1.15
 
 
 @pytest.mark.parametrize("name", GAT_LAYERS)
