@@ -450,13 +450,18 @@ def config_differences(old, new):
 
 def read_metrics(out_dir):
     """The rows of a run's metrics.csv as dicts of numbers ([] when there is none): each fills FILLED_METRICS,
-    with a whole step, and holds finite numbers alone."""
+    with a whole step, and holds finite numbers alone. A last line without its line end is a row not written
+    whole (a full disk cut it, or its writer is at it now) and is left out: the run then looks stopped before
+    that evaluation, which --resume from its checkpoint writes again."""
     path = Path(out_dir) / "metrics.csv"
     if not path.is_file():
         return []
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            lines = f.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        rows = list(csv.DictReader(lines))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); repair it or delete {path.parent}") from None
     except csv.Error as e:  # a cell past the csv module's limit, say

@@ -326,7 +326,7 @@ NOT_ROWS = ("has a row that is not finite numbers under its header, with step, t
 
 @pytest.mark.parametrize("damage,problem", [
     (lambda text: text + b"garbage,,,\n", NOT_ROWS),
-    (lambda text: text + b"4,2.5", NOT_ROWS),  # a row cut short, as a full disk leaves it
+    (lambda text: text + b"4,2.5\n", NOT_ROWS),  # a row short of cells
     (lambda text: text + b"4,2.5,nan,1.0,,1.0,48\n", NOT_ROWS),
     (lambda text: text + b"4.5,2.5,2.6,1.0,,1.0,48\n", NOT_ROWS),
     (lambda text: b"a,b\n" + text.split(b"\n", 1)[1], NOT_ROWS),  # a header without the columns
@@ -345,3 +345,15 @@ def test_a_metrics_csv_that_is_not_numbers_or_not_text_is_refused_in_one_line(da
     assert train_tiny_gpt(out, tiny_text_file) == 2
     assert error_line(capsys) == f"error: {metrics} {problem.format(start)}; repair it or delete {out}\n"
     assert snapshot(out) == before
+
+
+def test_a_last_row_cut_short_counts_as_not_written_and_resume_writes_it_again(tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 0
+    metrics = (out / "metrics.csv").read_bytes()
+    (out / "metrics.csv").write_bytes(metrics[:-5])  # as a full disk leaves it: the last evaluation's row unended
+    capsys.readouterr()
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 2
+    assert error_line(capsys).startswith(f"error: {out} holds an unfinished run of this configuration; pass --resume")
+    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
+    assert (out / "metrics.csv").read_bytes() == metrics
