@@ -217,7 +217,8 @@ class RunDirLock:
             content, times = self.found
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, content, 0)
-            os.utime(self.out_dir / LOCK_FILE, ns=times)
+            with contextlib.suppress(OSError):  # a lock file of another owner takes no times from this process
+                os.utime(self.fd, ns=times)
             return
         (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
         absolute = Path(os.path.abspath(self.out_dir))
