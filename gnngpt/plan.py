@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .rundir import (
     has_final_files,
     holds_run,
     is_finished,
+    nearest_existing,
     read_config,
     refuse_if_held,
     run_name,
@@ -119,8 +121,18 @@ def plan_comparison(args, extra):
         cli.refuse_twice_placed([(p[0].expected["settings"].get("graph"), p[0].expected["settings"].get("pos"))
                                  for p in placed], args.graphs, args.pos)
         runs += [r for p in placed for r in p]
+    refuse_long_run_names(runs, args.runs)
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     return runs, baseline, layer_records, pairs, text
+
+
+def refuse_long_run_names(runs, root):
+    """UsageError when the folder of a run (named for its configuration, rundir.run_name) would have a name
+    longer than the file system of --runs root allows."""
+    limit = os.pathconf(nearest_existing(Path(root).absolute()), "PC_NAME_MAX")
+    if long := next((r.out_dir.name for r in runs if len(os.fsencode(r.out_dir.name)) > limit), None):
+        raise UsageError(f"the run folder {long} would have a name longer than the {limit} bytes its file system "
+                         f"allows; shorten --graphs (a run's name holds its graph, every layer's in a per-layer list)")
 
 
 def seed_list(seed, count):

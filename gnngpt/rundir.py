@@ -66,7 +66,7 @@ def unwritable(path, flag):
     file_in_the_way), or a nearest existing folder in which no file can be made. "" else; nothing is left behind."""
     if refusal := file_in_the_way(path, flag):
         return refusal
-    existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    existing = nearest_existing(Path(path).absolute())
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -79,7 +79,7 @@ def file_in_the_way(path, flag):
     """The one-line refusal when path, or a folder above it, is a file, or a name in it is longer than the file
     system allows: then path can be no directory. "" else."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if exists(p)), None)
+    existing = nearest_existing(path)
     if existing is None:
         return ""
     if existing.is_dir():
@@ -92,14 +92,17 @@ def file_in_the_way(path, flag):
     return f"{flag} {path} {where}, not a directory; choose another {flag}"
 
 
-def exists(path):
-    """Whether path exists; a name too long for the file system does not."""
-    try:
-        return path.exists()
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            raise
-        return False
+def nearest_existing(path):
+    """The first of path and the folders above it that exists (None when none does, as for a relative path whose
+    top folder is missing); a name too long for the file system does not exist."""
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+    return None
 
 
 class MetricsLog:

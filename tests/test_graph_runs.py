@@ -1,6 +1,7 @@
 """Context graphs and positions end to end: the flags, what runs store, and everything that rebuilds a model."""
 import csv
 import json
+import os
 import shutil
 
 import matplotlib.image
@@ -281,6 +282,18 @@ def test_compare_refuses_bad_graphs_and_positions_before_training(args, message,
     assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+    assert not (in_tmp_path / "runs").exists()
+
+
+def test_a_per_layer_graph_list_too_long_for_a_run_folders_name_is_refused_before_training(in_tmp_path,
+                                                                                             tiny_text_file, capsys):
+    graphs = "[" + ",".join(f"window:{123456 + i % 2}" for i in range(20)) + "]"
+    assert compare.main(["--data", str(tiny_text_file), *TINY, "--n_layer", "20", "--models", "gpt",
+                         "--graphs", graphs]) == 2
+    err, limit = capsys.readouterr().err, os.pathconf(in_tmp_path, "PC_NAME_MAX")
+    assert err.startswith("error: the run folder gpt_window-123456+window-123457+") and err.endswith(
+        f"_s1337 would have a name longer than the {limit} bytes its file system allows; shorten --graphs (a run's "
+        f"name holds its graph, every layer's in a per-layer list)\n")
     assert not (in_tmp_path / "runs").exists()
 
 
