@@ -185,8 +185,8 @@ def refuse_placing_without_a_mixer(pairs, models, has_mixer):
     """UsageError when the (graph, positions) pairs of --graphs and --pos are other than the original's (the
     complete graph, absolute positions) while no model of --models (the flag's text) has a token mixer."""
     if pairs != [("full", "abs")] and not has_mixer:
-        raise UsageError(f"--graphs and --pos place a token mixer, and --models {models} has none (the bigram reads "
-                         f"one token, no-mixer mixes none); drop them, or add a model such as gpt")
+        raise UsageError(f"--graphs and --pos place a token mixer, and --models {models} has none; drop them, or add "
+                         f"a model such as gpt")
 
 
 def refuse_twice_placed(placed, graphs, pos):

@@ -609,8 +609,7 @@ def test_a_report_goes_not_into_one_of_its_runs(trainings, tmp_path, capsys):
     (["--models", "gpt,,bigram"], "error: --models 'gpt,,bigram' has an empty item; remove the extra comma\n"),
     (["--models", "gpt,bigram,gpt"], "error: --models 'gpt,bigram,gpt' names gpt twice; give each once\n"),
     (["--models", "bigram", "--graphs", "full,full"], "error: --graphs and --pos place a token mixer, and --models "
-                                                     "bigram has none (the bigram reads one token, no-mixer mixes "
-                                                     "none); drop them, or add a model such as gpt\n"),
+                                                     "bigram has none; drop them, or add a model such as gpt\n"),
     (["--models", "bigram", "--pos", "rel"], "error: --graphs and --pos place a token mixer, and --models bigram has "
                                              "none"),
     (["--learning_rate", "gpt="], "error: --learning_rate 'gpt=' names nothing; give a comma-separated list such as "
