@@ -12,6 +12,12 @@ from pathlib import Path
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.([a-z0-9_]{8}\.tmp|[0-9a-f]{16}\.old)")
 
 
+def atomic_name_length(name):
+    """The length in bytes of the longest name that atomic_writes gives a file beside one called name: the link to
+    the old file, .<name>.<16 hex digits>.old (LEFTOVER), longer than the new file's."""
+    return len(os.fsencode(f".{name}.")) + 16 + len(".old")
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside path, fsync it, then rename it over path (over the file a
     symlink at path points to, so that the link stays)."""

@@ -15,6 +15,7 @@ from .config import SCRIPTS, Script, script_for
 from .data import DEFAULT_DATA, load_text, text_digest
 from .errors import UsageError, check_count
 from .evaluation import read_eval
+from .files import atomic_name_length
 from .lists import list_items, refuse_twice
 from .mixers import parse_layer_kwargs
 from .models import GPTConfig
@@ -23,6 +24,7 @@ from .rundir import (
     has_final_files,
     holds_run,
     is_finished,
+    name_limit,
     nearest_existing,
     read_config,
     refuse_if_held,
@@ -127,12 +129,20 @@ def plan_comparison(args, extra):
 
 
 def refuse_long_run_names(runs, root):
-    """UsageError when the folder of a run (named for its configuration, rundir.run_name) would have a name
-    longer than the file system of --runs root allows."""
-    limit = os.pathconf(nearest_existing(Path(root).absolute()), "PC_NAME_MAX")
-    if long := next((r.out_dir.name for r in runs if len(os.fsencode(r.out_dir.name)) > limit), None):
-        raise UsageError(f"the run folder {long} would have a name longer than the {limit} bytes its file system "
-                         f"allows; shorten --graphs (a run's name holds its graph, every layer's in a per-layer list)")
+    """UsageError when a name that a run gives a file, named for its configuration (rundir.run_name), would be
+    longer than the file system of --runs root allows: its folder's, or one that the report writes beside its
+    sample, model_outputs/<configuration>.txt (files.atomic_name_length)."""
+    limit = name_limit(nearest_existing(Path(root).absolute()))
+    longest = max(runs, key=longest_name, default=None)
+    if limit and longest and longest_name(longest) > limit:
+        raise UsageError(f"the run {longest.out_dir.name} would write names longer than the {limit} bytes its file "
+                         f"system allows; shorten --graphs (a run's name holds its graph, every layer's in a "
+                         f"per-layer list)")
+
+
+def longest_name(run):
+    """The longest name in bytes that the run or its report writes: its folder's, or one beside its sample's."""
+    return max(len(os.fsencode(run.out_dir.name)), atomic_name_length(f"{run.config_name}.txt"))
 
 
 def seed_list(seed, count):

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -83,8 +84,8 @@ def file_in_the_way(path, flag):
     if existing is None:
         return ""
     if existing.is_dir():
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-        if any(len(os.fsencode(name)) > limit for name in path.parts):
+        limit = name_limit(existing)
+        if limit and any(len(os.fsencode(name)) > limit for name in path.parts):
             return (f"{flag} {path} has a name longer than the {limit} bytes its file system allows; choose "
                     f"another {flag}")
         return ""
@@ -92,9 +93,19 @@ def file_in_the_way(path, flag):
     return f"{flag} {path} {where}, not a directory; choose another {flag}"
 
 
+def name_limit(directory):
+    """The most bytes a file's name may have in directory, an existing one (None where its file system does not
+    say)."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except OSError:
+        return None
+    return limit if limit > 0 else None
+
+
 def nearest_existing(path):
-    """The first of path and the folders above it that exists (None when none does, as for a relative path whose
-    top folder is missing); a name too long for the file system does not exist."""
+    """The first of path and the folders above it that exists (None when none does: the working directory of a
+    relative path was removed); a name too long for the file system does not exist."""
     for candidate in (path, *path.parents):
         try:
             if candidate.exists():
@@ -454,22 +465,23 @@ def config_differences(old, new):
 
 def read_metrics(out_dir):
     """The rows of a run's metrics.csv as dicts of numbers ([] when there is none): each fills FILLED_METRICS,
-    with a whole step, and holds finite numbers alone. A last line without its line end is a row not written
-    whole (a full disk cut it, or its writer is at it now) and is left out: the run then looks stopped before
-    that evaluation, which --resume from its checkpoint writes again."""
+    with a whole step, and holds finite numbers alone; and the last ends its line, as every row written whole does
+    (a full disk cuts one short, as its writer leaves it for an instant, and an editor may drop the line end)."""
     path = Path(out_dir) / "metrics.csv"
     if not path.is_file():
         return []
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            lines = f.read().splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines.pop()
-        rows = list(csv.DictReader(lines))
+            text = f.read()
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); repair it or delete {path.parent}") from None
     except csv.Error as e:  # a cell past the csv module's limit, say
         raise UsageError(f"{path} is not CSV ({e}); repair it or delete {path.parent}") from None
+    if rows and not text.endswith("\n"):
+        raise UsageError(f"{path} ends in a row without its line end, as a full disk or an editor leaves one; end "
+                         f"the row if it is whole, else delete it and train on from the checkpoint (--resume, or "
+                         f"the comparison again)")
     try:
         values = [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):  # a value that is no number, or a row longer than the header (key None)

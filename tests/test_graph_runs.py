@@ -285,14 +285,15 @@ def test_compare_refuses_bad_graphs_and_positions_before_training(args, message,
     assert not (in_tmp_path / "runs").exists()
 
 
-def test_a_per_layer_graph_list_too_long_for_a_run_folders_name_is_refused_before_training(in_tmp_path,
-                                                                                             tiny_text_file, capsys):
-    graphs = "[" + ",".join(f"window:{123456 + i % 2}" for i in range(20)) + "]"
-    assert compare.main(["--data", str(tiny_text_file), *TINY, "--n_layer", "20", "--models", "gpt",
+@pytest.mark.parametrize("layers,window", [(20, 123456), (24, 16)])  # the run's folder too long; its sample's link
+def test_a_per_layer_graph_list_too_long_for_a_runs_names_is_refused_before_training(layers, window, in_tmp_path,
+                                                                                     tiny_text_file, capsys):
+    graphs = "[" + ",".join(f"window:{window + i % 2}" for i in range(layers)) + "]"  # gpt_window-16+... 243 bytes
+    assert compare.main(["--data", str(tiny_text_file), *TINY, "--n_layer", str(layers), "--models", "gpt",
                          "--graphs", graphs]) == 2
     err, limit = capsys.readouterr().err, os.pathconf(in_tmp_path, "PC_NAME_MAX")
-    assert err.startswith("error: the run folder gpt_window-123456+window-123457+") and err.endswith(
-        f"_s1337 would have a name longer than the {limit} bytes its file system allows; shorten --graphs (a run's "
+    assert err.startswith(f"error: the run gpt_window-{window}+window-{window + 1}+") and err.endswith(
+        f"_s1337 would write names longer than the {limit} bytes its file system allows; shorten --graphs (a run's "
         f"name holds its graph, every layer's in a per-layer list)\n")
     assert not (in_tmp_path / "runs").exists()
 

@@ -347,13 +347,21 @@ def test_a_metrics_csv_that_is_not_numbers_or_not_text_is_refused_in_one_line(da
     assert snapshot(out) == before
 
 
-def test_a_last_row_cut_short_counts_as_not_written_and_resume_writes_it_again(tiny_text_file, tmp_path, capsys):
+def test_a_last_row_cut_short_is_refused_and_once_deleted_resume_writes_it_again(tiny_text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 0
+    args = ["--max_iters", "4", "--eval_interval", "2"]
+    assert train_tiny_gpt(out, tiny_text_file, *args) == 0
     metrics = (out / "metrics.csv").read_bytes()
     (out / "metrics.csv").write_bytes(metrics[:-5])  # as a full disk leaves it: the last evaluation's row unended
+    before = snapshot(out)
     capsys.readouterr()
-    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2") == 2
+    assert train_tiny_gpt(out, tiny_text_file, *args, "--resume") == 2
+    assert error_line(capsys) == (f"error: {out / 'metrics.csv'} ends in a row without its line end, as a full disk "
+                                  f"or an editor leaves one; end the row if it is whole, else delete it and train on "
+                                  f"from the checkpoint (--resume, or the comparison again)\n")
+    assert snapshot(out) == before
+    (out / "metrics.csv").write_bytes(metrics[:metrics.rstrip().rindex(b"\n") + 1])  # the row deleted
+    assert train_tiny_gpt(out, tiny_text_file, *args) == 2
     assert error_line(capsys).startswith(f"error: {out} holds an unfinished run of this configuration; pass --resume")
-    assert train_tiny_gpt(out, tiny_text_file, "--max_iters", "4", "--eval_interval", "2", "--resume") == 0
+    assert train_tiny_gpt(out, tiny_text_file, *args, "--resume") == 0
     assert (out / "metrics.csv").read_bytes() == metrics
