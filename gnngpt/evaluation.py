@@ -196,7 +196,7 @@ def read_eval_or_why(out_dir, step=None, at=None):
         return None, f"{path.name} cannot be read (not a JSON object)"
     if missing := [key for key in EVAL_KEYS if key not in record]:
         return None, f"{path.name} cannot be read (no {', '.join(missing)})"
-    if not all(isinstance(record[key], int) and not isinstance(record[key], bool) for key in ("step", "targets")):
+    if not all(type(record[key]) is int for key in ("step", "targets")):  # not a bool, which is an int to Python
         return None, f"{path.name} cannot be read (its step or targets is no whole number)"
     if step is not None and record["step"] != step:
         return None, f"{path.name} is of step {record['step']}, not {step}"

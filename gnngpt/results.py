@@ -101,26 +101,22 @@ def run_summary(out_dir, at=None):
 
 
 # what a summary reads from a run's config.json besides the settings that a comparison matches before it reads
-# a run (plan.py), and of what type (bool, an int to Python, is not one)
+# a run (plan.py), and of what type (exactly: a bool, an int to Python, is not one)
 SUMMARY_FIELDS = {"arch": str, "parameters": int, "machine": str}
 
 
 def config_problem(config):
     """What keeps a run's config.json (a dict) from being summarised ("" when nothing): the first field of
     SUMMARY_FIELDS that it lacks or holds with another type."""
-    for key, kind in SUMMARY_FIELDS.items():
-        value = config.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"has no {key} of the right type"
-    return ""
+    bad = next((key for key, kind in SUMMARY_FIELDS.items() if type(config.get(key)) is not kind), None)
+    return "" if bad is None else f"has no {bad} of the right type"
 
 
 def check_finite_losses(out_dir, exact):
     """UsageError naming the first loss of a run's exact evaluation (an eval.json record, or None) that is not a
     finite number: no mean, interval or choice of rate can be drawn from it."""
     bad = next((key for key, value in (exact or {}).items() if key.endswith(("_loss", "_bpc"))
-                and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))),
-               None)
+                and not (type(value) in (int, float) and math.isfinite(value))), None)  # a bool is no loss
     if bad is not None:
         raise UsageError(f"{out_dir} has an exact {bad} that is not a finite number ({exact[bad]}); remove the run "
                          f"and train it again, at a lower --learning_rate if its loss diverges")
