@@ -369,7 +369,7 @@ def run(script, args):
         "parameters": n_params,
         "processes": distributed.world_size(),
         "torch_threads": torch.get_num_threads(),
-        "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),  # trainings sharing the machine (compare.py --jobs)
+        "runs_at_once": runs_at_once(),
         "versions": versions(),
     }
     # no other process writes or reads out_dir until the sample is written
@@ -491,6 +491,15 @@ def backend_description(mixer):
         return "fast (masked dense attention)"
     fell_back = mixer.dense_refusal not in (NO_DENSE_FORM, PYG_ASKED)
     return f"pyg (message passing{': the fast backend does not cover ' + mixer.dense_refusal if fell_back else ''})"
+
+
+def runs_at_once():
+    """How many trainings share the machine, as compare.py --jobs tells its children through RUNS_AT_ONCE (1 unset)."""
+    value = os.environ.get(RUNS_AT_ONCE, "1")
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise UsageError(f"{RUNS_AT_ONCE} must be a positive integer (how many trainings share the machine), got "
+                         f"{value!r}; unset it to train alone")
+    return int(value)
 
 
 def machine_description(device):

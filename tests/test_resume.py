@@ -600,6 +600,16 @@ def test_a_resumed_run_records_the_most_runs_that_trained_at_once_in_any_part_of
     assert json.loads((tmp_path / "alone" / "config.json").read_text())["runs_at_once"] == 1
 
 
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5", ""])
+def test_a_count_of_runs_at_once_that_is_not_a_positive_integer_is_refused_before_anything_is_written(
+        value, tiny_text_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(RUNS_AT_ONCE, value)
+    assert run(tmp_path / "out", tiny_text_file) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {RUNS_AT_ONCE} must be a positive integer (how many trainings "
+                                               f"share the machine), got {value!r}; unset it to train alone")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without an MPS device")
 def test_random_states_saved_on_a_mac_set_the_cpu_state_where_there_is_no_mps():
     torch.manual_seed(5)
