@@ -99,11 +99,11 @@ def value_differences(config, expected):
     return differences
 
 
-def plan_comparison(args, extra):
+def plan_comparison(args, extra, out):
     """The runs of compare.py's args (in the order of --models, graphs, positions, rates and seeds),
-    checked before anything trains, with extra the training flags passed through; the baseline (see
-    baseline_name), the layer_support records of all-layers (None without it), the (graph, positions) pairs and the
-    text (see comparison_text), whose SHA-256 the runs are matched to."""
+    checked before anything trains, with extra the training flags passed through and out the report's folder; the
+    baseline (see baseline_name), the layer_support records of all-layers (None without it), the (graph, positions)
+    pairs and the text (see comparison_text), whose SHA-256 the runs are matched to."""
     names, layer_records = model_names(args.models)
     pairs = cli.placement_list(args.graphs, args.pos)
     cli.refuse_placing_without_a_mixer(pairs, args.models, any(script_for(name).has_model_size for name in names))
@@ -123,26 +123,23 @@ def plan_comparison(args, extra):
         cli.refuse_twice_placed([(p[0].expected["settings"].get("graph"), p[0].expected["settings"].get("pos"))
                                  for p in placed], args.graphs, args.pos)
         runs += [r for p in placed for r in p]
-    refuse_long_run_names(runs, args.runs)
+    refuse_long_run_names(runs, args.runs, out)
     baseline = baseline_name(args.baseline, [r.config_name for r in runs])
     return runs, baseline, layer_records, pairs, text
 
 
-def refuse_long_run_names(runs, root):
+def refuse_long_run_names(runs, root, out):
     """UsageError when a name that a run gives a file, named for its configuration (rundir.run_name), would be
-    longer than the file system of --runs root allows: its folder's, or one that the report writes beside its
-    sample, model_outputs/<configuration>.txt (files.atomic_name_length)."""
-    limit = name_limit(nearest_existing(Path(root).absolute()))
-    longest = max(runs, key=longest_name, default=None)
-    if limit and longest and longest_name(longest) > limit:
-        raise UsageError(f"the run {longest.out_dir.name} would write names longer than the {limit} bytes its file "
-                         f"system allows; shorten --graphs (a run's name holds its graph, every layer's in a "
-                         f"per-layer list)")
-
-
-def longest_name(run):
-    """The longest name in bytes that the run or its report writes: its folder's, or one beside its sample's."""
-    return max(len(os.fsencode(run.out_dir.name)), atomic_name_length(f"{run.config_name}.txt"))
+    longer than its file system allows: its folder's under --runs root, or the one that the report writes beside its
+    sample in --out's model_outputs/, <configuration>.txt (files.atomic_name_length)."""
+    for directory, length in ((root, lambda run: len(os.fsencode(run.out_dir.name))),
+                              (Path(out) / "model_outputs", lambda run: atomic_name_length(f"{run.config_name}.txt"))):
+        limit = name_limit(nearest_existing(Path(directory).absolute()))
+        longest = max(runs, key=length, default=None)
+        if limit and longest and length(longest) > limit:
+            raise UsageError(f"the run {longest.out_dir.name} would write names longer than the {limit} bytes its "
+                             f"file system allows; shorten --graphs (a run's name holds its graph, every layer's in a "
+                             f"per-layer list)")
 
 
 def seed_list(seed, count):

@@ -44,7 +44,7 @@ def compare(args, extra, argv):
             raise UsageError(refusal)
     check_report_owner(out, args.runs, argv)
     check_shipped_out(out, args.runs, "--out" if args.out else "--runs")
-    runs, baseline, layer_records, pairs, text = plan_comparison(args, extra)
+    runs, baseline, layer_records, pairs, text = plan_comparison(args, extra, out)
     if in_the_way := next((r for r in runs if r.out_dir.exists() and not r.out_dir.is_dir()), None):
         raise UsageError(f"{in_the_way.out_dir} is a file where the run {in_the_way.name} goes; move it away or "
                          f"choose another --runs")

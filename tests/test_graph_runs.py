@@ -298,6 +298,21 @@ def test_a_per_layer_graph_list_too_long_for_a_runs_names_is_refused_before_trai
     assert not (in_tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("small", ["runs", "report"])  # the run's folder (9 bytes) or its sample's link (29 bytes)
+def test_run_names_are_held_to_the_limit_of_the_file_system_they_are_written_on(small, in_tmp_path, tiny_text_file,
+                                                                                monkeypatch, capsys):
+    from gnngpt import plan
+
+    limit = 8 if small == "runs" else 28
+    monkeypatch.setattr(plan, "name_limit", lambda path: limit if path.name == small else 255)
+    (in_tmp_path / small).mkdir()
+    assert compare.main(["--data", str(tiny_text_file), *TINY, "--models", "gpt", "--out", "report/out"]) == 2
+    assert capsys.readouterr().err == (f"error: the run gpt_s1337 would write names longer than the {limit} bytes its "
+                                       f"file system allows; shorten --graphs (a run's name holds its graph, every "
+                                       f"layer's in a per-layer list)\n")
+    assert not (in_tmp_path / "runs" / "gpt_s1337").exists() and not (in_tmp_path / "report" / "out").exists()
+
+
 def test_rel_positions_reach_graph_layers_as_edge_features_and_others_see_the_structure(capsys):
     assert main(PYG_GPT, ["--list_layers"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:-1]}
