@@ -106,6 +106,7 @@ class Trainer:
                 self.evaluate_and_save()
             elif self.rows:  # resumed after the evaluation of its step: what came after it may have been cut short
                 self.after_evaluation(self.step)
+            self.interval_start = time.perf_counter()  # the training seconds start with the first step
             while self.step < max_iters:
                 self.train_step()
                 eval_due = self.eval_due()

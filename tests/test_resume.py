@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -598,6 +599,30 @@ def test_a_resumed_run_records_the_most_runs_that_trained_at_once_in_any_part_of
     assert json.loads((out / "config.json").read_text())["runs_at_once"] == 3
     assert run(tmp_path / "alone", tiny_text_file) == 0
     assert json.loads((tmp_path / "alone" / "config.json").read_text())["runs_at_once"] == 1
+
+
+def test_what_runs_after_the_evaluation_a_run_resumes_from_is_not_counted_as_training(tiny_text_file, tmp_path,
+                                                                                      monkeypatch):
+    from gnngpt import cli, train
+
+    clock = [0.0]  # seconds that a slow exact evaluation adds to the clock the trainer reads
+    exact_evaluation = cli.exact_evaluation
+
+    def slow_exact_evaluation(*args):
+        clock[0] += 1000
+        return exact_evaluation(*args)
+
+    def train_s(out):
+        with open(out / "metrics.csv", newline="") as f:
+            return float(list(csv.DictReader(f))[-1]["train_s"])
+
+    out = tmp_path / "out"
+    assert run(out, tiny_text_file, "--max_iters", "6") == 0
+    before = train_s(out)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock[0]))
+    monkeypatch.setattr(cli, "exact_evaluation", slow_exact_evaluation)
+    assert run(out, tiny_text_file, "--resume", "--exact_at", "6") == 0  # step 6's snapshot on resuming, step 12's
+    assert clock[0] == 2000 and 0 < train_s(out) - before < 1000
 
 
 @pytest.mark.parametrize("value", ["two", "0", "-1", "1.5", ""])
