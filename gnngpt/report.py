@@ -274,7 +274,7 @@ def failed_rates(runs, failed):
 def describe(configs):
     """The presets and machines of the runs, for titles."""
     presets = ", ".join(dict.fromkeys(c["preset"] for c in configs))
-    machines = "; ".join(dict.fromkeys(c["machine"] for c in configs))
+    machines = "; ".join(dict.fromkeys(r["machine"] for c in configs for r in c["runs"]))
     return f"preset {presets}, {machines}"
 
 
@@ -311,18 +311,24 @@ def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs, lef
 
 
 def run_notes(configs, jobs, ignored=()):
-    """The notes under a comparison's tables: the settings that differ from the preset (but those ignored), and
-    how many runs trained at once, as their config.json records it (for runs from before it did, the --jobs of
-    this command)."""
+    """The notes under a comparison's tables: the settings that differ from the preset (but those ignored), the
+    machines and torch versions where the runs were measured on more than one, and how many runs trained at once,
+    as their config.json records it (for runs from before it did, the --jobs of this command)."""
     notes = ""
     differences = setting_notes(configs, ignored)
     if differences:
         notes += "Settings that differ from the preset:\n\n" + "".join(f"{line}\n" for line in differences) + "\n"
+    measured = dict.fromkeys((r["machine"], r["torch"]) for c in configs for r in c["runs"])
+    if len(measured) > 1:
+        notes += ("The runs were measured on more than one machine or torch version (" + "; ".join(
+            f"{machine}, torch {torch or 'not recorded'}" for machine, torch in measured) + "): compare tokens/s and "
+            "times only between runs measured alike.\n\n")
     recorded = [r["runs_at_once"] for c in configs for r in c["runs"]]
     at_once = max(n or 1 for n in recorded)
     if None in recorded and jobs > 1:
-        notes += (f"Up to {jobs} runs trained at once (--jobs {jobs}): the tokens/s and wall times of those trained "
-                  f"by this command were measured while they shared the machine.\n\n")
+        others = f"; {at_once} as the others record it" if at_once > jobs else ""
+        notes += (f"Up to {max(jobs, at_once)} runs trained at once (--jobs {jobs}{others}): the tokens/s and wall "
+                  f"times of those trained by this command were measured while they shared the machine.\n\n")
     elif at_once > 1:
         notes += (f"Up to {at_once} runs trained at once: the tokens/s and wall times of the runs that did so were "
                   f"measured while they shared the machine.\n\n")

@@ -97,6 +97,7 @@ def run_summary(out_dir, at=None):
         "preset": config["preset"],
         "device": config["device"],
         "machine": config["machine"],
+        "torch": versions.get("torch") if isinstance(versions := config.get("versions"), dict) else None,
     }
 
 

@@ -462,6 +462,26 @@ def test_all_layers_trains_every_working_layer_and_writes_a_leaderboard(training
                                            if k != "runs_at_once"}))
     assert compare_main("--models", "all-layers", "--out", "board", "--jobs", "2", "--report_only") == 0
     assert "Up to 2 runs trained at once (--jobs 2)" in (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "more than one machine" not in (tmp_path / "board" / "leaderboard.md").read_text()
+    config_file = tmp_path / "runs" / "GATv2Conv_s1337" / "config.json"
+    config = json.loads(config_file.read_text())
+    machine = config["machine"]
+    config.update(runs_at_once=4, machine="NVIDIA H200", versions={**config["versions"], "torch": "2.3.0"})
+    config_file.write_text(json.dumps(config))
+    assert compare_main("--models", "all-layers", "--out", "board", "--jobs", "2", "--report_only") == 0
+    board = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert f"{machine}; NVIDIA H200" in board.splitlines()[2]  # the title names every run's machine
+    assert (f"The runs were measured on more than one machine or torch version ({machine}, torch {torch.__version__}"
+            f"; NVIDIA H200, torch 2.3.0): compare tokens/s and times only between runs measured alike.") in board
+    assert "Up to 4 runs trained at once (--jobs 2; 4 as the others record it)" in board
+
+
+def test_a_reports_title_names_the_machine_of_every_run_not_only_of_each_configurations_first_seed():
+    from gnngpt.report import describe
+
+    configs = [{"preset": "cpu", "machine": "A", "runs": [{"machine": "A"}, {"machine": "B"}]},
+               {"preset": "cpu", "machine": "A", "runs": [{"machine": "A"}]}]
+    assert describe(configs) == "preset cpu, A; B"
 
 
 def test_failed_trainings_are_reported_and_exit_1(trainings, tiny_text_file, tmp_path, monkeypatch, capsys):
