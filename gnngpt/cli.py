@@ -9,6 +9,7 @@ import platform
 import re
 import shlex
 import signal
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +38,7 @@ from .guard import check_layer, check_layer_name, format_layer_table, layer_supp
 from .lists import list_items, refuse_twice
 from .mixers import GAT_LAYERS, parse_layer_kwargs, pyg_nn
 from .models import PYG_ASKED, BigramConfig, GPTConfig, build_model
-from .rundir import check_run_dir, default_run_dir, hold_run_dir, holds_run, run_name, start_run_dir
+from .rundir import ROOT, check_run_dir, default_run_dir, hold_run_dir, holds_run, run_name, start_run_dir
 from .sampling import sample_path, sampling_failure, write_model_output
 from .tracking import add_arguments as add_tracking_arguments, import_trackers, open_tracking
 from .train import Interrupted, train
@@ -371,6 +372,7 @@ def run(script, args):
         "torch_threads": torch.get_num_threads(),
         "runs_at_once": runs_at_once(),
         "versions": versions(),
+        "code": [version] if (version := code_version()) else [],  # its commits; a resume under others adds them
     }
     # no other process writes or reads out_dir until the sample is written
     with fitting(TOO_BIG, lambda: train_smaller(script, out_dir), TooBig), hold_run_dir(out_dir, args.resume):
@@ -379,6 +381,7 @@ def run(script, args):
             check_snapshot_steps(args.exact_at, resume_from["step"], out_dir)
             # the most that shared the machine with any part of the run
             config["runs_at_once"] = max(config["runs_at_once"], resume_from["config"].get("runs_at_once", 1))
+            config["code"] = list(dict.fromkeys(resume_from["config"].get("code", []) + config["code"]))
         wandb_run_id = resume_from.get("wandb_run_id") if resume_from else None
         # the trackers start before config.json is written: a failed wandb.init leaves no run behind
         with open_tracking(args, name, out_dir, config, wandb_run_id) as tracking:
@@ -516,6 +519,18 @@ def machine_description(device):
 def versions():
     """The versions a run trained with."""
     return {"python": platform.python_version(), "torch": str(torch.__version__), "torch_geometric": pyg_version()}
+
+
+def code_version():
+    """The git commit of the repository's code, with "+modified" where its tracked files differ from it; None
+    without git or outside a git checkout (a copy of the files alone)."""
+    try:
+        commit, changes = (subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                                          timeout=60).stdout.strip()
+                           for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+modified" if changes else "")
 
 
 def pyg_version():

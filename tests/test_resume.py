@@ -601,6 +601,45 @@ def test_a_resumed_run_records_the_most_runs_that_trained_at_once_in_any_part_of
     assert json.loads((tmp_path / "alone" / "config.json").read_text())["runs_at_once"] == 1
 
 
+def test_a_run_records_the_commit_of_its_code_and_a_resume_under_another_adds_it(tiny_text_file, tmp_path,
+                                                                                  monkeypatch):
+    from gnngpt import cli
+
+    def code(out):
+        return json.loads((out / "config.json").read_text())["code"]
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(cli, "code_version", lambda: "a")
+    assert run(out, tiny_text_file, "--max_iters", "3") == 0 and code(out) == ["a"]
+    monkeypatch.setattr(cli, "code_version", lambda: "b+modified")
+    assert run(out, tiny_text_file, "--max_iters", "6", "--resume") == 0 and code(out) == ["a", "b+modified"]
+    assert run(out, tiny_text_file, "--resume") == 0 and code(out) == ["a", "b+modified"]
+    monkeypatch.setattr(cli, "code_version", lambda: None)  # no git
+    assert run(tmp_path / "copy", tiny_text_file) == 0 and code(tmp_path / "copy") == []
+
+
+def test_the_code_version_is_the_checkouts_commit_marked_where_tracked_files_differ(tmp_path, monkeypatch):
+    from gnngpt import cli
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    assert cli.code_version() is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("a = 1\n")
+    git("add", "model.py")
+    git("commit", "-q", "-m", "one")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert cli.code_version() == commit
+    (tmp_path / "model.py").write_text("a = 2\n")
+    assert cli.code_version() == f"{commit}+modified"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no git
+    assert cli.code_version() is None
+
+
 def test_what_runs_after_the_evaluation_a_run_resumes_from_is_not_counted_as_training(tiny_text_file, tmp_path,
                                                                                       monkeypatch):
     from gnngpt import cli, train
