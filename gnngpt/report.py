@@ -286,9 +286,14 @@ def statistics_text(configs, baseline, target_loss):
     """What the loss columns mean and, with target_loss, the table of when each configuration reached it."""
     text = uncertainty_notes(configs, baseline) + "\n"
     if target_loss is not None:
-        text += (f"Time to a validation loss of {target_loss} (the random-batch estimates of each evaluation, "
-                 f"mean over seeds):\n\n{target_table(configs, target_loss)}\n")
+        text += target_text(configs, target_loss)
     return text
+
+
+def target_text(configs, target_loss, which=""):
+    """The table of when each configuration (which: of which runs) reached target_loss, with its heading."""
+    return (f"Time to a validation loss of {target_loss}{which} (the random-batch estimates of each evaluation, "
+            f"mean ± sample deviation over seeds):\n\n{target_table(configs, target_loss)}\n")
 
 
 def write_comparison(configs, baseline, target_loss, seeds, out, argv, jobs, left_out):
@@ -372,8 +377,7 @@ def write_tuned_comparison(choices, baseline, target_loss, seeds, out, argv, job
     notes += "Every configuration at every learning rate (mean ± sample standard deviation over seeds):\n\n"
     notes += rate_table(choices) + "\n"
     if target_loss is not None:
-        notes += (f"Time to a validation loss of {target_loss} at the chosen rates (the random-batch estimates of "
-                  f"each evaluation, mean over seeds):\n\n{target_table(chosen, target_loss)}\n")
+        notes += target_text(chosen, target_loss, " at the chosen rates")
     notes += run_notes(every, jobs, ignored=("learning_rate",))
     notes += position_figure(chosen, out / "loss_by_position.png", ", at the chosen rates")
     text = (f"# Results: each model at its own learning rate\n\nMade by `{command(argv)}` ({describe(every)}).\n\n"

@@ -301,13 +301,13 @@ def leaderboard_table(configs):
 
 def target_table(configs, target):
     """When each configuration's validation curve (the random-batch estimates) first reached target: steps,
-    tokens and training seconds, each the mean over seeds (n/a for runs from before training seconds were
-    recorded), or "not reached" (by how many seeds)."""
+    tokens and training seconds, each the mean ± sample deviation over seeds (n/a for runs from before training
+    seconds were recorded), or "not reached" (by how many seeds)."""
     rows = []
     for c in configs:
         reached = [first_reaching(r, target) for r in c["runs"]]
         if all(reached):
-            cells = [f"{statistics.fmean(r[key] for r in reached):,.{digits}f}"
+            cells = [format_mean_and_deviation(spread(r[key] for r in reached), digits)
                      if all(r[key] is not None for r in reached) else "n/a"
                      for key, digits in (("step", 0), ("tokens", 0), ("train_s", 1))]
         else:
@@ -330,10 +330,13 @@ def format_rate(tokens_per_s):
 
 
 def format_rates(rates):
-    """The tokens/s of a configuration's seeds (a Spread, or None): mean +- sample deviation, or the mean."""
-    if rates is None or rates.sd is None:
-        return format_rate(rates and rates.mean)
-    return f"{rates.mean:,.0f} ± {rates.sd:,.0f}"
+    """The tokens/s of a configuration's seeds (a Spread, or None): mean ± sample deviation, or the mean."""
+    return "n/a" if rates is None else format_mean_and_deviation(rates, 0)
+
+
+def format_mean_and_deviation(values, digits):
+    """A Spread as mean ± sample deviation with thousands separated, or the mean alone for one seed."""
+    return f"{values.mean:,.{digits}f}" + ("" if values.sd is None else f" ± {values.sd:,.{digits}f}")
 
 
 def format_duration(seconds):

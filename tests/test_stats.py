@@ -87,14 +87,16 @@ def curve(losses, seconds=(0.0, 12.5, 26.0, 39.5)):
             "train_s": list(seconds) if seconds else [None] * 4}
 
 
-def test_the_time_to_a_target_loss_is_the_mean_over_seeds_of_each_ones_first_evaluation_at_or_below_it():
+def test_the_time_to_a_target_loss_is_the_mean_and_deviation_over_seeds_of_each_ones_first_evaluation_at_or_below_it():
     configs = [{"name": "gpt", "runs": [curve([4.0, 2.1, 1.95, 1.8]), curve([4.0, 1.9, 1.7, 1.6])]},
                {"name": "GATConv", "runs": [curve([4.0, 2.2, 2.0, 1.9]), curve([4.0, 2.3, 2.1, 2.0])]},
                {"name": "bigram", "runs": [curve([4.0, 2.5, 2.5, 2.5]), curve([4.0, 2.4, 2.4, 2.4])]},
                {"name": "old", "runs": [curve([4.0, 1.9, 1.8, 1.7], seconds=None)]}]
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in target_table(configs, 1.95).splitlines()[2:]]
-    assert rows[0] == ["gpt", "375", f"{(500 + 250) * 64 / 2:,.0f}", f"{(26.0 + 12.5) / 2:.1f}"]  # 1.95 counts
+    assert rows[0] == ["gpt", f"375 ± {statistics.stdev([500, 250]):.0f}",  # 1.95 counts
+                       f"{(500 + 250) * 64 / 2:,.0f} ± {statistics.stdev([500 * 64, 250 * 64]):,.0f}",
+                       f"{(26.0 + 12.5) / 2:.1f} ± {statistics.stdev([26.0, 12.5]):.1f}"]
     assert rows[1] == ["GATConv"] + ["not reached (1 of 2 seeds)"] * 3
     assert rows[2] == ["bigram"] + ["not reached"] * 3
     assert rows[3] == ["old", "250", "16,000", "n/a"]  # a run from before training seconds were recorded
