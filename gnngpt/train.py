@@ -13,7 +13,8 @@ from . import distributed
 from .checkpoint import save_checkpoint
 from .errors import UsageError, one_line
 from .rundir import MetricsLog
-from .tracking import Tracking
+
+LOG_INTERVAL = 10  # steps between the progress bar's loss and speed, besides those of evaluations and stops
 
 
 def autocast(device, dtype):
@@ -51,32 +52,28 @@ def make_optimizer(model, learning_rate):
     return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
 
 
-def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, log_interval=10, tracking=None,
-          after_evaluation=None):
+def train(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking, after_evaluation):
     """Train with AdamW up to settings["max_iters"] steps; evaluate, log and checkpoint every eval_interval.
 
     Evaluations happen at step 0, every eval_interval steps and after the last step; each appends a row to
     metrics.csv and rewrites ckpt.pt: checkpoint_meta, the model, the optimizer, the step, the random states of
     every rank, the metrics so far; then tracking (a tracking.Tracking) logs the row, and after_evaluation(step)
     runs (on every rank; its time counts as the evaluation's, not the training's), and again on resuming from that
-    step. resume_from (such a checkpoint) continues its run exactly. SIGINT or SIGTERM stops after the current step,
-    or within one batch of an evaluation, with a checkpoint of the last finished step, and raises Interrupted (an
-    evaluation stopped so runs whole on resuming); a non-finite loss raises UsageError and keeps the last
-    checkpoint. Under torchrun the model trains in DistributedDataParallel; rank 0 alone evaluates and writes files.
-    Returns the metrics rows.
+    step. resume_from (such a checkpoint, or None for a new run) continues its run exactly. SIGINT or SIGTERM stops
+    after the current step, or within one batch of an evaluation, with a checkpoint of the last finished step, and
+    raises Interrupted (an evaluation stopped so runs whole on resuming); a non-finite loss raises UsageError and
+    keeps the last checkpoint. Under torchrun the model trains in DistributedDataParallel; rank 0 alone evaluates
+    and writes files. Returns the metrics rows.
     """
-    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking,
-                   after_evaluation).run(log_interval)
+    return Trainer(model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking, after_evaluation).run()
 
 
 class Trainer:
     """One training run's state: the model and optimizer, the step, the metrics, the clock, the last checkpoint."""
 
-    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from=None, tracking=None,
-                 after_evaluation=None):
+    def __init__(self, model, sampler, settings, out_dir, checkpoint_meta, resume_from, tracking, after_evaluation):
         self.model, self.sampler, self.settings, self.meta = model, sampler, settings, checkpoint_meta
-        self.after_evaluation = after_evaluation or (lambda step: None)
-        self.tracking = tracking or Tracking()
+        self.after_evaluation, self.tracking = after_evaluation, tracking
         self.ckpt_path = Path(out_dir) / "ckpt.pt"
         self.dtype = settings.get("dtype", "float32")
         self.tokens_per_step = settings["batch_size"] * settings["block_size"] * distributed.world_size()
@@ -94,7 +91,7 @@ class Trainer:
         self.unchecked = []  # losses of the steps not yet checked for NaN and infinity
         self.bar = self.stop = None
 
-    def run(self, log_interval):
+    def run(self):
         """Train to max_iters: evaluate first (step 0, or a resumed step whose evaluation a signal stopped), then
         step, report, evaluate and stop on a signal."""
         max_iters = self.settings["max_iters"]
@@ -111,7 +108,7 @@ class Trainer:
                 self.train_step()
                 eval_due = self.eval_due()
                 signum = distributed.max_over_ranks(self.stop.signum or 0)  # every rank stops after the same step
-                if eval_due or signum or self.step % log_interval == 0:
+                if eval_due or signum or self.step % LOG_INTERVAL == 0:
                     self.report_progress()
                 if eval_due:
                     self.evaluate_and_save()
