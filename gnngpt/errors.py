@@ -89,6 +89,27 @@ def terminated_as_interrupted():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+class CaughtSignals:
+    """While active, SIGINT and SIGTERM go to the handle method of a subclass, and their earlier handlers come
+    back on leaving (or on restore)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        # a signal ignored by the parent (such as SIGINT for a background job of a script) stays ignored
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+        for s in self.previous:
+            signal.signal(s, self.handle)
+        return self
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
 def exit_code(run, *args):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
     Failure one line and code 1, Ctrl-C or SIGTERM "interrupted" and code 130 or 143, an OSError that reached

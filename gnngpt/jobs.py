@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RUNS_AT_ONCE
-from .errors import UsageError, one_line
+from .errors import CaughtSignals, UsageError, one_line
 from .processes import start_logged
 from .results import format_duration, format_rate
 from .rundir import read_metrics
@@ -239,22 +239,15 @@ class StatusBoard:
         print(text, file=file, flush=True)
 
 
-class SignalsReceived:
+class SignalsReceived(CaughtSignals):
     """While active, SIGINT and SIGTERM are only recorded, in order, in .signals: run_jobs acts on them."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         self.signals = []
-        # a signal ignored by the parent (such as SIGINT for a background job of a script) stays ignored
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
-        for s in self.previous:
-            signal.signal(s, lambda signum, frame: self.signals.append(signum))
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    def handle(self, signum, frame):
+        self.signals.append(signum)
 
 
 class StoppedOnError:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_checkpoint
-from .errors import UsageError, one_line
+from .errors import CaughtSignals, UsageError, one_line
 from .rundir import MetricsLog
 
 LOG_INTERVAL = 10  # steps between the progress bar's loss and speed, besides those of evaluations and stops
@@ -212,7 +212,7 @@ def after_step(step, checkpoint_path):
     return f"after step {step}; checkpoint written to {checkpoint_path}"
 
 
-class StopSignals:
+class StopSignals(CaughtSignals):
     """While active, SIGINT and SIGTERM ask training to stop after the current step, and an evaluation (see
     evaluate) before its next batch: signum is set.
 
@@ -220,20 +220,11 @@ class StopSignals:
     under torchrun, which forwards a Ctrl-C to workers that have already seen it.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, second_aborts=True):
         self.second_aborts = second_aborts
         self.signum = None
 
-    def __enter__(self):
-        # a signal ignored by the parent (such as SIGINT for a background job of a script) stays ignored
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
-        for s in self.previous:
-            signal.signal(s, self.request)
-        return self
-
-    def request(self, signum, frame):
+    def handle(self, signum, frame):
         if self.signum is None and distributed.is_main_process():
             again = ("; press Ctrl-C again to stop at once, keeping the checkpoint of the last evaluation"
                      if self.second_aborts else "")
@@ -242,13 +233,6 @@ class StopSignals:
         self.signum = self.signum or signum
         if self.second_aborts:
             self.restore()
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def __exit__(self, *exc):
-        self.restore()
 
 
 def check_finite(losses, step, ckpt_path, saved_step):
