@@ -139,13 +139,18 @@ def encode_prompt(tokenizer, text, device="cpu"):
     """The prompt as a (1, T) tensor of token ids; UsageError naming any character outside the vocabulary."""
     if not text:
         raise UsageError("the prompt is empty; give --prompt at least one character")
+    return encode_known(tokenizer, text, "the prompt", "give a --prompt made of characters of the training text",
+                        device)[None]
+
+
+def encode_known(tokenizer, text, what, fix, device="cpu"):
+    """text as a tensor of token ids; UsageError naming the characters outside the vocabulary, with what (the
+    text as the message names it) and fix."""
     unknown = tokenizer.unknown(text)
     if unknown:
-        raise UsageError(
-            f"the prompt has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
-            f"give a --prompt made of characters of the training text"
-        )
-    return torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)
+        raise UsageError(f"{what} has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
+                         f"{fix}")
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)
 
 
 def split(data, train_fraction=0.9):

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, halves, load_text, split, text_digest
+from .data import DEFAULT_DATA, BatchSampler, CharTokenizer, encode_known, halves, load_text, split, text_digest
 from .errors import UsageError, one_line
 from .files import atomic_writes, utf8, write_failure
 from .rundir import eval_files
@@ -116,15 +116,12 @@ def validation_split(text, vocab):
 
 def encode_whole(text, vocab, path):
     """All of text as token ids of vocab; UsageError naming the characters outside it."""
-    tokenizer = CharTokenizer(vocab)
-    unknown = tokenizer.unknown(text)
-    if unknown:
-        raise UsageError(f"{path} has characters outside the model's vocabulary: {' '.join(map(repr, unknown))}; "
-                         f"evaluate a text made only of characters of the training text")
+    data = encode_known(CharTokenizer(vocab), text, path,
+                        "evaluate a text made only of characters of the training text")
     if len(text) < 2:
         raise UsageError(f"{path} has one character, and the evaluation predicts each character after the first; "
                          f"give a --data of two or more")
-    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    return data
 
 
 def run_validation_split(config, vocab, instead):
