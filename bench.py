@@ -35,6 +35,7 @@ with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: 
         ArgumentParser,
         check_compile,
         check_dtype,
+        check_heads,
         placement_list,
         refuse_placing_without_a_mixer,
         refuse_twice_placed,
@@ -92,9 +93,7 @@ def check_counts(args):
 def configurations(args, preset):
     """The settings of each benchmarked (graph, positions), each with the (model, backend) pairs it runs."""
     base = dict(PRESETS[preset]["gpt"], **{f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f) is not None})
-    if base["n_embd"] % base["n_head"]:
-        raise UsageError(f"n_embd {base['n_embd']} is not divisible by n_head {base['n_head']}; "
-                         f"choose --n_embd as a multiple of --n_head")
+    check_heads(base)
     models = selected_models(args.models)
     pairs = placement_list(args.graphs, args.pos)
     refuse_placing_without_a_mixer(pairs, args.models, any(name not in GRAPHLESS for name, _ in models))

@@ -249,11 +249,8 @@ def resolve_settings(script, args, device, graph_flag="--graph"):
     check_seed(args.seed)
     if "dropout" in settings and not 0 <= settings["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
-    if "n_head" in settings and settings["n_embd"] % settings["n_head"]:
-        raise UsageError(
-            f"n_embd {settings['n_embd']} is not divisible by n_head {settings['n_head']}; "
-            f"choose --n_embd as a multiple of --n_head"
-        )
+    if "n_head" in settings:
+        check_heads(settings)
     if script.has_model_size:
         settings.update(graph=graph_spec(parse_graph(args.graph, settings["n_layer"], graph_flag)), pos=args.pos)
     check_dtype(args.dtype, device)
@@ -265,6 +262,13 @@ def resolve_settings(script, args, device, graph_flag="--graph"):
                              f"choose such steps")
     settings.update(dtype=args.dtype, compile=args.compile)
     return preset, settings
+
+
+def check_heads(settings):
+    """Refuse settings whose n_head does not divide n_embd."""
+    if settings["n_embd"] % settings["n_head"]:
+        raise UsageError(f"n_embd {settings['n_embd']} is not divisible by n_head {settings['n_head']}; "
+                         f"choose --n_embd as a multiple of --n_head")
 
 
 def check_seed(seed):
