@@ -131,6 +131,12 @@ def make_directories(directory, made):
             made.append(directory)
 
 
+def first_missing(path):
+    """The outermost of path (an absolute path) and the directories above it that does not exist, the first that
+    mkdir -p would make; None when path exists."""
+    return next((d for d in [*reversed(path.parents), path] if not d.exists()), None)
+
+
 def atomic_write_text(path, text):
     """Write text as UTF-8 to path atomically."""
     atomic_write(path, utf8(text))

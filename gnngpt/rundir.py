@@ -15,7 +15,7 @@ from pathlib import Path
 from . import distributed
 from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .files import atomic_write_text, remove_leftovers, write_failure, write_fix
+from .files import atomic_write_text, first_missing, remove_leftovers, write_failure, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
 METRICS_FIELDS = ("step", "train_loss", "val_loss", "elapsed_s", "tokens_per_s", "train_s", "tokens")
@@ -198,7 +198,7 @@ class RunDirLock:
         if resume and not out_dir.exists():
             return nothing_to_resume(out_dir / "ckpt.pt")
         absolute = Path(os.path.abspath(out_dir))  # "..", resolved as mkdir resolves it
-        self.created = next((d for d in [*reversed(absolute.parents), absolute] if not d.exists()), None)
+        self.created = first_missing(absolute)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

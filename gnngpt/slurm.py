@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError, check_count, one_line
-from .files import atomic_write_text
+from .files import atomic_write_text, first_missing
 from .jobs import Job, SignalsReceived, StatusBoard, failure_message, latest_metrics
 from .plan import value_differences
 from .processes import run_training
@@ -215,7 +215,7 @@ def submit(executor, runs, states, command, launcher):
         return {}
     cwd = os.getcwd()
     folder = Path(executor.folder).absolute()
-    created = next((d for d in [*reversed(folder.parents), folder] if not d.exists()), None)
+    created = first_missing(folder)
     before = set() if created else set(folder.iterdir())
     try:
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # submitit prints a refusal whole
