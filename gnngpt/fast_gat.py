@@ -132,8 +132,7 @@ def gatv2_scores(xl, xr, att, negative_slope, edges=None, distance=None, fused=T
     a new shape, say), the chunked kernel, which computes the same scores, runs instead; once it has, FUSED_GATV2
     warns once and goes off for the rest of the process (an input the chunked kernel refuses too leaves it on)."""
     if torch.compiler.is_compiling():
-        edge_term = None if edges is None else edges_by_pair(edges, distance)
-        return gatv2_scores_expression(xl, xr, att, negative_slope, edge_term)
+        return chunk_scores(xl, xr, att, negative_slope, edges, distance)
     def chunked():
         return chunked_gatv2_scores(xl, xr, att, negative_slope, edges, distance)
 
