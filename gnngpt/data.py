@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import UsageError
+from .errors import UsageError, not_utf8
 from .fallback import Acceleration
 from .files import atomic_write, write_failure
 
@@ -80,9 +80,7 @@ def load_text(path=None, instead="pass --data PATH to a local copy"):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(
-            f"data file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 or pass another --data"
-        ) from None
+        raise not_utf8(f"data file {path}", e, "convert it to UTF-8 or pass another --data") from None
 
 
 class CharTokenizer:

@@ -54,6 +54,12 @@ def memory_error(error, what, fix, kind=UsageError):
     return kind(f"{what} ({one_line(error)[:160]}); {fix}")
 
 
+def not_utf8(what, error, fix):
+    """The UsageError for what (a file, as the message names it) whose bytes are not UTF-8: where the decoding
+    failed (error, a UnicodeDecodeError), and fix."""
+    return UsageError(f"{what} is not UTF-8 text (byte {error.start}); {fix}")
+
+
 @contextlib.contextmanager
 def fitting(what, fix, kind=UsageError):
     """Memory running out inside becomes memory_error's one line, with fix (or what fix(), a function, returns

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import distributed
 from .checkpoint import load_checkpoint
-from .errors import UsageError
+from .errors import UsageError, not_utf8
 from .files import atomic_write_text, first_missing, remove_leftovers, write_failure, write_fix
 
 # train_s: seconds of training steps alone (evaluations and checkpoints excluded); tokens: training tokens seen
@@ -475,7 +475,7 @@ def read_metrics(out_dir):
             text = f.read()
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); repair it or delete {path.parent}") from None
+        raise not_utf8(path, e, f"repair it or delete {path.parent}") from None
     except csv.Error as e:  # a cell past the csv module's limit, say
         raise UsageError(f"{path} is not CSV ({e}); repair it or delete {path.parent}") from None
     if rows and not text.endswith("\n"):

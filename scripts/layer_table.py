@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gnngpt.errors import UsageError, exit_code, quiet_interrupt  # noqa: E402
+from gnngpt.errors import UsageError, exit_code, not_utf8, quiet_interrupt  # noqa: E402
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli
@@ -51,7 +51,7 @@ def table_file(path):
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from None
+        raise not_utf8(path, e, fix) from None
     except OSError as e:
         raise UsageError(f"cannot read {path} ({e.strerror}); {fix}") from None
     if BLOCK.search(text) is None:
