@@ -15,7 +15,7 @@ class Script:
         """The name of the model its parsed arguments train: the PyG layer, "gpt" or "bigram"."""
         if self.graph_layer:
             return args.gat_version
-        return "gpt" if self.arch == "gpt" else "bigram"
+        return self.arch
 
     @property
     def has_model_size(self):

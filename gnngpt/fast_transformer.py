@@ -19,14 +19,14 @@ from torch.nn import functional as F
 
 from .fast_gat import NO_DENSE_FORM, distance_table, propagation_refusal
 from .layout import attention, distance_scores, distance_sum
-from .mixers import TokenMixer, pyg_nn
+from .mixers import pyg_nn
 
 
 def transformer_refusal(mixer):
     """Why the dense form cannot compute the mixer (a TokenMixer) exactly, or "" when it can: a TransformerConv
     that passes and sums its messages as the dense form does (propagation_refusal), reading its edges' distances
     or nothing (the one feature a TokenMixer gives an edge_dim layer)."""
-    if not isinstance(mixer, TokenMixer) or type(mixer.conv) is not pyg_nn().TransformerConv:
+    if type(mixer.conv) is not pyg_nn().TransformerConv:
         return NO_DENSE_FORM
     return propagation_refusal(mixer.conv)
 

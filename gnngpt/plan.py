@@ -302,8 +302,6 @@ def plan_run(model, graph, pos, seed, args, extra, digest, rate=None):
             *(["--learning_rate", repr(rate)] if rate is not None else []),
             *(["--data", args.data] if args.data else []), *extra]
     training_args = cli.build_parser(script).parse_args(argv)
-    if script.graph_layer:
-        guard.check_layer_name(model)
     # a SLURM job's device is that of its node, where its training checks it; a report reads runs made elsewhere
     named = args.launcher == "slurm" or (args.report_only and args.device != "auto")
     device = torch.device(args.device) if named else cli.resolve_device(training_args.device)

@@ -68,7 +68,7 @@ def build_parser():
 
 def main(argv=None):
     """Print or write the table; bad input ends with a one-line error and exit code 2."""
-    return exit_code(run, build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    return exit_code(run, build_parser().parse_args(argv))
 
 
 def run(args):
