@@ -1,4 +1,6 @@
-"""Command-line interface shared by pyg-gpt.py, gpt.py and bigram.py."""
+"""Command-line interface of the training scripts pyg-gpt.py, gpt.py and bigram.py, whose parser pieces and checks
+the other scripts (compare.py, bench.py, sample.py, evaluate.py, plot_attention.py, scripts/layer_table.py) use
+too."""
 import argparse
 import contextlib
 import functools

@@ -81,7 +81,8 @@ def exact_evaluation(model, data, settings, device, batch_size=None, with_halves
     its own (data.halves: "tune" chooses settings, "test" reports them).
 
     Returns exact_loss's keys for the whole of data, "by_position" ({"loss": [...], "targets": [...]} per offset
-    t = 0, 1, ...), "tune" and "test" (each as exact_loss returns; with_halves only), and its seconds as eval_s.
+    t = 0, 1, ...), "tune" and "test" (each as exact_loss returns; with_halves only, and only where data has 4 tokens
+    or more, so that each half has a target), and its seconds as eval_s.
     """
     start = time.perf_counter()
     block_size, batch_size = settings["block_size"], batch_size or settings["batch_size"]

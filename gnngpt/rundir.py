@@ -345,7 +345,7 @@ def shipped_folder(path):
 
 
 def holds_run(out_dir):
-    """Whether out_dir holds any file of a run (config.json, metrics.csv or ckpt.pt)."""
+    """Whether out_dir holds any file of a run (config.json, metrics.csv, ckpt.pt or eval.json)."""
     return any((Path(out_dir) / name).exists() for name in RUN_FILES)
 
 

@@ -82,9 +82,9 @@ def difference_on_test_half(choice, baseline):
 
 
 def tuned_table(choices, baseline=None):
-    """One row per configuration at its chosen learning rate: the rate (flagged at the edge of its grid), the
-    test-half loss over seeds in nats and bits per character, and the paired difference from the baseline at
-    the baseline's own chosen rate with its interval and verdict."""
+    """One row per configuration at its chosen learning rate: the rate, the grid of rates (its failed ones marked,
+    and flagged where the rate lies at its edge), the test-half loss over seeds in nats and bits per character,
+    and the paired difference from the baseline at the baseline's own chosen rate with its interval and verdict."""
     against = [] if baseline is None else [f"Δ vs {baseline.name} (nats) [{CONFIDENCE:.0%} CI]", "difference"]
     header = ["model", "learning rate", "grid", "test loss (nats)", "bits per character", *against, "parameters"]
     rows = []
