@@ -43,17 +43,19 @@ class Job:
         return Path(self.out_dir) / "train.log"
 
 
-def run_jobs(jobs, at_once, stream=None):
+def run_jobs(jobs, at_once, planned=None, stream=None):
     """Run every job, at most at_once at a time, showing their status; the exit code of a stop, or 0.
 
-    Each child gets its share of the CPU cores (see child_threads), its own GPU where this process sees several,
-    and a session of its own: a Ctrl-C at the terminal reaches it only through here. SIGINT or SIGTERM here goes
-    to every running child, once per signal received, and no queued job starts; the result is then 128 + the
-    first signal's number. A failure is printed with its log's last line.
+    Each child gets its share of the CPU cores (see child_threads) among min(at_once, planned) trainings, planned
+    being how many runs the whole comparison has (len(jobs) by default): a comparison run again after a stop, with
+    fewer runs left, trains each on as many threads as before, its resumed ones included. Each child also gets its
+    own GPU where this process sees several, and a session of its own: a Ctrl-C at the terminal reaches it only
+    through here. SIGINT or SIGTERM here goes to every running child, once per signal received, and no queued job
+    starts; the result is then 128 + the first signal's number. A failure is printed with its log's last line.
     """
     stream = stream or sys.stdout
     gpus = visible_gpus() if any(job.device == "cuda" for job in jobs) else []
-    together = min(at_once, len(jobs))
+    together = min(at_once, planned or len(jobs))
     threads = child_threads(together)
     if any(job.device == "cpu" for job in jobs) and together * threads > cpu_cores():
         why = (f"OMP_NUM_THREADS={threads} gives each training {threads} thread{'s' if threads > 1 else ''}"

@@ -57,15 +57,16 @@ def training_command(run, state):
     return [sys.executable, str(ROOT / run.script.filename), *training_argv(run, state)]
 
 
-def train_in_processes(runs, states, at_once):
-    """Train the runs by their training scripts in child processes, at_once at a time (see jobs.run_jobs).
+def train_in_processes(runs, states, at_once, planned):
+    """Train the runs by their training scripts in child processes, at_once at a time (see jobs.run_jobs; planned:
+    how many runs the comparison has, those reused included).
 
     Returns the exit code of a stop by SIGINT or SIGTERM (0 when none) and the exit code of each failed run.
     """
     jobs = [Job(r.name, training_command(r, states[r.name]), r.out_dir, r.expected["settings"]["max_iters"],
                 resume=states[r.name] == "resume", device=r.expected["device"])
             for r in runs]
-    stopped = run_jobs(jobs, at_once)
+    stopped = run_jobs(jobs, at_once, planned)
     return stopped, {job.name: job.exit_code for job in jobs if job.state == "failed"}
 
 

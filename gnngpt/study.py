@@ -78,7 +78,7 @@ def compare(args, extra, argv):
     elif args.jobs == 1:
         stopped, failed = runner.train_here(pending, states)
     else:
-        stopped, failed = runner.train_in_processes(pending, states, args.jobs)
+        stopped, failed = runner.train_in_processes(pending, states, args.jobs, len(runs))
     if stopped:  # by SIGINT or SIGTERM
         print("compare.py stopped; run the same command again to go on: finished runs are reused and "
               "stopped ones resume", file=sys.stderr)

@@ -74,6 +74,18 @@ def table_rows(markdown):
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2:end]]
 
 
+def test_a_comparison_run_again_shares_the_cores_among_all_its_runs_not_only_those_left(trainings, tmp_path,
+                                                                                       monkeypatch):
+    assert compare_main("--models", "bigram,gpt", "--out", "one") == 0
+    shutil.rmtree(tmp_path / "runs" / "gpt_s1337")
+    planned = []
+    monkeypatch.setattr(runner, "train_in_processes",
+                        lambda runs, states, at_once, count: planned.append((len(runs), at_once, count))
+                        or runner.train_here(runs, states))
+    assert compare_main("--models", "bigram,gpt", "--out", "one", "--jobs", "2") == 0
+    assert planned == [(1, 2, 2)]  # gpt alone left: one thread of two cores, as when both trained
+
+
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "bigram,GATConv") == 0
     assert [script for script, _ in trainings] == ["bigram.py", "pyg-gpt.py"]

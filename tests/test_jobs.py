@@ -135,3 +135,13 @@ def test_trainings_at_once_share_the_cores_unless_omp_num_threads_says_otherwise
     assert [child_threads(together) for together in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert child_threads(2) == 3
+
+
+@pytest.mark.parametrize("planned,threads", [(None, "8"), (2, "4"), (6, "4")])
+def test_a_job_left_of_a_comparison_trains_on_the_share_of_the_cores_its_planned_runs_give(planned, threads, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(jobs, "cpu_cores", lambda: 8)
+    left = job(tmp_path, "a", 'import os; print("threads", os.environ["OMP_NUM_THREADS"])')
+    assert run_jobs([left], at_once=2, planned=planned) == 0  # --jobs 2, one run left of `planned`
+    assert (tmp_path / "a" / "train.log").read_text().splitlines()[-1] == f"threads {threads}"
