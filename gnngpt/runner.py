@@ -22,7 +22,7 @@ from .evaluation import (
 from .jobs import Job, run_jobs
 from .results import load_run_model
 from .rundir import ROOT, has_checkpoint, read_config
-from .sampling import write_model_output
+from .sampling import sample_path, write_model_output
 from .train import set_rng_state
 
 
@@ -103,6 +103,14 @@ def reading_device(run):
         return cli.resolve_device(torch.device(run.expected["device"]).type)
     except UsageError:
         return torch.device("cpu")
+
+
+def write_missing_own_sample(run):
+    """Write the run's own sample (sampling.sample_path) from its checkpoint when it has none, as a run stopped
+    after its last step lacks it; a run without its checkpoint keeps what it has."""
+    path = sample_path(run.out_dir)
+    if not path.exists() and has_checkpoint(run.out_dir):
+        write_missing_sample(run, path)
 
 
 def write_missing_sample(run, path):

@@ -91,6 +91,7 @@ def compare(args, extra, argv):
     done = [r for r in runs if r.name not in failed]
     for r in done:
         runner.write_missing_exact_loss(r)
+        runner.write_missing_own_sample(r)
     write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)
     write_report(runs, args, out, argv, baseline, layer_records, pairs, failed)
     if failed:

@@ -86,6 +86,17 @@ def test_a_comparison_run_again_shares_the_cores_among_all_its_runs_not_only_tho
     assert planned == [(1, 2, 2)]  # gpt alone left: one thread of two cores, as when both trained
 
 
+def test_a_run_that_is_not_sampled_for_the_report_gets_its_missing_sample_back_too(trainings, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr("gnngpt.sampling.SAMPLE_LENGTH", 20)
+    assert compare_main("--models", "gpt", "--seeds", "2", "--out", "one") == 0
+    sample = tmp_path / "runs" / "gpt_s1338" / "sample.txt"  # the second seed's: the report copies the first's
+    trained = sample.read_text()
+    sample.unlink()  # as a stop after the run's last step leaves it
+    assert compare_main("--models", "gpt", "--seeds", "2", "--out", "one") == 0
+    assert sample.read_text() == trained
+
+
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "bigram,GATConv") == 0
     assert [script for script, _ in trainings] == ["bigram.py", "pyg-gpt.py"]
