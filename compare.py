@@ -104,7 +104,7 @@ def main(argv=None):
     """Compare the models; exit code 2 with a one-line error for bad input, 1 when a training failed."""
     argv = sys.argv[1:] if argv is None else argv
     args, extra = build_parser().parse_known_args(argv)
-    return exit_code(study.compare, args, extra, argv)
+    return exit_code(study.compare, args, extra, argv, interrupted=f"interrupted; {study.GO_ON}")
 
 
 if __name__ == "__main__":

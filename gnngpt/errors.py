@@ -116,10 +116,10 @@ class CaughtSignals:
         self.restore()
 
 
-def exit_code(run, *args):
+def exit_code(run, *args, interrupted="interrupted"):
     """run(*args)'s exit code (0 when it returns None); a UsageError becomes one line on stderr and code 2, a
-    Failure one line and code 1, Ctrl-C or SIGTERM "interrupted" and code 130 or 143, an OSError that reached
-    here os_error_exit's."""
+    Failure one line and code 1, Ctrl-C or SIGTERM the line interrupted and code 130 or 143, an OSError that
+    reached here os_error_exit's."""
     try:
         with terminated_as_interrupted():
             code = run(*args) or 0
@@ -129,7 +129,7 @@ def exit_code(run, *args):
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt as e:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:
         return os_error_exit(e)

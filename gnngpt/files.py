@@ -105,7 +105,9 @@ def old_link(path):
 def remove_leftovers(directory, names):
     """Remove the temporary files and links to old files that atomic_writes leaves in directory when its process
     is killed midway (SIGKILL skips its clean-up), for the files whose names match one of the glob patterns names:
-    for files whose writer is this process alone."""
+    for files whose writer is this process alone. A directory that does not exist has none."""
+    if not Path(directory).is_dir():
+        return
     for path in Path(directory).iterdir():
         leftover = LEFTOVER.fullmatch(path.name)
         if leftover and any(fnmatch.fnmatchcase(leftover["name"], pattern) for pattern in names) and \

@@ -7,7 +7,7 @@ from . import rundir
 from .config import PUBLISHED_STEP
 from .errors import UsageError
 from .evaluation import read_eval, read_eval_or_why
-from .files import atomic_write_text
+from .files import atomic_write_text, remove_leftovers
 from .plan import first_seeds
 from .plots import plot_graph_study, plot_leaderboard, plot_loss_by_position, plot_rates, plot_val_loss
 from .results import (
@@ -121,6 +121,7 @@ def write_model_samples(runs, out, shipped):
     configs = summarized(runs)
     choices = rate_choices(configs) if tuned(runs) else None
     directory = model_samples_dir(out, configs, shipped)
+    remove_leftovers(directory, ("*.txt",))  # of a comparison killed while it wrote them
     for run in sampled_runs(runs, choices):
         source = sample_path(run.out_dir)
         if not source.exists():
@@ -228,6 +229,7 @@ def write_report(runs, args, out, argv, baseline, layer_records, pairs, failed):
     configs = summarized(done, args.report_step)
     if not configs:
         return
+    remove_leftovers(out, ("*.md", "*.png"))  # of a comparison killed while it wrote its report
     if args.report_step is None:  # a rebuilt report reads as the one the trainings wrote
         argv = [a for a in argv if a != "--report_only"]
     left_out = failure_note(runs, failed, None if layer_records is not None else baseline)  # a leaderboard ranks

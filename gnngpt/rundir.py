@@ -271,6 +271,12 @@ def in_use(out_dir, pid, fix):
     return f"{out_dir} is in use by a training in process {pid}; {fix}"
 
 
+def remove_run_leftovers(out_dir):
+    """Remove what a process killed while it wrote a run's files in out_dir left of them (files.remove_leftovers);
+    for a run that no other process writes: one starting to train, or a finished one that a comparison reuses."""
+    remove_leftovers(out_dir, (*RUN_FILES, POSITION_FILE, SAMPLE_FILE, *SNAPSHOT_FILES))
+
+
 def check_run_dir(out_dir, config, vocab, resume=False, overwrite=False):
     """Check that a training of config and vocab may start in out_dir; returns the checkpoint to resume from,
     or None. Writes nothing.
@@ -315,7 +321,7 @@ def start_run_dir(out_dir, config, overwrite=False):
     except OSError as e:
         raise UsageError(f"{write_failure(metrics, e, 'it')} or choose another --out_dir") from None
     try:
-        remove_leftovers(out_dir, (*RUN_FILES, POSITION_FILE, SAMPLE_FILE, *SNAPSHOT_FILES))
+        remove_run_leftovers(out_dir)
         for path in replaced:
             path.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")

@@ -16,7 +16,9 @@ from .report import (
     write_model_samples,
     write_report,
 )
-from .rundir import file_in_the_way, in_shipped_plots, read_config, unwritable
+from .rundir import file_in_the_way, in_shipped_plots, read_config, remove_run_leftovers, unwritable
+
+GO_ON = "run the same command again to go on: finished runs are reused and stopped ones resume"
 
 
 def compare(args, extra, argv):
@@ -80,8 +82,7 @@ def compare(args, extra, argv):
     else:
         stopped, failed = runner.train_in_processes(pending, states, args.jobs, len(runs))
     if stopped:  # by SIGINT or SIGTERM
-        print("compare.py stopped; run the same command again to go on: finished runs are reused and "
-              "stopped ones resume", file=sys.stderr)
+        print(f"compare.py stopped; {GO_ON}", file=sys.stderr)
         return stopped
     for r in runs:
         if r.name not in failed and read_config(r.out_dir) is None:
@@ -90,6 +91,7 @@ def compare(args, extra, argv):
             failed[r.name] = 1
     done = [r for r in runs if r.name not in failed]
     for r in done:
+        remove_run_leftovers(r.out_dir)  # of a training or a comparison killed while it wrote the run's files
         runner.write_missing_exact_loss(r)
         runner.write_missing_own_sample(r)
     write_model_samples(done, out, shipped=layer_records is None and len(pairs) == 1)

@@ -97,6 +97,33 @@ def test_a_run_that_is_not_sampled_for_the_report_gets_its_missing_sample_back_t
     assert sample.read_text() == trained
 
 
+def test_a_comparison_run_again_removes_what_a_killed_one_left_of_the_files_it_wrote(trainings, tmp_path):
+    assert compare_main("--models", "gpt", "--out", "one") == 0
+    run, out = tmp_path / "runs" / "gpt_s1337", tmp_path / "one"
+    left = [out / ".results.md.k1ll3d_x.tmp", out / ".val_loss.png.0123456789abcdef.old",
+            out / "model_outputs" / ".gpt.txt.k1ll3d_x.tmp", run / ".sample.txt.k1ll3d_x.tmp",
+            run / ".eval.json.k1ll3d_x.tmp"]
+    kept = [out / ".notes.txt.k1ll3d_x.tmp", run / ".train.log.k1ll3d_x.tmp"]  # no file that they write
+    for path in left + kept:
+        path.write_text("cut short")
+    assert compare_main("--models", "gpt", "--out", "one", "--report_only") == 0
+    assert [path.exists() for path in left] == [False, False, False, True, True]  # a report only reads the runs
+    assert compare_main("--models", "gpt", "--out", "one") == 0
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+
+
+def test_a_stop_while_the_report_is_written_says_how_to_go_on(trainings, monkeypatch, capsys):
+    from gnngpt import study
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "write_report", stopped)
+    assert compare_main("--models", "gpt") == 130
+    assert capsys.readouterr().err.split("\r")[-1] == ("interrupted; run the same command again to go on: finished "
+                                                      "runs are reused and stopped ones resume\n")
+
+
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "bigram,GATConv") == 0
     assert [script for script, _ in trainings] == ["bigram.py", "pyg-gpt.py"]
