@@ -106,9 +106,12 @@ def run(args):
         error, decoder_raised = sampling_failure(e)
         advice = "; --no_cache samples without the cached decoder, which raised it" if decoder_raised else ""
         raise Failure(f"sampling failed ({error}){advice}") from None
-    for row in out.tolist():
-        print(tokenizer.decode(row))
-        print(SEPARATOR)
+    text = "".join(f"{tokenizer.decode(row)}\n{SEPARATOR}\n" for row in out.tolist())
+    try:  # in one write, encoded whole before any of it is written
+        sys.stdout.write(text)
+    except UnicodeEncodeError as e:
+        raise UsageError(f"the output's encoding, {e.encoding}, cannot write {e.object[e.start]!r}, a character of "
+                         f"the samples; set PYTHONIOENCODING=utf-8") from None
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import io
 import math
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from conftest import (
     cuda_graph_warning,
     failing_cache,
     failing_multinomial,
+    write_tiny_text,
 )
 from gnngpt.checkpoint import load_checkpoint, save_checkpoint
 from gnngpt.cli import main
@@ -70,6 +72,50 @@ def test_num_samples_continue_the_prompt_in_the_vocabulary(name, tiny_run, capsy
         assert s.startswith("Is the") and len(s) == len("Is the") + 25
         assert not tokenizer.unknown(s)
     assert len(set(samples)) > 1  # the samples are drawn independently
+
+
+@pytest.mark.parametrize("name", ["gpt", "GATv2Conv"])
+def test_a_prompt_longer_than_the_context_is_printed_whole_before_its_continuation(name, tiny_run, capsys):
+    prompt = "to be or not that is the question whether"  # 42 characters, against block_size 16
+    samples = run_sample(capsys, "--out_dir", str(tiny_run(name)), "--prompt", prompt, "--num_samples", "2",
+                         "--max_new_tokens", "25")
+    assert len(samples) == 2 and all(s.startswith(prompt) and len(s) == len(prompt) + 25 for s in samples)
+
+
+def test_top_k_at_or_past_the_vocabulary_leaves_every_token_and_k_below_it_leaves_k():
+    from gnngpt.sampling import next_token_probs
+
+    logits = torch.randn(3, 17, generator=torch.Generator().manual_seed(0))
+    for top_k in (17, 200):  # sample.py's default top_k is larger than the vocabulary
+        assert torch.equal(next_token_probs(logits, 0.8, top_k), torch.softmax(logits / 0.8, dim=-1))
+    assert ((next_token_probs(logits, 1.0, 16) > 0).sum(dim=-1) == 16).all()
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no cache"])
+def test_zero_new_tokens_return_the_prompt_and_one_adds_one(use_cache, tiny_run):
+    from gnngpt.sampling import generate
+
+    model, _, _ = load_run_model(tiny_run("gpt"))
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(generate(model, idx, 0, use_cache=use_cache), idx)
+    grown = generate(model, idx, 1, use_cache=use_cache)
+    assert grown.shape == (1, 6) and torch.equal(grown[:, :5], idx)
+
+
+def test_samples_the_output_cannot_encode_are_refused_in_one_line_with_nothing_printed(tmp_path, monkeypatch,
+                                                                                     capsys):
+    data = write_tiny_text(tmp_path / "tiny.txt")
+    data.write_text(data.read_text(encoding="utf-8") + "Un café.\n", encoding="utf-8")
+    assert main(BIGRAM_SCRIPT, ["--max_iters", "1", "--eval_interval", "1", "--eval_iters", "1", "--device", "cpu",
+                                "--data", str(data), "--out_dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="ascii"))
+    assert sample.main(["--out_dir", str(tmp_path / "run"), "--prompt", "café", "--max_new_tokens", "5"]) == 2
+    sys.stdout.flush()
+    assert written.getvalue() == b""
+    assert capsys.readouterr().err == ("error: the output's encoding, ascii, cannot write 'é', a character of the "
+                                       "samples; set PYTHONIOENCODING=utf-8\n")
 
 
 @pytest.mark.parametrize("args", [["--top_k", "1"], ["--temperature", "1e-3"]])
