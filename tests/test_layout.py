@@ -1,5 +1,6 @@
 """Window-like graphs are computed on their bands: work and memory that grow with the edges, not with T * T."""
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,12 +96,20 @@ def test_terms_by_distance_equal_the_table_looked_up_at_each_pairs_distance(kind
     assert torch.allclose(got[2].where(edge, 0), want[2].where(edge, 0))  # masked weights are zero, whatever they get
 
 
-@pytest.mark.parametrize("mixer,backend,spec", [("GATConv", "fast", "full"), ("GATConv", "fast", "window:4"),
-                                                ("GATConv", "pyg", "full")])
-def test_the_graph_caches_serve_eager_passes_and_are_traced_under_torch_compile(mixer, backend, spec):
-    model = GPT(tiny_config(mixer, block_size=64, graph=spec, backend=backend)).eval()
+@pytest.mark.parametrize("mixer,backend,spec,pos,kwargs", [
+    ("GATConv", "fast", "full", "abs", {}), ("GATConv", "fast", "window:4", "abs", {}),
+    ("GATConv", "pyg", "full", "abs", {}),
+    ("GATv2Conv", "fast", "full", "rel", {"negative_slope": 0.3}),  # the scores traced apart from the fused kernel
+    ("GATv2Conv", "fast", "window:4", "rel", {"negative_slope": 0.3})])
+def test_the_graph_caches_serve_eager_passes_and_are_traced_under_torch_compile(mixer, backend, spec, pos, kwargs):
+    cfg = tiny_config(mixer, block_size=64, graph=spec, backend=backend, pos=pos, mixer_kwargs=kwargs)
+    model = GPT(cfg).eval()
     x = torch.randint(0, 17, (2, 64))
     eager = model(x)[0]
+    if backend == "fast":  # as PyG's message passing computes it with the same weights
+        reference = GPT(replace(cfg, backend="pyg")).eval()
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(eager, reference(x)[0])
     assert layout_for(ContextGraph("full"), 8, "cpu") is layout_for(ContextGraph("full"), 8, "cpu")
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
