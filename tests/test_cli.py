@@ -213,13 +213,14 @@ def test_torch_compile_failing_to_build_is_one_line_saying_how_to_go_on_without_
             build_fails()
 
 
-@pytest.mark.parametrize("kwargs,backend", [
-    ("{}", "fast (masked dense attention)"),
-    ('{"aggr": "mean"}', "pyg (message passing: the fast backend does not cover TransformerConv with aggr='mean' "
-                         "(the dense form sums, as aggr='add'))"),
+@pytest.mark.parametrize("kwargs,asked,backend", [
+    ("{}", "fast", "fast (masked dense attention)"),
+    ("{}", "pyg", "pyg (message passing)"),
+    ('{"aggr": "mean"}', "fast", "pyg (message passing: the fast backend does not cover TransformerConv with "
+                                 "aggr='mean' (the dense form sums, as aggr='add'))"),
 ])
-def test_training_says_which_backend_computes_the_layer(kwargs, backend, tiny_text_file, tmp_path, capsys):
-    args = ["--gnn", "TransformerConv", "--gnn_kwargs", kwargs, *TINY_GPT]
+def test_training_says_which_backend_computes_the_layer(kwargs, asked, backend, tiny_text_file, tmp_path, capsys):
+    args = ["--gnn", "TransformerConv", "--gnn_kwargs", kwargs, "--backend", asked, *TINY_GPT]
     assert main(PYG_GPT, ["--data", str(tiny_text_file), "--out_dir", str(tmp_path / "out"), *args]) == 0
     assert f"\nbackend: {backend}\n" in capsys.readouterr().out
 

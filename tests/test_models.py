@@ -135,3 +135,24 @@ def test_last_only_gives_the_last_tokens_logits_of_the_full_pass(name):
     last, _ = model(idx, last_only=True)
     assert last.shape == (2, 1, 17)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "GATConv", "TransformerConv", "GCNConv"])
+def test_every_block_drops_out_after_its_mixer_and_its_feed_forward_in_training_alone(mixer):
+    model = GPT(tiny_config(mixer, dropout=0.5))
+    assert all(module.training for module in model.modules())  # a probe at build time leaves none in eval mode
+    calls = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, args, out, name=name: calls.append((name, args[0], out)))
+    x = torch.randint(0, 17, (2, 12))
+    model(x)
+    for i in range(2):
+        for part in ("mixer", "ffwd"):
+            assert any(name.startswith(f"blocks.{i}.{part}.") for name, _, _ in calls), (i, part, calls)
+    for name, given, out in calls:  # each zeroes entries and doubles the others, as p=0.5 does
+        kept = out != 0
+        assert torch.allclose(out[kept], 2 * given[kept]) and 0.3 < kept.float().mean() < 0.7, name
+    calls.clear()
+    model.eval()(x)
+    assert all(torch.equal(given, out) for _, given, out in calls)
