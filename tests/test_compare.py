@@ -112,18 +112,6 @@ def test_a_comparison_run_again_removes_what_a_killed_one_left_of_the_files_it_w
     assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
 
 
-def test_a_stop_while_the_report_is_written_says_how_to_go_on(trainings, monkeypatch, capsys):
-    from gnngpt import study
-
-    def stopped(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(study, "write_report", stopped)
-    assert compare_main("--models", "gpt") == 130
-    assert capsys.readouterr().err.split("\r")[-1] == ("interrupted; run the same command again to go on: finished "
-                                                      "runs are reused and stopped ones resume\n")
-
-
 def test_two_models_give_a_plot_a_table_and_samples_then_reuse_trains_nothing(trainings, tiny_text_file, tmp_path):
     assert compare_main("--models", "bigram,GATConv") == 0
     assert [script for script, _ in trainings] == ["bigram.py", "pyg-gpt.py"]
@@ -368,7 +356,8 @@ def test_sigterm_while_the_report_is_written_stops_as_ctrl_c_does_and_leaves_no_
 
     monkeypatch.setattr(os, "fsync", terminated_while_writing)
     assert compare_main("--models", "bigram", "--out", "out", "--report_only") == 143
-    assert capsys.readouterr().err.endswith("interrupted\n")
+    assert capsys.readouterr().err.endswith("\rinterrupted; run the same command again to go on: finished runs are "
+                                            "reused and stopped ones resume\n")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before  # no .*.tmp
 
 
@@ -836,9 +825,10 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
         assert rows[name][7] == f"{wall:.1f}s"  # the mean of the seeds' times (under a minute here)
     assert "Δ: the mean over seeds of each seed's difference in nats from gpt" in results
     reached = [next(r for r in read_metrics(runs / f"gpt_s{seed}") if r["val_loss"] <= 5) for seed in (1337, 1338)]
-    assert f"| gpt | {np.mean([r['step'] for r in reached]):,.0f} | " \
-           f"{np.mean([r['tokens'] for r in reached]):,.0f} | {np.mean([r['train_s'] for r in reached]):,.1f} |" \
-        in results
+    cells = [f"{np.mean(values):,.{digits}f} ± {np.std(values, ddof=1):,.{digits}f}"
+             for values, digits in (([r[key] for r in reached], digits) for key, digits in
+                                    (("step", 0), ("tokens", 0), ("train_s", 1)))]
+    assert f"| gpt | {' | '.join(cells)} |" in results
     assert matplotlib.image.imread(tmp_path / "plots" / "val_loss.png").shape[1] > 1200  # steps and seconds
 
     trainings.clear()
