@@ -834,7 +834,14 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
     trainings.clear()
     assert compare_main("--models", "gpt,GATConv", "--seeds", "3") == 0
     assert [argv[argv.index("--seed") + 1] for _, argv in trainings] == ["1339", "1339"]
-    assert table_rows((tmp_path / "plots" / "results.md").read_text())[0][1].endswith(" (3)")
+    rows = {row[0]: row for row in table_rows((tmp_path / "plots" / "results.md").read_text())}
+    seeds = (1337, 1338, 1339)  # three values: a median or a deviation over n would differ from these
+    gpt, gat = exact_losses(runs, "gpt", seeds), exact_losses(runs, "GATConv", seeds)
+    for name, losses in (("gpt", gpt), ("GATConv", gat)):
+        assert rows[name][1] == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} (3)"
+    d = np.subtract(gat, gpt)
+    low, high = t_interval(d)
+    assert rows["GATConv"][3] == f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (3)"
 
 
 def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_half(trainings, tmp_path, capsys):
@@ -882,6 +889,19 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
     (tmp_path / "plots" / "results.md").unlink()
     assert compare_main(*args, "--report_only") == 0
     assert (tmp_path / "plots" / "results.md").read_text() == results
+
+    curves = {m: [read_metrics(runs / f"{m}_lr{chosen[m]}_s{s}") for s in seeds] for m in ("gpt", "GATConv")}
+    target = max(min(r["val_loss"] for r in curve) for m in curves for curve in curves[m])  # every chosen run's
+    assert compare_main(*args, "--report_only", "--target_loss", repr(target)) == 0
+    timed = (tmp_path / "plots" / "results.md").read_text().split(f"Time to a validation loss of {target} at the "
+                                                                  f"chosen rates")[1]
+    expected = []
+    for m in ("gpt", "GATConv"):
+        reached = [next(r for r in curve if r["val_loss"] <= target) for curve in curves[m]]
+        expected.append([m, *(f"{np.mean(values):,.{digits}f} ± {np.std(values, ddof=1):,.{digits}f}"
+                              for values, digits in (([r[key] for r in reached], digits) for key, digits in
+                                                     (("step", 0), ("tokens", 0), ("train_s", 1))))])
+    assert table_rows(timed) == expected
 
     trainings.clear()
     assert compare_main("--models", "gpt,GATConv", "--seeds", "2", "--learning_rate", "1e-3,3e-2,1e-2") == 0

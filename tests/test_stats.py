@@ -1,5 +1,6 @@
-"""Intervals over seeds, the choice of a learning rate on the tune half and the time to a target loss, against
-computations of their own."""
+"""Means, deviations and intervals over seeds, a run's speed, the graph study's tables, the choice of a learning
+rate on the tune half and the time to a target loss, against computations of their own."""
+import csv
 import math
 import random
 import statistics
@@ -8,9 +9,19 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from conftest import TINY_SIZES, t_interval
 from gnngpt import tuning
+from gnngpt.cli import main
+from gnngpt.config import GPT as GPT_SCRIPT
 from gnngpt.plots import rates_figure
-from gnngpt.results import format_duration, leaderboard_table, target_table
+from gnngpt.results import (
+    format_duration,
+    graph_comparisons,
+    graph_study_table,
+    leaderboard_table,
+    run_summary,
+    target_table,
+)
 from gnngpt.stats import paired_difference, spread
 
 
@@ -24,6 +35,14 @@ def test_a_paired_difference_is_the_students_t_interval_of_the_per_seed_differen
     difference = paired_difference(values, baseline)
     assert difference.n == n and difference.mean == pytest.approx(d.mean())
     assert (difference.low, difference.high) == pytest.approx((low, high))
+
+
+def test_a_spread_is_the_mean_and_sample_deviation_of_skewed_values_and_one_value_has_no_deviation():
+    values = [1.0, 1.1, 1.2, 5.0]  # skewed: the median (1.15) and the deviation over n (1.69) differ
+    result = spread(iter(values))  # any iterable, read once
+    assert (result.mean, result.sd, result.n) == (pytest.approx(np.mean(values)),
+                                                  pytest.approx(np.std(values, ddof=1)), 4)
+    assert spread([1.5]) == type(result)(1.5, None, 1)
 
 
 def test_one_shared_seed_gives_a_mean_without_an_interval_and_none_gives_nothing():
@@ -118,3 +137,68 @@ def test_the_leaderboard_ranks_by_the_mean_over_seeds():
     for row in rows:
         bits = np.array(seeds[row[1]]) / math.log(2)
         assert row[3] == f"{bits.mean():.4f} ± {bits.std(ddof=1):.4f} (2)" and row[4] == "1,100 ± 141"
+
+
+def test_a_runs_speed_is_the_median_of_its_logged_rates(in_tmp_path, tiny_text_file):
+    run = in_tmp_path / "run"
+    assert main(GPT_SCRIPT, ["--data", str(tiny_text_file), "--out_dir", str(run), "--max_iters", "6",
+                             "--eval_interval", "2", "--eval_iters", "1", "--batch_size", "2", "--block_size", "8",
+                             "--device", "cpu", *TINY_SIZES]) == 0
+    with (run / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    rates = [100.0, 110.0, 400.0]  # skewed: the mean (203.3) is not the median
+    assert [bool(r["tokens_per_s"]) for r in rows] == [False, True, True, True]  # steps 0 (untimed), 2, 4 and 6
+    for row, rate in zip(rows[1:], rates, strict=True):
+        row["tokens_per_s"] = rate
+    with (run / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run_summary(run)["tokens_per_s"] == np.median(rates)
+
+
+def graph_config(model, graph, pos, edges, losses, curves):
+    """A graph-study configuration of block 32 with its exact loss and its loss_by_position curve per seed."""
+    name = model if (graph, pos) == ("full", "abs") else f"{model}_{graph.replace(':', '-')}_{pos}"
+    return {"name": name, "model": model, "graph": graph, "pos": pos, "edges_per_token": edges,
+            "settings": {"block_size": 32}, "loss_by_seed": losses, "loss": spread(losses.values()),
+            "bpc": spread(v / math.log(2) for v in losses.values()), "tokens_per_s": None, "parameters": 10,
+            "runs": [{"seed": seed, "by_position": curve} for seed, curve in curves.items()]}
+
+
+def position_curve(rng):
+    return {"loss": [rng.uniform(1.0, 3.0) for _ in range(32)], "targets": [rng.randint(1, 9) for _ in range(32)]}
+
+
+def test_a_graph_studys_table_pairs_each_configuration_with_the_baseline_and_averages_its_ranges_over_seeds():
+    rng = random.Random(0)
+    seeds = (1, 2, 3)
+    configs = [graph_config("gpt", "full", "abs", 16.5, {1: 1.60, 2: 1.62, 3: 1.70},
+                            {s: position_curve(rng) for s in seeds}),
+               graph_config("gpt", "window:2", "abs", 2.0, {1: 1.70, 2: 1.73, 3: 1.82},
+                            {s: position_curve(rng) for s in seeds})]
+    full, window = configs
+    rows = {row[1]: row for row in ([cell.strip() for cell in line.strip("|").split("|")]
+                                        for line in graph_study_table(configs, full).splitlines()[2:])}
+    d = np.array([window["loss_by_seed"][s] - full["loss_by_seed"][s] for s in seeds])  # 0.10, 0.11, 0.12
+    low, high = t_interval(d)
+    assert rows["window:2"][6:8] == [f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (3)", "higher"]
+    assert rows["full"][6:8] == ["-", "-"]
+    for graph, c in (("full", full), ("window:2", window)):
+        for cell, (a, b) in zip(rows[graph][8:10], ((8, 16), (16, 32))):
+            by_seed = [np.average(r["by_position"]["loss"][a:b], weights=r["by_position"]["targets"][a:b])
+                       for r in c["runs"]]
+            assert cell == f"{np.mean(by_seed):.4f}"
+
+
+def test_a_graph_study_pairs_every_graph_with_the_complete_one_then_positions_then_gpt_each_in_study_order():
+    losses = {1: 1.6, 2: 1.7}
+    configs = [graph_config(model, graph, pos, 1.0, losses, {}) for model, graph, pos in
+               (("GATConv", "window:2", "rel"), ("gpt", "window:2", "abs"), ("gpt", "full", "rel"),
+                ("GATConv", "full", "abs"), ("gpt", "full", "abs"), ("GATConv", "window:2", "abs"))]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")][:2]
+            for line in graph_comparisons(configs).splitlines()[2:]]
+    assert rows == [["GATConv_window-2_rel", "GATConv"],  # no complete graph with rel: the original
+                    ["gpt_window-2_abs", "gpt"], ["GATConv_window-2_abs", "GATConv"],  # graphs against full
+                    ["GATConv_window-2_rel", "GATConv_window-2_abs"], ["gpt_full_rel", "gpt"],  # rel against abs
+                    ["GATConv", "gpt"], ["GATConv_window-2_abs", "gpt_window-2_abs"]]  # graph layers against gpt
