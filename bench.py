@@ -24,7 +24,7 @@ products, scaled_dot_product_attention's kernels and the rest.
 import json
 import sys
 
-from gnngpt.errors import UsageError, check_count, exit_code, fitting, quiet_interrupt
+from gnngpt.errors import UsageError, check_count, check_output, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -109,6 +109,7 @@ def configurations(args, preset):
 
 
 def run(args):
+    check_output("the benchmark's tables")
     check_counts(args)
     device = resolve_device(args.device)
     if args.profile_steps and device.type != "cpu":

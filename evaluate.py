@@ -9,7 +9,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from gnngpt.errors import UsageError, check_count, exit_code, fitting, quiet_interrupt
+from gnngpt.errors import UsageError, check_count, check_output, exit_code, fitting, quiet_interrupt
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     from gnngpt import cli
@@ -54,6 +54,8 @@ def main(argv=None):
 
 
 def run(args):
+    if not args.write:  # which writes the result to the run as well
+        check_output("the result")
     if args.batch_size is not None:
         check_count("--batch_size", args.batch_size)
     check_count("--random_estimates", args.random_estimates, least=0)

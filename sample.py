@@ -5,7 +5,16 @@
 import math
 import sys
 
-from gnngpt.errors import Failure, UsageError, check_count, exit_code, memory_error, out_of_memory, quiet_interrupt
+from gnngpt.errors import (
+    Failure,
+    UsageError,
+    check_count,
+    check_output,
+    exit_code,
+    memory_error,
+    out_of_memory,
+    quiet_interrupt,
+)
 
 with quiet_interrupt(__name__ == "__main__"):  # importing torch takes seconds: Ctrl-C then ends in one line
     import torch
@@ -58,6 +67,7 @@ def build_parser():
 
 
 def check_args(args):
+    check_output("the samples")
     for key in ("num_samples", "max_new_tokens"):
         check_count(f"--{key}", getattr(args, key))
     if not (math.isfinite(args.temperature) and args.temperature > 0):

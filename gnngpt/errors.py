@@ -170,6 +170,13 @@ def os_error_exit(error):
     return 1
 
 
+def check_output(what):
+    """A UsageError where standard output is closed (as >&- closes it): print would drop what goes there unseen."""
+    if sys.stdout is None:
+        raise UsageError(f"standard output is closed, and {what} would be printed there; send it to a file (> FILE) "
+                         f"instead of closing it (>&-)")
+
+
 def flush_output():
     """Flush stdout (None where it was closed): a reader of the output that left, or a full disk, then shows as an
     OSError here, and not at the interpreter's exit."""

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2", "--batch_size", "4",
         "--block_size", "16", "--device", "cpu", "--learning_rate", "1e-2"]
 TINY_GPT = TINY + ["--n_embd", "16", "--n_head", "2", "--n_layer", "1"]
+SAMPLE_SCRIPT, EVALUATE_SCRIPT, BENCH_SCRIPT = "sample.py", "evaluate.py", "bench.py"
 SCRIPTS = {
     "GATConv": ["pyg-gpt.py", "--gat_version", "GATConv", *TINY_GPT],
     "GATv2Conv": ["pyg-gpt.py", "--gat_version", "GATv2Conv", *TINY_GPT],
@@ -484,3 +485,23 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
     monkeypatch.setattr("gnngpt.train.Trainer.train_step", other_failure)
     with pytest.raises(RuntimeError, match="a bug"):  # not taken for memory running out
         main(GPT_SCRIPT, [*args, "--overwrite"])
+
+
+@pytest.mark.parametrize("script,argv,what", [(SAMPLE_SCRIPT, [], "the samples"),
+                                              (EVALUATE_SCRIPT, ["--out_dir", "none"], "the result"),
+                                              (BENCH_SCRIPT, [], "the benchmark's tables")])
+def test_a_script_whose_product_is_its_output_refuses_a_closed_stdout_before_any_work(script, argv, what):
+    result = subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, str(ROOT / script), *argv],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (
+        2, f"error: standard output is closed, and {what} would be printed there; send it to a file (> FILE) instead "
+           f"of closing it (>&-)\n")
+
+
+def test_evaluate_write_records_the_result_with_stdout_closed(tmp_path, tiny_text_file):
+    assert train_tiny_gpt(tmp_path / "run", tiny_text_file, "--max_iters", "2") == 0
+    (tmp_path / "run" / "eval.json").unlink()
+    result = subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, str(ROOT / EVALUATE_SCRIPT), "--out_dir",
+                             str(tmp_path / "run"), "--write"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "error" not in result.stderr  # which shows the progress bars alone
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 2
