@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -280,6 +281,22 @@ def test_bfloat16_autocast_evaluates_close_to_float32():
     assert losses["float32"] != losses["bfloat16"]  # autocast really ran in bf16
     for split in ("train", "val"):
         assert abs(losses["float32"][split] - losses["bfloat16"][split]) < 0.05
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_evaluation_is_the_mean_loss_of_its_batches_of_each_split_and_leaves_the_models_mode(training):
+    data = torch.randint(0, 17, (2000,), generator=torch.Generator().manual_seed(0))
+    model = GPT(tiny_config("attention", dropout=0.3)).train(training)
+    sampler = BatchSampler(data[:1800], data[1800:], block_size=12, batch_size=4, device="cpu", seed=0)
+    state = sampler.generator.get_state()
+    losses = evaluate(model, sampler, eval_iters=3)
+    assert model.training == training
+    sampler.generator.set_state(state)  # the same draws, one batch after another, in eval mode (no dropout)
+    model.eval()
+    expected = {split: statistics.fmean(model(*sampler.get(split))[1].item() for _ in range(3))
+                for split in ("train", "val")}
+    assert losses == pytest.approx(expected, rel=1e-6)
+    assert losses["train"] != pytest.approx(losses["val"], rel=1e-4)  # so a mix-up of the splits shows
 
 
 @pytest.mark.parametrize("script,flag", [("gpt.py", "--out_dir"), ("pyg-gpt.py", "--data"), ("sample.py", "--out_dir"),

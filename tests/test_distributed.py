@@ -19,6 +19,7 @@ from gnngpt.train import Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA1 = 0.9  # AdamW's default: after one step its first moment is (1 - beta1) * gradient
+WEIGHT_DECAY, EPS = 0.01, 1e-8  # AdamW's defaults, which the training keeps
 # with wandb and tensorboard installed (as CI has them), the run is tracked too: by rank 0 alone
 TRACKERS = ["--wandb_log", "--tensorboard"] if all(map(importlib.util.find_spec, ("wandb", "tensorboard"))) else []
 
@@ -119,7 +120,8 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
     assert sorted({p.name for p in out.iterdir()} - set(tracked)) == \
         [".lock", "ckpt.pt", "config.json", "eval.json", "loss_by_position.csv", "metrics.csv", "sample.txt"]
     with open(out / "metrics.csv", newline="") as f:
-        assert [row["step"] for row in csv.DictReader(f)] == ["0", "1"]
+        rows = list(csv.DictReader(f))
+    assert [(row["step"], row["tokens"]) for row in rows] == [("0", "0"), ("1", str(2 * 3 * 8))]  # both ranks' batches
     if TRACKERS:
         (wandb_run,) = wandb_runs(out)
         assert list(wandb_run["history"]) == [0, 1]
@@ -143,8 +145,12 @@ def test_two_gloo_processes_under_torchrun_train_like_one_process_on_the_global_
     loss.backward()
 
     moments = ckpt["optimizer"]["state"]
+    lr = ckpt["config"]["settings"]["learning_rate"]
     for i, (name, p) in enumerate(model.named_parameters()):
         torch.testing.assert_close(moments[i]["exp_avg"] / (1 - BETA1), p.grad, rtol=0, atol=1e-5, msg=name)
+        # AdamW's first step: decay by lr * weight decay, then a step of lr against m/sqrt(v), bias-corrected
+        stepped = p.detach() * (1 - lr * WEIGHT_DECAY) - lr * p.grad / (p.grad.abs() + EPS)
+        torch.testing.assert_close(ckpt["model"][name], stepped, rtol=0, atol=lr * 1e-2, msg=name)
 
 
 def test_two_processes_stopped_and_resumed_under_torchrun_train_as_if_never_stopped(tiny_text_file, tmp_path):

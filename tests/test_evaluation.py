@@ -84,6 +84,21 @@ def test_each_half_and_each_position_equal_a_loop_over_their_own_windows(length)
     assert weighted == pytest.approx(result["nats"], rel=1e-9)
 
 
+def test_an_exact_evaluation_passes_batches_of_its_batch_size_or_else_the_runs():
+    net = GPT(tiny_config("attention")).eval()
+    data = torch.randint(0, 17, (100,))  # 99 targets: 8 windows of 12 and a tail of 3
+    passes = []
+    handle = net.register_forward_hook(lambda module, args, output: passes.append(args[0].shape))
+    try:
+        for batch_size, sizes in ((None, [5, 3, 1]), (2, [2, 2, 2, 2, 1])):
+            passes.clear()
+            exact_evaluation(net, data, {"block_size": 12, "batch_size": 5}, "cpu", batch_size, with_halves=False)
+            assert [shape[0] for shape in passes] == sizes
+            assert [shape[1] for shape in passes] == [12] * (len(sizes) - 1) + [3]
+    finally:
+        handle.remove()
+
+
 def evaluate(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)

@@ -276,6 +276,33 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(nan_a
     assert int(losses(out)[-1][0]) == last_good
 
 
+def test_a_non_finite_loss_just_after_a_resume_names_the_checkpoint_it_resumed_from(stopped, tiny_text_file, capsys):
+    with at_forward(1, nan_loss):  # the first step after step 5
+        assert run(stopped, tiny_text_file, "--resume") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the training loss is not finite at step 5; training stopped and {stopped / 'ckpt.pt'} keeps the last "
+        f"good state (step 5); train again with --overwrite and a lower --learning_rate")
+    assert load_checkpoint(stopped / "ckpt.pt")["step"] == 5
+
+
+def test_the_time_and_speed_columns_count_on_across_a_stop_between_evaluations(tiny_text_file, tmp_path):
+    out, pause = tmp_path / "run", 0.5
+    with at_forward(7, lambda output: time.sleep(pause) or os.kill(os.getpid(), signal.SIGINT)):
+        assert run(out, tiny_text_file) == 130  # after step 7, the seventh of them pausing
+    rows, ckpt = rundir.read_metrics(out), load_checkpoint(out / "ckpt.pt")
+    assert [r["step"] for r in rows] == [0, 3, 6] and ckpt["step"] == 7
+    for before, row in zip(rows, rows[1:]):  # a fresh run's speed: the interval's tokens over its training seconds,
+        tokens, seconds = row["tokens"] - before["tokens"], row["train_s"] - before["train_s"]  # each rounded to 1e-4
+        assert tokens / (seconds + 1e-4) - 0.05 <= row["tokens_per_s"] <= tokens / (seconds - 1e-4) + 0.05
+    assert ckpt["train_s"] >= rows[-1]["train_s"] + pause - 1e-4  # step 7's seconds, which no row holds yet
+    assert ckpt["elapsed_s"] >= rows[-1]["elapsed_s"] + pause - 0.01
+    assert run(out, tiny_text_file, "--resume") == 0
+    resumed = rundir.read_metrics(out)[3:]
+    assert [r["step"] for r in resumed] == [9, 12]
+    assert resumed[0]["train_s"] > ckpt["train_s"] and resumed[0]["elapsed_s"] > ckpt["elapsed_s"]
+    assert resumed[1]["train_s"] > resumed[0]["train_s"] and resumed[1]["elapsed_s"] > resumed[0]["elapsed_s"]
+
+
 def test_a_non_finite_loss_of_the_untrained_model_leaves_no_run(tiny_text_file, tmp_path, capsys):
     out = tmp_path / "run"
     with at_forward(1, nan_loss, training=False):  # the first pass of the evaluation before the first step
