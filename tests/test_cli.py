@@ -15,7 +15,16 @@ import torch
 from conftest import ALLOCATION_ERROR, TINY_GPT_RUN, allocation_fails, build_fails, tiny_config, train_tiny_gpt
 from gnngpt import cli, guard
 from gnngpt.cli import build_parser, main, resolve_device
-from gnngpt.config import BIGRAM as BIGRAM_SCRIPT, GPT as GPT_SCRIPT, PYG_GPT
+from gnngpt.config import (
+    BIGRAM as BIGRAM_SCRIPT,
+    GPT as GPT_SCRIPT,
+    PRESETS,
+    PUBLISHED_STEP,
+    PUBLISHED_VAL_LOSS,
+    PYG_GPT,
+    SEED,
+    resolve_preset,
+)
 from gnngpt.data import BatchSampler
 from gnngpt.errors import UsageError, exit_code
 from gnngpt.fast_gat import compile_failures
@@ -522,3 +531,20 @@ def test_evaluate_write_records_the_result_with_stdout_closed(tmp_path, tiny_tex
                              str(tmp_path / "run"), "--write"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "error" not in result.stderr  # which shows the progress bars alone
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 2
+
+
+def test_the_paper_preset_and_the_published_losses_are_the_originals():
+    """As the original's scripts and README give them (the lecture's sizes; the losses read from its plot)."""
+    assert PRESETS["paper"]["gpt"] == dict(batch_size=64, block_size=128, max_iters=5000, eval_interval=50,
+                                           eval_iters=200, learning_rate=3e-4, n_embd=384, n_head=6, n_layer=6,
+                                           dropout=0.2)
+    assert PRESETS["paper"]["bigram"] == dict(batch_size=32, block_size=128, max_iters=5001, eval_interval=50,
+                                              eval_iters=200, learning_rate=1e-2)
+    assert PUBLISHED_VAL_LOSS == {"bigram": 2.47, "gpt": 1.50, "GATConv": 1.65, "GATv2Conv": 1.57}
+    assert (SEED, PUBLISHED_STEP) == (1337, 5000)
+
+
+@pytest.mark.parametrize("device,preset", [("cuda", "paper"), ("mps", "cpu"), ("cpu", "cpu")])
+def test_the_auto_preset_is_the_papers_on_cuda_alone_and_a_named_one_stays(device, preset):
+    assert resolve_preset("auto", torch.device(device)) == preset
+    assert [resolve_preset(name, torch.device(device)) for name in ("paper", "cpu")] == ["paper", "cpu"]

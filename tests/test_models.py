@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import tiny_config, train_losses
 from gnngpt.graph import FULL, causal_edge_index, parse_graph
@@ -156,3 +157,41 @@ def test_every_block_drops_out_after_its_mixer_and_its_feed_forward_in_training_
     calls.clear()
     model.eval()(x)
     assert all(torch.equal(given, out) for _, given, out in calls)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "GATConv"])
+def test_a_forward_pass_is_the_lectures_pre_norm_model_put_together_from_the_models_own_parts(mixer):
+    model = GPT(tiny_config(mixer, dropout=0.5)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):  # not the identity they start as: each norm shows
+                module.weight.normal_()
+                module.bias.normal_()
+    idx = torch.randint(0, 17, (3, 12))
+    C = model.config.n_embd
+
+    def norm(x, ln):
+        return F.layer_norm(x, (C,), ln.weight, ln.bias)
+
+    with torch.no_grad():
+        x = model.token_embedding.weight[idx] + model.position_embedding.weight[:12]
+        for block in model.blocks:
+            x = x + block.mixer(norm(x, block.ln1))  # x + mixer(LayerNorm(x)), dropout off in eval mode
+            first, second = block.ffwd.net[0], block.ffwd.net[2]
+            assert first.weight.shape == (4 * C, C) and second.weight.shape == (C, 4 * C)  # FFN = C -> 4C -> C
+            x = x + F.linear(F.relu(F.linear(norm(x, block.ln2), first.weight, first.bias)), second.weight,
+                             second.bias)
+        expected = F.linear(norm(x, model.ln_f), model.lm_head.weight, model.lm_head.bias)
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("graph", ["full", "window:3"])
+@pytest.mark.parametrize("mixer", ["attention", "GATConv"])
+def test_in_eval_mode_a_model_with_dropout_computes_what_it_would_without(mixer, graph):
+    model = GPT(tiny_config(mixer, dropout=0.5, graph=graph)).eval()
+    without = GPT(tiny_config(mixer, dropout=0.0, graph=graph)).eval()
+    without.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 17, (3, 12))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], without(idx)[0])
