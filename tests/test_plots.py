@@ -9,7 +9,14 @@ from matplotlib.text import Text
 
 from gnngpt import plots
 from gnngpt.cli import machine_description
-from gnngpt.plots import GRAPH_MARKERS, graph_study_figure, plot_loss_by_position, rates_figure
+from gnngpt.plots import (
+    GRAPH_MARKERS,
+    graph_study_figure,
+    plot_leaderboard,
+    plot_loss_by_position,
+    plot_val_loss,
+    rates_figure,
+)
 from gnngpt.stats import Spread
 from gnngpt.tuning import Choice
 
@@ -61,6 +68,56 @@ def test_graph_study_prints_no_text_over_another_and_gives_each_graph_its_marker
             assert (points[loss].get_markerfacecolor() == "none") == (pos == "rel")
         assert [line.get_linestyle() for line in ax.lines if line.get_marker() == "None"] == ["--"]  # the bigram
     assert len(set(GRAPH_MARKERS)) == len(GRAPH_MARKERS) and "o" not in GRAPH_MARKERS  # circles: the positions
+
+
+def test_graph_study_draws_each_configuration_at_its_edges_per_token_and_at_its_speed():
+    configs = [dict(model=m, graph=g, pos=p, edges_per_token=e, loss=Spread(loss, 0.01, 3),
+                    tokens_per_s=Spread(rate, 100.0, 3)) for m, g, p, e, loss, rate in CLOSE_RUNS[:-1]]
+    edges_ax, speed_ax = graph_study_figure(configs, "title").axes
+    for ax, column in ((edges_ax, 3), (speed_ax, 5)):
+        points = sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines
+                        if line.get_marker() in GRAPH_MARKERS)  # not the caps of the error bars
+        assert points == sorted((run[column], run[4]) for run in CLOSE_RUNS[:-1])
+
+
+def drawn(monkeypatch):
+    """The figures the plots module saves from now on, instead of writing them."""
+    saved = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: saved.append(fig))
+    return saved
+
+
+def test_the_validation_curve_is_the_mean_over_seeds_against_steps_and_against_training_seconds(tmp_path,
+                                                                                                monkeypatch):
+    saved = drawn(monkeypatch)
+    runs = [{"steps": [0, 100, 200], "val_loss": [4.0, 2.5, 2.0], "train_s": [0.0, 10.0, 22.0]},
+            {"steps": [0, 100, 200], "val_loss": [4.2, 2.1, 1.9], "train_s": [0.0, 12.0, 20.0]},
+            {"steps": [0, 100, 200], "val_loss": [4.1, 2.9, 2.4], "train_s": [0.0, 14.0, 30.0]}]
+    config = dict(name="gpt", loss=Spread(1.9, 0.1, 3), runs=runs)
+    plot_val_loss([config], tmp_path / "val_loss.png", "title", published={"gpt": 1.5}, published_step=5000)
+    step_ax, time_ax = saved[0].axes
+    curve, cross = step_ax.lines[:2]
+    assert list(curve.get_xdata()) == [0, 100, 200]
+    assert list(curve.get_ydata()) == pytest.approx([4.1, 2.5, 2.1])  # the mean, not the best seed
+    (timed,) = time_ax.lines
+    assert list(timed.get_xdata()) == pytest.approx([0.0, 12.0, 24.0]) and list(timed.get_ydata()) == pytest.approx(
+        [4.1, 2.5, 2.1])
+    assert (list(cross.get_xdata()), list(cross.get_ydata()), cross.get_marker()) == ([5000], [1.5], "x")
+    assert (step_ax.get_xlabel(), time_ax.get_xlabel()) == ("step", "training seconds (evaluation excluded)")
+
+
+def test_the_leaderboard_puts_the_lowest_mean_loss_on_top_and_draws_each_ones_speed(tmp_path, monkeypatch):
+    saved = drawn(monkeypatch)
+    configs = [dict(name=name, loss=Spread(loss, 0.01, 2), tokens_per_s=Spread(rate, 10.0, 2))
+               for name, loss, rate in (("A", 1.7, 1000.0), ("B", 1.5, 3000.0), ("C", 1.6, 2000.0))]
+    plot_leaderboard(configs, tmp_path / "leaderboard.png", "title")
+    loss_ax, speed_ax = saved[0].axes
+    rows = sorted(loss_ax.lines[0].get_xydata().tolist(), key=lambda point: -point[1])  # top row first
+    assert [loss for loss, _ in rows] == [1.5, 1.6, 1.7]
+    labels = {tick.get_text(): tick.get_position()[1] for tick in loss_ax.get_yticklabels()}
+    assert sorted(labels, key=labels.get, reverse=True) == ["B", "C", "A"]
+    bars = sorted(speed_ax.patches, key=lambda bar: -bar.get_y())
+    assert [bar.get_width() for bar in bars] == [3000.0, 2000.0, 1000.0]
 
 
 def test_the_loss_by_position_is_drawn_against_characters_of_context_from_offset_0_on(tmp_path, monkeypatch):
