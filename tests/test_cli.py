@@ -548,3 +548,15 @@ def test_the_paper_preset_and_the_published_losses_are_the_originals():
 def test_the_auto_preset_is_the_papers_on_cuda_alone_and_a_named_one_stays(device, preset):
     assert resolve_preset("auto", torch.device(device)) == preset
     assert [resolve_preset(name, torch.device(device)) for name in ("paper", "cpu")] == ["paper", "cpu"]
+
+
+def test_the_seed_decides_a_runs_weights_and_batches(tmp_path, tiny_text_file):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert train_tiny_gpt(tmp_path / name, tiny_text_file, "--max_iters", "2", "--eval_interval", "1",
+                              "--seed", seed) == 0
+    weights = {name: torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in "abc"}
+    metrics = {name: (tmp_path / name / "metrics.csv").read_text().splitlines() for name in "abc"}
+    assert all(torch.equal(weights["a"][key], weights["b"][key]) for key in weights["a"])
+    assert not torch.equal(weights["a"]["token_embedding.weight"], weights["c"]["token_embedding.weight"])
+    losses = {name: [row.split(",")[1:3] for row in rows[1:]] for name, rows in metrics.items()}
+    assert losses["a"] == losses["b"] and losses["a"][1] != losses["c"][1]
