@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,8 +33,8 @@ def test_bench_times_every_model_on_every_graph_and_prints_their_ratios(capsys):
     assert [(r["model"], r["backend"]) for r in train] == expected
     assert [r["graph"] for r in train] == ["-", *["full"] * 7, "-", *["window:4"] * 7]
     for r in train:
-        assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"], r["block_size"]) == ("cpu", "cpu",
-                                                                                               "float32", 16)
+        assert FIELDS <= set(r) and (r["preset"], r["device"], r["dtype"], r["block_size"], r["batch_size"]) == (
+            "cpu", "cpu", "float32", 16, 2)
         assert r["ms_per_iter"] > 0 and r["peak_mem_mb"] > 0
         step_ms = r["ms_per_iter"]  # rounded to 0.01: tokens a step (batch 2 x block 16) over a time within that
         assert 2 * 16e3 / (step_ms + 0.005) - 0.05 <= r["tokens_per_s"] <= 2 * 16e3 / (step_ms - 0.005) + 0.05
@@ -194,3 +195,111 @@ def test_peak_memory_on_the_cpu_is_the_same_each_time_and_the_profiler_prints_no
     bench_.step()  # gradients and optimizer state from a step before, as in bench.py
     assert bench_.peak_memory_mb() == bench_.peak_memory_mb() > 0
     assert capfd.readouterr().err == ""
+
+
+SETTINGS = dict(PRESETS["cpu"]["gpt"], block_size=16, batch_size=2, n_embd=16, n_head=2, n_layer=1, graph="full",
+                pos="abs")
+
+
+def train_row(model, backend, graph, pos, ms, tokens_per_s, memory):
+    return {"model": model, "backend": backend, "graph": graph, "pos": pos, "ms_per_iter": ms,
+            "tokens_per_s": tokens_per_s, "peak_mem_mb": memory}
+
+
+def test_each_ratio_divides_the_measurements_it_names():
+    rows = [train_row("no-mixer", "-", "-", "-", 4.0, 500.0, 1.0),
+            train_row("gpt", "-", "full", "abs", 5.0, 400.0, 2.0),
+            train_row("GATConv", "fast", "full", "abs", 10.0, 100.0, 1.0),
+            train_row("GATConv", "pyg", "full", "abs", 40.0, 25.0, 4.0),
+            train_row("GATConv", "fast", "full", "rel", 15.0, 60.0, 1.5),
+            train_row("GATConv", "pyg", "full", "rel", 80.0, 12.5, 8.0),
+            train_row("GATConv", "fast", "window:4", "abs", 8.0, 150.0, 3.0),
+            train_row("GATConv", "fast", "window:4", "rel", 12.0, 90.0, 2.0)]
+    generation = [{"model": "gpt", "backend": "-", "graph": "full", "pos": "abs", "cached_first_fifth_ms": 10.0,
+                   "cached_last_fifth_ms": 30.0}]
+    assert dict(benchmark.ratios(rows, generation)) == pytest.approx({
+        "GATConv fast speed-up over pyg [full abs]": 40 / 10,
+        "GATConv fast time / gpt time [full abs]": 10 / 5,
+        "GATConv fast peak memory / pyg [full abs]": 1 / 4,
+        "GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg [full abs]": 40 / 4,
+        "GATConv fast speed-up over pyg [full rel]": 80 / 15,
+        "GATConv fast peak memory / pyg [full rel]": 1.5 / 8,
+        "GATConv pyg time / no-mixer time: the most any GATConv backend can gain over pyg [full rel]": 80 / 4,
+        "GATConv fast on window:4 abs / on full abs: tokens per second": 150 / 100,
+        "GATConv fast on window:4 abs / on full abs: peak memory": 3 / 1,
+        "GATConv fast on window:4 rel / on full rel: tokens per second": 90 / 60,
+        "GATConv fast on window:4 rel / on full rel: peak memory": 2 / 1.5,
+        "GATConv fast [full], relative / absolute positions: step time": 15 / 10,
+        "GATConv fast [full], relative / absolute positions: peak memory": 1.5 / 1,
+        "GATConv pyg [full], relative / absolute positions: step time": 80 / 40,
+        "GATConv pyg [full], relative / absolute positions: peak memory": 8 / 4,
+        "GATConv fast [window:4], relative / absolute positions: step time": 12 / 8,
+        "GATConv fast [window:4], relative / absolute positions: peak memory": 2 / 3,
+        "gpt - [full abs]: cached generation, last fifth / first fifth": 30 / 10})
+
+
+def test_training_times_the_steps_after_the_untimed_warm_up_and_reports_their_median(monkeypatch):
+    calls = []
+    monkeypatch.setattr(benchmark.TrainingBench, "step", lambda bench: calls.append(len(bench.times)))
+    monkeypatch.setattr(benchmark.TrainingBench, "peak_memory_mb", lambda bench: 3.0)
+    clock = iter([0.0, 0.001, 1.0, 1.009, 2.0, 2.002])  # three timed steps of 1, 9 and 2 ms
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    (row,) = benchmark.bench_training([("gpt", "-", SETTINGS)], torch.device("cpu"), "float32", False, warmup=2,
+                                      iters=3, common={})
+    assert calls == [0, 0, 0, 1, 2]  # two warm-up steps before any timed one, then three timed
+    assert row["ms_per_iter"] == pytest.approx(2.0)  # the median: the mean would be 4
+    assert row["tokens_per_s"] == pytest.approx(2 * 16 / 2.0e-3) and row["peak_mem_mb"] == 3.0
+
+
+def test_a_generation_is_timed_over_all_its_characters_and_its_first_and_last_fifth(monkeypatch):
+    now = 0.0
+
+    def tokens(model, start, length, use_cache, compile):
+        nonlocal now
+        for i in range(length):
+            now = float((i + 1) ** 2)  # the clock when character i + 1 is out
+            yield i
+
+    monkeypatch.setattr(benchmark, "sample_tokens", tokens)
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: now))
+    # ten characters: the first fifth ends with the 2nd (4 s), the last fifth starts after the 8th (64 s)
+    assert benchmark.time_generation(None, torch.device("cpu"), True, 10, False) == (100.0, 4.0, 36.0)
+
+
+def test_generation_rows_are_the_medians_of_the_timed_rounds_cached_and_with_the_lectures_sampler(monkeypatch):
+    rounds = {True: iter([(50.0, 5.0, 5.0), (0.1, 0.01, 0.03), (0.5, 0.02, 0.09), (0.2, 0.04, 0.05)]),
+              False: iter([(90.0, 9.0, 9.0), (0.9, 0.2, 0.2), (1.2, 0.2, 0.2), (0.6, 0.2, 0.2)])}  # untimed first
+    monkeypatch.setattr(benchmark, "time_generation",
+                        lambda model, device, cached, length, compiled: next(rounds[cached]))
+    settings = dict(SETTINGS, models=[("gpt", "-")])
+    (row,) = benchmark.bench_generation([settings], torch.device("cpu"), 40, 3, {}, False)
+    assert {key: row[key] for key in ("cached_ms", "full_ms", "cached_first_fifth_ms", "cached_last_fifth_ms",
+                                      "cached_chars_per_s", "full_chars_per_s", "speedup")} == pytest.approx(
+        {"cached_ms": 200.0, "full_ms": 900.0, "cached_first_fifth_ms": 20.0, "cached_last_fifth_ms": 50.0,
+         "cached_chars_per_s": 40 / 0.2, "full_chars_per_s": round(40 / 0.9, 1), "speedup": 4.5})
+
+
+def test_a_profiled_step_splits_its_self_cpu_time_into_matrix_products_attention_and_the_rest(monkeypatch):
+    events = [SimpleNamespace(key=key, self_cpu_time_total=us) for key, us in (
+        ("aten::mm", 2000.0), ("aten::addmm", 4000.0), ("aten::bmm", 1000.0), ("aten::softmax", 500.0),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", 3000.0), ("aten::add", 1500.0))]
+
+    class Profile:
+        def __enter__(self):
+            return SimpleNamespace(key_averages=lambda: events)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(benchmark, "cpu_profile", Profile)
+    monkeypatch.setattr(benchmark.TrainingBench, "step", lambda bench: None)
+    bench_ = benchmark.TrainingBench("gpt", "-", SETTINGS, torch.device("cpu"), "float32", False)
+    assert bench_.time_spent(2) == {"profiled_ms": 6.0, "matmul_ms": 3.5, "sdpa_ms": 1.5}  # per step, of 2
+
+
+def test_the_tables_print_each_rows_own_columns(capsys):
+    row = dict(train_row("gpt", "-", "full", "abs", 2.5, 12345.0, 3.0), profiled_ms=10.0, matmul_ms=3.0, sdpa_ms=2.0)
+    benchmark.print_tables([row], [], 0, False)
+    out = capsys.readouterr().out
+    assert "| gpt | - | full | abs | 2.5 | 12,345 | 3.0 |" in out
+    assert "| gpt - | full | abs | 10.0 | 3.0 | 2.0 | 5.0 |" in out
