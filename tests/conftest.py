@@ -25,6 +25,14 @@ def t_interval(d):
     return scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
 
 
+def table_rows(markdown):
+    """The cells of each row of the first markdown table, header and rule left out."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2:end]]
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
                      help="where the tests that take the device fixture run (default: cpu)")

@@ -18,7 +18,7 @@ import torch
 
 import compare
 import evaluate
-from conftest import ALLOCATION_ERROR, allocation_fails, t_interval, tensorboard_scalars, wandb_runs
+from conftest import ALLOCATION_ERROR, allocation_fails, t_interval, table_rows, tensorboard_scalars, wandb_runs
 from gnngpt import cli, data, guard, report, results, rundir, runner, tuning
 from gnngpt.config import PRESETS
 from gnngpt.data import BatchSampler
@@ -64,14 +64,6 @@ def test_a_run_removed_while_the_comparison_runs_is_a_failed_run(monkeypatch, in
 def compare_main(*args):
     """compare.py on tiny models, its tables and figures in plots/ as the shipped ones are (a later --out wins)."""
     return compare.main(["--data", "tiny.txt", *TINY, "--out", "plots", *args])
-
-
-def table_rows(markdown):
-    """The cells of each row of the first markdown table, header and rule left out."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2:end]]
 
 
 def test_a_comparison_run_again_shares_the_cores_among_all_its_runs_not_only_those_left(trainings, tmp_path,

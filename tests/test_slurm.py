@@ -13,8 +13,9 @@ import types
 from pathlib import Path
 
 import pytest
-from test_compare import compare_main, table_rows
+from test_compare import compare_main
 
+from conftest import table_rows
 from gnngpt import runner, slurm
 from gnngpt.guard import one_thread
 from gnngpt.rundir import read_metrics

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from conftest import TINY_SIZES, t_interval
+from conftest import TINY_SIZES, t_interval, table_rows
 from gnngpt import tuning
 from gnngpt.cli import main
 from gnngpt.config import GPT as GPT_SCRIPT
@@ -111,8 +111,7 @@ def test_the_time_to_a_target_loss_is_the_mean_and_deviation_over_seeds_of_each_
                {"name": "GATConv", "runs": [curve([4.0, 2.2, 2.0, 1.9]), curve([4.0, 2.3, 2.1, 2.0])]},
                {"name": "bigram", "runs": [curve([4.0, 2.5, 2.5, 2.5]), curve([4.0, 2.4, 2.4, 2.4])]},
                {"name": "old", "runs": [curve([4.0, 1.9, 1.8, 1.7], seconds=None)]}]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")]
-            for line in target_table(configs, 1.95).splitlines()[2:]]
+    rows = table_rows(target_table(configs, 1.95))
     assert rows[0] == ["gpt", f"375 ± {statistics.stdev([500, 250]):.0f}",  # 1.95 counts
                        f"{(500 + 250) * 64 / 2:,.0f} ± {statistics.stdev([500 * 64, 250 * 64]):,.0f}",
                        f"{(26.0 + 12.5) / 2:.1f} ± {statistics.stdev([26.0, 12.5]):.1f}"]
@@ -131,8 +130,7 @@ def test_the_leaderboard_ranks_by_the_mean_over_seeds():
     seeds = {"A": [1.50, 1.90], "B": [1.60, 1.61], "C": [1.55, 1.75]}  # first seed: A, C, B; worst: B, C, A
     configs = [{"name": name, "loss": spread(losses), "bpc": spread(v / math.log(2) for v in losses),
                 "tokens_per_s": spread([1000.0, 1200.0]), "parameters": 10} for name, losses in seeds.items()]
-    table = leaderboard_table(configs).splitlines()[2:]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    rows = table_rows(leaderboard_table(configs))
     assert [row[:2] for row in rows] == [["1", "B"], ["2", "C"], ["3", "A"]]  # means 1.605, 1.65, 1.70
     for row in rows:
         bits = np.array(seeds[row[1]]) / math.log(2)
@@ -178,8 +176,7 @@ def test_a_graph_studys_table_pairs_each_configuration_with_the_baseline_and_ave
                graph_config("gpt", "window:2", "abs", 2.0, {1: 1.70, 2: 1.73, 3: 1.82},
                             {s: position_curve(rng) for s in seeds})]
     full, window = configs
-    rows = {row[1]: row for row in ([cell.strip() for cell in line.strip("|").split("|")]
-                                        for line in graph_study_table(configs, full).splitlines()[2:])}
+    rows = {row[1]: row for row in table_rows(graph_study_table(configs, full))}
     d = np.array([window["loss_by_seed"][s] - full["loss_by_seed"][s] for s in seeds])  # 0.10, 0.11, 0.12
     low, high = t_interval(d)
     assert rows["window:2"][6:8] == [f"{d.mean():+.4f} [{low:+.4f}, {high:+.4f}] (3)", "higher"]
@@ -196,8 +193,7 @@ def test_a_graph_study_pairs_every_graph_with_the_complete_one_then_positions_th
     configs = [graph_config(model, graph, pos, 1.0, losses, {}) for model, graph, pos in
                (("GATConv", "window:2", "rel"), ("gpt", "window:2", "abs"), ("gpt", "full", "rel"),
                 ("GATConv", "full", "abs"), ("gpt", "full", "abs"), ("GATConv", "window:2", "abs"))]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")][:2]
-            for line in graph_comparisons(configs).splitlines()[2:]]
+    rows = [row[:2] for row in table_rows(graph_comparisons(configs))]
     assert rows == [["GATConv_window-2_rel", "GATConv"],  # no complete graph with rel: the original
                     ["gpt_window-2_abs", "gpt"], ["GATConv_window-2_abs", "GATConv"],  # graphs against full
                     ["GATConv_window-2_rel", "GATConv_window-2_abs"], ["gpt_full_rel", "gpt"],  # rel against abs
