@@ -188,17 +188,16 @@ def test_bench_refuses_bfloat16_without_cuda(capsys):
                                        "use --dtype float32 here\n")
 
 
+SETTINGS = dict(PRESETS["cpu"]["gpt"], block_size=16, batch_size=2, n_embd=16, n_head=2, n_layer=1, graph="full",
+                pos="abs")
+
+
 def test_peak_memory_on_the_cpu_is_the_same_each_time_and_the_profiler_prints_nothing(capfd):
-    settings = dict(PRESETS["cpu"]["gpt"], block_size=16, batch_size=2, n_embd=16, n_head=2, n_layer=2, graph="full",
-                    pos="abs")
-    bench_ = benchmark.TrainingBench("GATConv", "fast", settings, torch.device("cpu"), "float32", False)
+    bench_ = benchmark.TrainingBench("GATConv", "fast", dict(SETTINGS, n_layer=2), torch.device("cpu"), "float32",
+                                     False)
     bench_.step()  # gradients and optimizer state from a step before, as in bench.py
     assert bench_.peak_memory_mb() == bench_.peak_memory_mb() > 0
     assert capfd.readouterr().err == ""
-
-
-SETTINGS = dict(PRESETS["cpu"]["gpt"], block_size=16, batch_size=2, n_embd=16, n_head=2, n_layer=1, graph="full",
-                pos="abs")
 
 
 def train_row(model, backend, graph, pos, ms, tokens_per_s, memory):

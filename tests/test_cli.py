@@ -513,12 +513,17 @@ def test_memory_running_out_in_training_or_in_the_layer_guard_is_one_line_naming
         main(GPT_SCRIPT, [*args, "--overwrite"])
 
 
+def run_with_stdout_closed(script, *args):
+    """script run with args in a shell that closed its standard output (>&-), as a user can."""
+    return subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, str(ROOT / script), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("script,argv,what", [(SAMPLE_SCRIPT, [], "the samples"),
                                               (EVALUATE_SCRIPT, ["--out_dir", "none"], "the result"),
                                               (BENCH_SCRIPT, [], "the benchmark's tables")])
 def test_a_script_whose_product_is_its_output_refuses_a_closed_stdout_before_any_work(script, argv, what):
-    result = subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, str(ROOT / script), *argv],
-                            capture_output=True, text=True, timeout=120)
+    result = run_with_stdout_closed(script, *argv)
     assert (result.returncode, result.stderr) == (
         2, f"error: standard output is closed, and {what} would be printed there; send it to a file (> FILE) instead "
            f"of closing it (>&-)\n")
@@ -527,8 +532,7 @@ def test_a_script_whose_product_is_its_output_refuses_a_closed_stdout_before_any
 def test_evaluate_write_records_the_result_with_stdout_closed(tmp_path, tiny_text_file):
     assert train_tiny_gpt(tmp_path / "run", tiny_text_file, "--max_iters", "2") == 0
     (tmp_path / "run" / "eval.json").unlink()
-    result = subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, str(ROOT / EVALUATE_SCRIPT), "--out_dir",
-                             str(tmp_path / "run"), "--write"], capture_output=True, text=True, timeout=120)
+    result = run_with_stdout_closed(EVALUATE_SCRIPT, "--out_dir", str(tmp_path / "run"), "--write")
     assert result.returncode == 0 and "error" not in result.stderr  # which shows the progress bars alone
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 2
 

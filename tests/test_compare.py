@@ -774,6 +774,14 @@ def exact_losses(runs_dir, name, seeds):
     return [json.loads((runs_dir / f"{name}_s{seed}" / "eval.json").read_text())["val_loss"] for seed in seeds]
 
 
+def time_to_target_cells(reached):
+    """The steps, tokens and training seconds of the time-to-target table for the metrics rows at which each seed
+    first reached the target: mean ± sample deviation, as the report prints them."""
+    return [f"{np.mean(values):,.{digits}f} ± {np.std(values, ddof=1):,.{digits}f}"
+            for values, digits in (([r[key] for r in reached], digits) for key, digits in
+                                   (("step", 0), ("tokens", 0), ("train_s", 1)))]
+
+
 def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_from_the_run_files(
         trainings, tmp_path, monkeypatch):
     real_get = BatchSampler.get
@@ -817,10 +825,7 @@ def test_seeds_give_a_run_each_the_same_batches_per_seed_and_intervals_computed_
         assert rows[name][7] == f"{wall:.1f}s"  # the mean of the seeds' times (under a minute here)
     assert "Δ: the mean over seeds of each seed's difference in nats from gpt" in results
     reached = [next(r for r in read_metrics(runs / f"gpt_s{seed}") if r["val_loss"] <= 5) for seed in (1337, 1338)]
-    cells = [f"{np.mean(values):,.{digits}f} ± {np.std(values, ddof=1):,.{digits}f}"
-             for values, digits in (([r[key] for r in reached], digits) for key, digits in
-                                    (("step", 0), ("tokens", 0), ("train_s", 1)))]
-    assert f"| gpt | {' | '.join(cells)} |" in results
+    assert f"| gpt | {' | '.join(time_to_target_cells(reached))} |" in results
     assert matplotlib.image.imread(tmp_path / "plots" / "val_loss.png").shape[1] > 1200  # steps and seconds
 
     trainings.clear()
@@ -890,9 +895,7 @@ def test_each_model_is_reported_on_the_test_half_at_the_rate_chosen_on_the_tune_
     expected = []
     for m in ("gpt", "GATConv"):
         reached = [next(r for r in curve if r["val_loss"] <= target) for curve in curves[m]]
-        expected.append([m, *(f"{np.mean(values):,.{digits}f} ± {np.std(values, ddof=1):,.{digits}f}"
-                              for values, digits in (([r[key] for r in reached], digits) for key, digits in
-                                                     (("step", 0), ("tokens", 0), ("train_s", 1))))])
+        expected.append([m, *time_to_target_cells(reached)])
     assert table_rows(timed) == expected
 
     trainings.clear()

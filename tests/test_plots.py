@@ -121,8 +121,7 @@ def test_the_leaderboard_puts_the_lowest_mean_loss_on_top_and_draws_each_ones_sp
 
 
 def test_the_loss_by_position_is_drawn_against_characters_of_context_from_offset_0_on(tmp_path, monkeypatch):
-    saved = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: saved.append(fig))
+    saved = drawn(monkeypatch)
     curves = [[2.5, 2.2, 2.0, 1.9, 1.9], [2.7, 2.4, 2.0, 1.7, 1.5]]  # offsets 0 to 4 of two seeds' windows
     config = dict(name="gpt", loss=Spread(1.9, 0.1, 2), runs=[{"by_position": {"loss": c}} for c in curves])
     assert plot_loss_by_position([config], tmp_path / "loss_by_position.png", "title") == []
